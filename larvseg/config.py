@@ -1,0 +1,294 @@
+"""Experiment configuration: plain dataclasses, loaded from YAML, overridden by ``key=value``.
+
+A config file is a YAML mapping with the sections of :class:`Config`. It may name another file in
+``_base_`` (a path relative to itself, or the name of a packaged config); the file's own keys are
+merged over the base. Every key is checked against the dataclasses: an unknown or misspelled key is
+an error that names it and suggests the closest valid one.
+
+Overrides on the command line use dotted paths, e.g. ``train.iters=1000``, ``model.cac=false``,
+``data.tag_sources.1.share=0.25``; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_DATA_ROOT = "/workspace/dataset"  # the original project's default
+IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "unlabeled" on disk
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class SourceConfig:
+    """One dataset used for training or evaluation.
+
+    Whether a source gives pixel masks or image-level tags depends on the list it is in
+    (``data.seg_sources`` or ``data.tag_sources``), not on its format: a segmentation set listed as a
+    tag source contributes the classes present in each augmented crop as tags ("A150w").
+    """
+
+    name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
+    format: str = ""  # key of larvseg.data.datasets.DATASET_BUILDERS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags
+    root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
+    split: str = "training"  # sub-folder of images/ and annotations/ for segmentation formats
+    classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
+    share: float = 1.0  # tag sources: relative share of the image-level batch
+    crop_size: int = 512  # training crop (512 for segmentation sets, 320 for ImageNet)
+    loss_weight: float = 1.0  # seg sources: pixel CE weight; tag sources: lambda_cls of the image-level loss
+    cac_weight: float = 0.1  # tag sources: lambda_cac of the attentive-classifier loss
+    cac_topk: int = 20  # tag sources: K, pixels per memory-bank slot (40 for ADE-150 tags, 20 for ADE-847/ImageNet)
+    skip_bad: bool = False  # skip (and count) unreadable samples instead of stopping with an error
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # "" = $LARVSEG_DATA or /workspace/dataset
+    seg_sources: list[SourceConfig] = field(default_factory=list)
+    tag_sources: list[SourceConfig] = field(default_factory=list)
+    seg_batch_size: int = 8  # segmentation images per step, summed over all ranks
+    tag_batch_size: int = 8  # image-level images per step, summed over all ranks
+    num_workers: int = 2  # DataLoader workers per source and rank
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # random rescale target (long, short)
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
+    eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150", split="validation"))
+
+    def resolved_root(self) -> Path:
+        return Path(self.root or os.environ.get("LARVSEG_DATA") or DEFAULT_DATA_ROOT).expanduser()
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"  # key of larvseg.models.vit.VIT_BUILDERS: vit_tiny | vit_small | vit_base
+    pretrained: str = ""  # AugReg .npz (or a LarvSeg checkpoint) to initialise the backbone; "" = random
+    drop_path: float = 0.1
+    num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
+    loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
+    cac: bool = True  # the Category-wise Attentive Classifier loss on image-level data
+    memory_bank_size: int = 20  # M, slots per class
+    warm_up: int = 1  # full wraps of a class's ring before its CAC loss is used
+    bg_topk: int = 5  # single-tag background rule: mean of the top-k raw scores ...
+    bg_score_thresh: float = 0.35  # ... above this makes a class a background candidate
+    bg_mse_thresh: float = 2.0  # keep a candidate if its standardised map differs from f by more than this
+
+
+@dataclass
+class TrainConfig:
+    work_dir: str = ""  # "" = work_dirs/<config name>
+    seed: int = 0
+    iters: int = 320_000
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    poly_power: float = 0.9
+    min_lr: float = 1e-5
+    amp: str = "auto"  # auto (bf16 where supported) | bf16 | off
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 50
+    checkpoint_interval: int = 4000
+    keep_last: int = 3  # checkpoints kept in the work dir
+    eval_interval: int = 16_000  # 0 = evaluate only at the end
+    resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "slide"  # slide | whole
+    crop_size: int = 512
+    stride: int = 512
+    short_side: int = 512
+    max_long_side: int = 2048
+    amp: str = "auto"
+    max_images: int = 0  # 0 = the whole set
+
+
+@dataclass
+class Config:
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def work_dir(self) -> Path:
+        return Path(self.train.work_dir or f"work_dirs/{self.name or 'default'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file path, or the name of a packaged config (``c171_a150w``, with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name_or_path)!r} not found: not a file, and not one of the packaged configs {known}")
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(tree).__name__}")
+    base = tree.pop("_base_", None)
+    if base is None:
+        return tree
+    base_path = path.parent / base
+    if not base_path.is_file():
+        base_path = resolve_config_path(base)
+    return _merge(_read_yaml_tree(base_path, seen + (path,)), tree)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, tree: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a plain tree, checking every key and type."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown config key {where + '.' if where else ''}{key}{suggestion}")
+        kwargs[key] = _convert(fields[key], value, f"{where + '.' if where else ''}{key}")
+    return cls(**kwargs)
+
+
+def _convert(f: dataclasses.Field, value: Any, where: str) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, where)
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if f.name.endswith("sources"):
+            return [_build(SourceConfig, item, f"{where}.{i}") for i, item in enumerate(value)]
+        return list(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a plain tree (list items are addressed by index)."""
+    tree = _merge({}, tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node: Any = tree
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, parts[: i + 1])]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, parts)] = value
+        else:
+            node[last] = value
+    return tree
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {'.'.join(parts)}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load a config file (or packaged config name), apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    tree = _read_yaml_tree(path)
+    tree.setdefault("name", path.stem)
+    tree = apply_overrides(tree, list(overrides or []))
+    # Defaults of the "sections" are filled in by the dataclasses; missing sections are fine.
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve several keys; single keys are checked while building."""
+    d = cfg.data
+    if d.seg_batch_size < 0 or d.tag_batch_size < 0:
+        raise ConfigError("data.seg_batch_size and data.tag_batch_size must be >= 0")
+    if d.tag_sources and any(s.share <= 0 for s in d.tag_sources):
+        raise ConfigError("every data.tag_sources[*].share must be > 0")
+    for where, sources in (("seg_sources", d.seg_sources), ("tag_sources", d.tag_sources)):
+        for i, s in enumerate(sources):
+            if not s.format:
+                raise ConfigError(f"data.{where}.{i}: 'format' is required")
+            if s.crop_size <= 0 or s.crop_size % 16:
+                raise ConfigError(f"data.{where}.{i}.crop_size must be a positive multiple of 16, got {s.crop_size}")
+    if cfg.train.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"train.amp must be auto, bf16 or off, got {cfg.train.amp!r}")
+    if cfg.eval.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"eval.amp must be auto, bf16 or off, got {cfg.eval.amp!r}")
+    if cfg.eval.mode not in ("slide", "whole"):
+        raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (written into every work dir)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
