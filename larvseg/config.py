@@ -99,7 +99,7 @@ class TrainConfig:
     log_interval: int = 50
     checkpoint_interval: int = 4000
     keep_last: int = 3  # checkpoints kept in the work dir
-    eval_interval: int = 16_000  # 0 = evaluate only at the end
+    eval_interval: int = 16_000  # every N steps and at the end; 0 = only at the end; < 0 = never
     resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
 
 

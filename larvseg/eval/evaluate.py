@@ -1,0 +1,210 @@
+"""``larvseg eval``: mIoU / mAcc / aAcc of a checkpoint on the config's evaluation set.
+
+    larvseg eval CONFIG CHECKPOINT [key=value ...] [--eval mIoU] [--out DIR]
+    torchrun --nproc_per_node N -m larvseg.cli eval ...      (or tools/dist_test.sh)
+
+Images are sharded across ranks (rank r takes the r-th contiguous chunk, as the training data), each
+rank predicts its images with whole-image or sliding-window inference (``cfg.eval``), restricted to
+the evaluation classes, at the resolution of the label, and accumulates a confusion matrix on its
+device with bincount; the matrices are summed across ranks (integers, so N processes give exactly the
+numbers of one). Rank 0 prints the per-class table and writes ``eval_results.json``,
+``eval_per_class.csv`` and ``confusion.npy`` (eval order; last row/column = "other", see
+larvseg.eval.confusion).
+
+Headline numbers use the MMSegmentation convention (what the paper reports); the Detectron2
+convention is reported alongside under ``detectron2/...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from larvseg import distributed
+from larvseg.config import Config, load_config
+from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
+from larvseg.models.inference import segment_image
+from larvseg.predict import image_to_tensor, segmenter_from_checkpoint
+
+SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
+SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
+GROUPS = ("", "_base", "_novel")
+
+
+class _EvalItems(torch.utils.data.Dataset):
+    """The eval dataset's items for the indices of this rank, as model-ready tensors."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        item = self.dataset.load(int(self.indices[k]))
+        if item.get("label") is None:
+            raise ValueError(f"{item.get('path', self.indices[k])}: evaluation image without a label map")
+        label = torch.from_numpy(np.asarray(item["label"]).astype(np.int64))
+        return image_to_tensor(item["image"]), label, str(item.get("path", ""))
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank r's contiguous chunk of 0..n-1 (numpy.array_split, as the training data)."""
+    return np.array_split(np.arange(n), world_size)[rank]
+
+
+def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray:
+    """Eval classes the model can score; an eval class beyond the checkpoint's vocabulary is never
+    predicted (it still counts in the mean, with IoU 0 where it occurs)."""
+    return eval_ids[eval_ids < num_model_classes]
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
+             max_images: int = 0) -> dict[str, Any]:
+    """Evaluate ``segmenter`` (on its device) on ``cfg.data.eval``; call on every rank.
+
+    Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
+    ``_base`` / ``_novel``, the same under ``detectron2/``), ``num_images`` and ``per_class`` (a list of
+    dicts: class, union_id, base, IoU, Acc, detectron2_IoU, gt_pixels, pred_pixels; NaN = left out).
+    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only. With
+    ``out_dir``, rank 0 prints the table and writes JSON, CSV and the matrix there.
+    """
+    from larvseg.data.mixing import build_eval_dataset
+    from larvseg.data.vocabulary import base_novel_split
+
+    device = next(segmenter.parameters()).device
+    dataset = build_eval_dataset(cfg, vocab)
+    eval_ids, base_mask = base_novel_split(vocab, cfg)
+    eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    limit = max_images or cfg.eval.max_images
+    n = min(len(dataset), limit) if limit else len(dataset)
+    rank, world = distributed.rank(), distributed.world_size()
+    items = _EvalItems(dataset, shard_indices(n, rank, world))
+    workers = min(cfg.data.num_workers, len(items))
+    loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=workers)
+
+    num_model_classes = getattr(segmenter, "num_classes", len(vocab))
+    class_ids = torch.from_numpy(_model_class_ids(eval_ids, num_model_classes)).to(device)
+    acc = ConfusionAccumulator(eval_ids, device=device)
+    was_training = segmenter.training
+    segmenter.eval()
+    start = time.perf_counter()
+    e = cfg.eval
+    for image, label, _path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
+                                    disable=not distributed.is_main_process()):
+        pred = segment_image(segmenter, image.to(device, non_blocking=True), class_ids=class_ids, mode=e.mode,
+                             crop_size=e.crop_size, stride=e.stride, out_size=tuple(label.shape[-2:]), amp=e.amp)
+        acc.update(pred, label.to(device, non_blocking=True))
+    segmenter.train(was_training)
+    matrix = acc.reduce().cpu()
+
+    names = list(vocab.names)
+    results = summarise(matrix, eval_ids, base_mask, [names[i] for i in eval_ids])
+    results["num_images"] = n
+    results["seconds"] = time.perf_counter() - start
+    if distributed.is_main_process():
+        print(format_table(results), flush=True)
+        if out_dir is not None:
+            save_results(results, matrix, Path(out_dir))
+    return results
+
+
+def summarise(matrix: torch.Tensor, eval_ids: np.ndarray, base_mask: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Flat scalar metrics of both conventions and the per-class rows."""
+    base_mask = np.asarray(base_mask, dtype=bool)
+    mm = compute_metrics(matrix, base_mask, "mmseg")
+    d2 = compute_metrics(matrix, base_mask, "detectron2")
+    out: dict[str, Any] = {}
+    for key in SUMMARY_KEYS:
+        for group in GROUPS:
+            out[key + group] = mm[key + group]
+    for key in SUMMARY_KEYS:
+        for group in GROUPS:
+            out[f"detectron2/{key}{group}"] = d2[key + group]
+    m = matrix.numpy()
+    e = len(eval_ids)
+    gt, pred = m[:e].sum(1), m[:, :e].sum(0)
+    out["per_class"] = [
+        {"class": names[k], "union_id": int(eval_ids[k]), "base": bool(base_mask[k]), "IoU": float(mm["IoU"][k]),
+         "Acc": float(mm["Acc"][k]), "detectron2_IoU": float(d2["IoU"][k]), "gt_pixels": int(gt[k]),
+         "pred_pixels": int(pred[k])}
+        for k in range(e)
+    ]
+    out["other_pixels"] = int(m[:e, e].sum())  # predictions outside the eval vocabulary
+    return out
+
+
+def _fmt(v: float) -> str:
+    return "   nan" if math.isnan(v) else f"{v:6.2f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = results["per_class"]
+    width = min(32, max([5] + [len(r["class"]) for r in rows]))
+    lines = [f"{'class':<{width}}  split   IoU    Acc", "-" * (width + 22)]
+    for r in rows:
+        lines.append(f"{r['class'][:width]:<{width}}  {'base ' if r['base'] else 'novel'} {_fmt(r['IoU'])} {_fmt(r['Acc'])}")
+    lines.append("-" * (width + 22))
+    for key in SUMMARY_KEYS:
+        lines.append(f"{key:<5} all {_fmt(results[key])}  base {_fmt(results[key + '_base'])}  "
+                     f"novel {_fmt(results[key + '_novel'])}   (detectron2: {_fmt(results['detectron2/' + key])})")
+    lines.append(f"{results['num_images']} images, mmseg convention (union 0 left out); "
+                 f"{results['other_pixels']} pixels predicted outside the eval vocabulary")
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN: null = class left out of the mean
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_results(results: dict[str, Any], matrix: torch.Tensor, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval_results.json").write_text(json.dumps(_json_safe(results), indent=1, ensure_ascii=False))
+    with open(out_dir / "eval_per_class.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results["per_class"][0]))
+        writer.writeheader()
+        writer.writerows(results["per_class"])
+    np.save(out_dir / "confusion.npy", matrix.numpy())
+
+
+def main(args: argparse.Namespace) -> int:
+    from larvseg.data.vocabulary import Vocabulary, build_vocabulary
+    from larvseg.train.checkpoint import load_checkpoint
+
+    unsupported = [m for m in args.metrics if m not in SUPPORTED_METRICS]
+    if unsupported:
+        raise SystemExit(f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}")
+    cfg = load_config(args.config, args.overrides)
+    device = distributed.init_from_env(cfg.train.device)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        # The checkpoint's architecture and vocabulary order define the model; the command's config
+        # defines what to evaluate on. Eval classes missing from the checkpoint's vocabulary are appended
+        # (the model cannot predict them).
+        segmenter, names, _ = segmenter_from_checkpoint(ckpt, device)
+        vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
+        if len(vocab) != len(names) and distributed.is_main_process():
+            print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
+        out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
+        evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        if distributed.is_main_process():
+            print(f"results written to {out_dir}")
+    finally:
+        distributed.cleanup()
+    return 0

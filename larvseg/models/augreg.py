@@ -1,0 +1,204 @@
+"""Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/') or our own checkpoint.
+
+AugReg layout (ViT-B/16: D=768, 12 heads of 64):
+  embedding/kernel (16,16,3,D) HWIO conv · embedding/bias (D,) · cls (1,1,D) ·
+  Transformer/posembed_input/pos_embedding (1, 1+24*24, D) ·
+  Transformer/encoderblock_{i}/LayerNorm_{0,2}/{scale,bias} ·
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value}/kernel (D,H,hd), /bias (H,hd) ·
+  .../MultiHeadDotProductAttention_1/out/kernel (H,hd,D), /bias (D,) ·
+  Transformer/encoderblock_{i}/MlpBlock_3/Dense_{0,1}/{kernel (in,out), bias} ·
+  Transformer/encoder_norm/{scale,bias} · head/{kernel,bias} (classification head: expected, unused).
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from larvseg.models.vit import VisionTransformer, resize_pos_grid
+
+log = logging.getLogger(__name__)
+
+EXPECTED_UNUSED_PREFIXES = ("head/", "pre_logits/")  # classification head of the ImageNet fine-tune
+
+
+class CheckpointLoadError(RuntimeError):
+    """A pretrained file that cannot be read or does not fit the backbone; the message names the file."""
+
+
+@dataclass
+class LoadReport:
+    """What a weight file did to the backbone."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)  # backbone tensors that were set
+    missing: list[str] = field(default_factory=list)  # backbone tensors left at their initialisation
+    unexpected: list[str] = field(default_factory=list)  # file keys that map to nothing
+    unused: list[str] = field(default_factory=list)  # file keys expected not to be used (head/*)
+
+    def summary(self) -> str:
+        return (
+            f"{self.path}: loaded {len(self.loaded)} tensors; missing {self.missing or 'none'}; "
+            f"unexpected {self.unexpected or 'none'}; unused {len(self.unused)} head tensors"
+        )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CheckpointLoadError(f"{path}: pretrained file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
+        raise CheckpointLoadError(f"{path}: not a readable .npz (truncated or corrupt?): {exc}") from exc
+
+
+def _augreg_mapping(model: VisionTransformer, arrays: dict[str, np.ndarray], path: Path) -> dict[str, tuple[str, Tensor]]:
+    """Backbone parameter name -> (source key, tensor already in PyTorch layout)."""
+    d = model.embed_dim
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    out: dict[str, tuple[str, Tensor]] = {}
+
+    def put(name: str, key: str, convert) -> None:
+        if key in arrays:
+            out[name] = (key, convert(arrays[key]))
+
+    put("patch_embed.weight", "embedding/kernel", lambda a: t(a).permute(3, 2, 0, 1))  # HWIO -> OIHW
+    put("patch_embed.bias", "embedding/bias", t)
+    put("cls_token", "cls", t)
+    put("norm.weight", "Transformer/encoder_norm/scale", t)
+    put("norm.bias", "Transformer/encoder_norm/bias", t)
+    for i in range(len(model.blocks)):
+        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        attn = src + "MultiHeadDotProductAttention_1/"
+        put(dst + "norm1.weight", src + "LayerNorm_0/scale", t)
+        put(dst + "norm1.bias", src + "LayerNorm_0/bias", t)
+        put(dst + "norm2.weight", src + "LayerNorm_2/scale", t)
+        put(dst + "norm2.bias", src + "LayerNorm_2/bias", t)
+        qkv = [attn + f"{n}/kernel" for n in ("query", "key", "value")]
+        qkv_b = [attn + f"{n}/bias" for n in ("query", "key", "value")]
+        if all(k in arrays for k in qkv):
+            # (D, H, hd) -> (D, D) in (in, out) -> transpose to (out, in); rows [q; k; v], head-major.
+            w = torch.cat([t(arrays[k]).reshape(arrays[k].shape[0], -1).T for k in qkv], dim=0)
+            out[dst + "attn.qkv.weight"] = ("+".join(qkv), w)
+        if all(k in arrays for k in qkv_b):
+            out[dst + "attn.qkv.bias"] = ("+".join(qkv_b), torch.cat([t(arrays[k]).reshape(-1) for k in qkv_b]))
+        put(dst + "attn.proj.weight", attn + "out/kernel", lambda a: t(a).reshape(-1, a.shape[-1]).T)  # (H,hd,D)
+        put(dst + "attn.proj.bias", attn + "out/bias", t)
+        for j, fc in ((0, "fc1"), (1, "fc2")):
+            put(dst + f"mlp.{fc}.weight", src + f"MlpBlock_3/Dense_{j}/kernel", lambda a: t(a).T)
+            put(dst + f"mlp.{fc}.bias", src + f"MlpBlock_3/Dense_{j}/bias", t)
+    pos_key = "Transformer/posembed_input/pos_embedding"
+    if pos_key in arrays:
+        pos = t(arrays[pos_key])
+        if pos.ndim != 3 or pos.shape[-1] != d:
+            raise CheckpointLoadError(
+                f"{path}: {pos_key} has shape {tuple(pos.shape)}, the backbone needs (1, 1+g*g, {d}) (wrong architecture?)"
+            )
+        grid = resize_pos_grid(pos[:, 1:], (model.pos_grid, model.pos_grid))  # 24x24 -> the model's grid
+        out["pos_embed"] = (pos_key, torch.cat([pos[:, :1], grid], dim=1))
+    return out
+
+
+def load_augreg(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Copy every tensor of an AugReg ``.npz`` into ``model`` (shape-checked); returns and logs a report.
+
+    Raises CheckpointLoadError for an unreadable/truncated file, a file without AugReg keys, or a
+    tensor whose shape does not fit the backbone (e.g. a ViT-L file for a ViT-B model).
+    """
+    path = Path(path)
+    arrays = _read_npz(path)
+    if "embedding/kernel" not in arrays and not any(k.startswith("Transformer/") for k in arrays):
+        raise CheckpointLoadError(
+            f"{path}: not an AugReg ViT checkpoint (no 'embedding/kernel' or 'Transformer/*' keys; "
+            f"found e.g. {sorted(arrays)[:5]})"
+        )
+    mapping = _augreg_mapping(model, arrays, path)
+    params = dict(model.named_parameters())
+    report = LoadReport(str(path))
+    used_keys: set[str] = set()
+    with torch.no_grad():
+        for name, (key, value) in mapping.items():
+            if value.shape != params[name].shape:
+                raise CheckpointLoadError(
+                    f"{path}: {key} gives shape {tuple(value.shape)} for {name}, the backbone needs "
+                    f"{tuple(params[name].shape)} (wrong architecture?)"
+                )
+            params[name].copy_(value)
+            report.loaded.append(name)
+            used_keys.update(key.split("+"))
+    report.missing = [n for n in params if n not in mapping]
+    for key in sorted(arrays):
+        if key in used_keys:
+            continue
+        (report.unused if key.startswith(EXPECTED_UNUSED_PREFIXES) else report.unexpected).append(key)
+    (log.warning if report.missing or report.unexpected else log.info)(report.summary())
+    return report
+
+
+def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Backbone tensors of a checkpoint: a bare backbone state dict, or any state dict whose keys contain
+    'backbone.' (Segmenter, TrainingObjective, DDP 'module.' prefixes), possibly nested under 'model' or
+    'state_dict'."""
+    for nest in ("model", "state_dict", "segmenter"):
+        if nest in state and isinstance(state[nest], dict):
+            return _extract_backbone_state(state[nest])
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    picked = {k.split("backbone.", 1)[1]: v for k, v in tensors.items() if "backbone." in k}
+    return picked or tensors
+
+
+def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Backbone weights from our own checkpoint (.safetensors, or .pth read with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(f"{path}: checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path; torch/safetensors raise many types
+        raise CheckpointLoadError(f"{path}: cannot read checkpoint: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointLoadError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    backbone = _extract_backbone_state(state)
+    params = dict(model.named_parameters())
+    report = LoadReport(str(path))
+    with torch.no_grad():
+        for name, value in backbone.items():
+            if name not in params:
+                report.unexpected.append(name)
+                continue
+            if name == "pos_embed" and value.shape != params[name].shape and value.shape[-1] == model.embed_dim:
+                value = torch.cat([value[:, :1], resize_pos_grid(value[:, 1:], (model.pos_grid,) * 2)], dim=1)
+            if value.shape != params[name].shape:
+                raise CheckpointLoadError(
+                    f"{path}: {name} has shape {tuple(value.shape)}, the backbone needs {tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)
+            report.loaded.append(name)
+    report.missing = [n for n in params if n not in backbone]
+    if not report.loaded:
+        raise CheckpointLoadError(f"{path}: no backbone tensors found (keys e.g. {sorted(state)[:5]})")
+    (log.warning if report.missing or report.unexpected else log.info)(report.summary())
+    return report
+
+
+def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Dispatch on the file name: AugReg ``.npz``, or our own ``.pth`` / ``.safetensors``."""
+    suffix = Path(path).suffix
+    loaders = {".npz": load_augreg, ".pth": load_backbone_checkpoint, ".pt": load_backbone_checkpoint,
+               ".safetensors": load_backbone_checkpoint}
+    if suffix not in loaders:
+        raise CheckpointLoadError(f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)}")
+    return loaders[suffix](model, path)

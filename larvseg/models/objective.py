@@ -1,0 +1,116 @@
+"""TrainingObjective: the weighted per-step losses of a StepBatch (the module DDP wraps).
+
+Per source of the step (segmentation sources first, then tag sources; the source index used for class
+sampling is that position): sample the class subset (global presence, seeded by (seed, step, index)),
+run the segmenter, compute the loss sums, divide by the *global* count (images * Hl * Wl, or
+(image, tag) pairs) and multiply by world_size (DDP averages gradients, so N processes give the
+gradients of one). Every rank produces every term and makes the same collective calls in the same
+order, also when it holds 0 images of a source (the term is then an exact zero that still reaches
+every parameter), so DDP never hangs. The CAC bank is updated once, after all sources' attentions.
+
+Returned values are these per-rank terms; their sum over ranks / world_size is the true loss, so a
+logger should all_reduce-mean them (or, equivalently here, read rank 0's value only in 1 process).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from larvseg import distributed
+from larvseg.config import IGNORE_INDEX, ModelConfig
+from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
+from larvseg.models.attentive_classifier import BackgroundRule, cac_loss
+from larvseg.models.class_sampling import (
+    ClassSubset,
+    global_presence,
+    present_in_labels,
+    present_in_tags,
+    sample_classes,
+    step_generator,
+)
+from larvseg.models.losses import image_level_ce_sum, loss_size, pixel_ce_sum, resize_logits
+from larvseg.models.segmenter import Segmenter
+
+
+class TrainingObjective(nn.Module):
+    def __init__(self, segmenter: Segmenter, model_cfg: ModelConfig, seed: int) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.cfg = model_cfg
+        self.seed = seed
+        self.use_cac = bool(model_cfg.cac)
+        if self.use_cac and segmenter.bank is None:
+            raise ValueError("model.cac is on but the segmenter has no memory bank (build it with cac=True)")
+        self.rule = BackgroundRule(model_cfg.bg_topk, model_cfg.bg_score_thresh, model_cfg.bg_mse_thresh)
+
+    def _zero(self) -> Tensor:
+        """An exact zero connected to every trainable parameter (for a rank without images of a source)."""
+        return sum((p.view(-1)[:1] * 0.0).sum() for p in self.segmenter.parameters() if p.requires_grad)
+
+    def _subset(self, present: Tensor, pool: Tensor, step: int, index: int) -> ClassSubset:
+        vocab = self.segmenter.num_classes
+        presence = global_presence(present, vocab)  # collective: every rank, every source
+        gen = step_generator(self.seed, step, index)
+        return sample_classes(pool, presence, self.cfg.num_sampled_classes, gen, vocab)
+
+    def _seg_term(self, batch: SegBatch, step: int, index: int) -> Tensor:
+        device = batch.images.device
+        subset = self._subset(present_in_labels(batch.labels).to(device), batch.class_ids, step, index)
+        hl, wl = loss_size(tuple(batch.labels.shape[-2:]), self.cfg.loss_downsample)
+        norm = float(batch.global_size * hl * wl)
+        if batch.images.shape[0] == 0 or norm == 0:
+            return self._zero()
+        out = self.segmenter(batch.images, subset.class_ids)
+        labels = subset.remap(batch.labels, pad=IGNORE_INDEX)
+        loss = pixel_ce_sum(out.logits, labels, self.cfg.loss_downsample)
+        return loss / norm * distributed.world_size() * batch.loss_weight
+
+    def _tag_terms(self, batch: TagBatch, step: int, index: int, entries: list) -> tuple[Tensor, Tensor]:
+        device = batch.images.device
+        subset = self._subset(present_in_tags(batch.tags, TAG_PAD).to(device), batch.class_ids, step, index)
+        local_pairs = torch.tensor([float((batch.tags != TAG_PAD).sum())], device=device)
+        global_pairs = float(distributed.all_reduce_sum(local_pairs).item())  # collective
+        scale = distributed.world_size() / max(global_pairs, 1.0)
+        if batch.images.shape[0] == 0 or local_pairs.item() == 0:
+            if self.use_cac:
+                d = self.segmenter.bank.dim
+                entries.append((torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, d, device=device)))
+            zero = self._zero()
+            return zero, zero
+        out = self.segmenter(batch.images, subset.class_ids)
+        tags = subset.remap(batch.tags, pad=TAG_PAD)
+        crop_hw = tuple(batch.images.shape[-2:])
+        cls = image_level_ce_sum(out.logits, tags, TAG_PAD, self.cfg.loss_downsample, crop_hw)
+        cls = cls * scale * batch.loss_weight
+        if not self.use_cac:
+            return cls, out.logits.sum() * 0.0
+        logits = resize_logits(out.logits.float(), loss_size(crop_hw, self.cfg.loss_downsample))
+        res = cac_loss(
+            logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
+            single_tag=batch.single_tag, topk=batch.cac_topk, warm_up=self.cfg.warm_up, rule=self.rule,
+        )
+        entries.append((res.pair_classes, res.pair_features))
+        return cls, res.loss_sum * scale * batch.cac_weight
+
+    def forward(self, batch: StepBatch) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        entries: list[tuple[Tensor, Tensor]] = []
+        for index, seg in enumerate(batch.seg):
+            terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index)
+        for j, tag in enumerate(batch.tag):
+            cls, cac = self._tag_terms(tag, batch.step, len(batch.seg) + j, entries)
+            terms[f"cls/{tag.source}"] = cls
+            if self.use_cac:
+                terms[f"cac/{tag.source}"] = cac
+        if self.use_cac and entries:
+            # Attend before enqueue, at step granularity: every attention above used the bank as it was at
+            # the start of the step. One gathered enqueue for all sources (all ranks, rank order).
+            classes = torch.cat([c for c, _ in entries])
+            feats = torch.cat([f for _, f in entries])
+            self.segmenter.bank.enqueue(classes, feats, gather=True)
+        if not terms:
+            raise ValueError(f"step {batch.step}: the StepBatch holds no source")
+        terms = {"loss": sum(terms.values()), **terms}
+        return terms
+

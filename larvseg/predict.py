@@ -1,0 +1,333 @@
+"""Segment your own images with a trained checkpoint: ``larvseg predict`` and the Python API.
+
+    from larvseg.predict import LarvSegPredictor
+    predictor = LarvSegPredictor.from_checkpoint("work_dirs/c171_a847w/latest.pth")
+    result = predictor(image)        # NumPy HxWx3 uint8 RGB, or a PIL image
+    result.label_map, result.class_names, result.areas
+
+The command writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit when the vocabulary has
+fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the image, with a legend of
+the classes present, largest first) and, for all images, ``areas.json`` (fraction of pixels per class
+name) and ``classes.json`` (the class name of every label value).
+
+Images are resized like the evaluation images (short side ``short_side``, long side at most
+``max_long_side``), segmented with ``segment_image`` (sliding window by default; memory-bounded, so
+the 21K vocabulary works), and the label map is produced at the image's own resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from larvseg.config import Config, EvalConfig, config_from_dict
+from larvseg.data.vocabulary import normalize_name
+from larvseg.models.inference import segment_image
+from larvseg.models.segmenter import Segmenter, build_segmenter
+from larvseg.train.checkpoint import load_checkpoint
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# the spec's normalisation (section 4), RGB order
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ImageReadError(ValueError):
+    """An input image that is missing, unreadable or of an unusable shape (the message names it)."""
+
+
+class UnknownClassError(KeyError):
+    """A class name given to ``--classes`` / ``classes=`` that is not in the checkpoint's vocabulary."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint -> segmenter (shared with larvseg eval)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The segmenter's weights from a checkpoint's 'model' entry, without the CAC memory bank.
+
+    Accepts a Segmenter state dict, or one of a wrapper (DDP ``module.``, TrainingObjective
+    ``segmenter.``). The bank only matters for training; dropping it saves 1.3 GB at 21K classes.
+    """
+    for prefix in ("module.", "segmenter."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("bank.")}
+
+
+def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
+                              model_cfg: Any | None = None) -> tuple[Segmenter, list[str], Config]:
+    """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
+
+    Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
+    The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is
+    not re-initialised from ``model.pretrained`` (the checkpoint holds every weight) and no memory bank
+    is built.
+    """
+    for key in ("model", "vocab"):
+        if key not in ckpt:
+            raise KeyError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)})")
+    names = [str(n) for n in ckpt["vocab"]]
+    cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
+    model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
+    segmenter = build_segmenter(model_cfg, len(names))
+    state = _segmenter_state(ckpt["model"])
+    missing, unexpected = segmenter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return segmenter.to(device).eval(), names, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Images in, label maps out
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 (3, H, W), normalised with the spec's mean/std."""
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)  # astype copies: input may be read-only
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_resize(image: np.ndarray, short_side: int, max_long_side: int) -> np.ndarray:
+    """Keep-ratio resize so the short side is ``short_side`` and the long side at most ``max_long_side``
+    (MMSegmentation's Resize(scale=(max_long_side, short_side), keep_ratio=True)); 0 = keep the size."""
+    if short_side <= 0:
+        return image
+    h, w = image.shape[:2]
+    scale = min(short_side / min(h, w), max_long_side / max(h, w))
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+    if size == (w, h):
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
+def as_rgb_array(image: Any, name: str = "image") -> np.ndarray:
+    """A PIL image or a NumPy HxWx3 uint8 RGB array (HxW grey and HxWx4 RGBA are converted)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise ImageReadError(f"{name}: expected a NumPy array or a PIL image, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ImageReadError(f"{name}: expected a uint8 array, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ImageReadError(f"{name}: expected an HxWx3 RGB array, got shape {image.shape}")
+    return image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB; ImageReadError naming the file if that fails."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: no such file") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
+
+
+def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str]) -> np.ndarray | None:
+    """Union ids of the requested classes: None (all), a list of names, a comma-separated string, or a
+    file with one name per line. Names match after normalisation (case, '-', '_', spaces)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        path = Path(classes)
+        if path.is_file():
+            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            wanted = [c.strip() for c in classes.split(",") if c.strip()]
+    else:
+        wanted = list(classes)
+    if not wanted:
+        raise ValueError(f"no class names in {classes!r}")
+    index = {normalize_name(n): i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if normalize_name(w) not in index]
+    if unknown:
+        raise UnknownClassError(f"classes not in the checkpoint's vocabulary of {len(names)}: {unknown[:10]}")
+    return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
+
+
+@dataclass
+class Prediction:
+    label_map: np.ndarray  # (H, W) int64 union class ids, at the input image's resolution
+    class_names: list[str]  # name of every union id (class_names[label_map[y, x]])
+    areas: dict[str, float]  # fraction of the pixels per class present, largest first; sums to 1
+
+    @property
+    def present(self) -> list[int]:
+        """Union ids present in the label map, largest area first."""
+        index = {n: i for i, n in enumerate(self.class_names)}
+        return [index[n] for n in self.areas]
+
+
+def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    counts = np.bincount(label_map.ravel(), minlength=len(names))
+    ids = np.flatnonzero(counts)
+    ids = ids[np.argsort(-counts[ids], kind="stable")]
+    return {names[i]: float(counts[i] / label_map.size) for i in ids}
+
+
+class LarvSegPredictor:
+    """A trained segmenter that turns RGB images into label maps over (a subset of) its vocabulary."""
+
+    def __init__(self, segmenter: Segmenter, class_names: Sequence[str], *, classes: str | Sequence[str] | None = None,
+                 eval_cfg: EvalConfig | None = None, amp: str = "auto", short_side: int | None = None) -> None:
+        self.segmenter = segmenter.eval()
+        self.class_names = list(class_names)
+        self.device = next(segmenter.parameters()).device
+        if amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
+        self.amp = amp  # "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
+        self.eval_cfg = eval_cfg or EvalConfig()
+        self.short_side = self.eval_cfg.short_side if short_side is None else short_side
+        ids = resolve_classes(classes, self.class_names)
+        self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
+                        amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
+        segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), resolve_device(device))
+        return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray | Image.Image) -> Prediction:
+        rgb = as_rgb_array(image)
+        resized = eval_resize(rgb, self.short_side, self.eval_cfg.max_long_side)
+        e = self.eval_cfg
+        label_map = segment_image(
+            self.segmenter, image_to_tensor(resized).to(self.device), class_ids=self.class_ids, mode=e.mode,
+            crop_size=e.crop_size, stride=e.stride, out_size=rgb.shape[:2], amp=self.amp,
+        ).cpu().numpy().astype(np.int64)
+        return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: label maps, overlays with a legend
+
+
+def expand_images(items: Sequence[str]) -> list[Path]:
+    """Files as given; folders replaced by their image files (sorted, not recursive)."""
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageReadError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ImageReadError(f"{path}: no such file or folder")
+    return out
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 RGB colours, fixed per class id (the same in every image and run)."""
+    return np.random.default_rng(12345).integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
+
+
+def label_png_dtype(num_classes: int) -> type:
+    return np.uint8 if num_classes < 255 else np.uint16
+
+
+def _ascii(text: str) -> str:
+    """cv2's fonts draw ASCII only."""
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or "?"
+
+
+def render_overlay(image: np.ndarray, pred: Prediction, colours: np.ndarray, alpha: float = 0.5,
+                   max_legend: int = 25) -> np.ndarray:
+    """RGB image blended with the class colours, and a legend panel on the right (largest class first)."""
+    h, w = image.shape[:2]
+    blend = (image.astype(np.float32) * (1 - alpha) + colours[pred.label_map].astype(np.float32) * alpha).astype(np.uint8)
+    entries = list(pred.areas.items())
+    shown = entries[:max_legend]
+    row, pad, swatch, panel_w = 18, 6, 12, 240
+    lines = len(shown) + (1 if len(entries) > len(shown) else 0)
+    canvas = np.full((max(h, pad * 2 + row * lines), w + panel_w, 3), 255, dtype=np.uint8)
+    canvas[:h, :w] = blend
+    index = {n: i for i, n in enumerate(pred.class_names)}
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for k, (name, area) in enumerate(shown):
+        y = pad + k * row
+        x = w + pad
+        canvas[y + 2: y + 2 + swatch, x: x + swatch] = colours[index[name]]
+        cv2.putText(canvas, f"{_ascii(name)[:26]} {100 * area:.1f}%", (x + swatch + 5, y + swatch),
+                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if len(entries) > len(shown):
+        cv2.putText(canvas, f"... and {len(entries) - len(shown)} more", (w + pad, pad + len(shown) * row + swatch),
+                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, k = path.stem, 1
+    while stem in used:
+        stem, k = f"{path.stem}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"{path}: could not be written")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    paths = expand_images(args.images)  # before loading the model: a typo fails fast
+    predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
+                                                 amp=args.amp, short_side=args.short_side)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = predictor.class_names
+    colours = palette(len(names))
+    dtype = label_png_dtype(len(names))
+    (out / "classes.json").write_text(json.dumps(names, indent=0, ensure_ascii=False))
+    summary: dict[str, Any] = {}
+    used: set[str] = set()
+    for path in tqdm(paths, desc="predict", unit="img", disable=len(paths) < 2):
+        image = read_image(path)
+        pred = predictor(image)
+        stem = _unique_stem(path, used)
+        _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
+        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
+        summary[str(path)] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
+    (out / "areas.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(paths)} image(s) to {out}")
+    return 0

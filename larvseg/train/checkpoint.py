@@ -1,0 +1,213 @@
+"""Checkpoints: atomic save, safe load, keep-last-k, auto-resume, and the safetensors export for predict.
+
+A training checkpoint ``<work_dir>/iter_<step:08d>.pth`` is a plain dict that ``torch.load(...,
+weights_only=True)`` accepts (tensors, numbers, strings, lists, dicts only):
+
+    format      CHECKPOINT_FORMAT
+    step        iterations completed (= the data position: training resumes at this step)
+    model       Segmenter.state_dict(), memory-bank buffers included (the bank is identical on every rank)
+    optimizer   SGD state_dict (momentum buffers)
+    config      Config.to_dict() of the run
+    vocab       union vocabulary names, by union id
+    rng         RNG states of rank 0: torch, cuda, numpy (as tensors), python
+
+The schedule is a pure function of ``step`` (larvseg.train.schedule), so it needs no state of its own.
+``latest.pth`` is a relative symlink to the newest checkpoint (as in the original's work dirs).
+
+The final export is ``<work_dir>/final.safetensors`` (segmenter weights without the memory bank, which
+only matters for training) plus ``<work_dir>/final.json`` ({"config", "vocab", "step"}).
+``load_checkpoint`` reads either kind and returns a dict with at least ``model``, ``config``, ``vocab``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
+LATEST_LINK = "latest.pth"
+FINAL_WEIGHTS = "final.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (missing, truncated, corrupt, or of the wrong kind); names the file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:08d}.pth"
+
+
+def _temp_path(path: Path) -> Path:
+    # Same directory as the target so os.replace is an atomic rename on one file system; a leading dot
+    # keeps it out of list_checkpoints.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename it over ``path``.
+
+    On any failure the temp file is removed and the exception propagates: ``path`` is either the old
+    file or the complete new one, never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors and plain data only) to ``path`` atomically (temp file + os.replace)."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint (.pth, ``torch.load(weights_only=True)``) or an export (.safetensors + .json),
+    on the CPU. Raises CheckpointError naming the file when it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        return _load_export(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({path.stat().st_size} bytes) - truncated or corrupt? ({exc})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a LarvSeg checkpoint (a {type(state).__name__}, expected a dict)")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Work-dir bookkeeping
+
+
+def list_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the ``iter_*.pth`` files in ``work_dir``, oldest first."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    found = []
+    for p in work_dir.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(work_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(work_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(work_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (keep_last <= 0 keeps all); returns the deleted."""
+    if keep_last <= 0:
+        return []
+    old = [p for _, p in list_checkpoints(work_dir)[:-keep_last]]
+    for p in old:
+        p.unlink()
+    return old
+
+
+def update_latest_link(path: Path) -> None:
+    """Point ``latest.pth`` next to ``path`` at it (relative symlink, replaced atomically)."""
+    link = path.parent / LATEST_LINK
+    tmp = _temp_path(link)
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, link)
+
+
+def resolve_resume(resume: str | None, work_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``None``/""/"auto" = newest ``iter_*.pth`` in ``work_dir`` (None if
+    there is none), "none" = start fresh, anything else = that file (which must exist)."""
+    if resume is None or resume in ("", "auto"):
+        return latest_checkpoint(work_dir)
+    if resume == "none":
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: --resume checkpoint not found")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as tensors and plain data (so weights_only loading accepts them)
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export for predict / eval: safetensors weights + a JSON of config and vocabulary
+
+
+def export_weights(path: str | os.PathLike, model_state: dict[str, torch.Tensor], config: dict[str, Any],
+                   vocab: list[str], step: int) -> Path:
+    """Write ``path`` (.safetensors: the segmenter weights, memory bank left out) and ``path`` with suffix
+    .json ({"config", "vocab", "step"}), both atomically. Returns the .safetensors path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: the export must end in .safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if not k.startswith("bank.")}
+    meta = {"config": config, "vocab": list(vocab), "step": int(step), "format": CHECKPOINT_FORMAT}
+    _atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    return path
+
+
+def _load_export(path: Path) -> dict[str, Any]:
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: the export needs its config/vocabulary file {meta_path.name} next to it")
+    try:
+        model = safetensors.torch.load_file(str(path), device="cpu")
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors weights - truncated or corrupt? ({exc})") from exc
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from exc
+    for key in ("config", "vocab"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_path}: missing {key!r}")
+    return {"model": model, "config": meta["config"], "vocab": meta["vocab"], "step": meta.get("step", 0)}

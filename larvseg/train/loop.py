@@ -1,0 +1,214 @@
+"""``larvseg train``: the explicit training loop.
+
+    larvseg train CONFIG [key=value ...] [--work-dir DIR] [--resume auto|none|PATH]
+    python -m torch.distributed.run --nproc_per_node N -m larvseg.cli train ...   (or tools/dist_train.sh)
+
+One process per device; under torchrun every rank runs this same loop on its shard of each step's
+global batch (larvseg.data.mixing.MixedLoader), and DDP averages gradients. The TrainingObjective
+scales every rank's losses so that N processes give exactly the gradients of one process with the
+same global batch; the loss values logged here are the sums over ranks divided by world_size, i.e.
+the true losses of the step.
+
+Per step, in order: seed the torch RNG from (seed, step, rank) (drop-path is the only consumer; this
+makes resuming exact without replaying RNG streams), set the poly lr, forward under autocast, all-reduce
+the loss terms (for logging and so that every rank agrees on a NaN/inf stop *before* any backward),
+backward, SGD step, log; checkpoint every ``train.checkpoint_interval`` steps and at the end; evaluate
+every ``train.eval_interval`` steps.
+
+``train.amp``: "auto" = bf16 autocast on CUDA devices with bf16 support, off on CPU (measured no
+faster there, see larvseg.models.inference.autocast_context); "bf16" forces it; "off" = float32.
+``train.eval_interval``: > 0 every N steps and at the end, 0 only at the end, < 0 never.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from larvseg import distributed
+from larvseg.config import Config, dump_config, load_config
+from larvseg.data.mixing import MixedLoader
+from larvseg.data.vocabulary import build_vocabulary
+from larvseg.eval.evaluate import evaluate
+from larvseg.models.inference import autocast_context
+from larvseg.models.objective import TrainingObjective
+from larvseg.models.segmenter import build_segmenter
+from larvseg.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    FINAL_WEIGHTS,
+    checkpoint_name,
+    export_weights,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    update_latest_link,
+)
+from larvseg.train.logger import MetricLogger
+from larvseg.train.schedule import poly_lr, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the run stops, the last good checkpoint stays on disk."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for the torch RNG of one (step, rank)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank, so every rank builds identical initial weights."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def reduce_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum of each term over ranks / world_size (the step's true loss); one collective for all terms."""
+    keys = sorted(terms)
+    values = torch.stack([terms[k].detach().float() for k in keys])
+    values = distributed.all_reduce_sum(values) / distributed.world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Train ``cfg`` (in this process, or as one rank under torchrun); returns the work dir.
+
+    ``resume``: None = ``cfg.train.resume`` ("" = auto: newest checkpoint in the work dir), "auto",
+    "none" (start fresh) or a checkpoint path."""
+    device = distributed.init_from_env(cfg.train.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    is_main = rank == 0
+    work_dir = cfg.work_dir()
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "config.yaml").write_text(dump_config(cfg))
+    distributed.barrier()
+    t = cfg.train
+
+    seed_everything(t.seed)
+    vocab = build_vocabulary(cfg)
+    segmenter = build_segmenter(cfg.model, len(vocab)).to(device)
+    objective = TrainingObjective(segmenter, cfg.model, t.seed)
+    if world > 1:
+        # Buffers are the memory bank, which the objective keeps identical on all ranks itself (gathered
+        # enqueue); broadcasting rank 0's copy every forward would only cost time. forward_sync_buffers=False
+        # is torch 2.13's name for broadcast_buffers=False (the one sync at construction copies rank 0's
+        # bank, which is identical anyway).
+        model = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    else:
+        model = objective
+    optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    # Resume: rank 0 picks the file (auto-resume must not race with a save), every rank loads it.
+    resume_path = distributed.broadcast_object(
+        resolve_resume(resume if resume is not None else t.resume, work_dir) if is_main else None
+    )
+    start_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        if list(state["vocab"]) != list(vocab.names):
+            raise ValueError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's ({len(vocab)})")
+        segmenter.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        if is_main:
+            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+
+    loader = MixedLoader(cfg, vocab, rank, world, start_step=start_step, pin_memory=device.type == "cuda")
+    images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
+    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main)
+    last_good = resume_path
+
+    def save(step: int) -> Path:
+        path = work_dir / checkpoint_name(step)
+        if is_main:
+            save_checkpoint(path, {
+                "format": CHECKPOINT_FORMAT, "step": step, "model": segmenter.state_dict(),
+                "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names),
+                "rng": rng_state(),
+            })
+            update_latest_link(path)
+            prune_checkpoints(work_dir, t.keep_last)
+            logger.plot()
+        distributed.barrier()
+        return path
+
+    def run_eval(step: int) -> None:
+        results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
+        logger.log_eval(step, results)
+
+    model.train()
+    batches = iter(loader)
+    for step in range(start_step, t.iters):
+        batch = next(batches)
+        if batch.step != step:
+            raise RuntimeError(f"MixedLoader yielded step {batch.step}, the loop expected {step}")
+        torch.manual_seed(step_seed(t.seed, step, rank))
+        lr = poly_lr(step, t.iters, t.lr, t.poly_power, t.min_lr)
+        set_lr(optimizer, lr)
+
+        with autocast_context(t.amp, device):
+            terms = model(batch.to(device))
+        values = reduce_terms(terms)
+        if not all(math.isfinite(v) for v in values.values()):
+            # Every rank sees the same reduced values, so all stop here together, before backward: the
+            # weights in memory and the last checkpoint on disk are both still good.
+            logger.close()
+            distributed.cleanup()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (lr {lr:.3e}): "
+                + ", ".join(f"{k}={v}" for k, v in values.items())
+                + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+
+        done = step + 1
+        logger.update(done, lr, values)
+        if done % t.checkpoint_interval == 0 or done == t.iters:
+            last_good = save(done)
+        if t.eval_interval > 0 and done % t.eval_interval == 0 and done != t.iters:
+            run_eval(done)
+
+    if t.eval_interval >= 0 and start_step < t.iters:
+        run_eval(t.iters)
+    if start_step >= t.iters and is_main:
+        print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+    if is_main:
+        export_weights(work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters)
+        logger.plot()
+    logger.close()
+    if is_main:
+        print(f"done: {work_dir}", flush=True)
+    distributed.barrier()
+    distributed.cleanup()
+    return work_dir
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.work_dir:
+        cfg.train.work_dir = args.work_dir
+    try:
+        train(cfg, resume=args.resume)
+    except NonFiniteLossError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone; every rank raised the same
+            print(f"larvseg train: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0

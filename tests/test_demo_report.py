@@ -1,0 +1,62 @@
+"""The demo report: numbers, sentences derived from them, and real PNG figures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from larvseg.demo.report import PanelRow, RunResult, findings, summarise, summarise_results, write_report
+
+VARIANTS = ("seg", "base", "cac")
+
+
+def _results(novel: dict[str, list[float]]) -> list[RunResult]:
+    out = []
+    for v, values in novel.items():
+        for seed, x in enumerate(values):
+            out.append(RunResult(v, seed, miou=40.0 + seed, miou_base=60.0, miou_novel=x,
+                                 class_iou=[50.0, float("nan"), x]))
+    return out
+
+
+def test_summary_is_mean_and_sample_std():
+    s = summarise([1.0, 2.0, 6.0])
+    assert s.mean == 3.0
+    assert math.isclose(s.std, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    assert summarise([5.0]).std == 0.0
+    assert s.text() == "3.0 ± 2.6"
+
+
+def test_findings_say_plainly_when_larvseg_loses():
+    res = _results({"seg": [0.0, 0.5, 0.1], "base": [10.0, 12.0, 11.0], "cac": [9.0, 10.0, 8.0]})
+    text = " ".join(findings(summarise_results(res), *VARIANTS))
+    assert "about 0" in text
+    assert "more than segmentation only" in text
+    assert "does NOT beat the baseline" in text and "-2.0" in text and "higher in 0 of 3 seeds" in text
+
+
+def test_findings_flag_a_win_within_noise():
+    res = _results({"seg": [0.0, 0.0, 0.0], "base": [10.0, 20.0, 15.0], "cac": [16.0, 14.0, 16.0]})
+    text = " ".join(findings(summarise_results(res), *VARIANTS))
+    assert "beats the baseline on novel mIoU by +0.3" in text
+    assert "not conclusive" in text and "higher in 2 of 3 seeds" in text
+
+
+def test_write_report(tmp_path):
+    res = _results({"seg": [0.0, 1.0], "base": [10.0, 12.0], "cac": [14.0, 15.0]})
+    rng = np.random.default_rng(0)
+    rows = [PanelRow(f"img{i}", rng.integers(0, 255, (32, 40, 3), dtype=np.uint8), rng.integers(-1, 3, (32, 40)),
+                     {v: rng.integers(0, 3, (32, 40)) for v in VARIANTS}) for i in range(2)]
+    path = write_report(tmp_path, res, ["a", "b", "c"], ["base", "base", "novel"], rows, {"model": "tiny"}, VARIANTS)
+    text = path.read_text()
+    assert "| base | 40.5 ± 0.7 | 60.0 ± 0.0 | 11.0 ± 1.4 |" in text  # mean ± sample std over 2 seeds
+    assert "| cac | 1 | 41.0 | 60.0 | 15.0 |" in text
+    assert "| b | base | n/a | n/a | n/a |" in text  # NaN IoU everywhere -> n/a
+    for name in ("panel.png", "per_class_iou.png"):
+        with Image.open(tmp_path / name) as im:
+            im.verify()
+        with Image.open(tmp_path / name) as im:
+            assert im.width > 300 and im.height > 200
+            assert np.asarray(im.convert("L")).std() > 5

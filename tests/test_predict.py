@@ -1,0 +1,146 @@
+"""`larvseg predict` and the LarvSegPredictor API on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from larvseg.cli import build_parser
+from larvseg.config import Config, EvalConfig, ModelConfig
+from larvseg.models.inference import segment_image
+from larvseg.models.segmenter import build_segmenter
+from larvseg.predict import (
+    ImageReadError,
+    LarvSegPredictor,
+    UnknownClassError,
+    eval_resize,
+    image_to_tensor,
+    main,
+)
+from larvseg.train.checkpoint import export_weights, save_checkpoint
+
+
+def _checkpoint(path, names, seed=0):
+    torch.manual_seed(seed)
+    cfg = Config(model=ModelConfig(arch="vit_tiny", drop_path=0.0, memory_bank_size=2, cac=True),
+                 eval=EvalConfig(mode="slide", crop_size=48, stride=32, short_side=40))
+    segmenter = build_segmenter(cfg.model, len(names))
+    save_checkpoint(path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": list(names)})
+    return segmenter.eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "small.pth"
+    names = ["sky", "tree", "road", "person", "car", "building"]
+    segmenter, cfg = _checkpoint(path, names)
+    return path, names, segmenter, cfg
+
+
+def _image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    # smooth blobs so the random model's prediction has some structure
+    small = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def test_api_numpy_and_pil_match_direct_segmentation(small):
+    path, names, segmenter, cfg = small
+    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu")
+    image = _image(50, 70, 0)
+    result = predictor(image)
+    assert result.label_map.shape == (50, 70)
+    assert result.class_names == names
+    # the same pipeline by hand: eval resize (short side 40), slide inference, output at the input size
+    resized = eval_resize(image, 40, 2048)
+    assert resized.shape[:2] == (40, 56)
+    expected = segment_image(segmenter, image_to_tensor(resized), mode="slide", crop_size=48, stride=32,
+                             out_size=(50, 70)).numpy()
+    np.testing.assert_array_equal(result.label_map, expected)
+    counts = np.bincount(expected.ravel(), minlength=len(names))
+    assert result.areas == pytest.approx({names[i]: counts[i] / expected.size for i in np.flatnonzero(counts)})
+    assert sum(result.areas.values()) == pytest.approx(1.0)
+    assert list(result.areas.values()) == sorted(result.areas.values(), reverse=True)
+
+    from_pil = predictor(Image.fromarray(image))
+    np.testing.assert_array_equal(from_pil.label_map, result.label_map)
+    # the safetensors export (no memory bank) predicts the same
+    exported = export_weights(path.parent / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1)
+    np.testing.assert_array_equal(LarvSegPredictor.from_checkpoint(exported, device="cpu")(image).label_map,
+                                  result.label_map)
+
+    restricted = LarvSegPredictor.from_checkpoint(path, classes="Road, person", device="cpu")(image)
+    assert set(np.unique(restricted.label_map)) <= {2, 3}
+    with pytest.raises(UnknownClassError, match="unicorn"):
+        LarvSegPredictor.from_checkpoint(path, classes=["sky", "unicorn"], device="cpu")
+    with pytest.raises(ImageReadError, match="HxWx3"):
+        predictor(np.zeros((4, 4, 2), dtype=np.uint8))
+
+
+def test_cli_writes_label_maps_overlays_and_areas(small, tmp_path):
+    path, names, _, _ = small
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = {"a": _image(40, 60, 1), "b": _image(64, 48, 2)}
+    for stem, im in images.items():
+        Image.fromarray(im).save(folder / f"{stem}.png")
+    (folder / "notes.txt").write_text("not an image, not picked up from a folder")
+    extra = tmp_path / "c.jpg"
+    Image.fromarray(_image(36, 36, 3)).save(extra, quality=95)
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["predict", str(path), str(folder), str(extra), "--out", str(out), "--device", "cpu",
+                                      "--short-side", "40"])
+    assert main(args) == 0
+
+    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu", short_side=40)
+    areas = json.loads((out / "areas.json").read_text())
+    assert json.loads((out / "classes.json").read_text()) == names
+    assert len(areas) == 3
+    for src in [folder / "a.png", folder / "b.png", extra]:
+        entry = areas[str(src)]
+        labels = cv2.imread(str(out / entry["labels"]), cv2.IMREAD_UNCHANGED)
+        image = np.asarray(Image.open(src).convert("RGB"))
+        assert labels.dtype == np.uint8 and labels.shape == image.shape[:2]
+        np.testing.assert_array_equal(labels, predictor(image).label_map)
+        assert sum(entry["areas"].values()) == pytest.approx(1.0)
+        counts = np.bincount(labels.ravel(), minlength=len(names))
+        assert entry["areas"] == pytest.approx({names[i]: counts[i] / labels.size for i in np.flatnonzero(counts)})
+        overlay = cv2.imread(str(out / entry["overlay"]))
+        assert overlay.shape[1] > image.shape[1] and overlay.shape[0] >= image.shape[0]
+        # the legend panel is not blank: it names the classes present
+        assert (overlay[:, image.shape[1]:] < 128).any()
+
+
+def test_cli_16bit_label_maps_for_large_vocabulary(tmp_path):
+    names = [f"class {i}" for i in range(300)]
+    path = tmp_path / "big.pth"
+    _checkpoint(path, names, seed=1)
+    src = tmp_path / "x.png"
+    Image.fromarray(_image(40, 40, 4)).save(src)
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["predict", str(path), str(src), "--out", str(out), "--device", "cpu",
+                                      "--classes", "class 3,class_280,Class 299", "--short-side", "0"])
+    main(args)
+    labels = cv2.imread(str(out / "x_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.dtype == np.uint16
+    assert set(np.unique(labels)) <= {3, 280, 299} and labels.max() >= 280  # ids > 255 survive
+    expected = LarvSegPredictor.from_checkpoint(path, classes=["class 3", "class 280", "class 299"], device="cpu",
+                                                short_side=0)
+    np.testing.assert_array_equal(labels, expected(np.asarray(Image.open(src).convert("RGB"))).label_map)
+
+
+def test_cli_unreadable_image_names_the_file(small, tmp_path):
+    path = small[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    args = build_parser().parse_args(["predict", str(path), str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        main(args)
+    args = build_parser().parse_args(["predict", str(path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ImageReadError, match="missing.png"):
+        main(args)

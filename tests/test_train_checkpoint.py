@@ -1,0 +1,147 @@
+"""Checkpoint files: atomic save, weights_only load, clear errors, keep-last-k, resume resolution,
+RNG state round trip, the safetensors export; plus the poly schedule and the metric logger."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from larvseg.train import checkpoint as ck
+from larvseg.train.logger import MetricLogger, read_metrics
+from larvseg.train.schedule import poly_lr, set_lr
+
+
+def _state(step=3):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return {"format": 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "config": {"train": {"iters": 10}}, "vocab": ["sky", "tree"], "rng": ck.rng_state()}
+
+
+def test_roundtrip_weights_only(tmp_path):
+    state = _state()
+    path = tmp_path / ck.checkpoint_name(3)
+    ck.save_checkpoint(path, state)
+    assert path.name == "iter_00000003.pth"
+    torch.load(path, weights_only=True)  # the contract: plain data only
+    loaded = ck.load_checkpoint(path)
+    assert loaded["step"] == 3 and loaded["vocab"] == ["sky", "tree"] and loaded["config"] == state["config"]
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+    mom = state["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], mom)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+def test_rng_state_roundtrip(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    ck.save_checkpoint(tmp_path / "r.pth", {"rng": ck.rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pth")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_failed_save_leaves_old_file_and_no_partial(tmp_path, monkeypatch):
+    path = tmp_path / "iter_00000002.pth"
+    ck.save_checkpoint(path, {"step": 2})
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def dying_save(obj, f):  # writes part of the file, then fails (like a full disk or a kill mid-write)
+        real_save({"step": 4, "big": torch.zeros(1000)}, f)
+        f.truncate(100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space"):
+        ck.save_checkpoint(path, {"step": 4})
+    with pytest.raises(OSError, match="No space"):
+        ck.save_checkpoint(tmp_path / "iter_00000004.pth", {"step": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_00000002.pth"]
+    assert path.read_bytes() == before
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "iter_00000005.pth"
+    ck.save_checkpoint(path, _state())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="iter_00000005.pth.*truncated or corrupt"):
+        ck.load_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match="missing.pth: checkpoint not found"):
+        ck.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_keep_last_latest_link_and_resume_resolution(tmp_path):
+    assert ck.resolve_resume("auto", tmp_path / "nothing") is None
+    for step in (2, 4, 10, 6):
+        path = tmp_path / ck.checkpoint_name(step)
+        ck.save_checkpoint(path, {"step": step})
+    (tmp_path / ".iter_00000012.pth.tmp-1").write_bytes(b"partial")  # a leftover temp is never picked
+    ck.update_latest_link(tmp_path / ck.checkpoint_name(10))
+    assert ck.prune_checkpoints(tmp_path, 2) == [tmp_path / ck.checkpoint_name(2), tmp_path / ck.checkpoint_name(4)]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [6, 10]
+    assert ck.load_checkpoint(tmp_path / ck.LATEST_LINK)["step"] == 10
+    assert ck.resolve_resume(None, tmp_path) == tmp_path / ck.checkpoint_name(10)
+    assert ck.resolve_resume("", tmp_path) == tmp_path / ck.checkpoint_name(10)
+    assert ck.resolve_resume("none", tmp_path) is None
+    assert ck.resolve_resume(str(tmp_path / ck.checkpoint_name(6)), tmp_path) == tmp_path / ck.checkpoint_name(6)
+    with pytest.raises(ck.CheckpointError, match="nope.pth"):
+        ck.resolve_resume(str(tmp_path / "nope.pth"), tmp_path)
+
+
+def test_export_safetensors_with_json(tmp_path):
+    state = {"backbone.w": torch.randn(3, 2), "classifier.e": torch.randn(5, 2), "bank.slots": torch.zeros(5, 2, 2)}
+    out = ck.export_weights(tmp_path / ck.FINAL_WEIGHTS, state, {"name": "x"}, ["a", "b"], 7)
+    assert out == tmp_path / "final.safetensors"
+    meta = json.loads((tmp_path / "final.json").read_text())
+    assert meta["vocab"] == ["a", "b"] and meta["step"] == 7 and meta["config"] == {"name": "x"}
+    loaded = ck.load_checkpoint(out)
+    assert sorted(loaded["model"]) == ["backbone.w", "classifier.e"]  # the bank is training-only
+    assert torch.equal(loaded["model"]["backbone.w"], state["backbone.w"])
+    assert loaded["vocab"] == ["a", "b"] and loaded["config"] == {"name": "x"}
+    os.remove(tmp_path / "final.json")
+    with pytest.raises(ck.CheckpointError, match="final.json"):
+        ck.load_checkpoint(out)
+
+
+def test_poly_lr_matches_formula():
+    base, power, min_lr, iters = 1e-3, 0.9, 1e-5, 320_000
+    for step in (0, 1, 1000, 160_000, 319_999, 320_000):
+        expected = (base - min_lr) * (1 - step / iters) ** power + min_lr
+        assert poly_lr(step, iters, base, power, min_lr) == pytest.approx(expected, rel=1e-12)
+    assert poly_lr(0, iters, base, power, min_lr) == base
+    assert poly_lr(iters, iters, base, power, min_lr) == min_lr
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+def test_metric_logger_means_and_resume_truncation(tmp_path):
+    log = MetricLogger(tmp_path, total_iters=6, start_step=0, images_per_step=4, log_interval=2, enabled=True)
+    for step in range(1, 7):
+        log.update(step, lr=0.1 * step, terms={"loss": float(step), "seg/S": step / 2})
+    log.log_eval(6, {"mIoU": 12.5, "per_class": [{"a": 1}]})
+    assert log.plot().is_file()
+    log.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert [r["loss"] for r in train] == [1.5, 3.5, 5.5]  # mean over each window of 2 steps
+    assert [r["seg/S"] for r in train] == [0.75, 1.75, 2.75]
+    assert all(r["images_per_s"] > 0 for r in train) and train[-1]["eta_s"] == 0
+    assert records[-1] == {"kind": "eval", "step": 6, "mIoU": 12.5}
+    # resuming at step 4 drops the later records
+    MetricLogger(tmp_path, 6, start_step=4, images_per_step=4, log_interval=2, enabled=True).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4]

@@ -1,0 +1,226 @@
+"""The training loop end to end on a tiny ViT with an in-test data source (no files):
+
+(a) torchrun --nproc_per_node=2 (gloo, CPU) gives the weights of one process with the same global batch;
+(b) a run killed (SIGKILL) between checkpoints and resumed ends with the weights of an uninterrupted run;
+(c) a NaN loss stops the run with a message naming the step and terms, keeping the last good checkpoint.
+
+The data source here follows the MixedLoader contract (deterministic per step, the global batch split
+across ranks with numpy.array_split) but makes its tensors directly, so these tests exercise the loop
+and not image decoding; tests/test_train_tools.py runs the real data layer through tools/dist_train.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from larvseg.config import load_config
+from larvseg.data.batch import SegBatch, StepBatch, TagBatch
+from larvseg.train import loop
+from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
+
+TESTS_DIR = Path(__file__).resolve().parent
+NUM_CLASSES = 6
+SIZE = 32
+
+TINY = """
+data:
+  seg_sources: [{name: S, format: custom_seg, crop_size: 32}]
+  tag_sources: [{name: T, format: custom_tags, crop_size: 32}]
+  seg_batch_size: 3      # odd, so the two ranks hold 2 + 1 images
+  tag_batch_size: 3
+  num_workers: 0
+model: {arch: vit_mini, drop_path: 0.0, memory_bank_size: 2, num_sampled_classes: 3, cac: true, pretrained: ""}
+train: {iters: 6, lr: 0.05, log_interval: 2, checkpoint_interval: 2, keep_last: 5, eval_interval: -1,
+        amp: "off", device: cpu, seed: 3}
+"""
+
+
+class FakeVocabulary:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def fake_vocabulary(cfg) -> FakeVocabulary:
+    return FakeVocabulary([f"class {i}" for i in range(NUM_CLASSES)])
+
+
+class FakeLoader:
+    """StepBatches of one seg and one single-tag source, a function of (seed, step) only, sharded by rank."""
+
+    def __init__(self, cfg, vocab, rank: int, world_size: int, start_step: int = 0, pin_memory: bool = False) -> None:
+        self.cfg, self.rank, self.world, self.start = cfg, rank, world_size, start_step
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def batch(self, step: int) -> StepBatch:
+        rng = np.random.default_rng([self.cfg.train.seed, step])
+        n_seg, n_tag = self.cfg.data.seg_batch_size, self.cfg.data.tag_batch_size
+        images = torch.from_numpy(rng.standard_normal((n_seg, 3, SIZE, SIZE)).astype(np.float32))
+        labels = torch.from_numpy(rng.integers(0, 4, (n_seg, SIZE, SIZE)))
+        labels[:, :4] = 65535  # some ignored pixels
+        tag_images = torch.from_numpy(rng.standard_normal((n_tag, 3, SIZE, SIZE)).astype(np.float32))
+        tags = torch.from_numpy(rng.integers(3, NUM_CLASSES, (n_tag, 1)))
+        mine_seg = torch.from_numpy(np.array_split(np.arange(n_seg), self.world)[self.rank])
+        mine_tag = torch.from_numpy(np.array_split(np.arange(n_tag), self.world)[self.rank])
+        seg = SegBatch("S", images[mine_seg], labels[mine_seg], torch.arange(4), n_seg)
+        tag = TagBatch("T", tag_images[mine_tag], tags[mine_tag], torch.arange(3, NUM_CLASSES), n_tag,
+                       single_tag=True, loss_weight=0.2, cac_weight=0.1, cac_topk=2)
+        return StepBatch(step, [seg], [tag])
+
+
+def use_fake_data(target=None) -> None:
+    """Point the loop at the in-test data (``target``: a pytest monkeypatch, or None to set directly)."""
+    for name, value in (("MixedLoader", FakeLoader), ("build_vocabulary", fake_vocabulary)):
+        if target is None:
+            setattr(loop, name, value)
+        else:
+            target.setattr(loop, name, value)
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_train_loop
+test_train_loop.use_fake_data()
+from larvseg.cli import main
+sys.exit(main())
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), atol=atol, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "tiny.yaml").write_text(TINY)
+    (root / "runner.py").write_text(RUNNER.format(tests=str(TESTS_DIR)))
+    # The uninterrupted single-process reference, in this process.
+    mp = pytest.MonkeyPatch()
+    use_fake_data(mp)
+    cfg = load_config(root / "tiny.yaml", [f"train.work_dir={root / 'ref'}"])
+    loop.train(cfg, resume="none")
+    mp.undo()
+    return root
+
+
+def test_reference_run_outputs(setup):
+    ref = setup / "ref"
+    assert [s for s, _ in list_checkpoints(ref)] == [2, 4, 6]
+    state = load_checkpoint(ref / "iter_00000006.pth")
+    assert state["step"] == 6 and state["vocab"] == fake_vocabulary(None).names
+    assert state["model"]["bank.wraps"].sum() > 0  # the memory bank is in the checkpoint
+    assert (ref / "latest.pth").resolve() == (ref / "iter_00000006.pth").resolve()
+    assert (ref / "config.yaml").is_file() and (ref / "training_curve.png").is_file()
+    final = load_checkpoint(ref / "final.safetensors")
+    _assert_same(final["model"], {k: v for k, v in state["model"].items() if not k.startswith("bank.")}, 0)
+    assert final["vocab"] == state["vocab"]
+    lines = (ref / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all('"cac/T"' in line and '"seg/S"' in line for line in lines)
+    # the weights moved between checkpoints
+    first = load_checkpoint(ref / "iter_00000002.pth")["model"]
+    changed = [k for k in first if not torch.equal(first[k], state["model"][k])]
+    assert len(changed) > len(first) // 2
+
+
+def test_two_processes_match_one(setup):
+    work = setup / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(setup / "runner.py"), "train", str(setup / "tiny.yaml"), "--work-dir", str(work)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1  # rank 0 reports
+    _assert_same(_weights(work / "iter_00000006.pth"), _weights(setup / "ref" / "iter_00000006.pth"), 1e-5)
+
+
+def test_killed_and_resumed_matches_uninterrupted(setup):
+    work = setup / "killed"
+    cmd = [sys.executable, str(setup / "runner.py"), "train", str(setup / "tiny.yaml"), "--work-dir", str(work)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not (work / "iter_00000002.pth").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 90 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (work / "final.safetensors").exists()  # it really was interrupted
+    assert [s for s, _ in list_checkpoints(work)][-1] < 6
+
+    # auto-resume from the newest checkpoint in the work dir
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    ref = load_checkpoint(setup / "ref" / "iter_00000006.pth")
+    got = load_checkpoint(work / "iter_00000006.pth")
+    _assert_same(got["model"], ref["model"], 1e-6)
+    _assert_same({str(k): v["momentum_buffer"] for k, v in got["optimizer"]["state"].items()},
+                 {str(k): v["momentum_buffer"] for k, v in ref["optimizer"]["state"].items()}, 1e-6)
+    steps = [r for r in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3  # one record per logged step, none duplicated by the restart
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch, capsys):
+    use_fake_data(monkeypatch)
+
+    class PoisonedLoader(FakeLoader):
+        def batch(self, step):
+            b = super().batch(step)
+            if step == 3:
+                b.seg[0].images[0, 0, 0, 0] = float("nan")
+            return b
+
+    monkeypatch.setattr(loop, "MixedLoader", PoisonedLoader)
+    work = setup / "nan"
+    cfg = load_config(setup / "tiny.yaml", [f"train.work_dir={work}"])
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 3 .*seg/S=nan.*iter_00000002\.pth"):
+        loop.train(cfg, resume="none")
+    assert [s for s, _ in list_checkpoints(work)] == [2]
+    assert not (work / "final.safetensors").exists()
+    # the kept checkpoint is the reference run's step-2 state, intact
+    _assert_same(_weights(work / "iter_00000002.pth"), _weights(setup / "ref" / "iter_00000002.pth"), 0)
+
+    # through the command: exit code 2 and the message on stderr
+    args = loop_args(setup / "tiny.yaml", work, resume="none")
+    assert loop.main(args) == 2
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+
+
+def loop_args(config: Path, work: Path, resume: str | None = None):
+    from larvseg.cli import build_parser
+
+    argv = ["train", str(config), "--work-dir", str(work)] + (["--resume", resume] if resume else [])
+    return build_parser().parse_args(argv)
