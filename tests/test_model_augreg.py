@@ -184,7 +184,8 @@ def test_own_checkpoint_backbone(tmp_path, suffix):
 
 
 def test_builders_dims():
-    assert {k: vit_dim(k) for k in VIT_BUILDERS} == {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+    assert {k: vit_dim(k) for k in ("vit_tiny", "vit_small", "vit_base")} == {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+    assert set(VIT_BUILDERS) >= {"vit_tiny", "vit_small", "vit_base"}
     tiny = VIT_BUILDERS["vit_tiny"](drop_path=0.1)
     assert len(tiny.blocks) == 12 and tiny.num_heads == 3 and tiny.pos_embed.shape == (1, 1 + 32 * 32, 192)
     with pytest.raises(ValueError, match="multiple of the patch size"):

@@ -1,0 +1,379 @@
+"""One dataset class per kind of on-disk layout, and a dict of builders by ``SourceConfig.format``.
+
+Layouts (under ``data.root``, default ``/workspace/dataset`` or ``$LARVSEG_DATA``):
+
+======== ================================================ ==================================================
+format   files                                            labels
+======== ================================================ ==================================================
+ade150   A150/images/<split>/*.jpg,                       uint8 png; 0 = unlabeled, value v = class v-1
+         A150/annotations/<split>/*.png
+ade847   A847/images/<split>/*.jpg,                       uint16 tif; value = class 0..846, 65535 = unlabeled
+         A847/annotations/<split>/*.tif
+coco171  C171/images/<split>/*.jpg,                       uint8 png with raw COCO-Stuff ids 0..181 (unlisted
+         C171/annotations/<split>/*.png                   ids and 255 -> ignore), or ``*_labelTrainIds.png``
+                                                          with train ids 0..170 (255 = ignore)
+imagenet I22K/fall11_whole/<wnid>/*.JPEG                  one tag per image: its folder's synset
+custom_seg <root>/images[/<split>]/*.{jpg,png},           png, value = index in the class file, 255 (8-bit)
+         <root>/annotations[/<split>]/*.png,              or 65535 (16-bit) = unlabeled
+         class file (``classes``, default <root>/classes.txt)
+custom_tags <root>/<class name>/*.{jpg,png}               one tag per image: its folder's class; the class
+                                                          file (``classes``) picks/orders folders, default all
+======== ================================================ ==================================================
+
+Raw label values are mapped to union ids with one lookup table per source. A value that is neither a
+class nor the unlabeled value raises :class:`LabelValueError` naming the file: never a silent label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
+from larvseg.data.file_index import FolderIndex
+from larvseg.data.io import (
+    AnnotationError,
+    DatasetRootError,
+    EmptyDatasetError,
+    LabelValueError,
+    read_image,
+    read_label,
+)
+from larvseg.data.vocabulary import (
+    _json,
+    imagenet_class_names,
+    imagenet_subset,
+    load_class_names,
+    normalize_name,
+    read_class_file,
+)
+
+if TYPE_CHECKING:
+    from larvseg.data.vocabulary import Vocabulary
+
+INVALID = np.uint32(0xFFFFFFFF)  # LUT entry of a raw value that is neither a class nor "unlabeled"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Label lookup tables: raw on-disk value -> union id (IGNORE_INDEX for unlabeled, INVALID for errors)
+
+
+def make_lut(raw_to_class: dict[int, int], class_to_union: np.ndarray, ignore_values: tuple[int, ...]) -> np.ndarray:
+    lut = np.full(65536, INVALID, dtype=np.uint32)
+    raw = np.fromiter(raw_to_class.keys(), dtype=np.int64, count=len(raw_to_class))
+    cls = np.fromiter(raw_to_class.values(), dtype=np.int64, count=len(raw_to_class))
+    lut[raw] = class_to_union[cls]
+    lut[list(ignore_values)] = IGNORE_INDEX
+    return lut
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | Path) -> np.ndarray:
+    """Vectorised raw -> union id; any INVALID value is an error naming the file and the values."""
+    mapped = lut[raw]
+    bad = mapped == INVALID
+    if bad.any():
+        values = np.unique(raw[bad])
+        raise LabelValueError(path, f"{int(bad.sum())} pixels with label values outside the source's classes: {values[:10].tolist()}")
+    return mapped.astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+class SourceDataset(torch.utils.data.Dataset):
+    """Samples of one source. ``load(i)`` returns a dict: image (uint8 HxWx3 RGB), label (uint16 HxW union
+    ids, IGNORE_INDEX = unlabeled) or None, tags (int64 union ids) or None, path."""
+
+    single_tag = False  # image-folder sources: one tag per image (the CAC's single-tag background rule)
+
+    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray) -> None:
+        self.name = name
+        self.class_names = class_names  # this source's own classes, in its train-id order
+        self.class_ids = np.asarray(class_ids, dtype=np.int64)  # their union ids
+
+    def load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.load(index)
+
+
+class SegmentationFolder(SourceDataset):
+    """Images with label maps, paired by file stem."""
+
+    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray,
+                 pairs: list[tuple[Path, Path]], lut: np.ndarray) -> None:
+        super().__init__(name, class_names, class_ids)
+        if not pairs:
+            raise EmptyDatasetError(name, "no image with an annotation")
+        self.pairs, self.lut = pairs, lut
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> dict[str, Any]:
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_label(label_path)
+        if raw.shape != image.shape[:2]:
+            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        return {"image": image, "label": apply_lut(raw, self.lut, label_path), "tags": None, "path": str(image_path)}
+
+
+class ImageTagFolder(SourceDataset):
+    """Images tagged with one class each (their folder)."""
+
+    single_tag = True
+
+    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray,
+                 files: list[Path], file_class: np.ndarray) -> None:
+        super().__init__(name, class_names, class_ids)
+        if not files:
+            raise EmptyDatasetError(name, "no image")
+        self.files, self.file_class = files, np.asarray(file_class, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        tags = self.class_ids[self.file_class[index : index + 1]]
+        return {"image": read_image(path), "label": None, "tags": tags, "path": str(path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def source_root(source: SourceConfig, data_root: Path, default: str) -> Path:
+    root = Path(source.root or default).expanduser()
+    return root if root.is_absolute() else data_root / root
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetRootError(path, f"{what} not found (check data.root / the source's root)")
+    return path
+
+
+def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool,
+                 problems: list[str]) -> list[tuple[Path, Path]]:
+    """(image, annotation) pairs; the first matching suffix wins. A missing annotation is an error, or a
+    counted skip (reported in ``problems``) with skip_bad."""
+    images = sorted(p for p in require_dir(image_dir, "image folder").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    require_dir(label_dir, "annotation folder")
+    if not images:
+        raise EmptyDatasetError(image_dir, "no images (.jpg/.jpeg/.png)")
+    pairs = []
+    for image in images:
+        label = next((label_dir / f"{image.stem}{s}" for s in label_suffixes if (label_dir / f"{image.stem}{s}").is_file()), None)
+        if label is None:
+            problem = AnnotationError(label_dir / f"{image.stem}{label_suffixes[-1]}", f"annotation of {image.name} is missing")
+            if not skip_bad:
+                raise problem
+            problems.append(str(problem))
+            continue
+        pairs.append((image, label))
+    return pairs
+
+
+def _ids(vocab: "Vocabulary", names: list[str]) -> np.ndarray:
+    return vocab.ids(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders: (source, data_cfg, vocab, problems) -> dataset; skipped files are appended to problems
+
+
+def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    root = source_root(source, data_root, "A150")
+    names = load_class_names("ade150")
+    ids = _ids(vocab, names)
+    lut = make_lut({v + 1: v for v in range(len(names))}, ids, ignore_values=(0,))
+    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split, (".png",), source.skip_bad, problems)
+    return SegmentationFolder(source.name or "A150", names, ids, pairs, lut)
+
+
+def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    root = source_root(source, data_root, "A847")
+    names = load_class_names("ade847")
+    ids = _ids(vocab, names)
+    lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
+    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split, (".tif", ".tiff"), source.skip_bad, problems)
+    return SegmentationFolder(source.name or "A847", names, ids, pairs, lut)
+
+
+class CocoStuffFolder(SegmentationFolder):
+    """COCO-Stuff: raw-id pngs or already converted ``*_labelTrainIds.png`` (each file by its name)."""
+
+    def __init__(self, *args: Any, train_id_lut: np.ndarray) -> None:
+        super().__init__(*args)
+        self.train_id_lut = train_id_lut
+
+    def load(self, index: int) -> dict[str, Any]:
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_label(label_path)
+        if raw.shape != image.shape[:2]:
+            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        lut = self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
+        return {"image": image, "label": apply_lut(raw, lut, label_path), "tags": None, "path": str(image_path)}
+
+
+def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    root = source_root(source, data_root, "C171")
+    classes = sorted(_json("coco_stuff171.json")["classes"], key=lambda c: c["train_id"])
+    names = [c["merged_name"] for c in classes]
+    ids = _ids(vocab, names)
+    raw_to_train = {c["raw_id"]: c["train_id"] for c in classes}
+    unlisted = tuple(v for v in range(182) if v not in raw_to_train)  # COCO ids without a class -> ignore
+    raw_lut = make_lut(raw_to_train, ids, ignore_values=unlisted + (255,))
+    train_lut = make_lut({t: t for t in range(len(classes))}, ids, ignore_values=(255,))
+    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split,
+                         ("_labelTrainIds.png", ".png"), source.skip_bad, problems)
+    return CocoStuffFolder(source.name or "C171", names, ids, pairs, raw_lut, train_id_lut=train_lut)
+
+
+def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    root = source_root(source, data_root, "")
+    names = custom_seg_names(source, data_root)
+    ids = _ids(vocab, names)
+    lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(255, 65535) if len(names) < 255 else (65535,))
+    image_dir, label_dir = root / "images", root / "annotations"
+    if (image_dir / source.split).is_dir():
+        image_dir, label_dir = image_dir / source.split, label_dir / source.split
+    pairs = pair_by_stem(image_dir, label_dir, (".png",), source.skip_bad, problems)
+    return SegmentationFolder(source.name or root.name, names, ids, pairs, lut)
+
+
+def imagenet_files(source: SourceConfig, data_cfg: DataConfig, data_root: Path, wnids: list[str],
+                   problems: list[str]) -> tuple[list[Path], np.ndarray]:
+    root = require_dir(source_root(source, data_root, "I22K") / "fall11_whole", "ImageNet folder fall11_whole")
+    cache_dir = Path(data_cfg.index_cache_dir) if data_cfg.index_cache_dir else None
+    listing = FolderIndex(root, cache_dir).files(wnids)
+    return _tag_files(root, wnids, listing, source.skip_bad, problems)
+
+
+def _tag_files(root: Path, folders: list[str], listing: dict[str, list[str] | None], skip_bad: bool,
+               problems: list[str]) -> tuple[list[Path], np.ndarray]:
+    files: list[Path] = []
+    classes: list[np.ndarray] = []
+    for k, folder in enumerate(folders):
+        names = listing[folder]
+        if not names:
+            error = (DatasetRootError(root / folder, "class folder not found") if names is None
+                     else EmptyDatasetError(root / folder, "class folder holds no image"))
+            if not skip_bad:
+                raise error
+            problems.append(str(error))
+            continue
+        files.extend(root / folder / n for n in names)
+        classes.append(np.full(len(names), k, dtype=np.int64))
+    return files, (np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64))
+
+
+def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    wnids = imagenet_subset(source.classes)
+    names = [imagenet_class_names()[w] for w in wnids]
+    files, file_class = imagenet_files(source, data_cfg, data_root, wnids, problems)
+    return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), files, file_class)
+
+
+def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    data_root = data_cfg.resolved_root()
+    root = require_dir(source_root(source, data_root, ""), "image-level folder")
+    names = custom_tag_names(source, data_root)
+    listing = {n: sorted(p.name for p in (root / n).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+               if (root / n).is_dir() else None for n in names}
+    files, file_class = _tag_files(root, names, listing, source.skip_bad, problems)
+    return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), files, file_class)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class lists of each format (no image listing: used to build vocabularies)
+
+
+def custom_seg_names(source: SourceConfig, data_root: Path) -> list[str]:
+    root = source_root(source, data_root, "")
+    return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")
+
+
+def custom_tag_names(source: SourceConfig, data_root: Path) -> list[str]:
+    if source.classes:
+        return read_class_file(Path(source.classes).expanduser())
+    root = require_dir(source_root(source, data_root, ""), "image-level folder")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise EmptyDatasetError(root, "no class folders")
+    return names
+
+
+CLASS_NAMES: dict[str, Callable[[SourceConfig, Path], list[str]]] = {
+    "ade150": lambda s, r: load_class_names("ade150"),
+    "ade847": lambda s, r: load_class_names("ade847"),
+    "coco171": lambda s, r: load_class_names("coco171"),
+    "imagenet": lambda s, r: [imagenet_class_names()[w] for w in imagenet_subset(s.classes)],
+    "custom_seg": custom_seg_names,
+    "custom_tags": custom_tag_names,
+}
+
+DATASET_BUILDERS: dict[str, Callable[..., SourceDataset]] = {
+    "ade150": build_ade150,
+    "ade847": build_ade847,
+    "coco171": build_coco171,
+    "imagenet": build_imagenet,
+    "custom_seg": build_custom_seg,
+    "custom_tags": build_custom_tags,
+}
+
+
+def _check_format(source: SourceConfig) -> None:
+    if source.format not in DATASET_BUILDERS:
+        raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(DATASET_BUILDERS)}")
+
+
+def class_names_of(source: SourceConfig, data_root: Path) -> list[str]:
+    _check_format(source)
+    return CLASS_NAMES[source.format](source, data_root)
+
+
+@dataclass
+class BuiltSource:
+    dataset: SourceDataset
+    problems: list[str]  # skipped files (only with skip_bad), one line each
+
+
+def build_source(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", role: str = "seg") -> SourceDataset:
+    """The dataset of one source (``role``: seg | tag | eval; a segmentation format can serve any role,
+    an image-folder format only as a tag source). Files skipped with ``skip_bad`` are in ``.skipped``."""
+    return build_source_checked(source, data_cfg, vocab, role).dataset
+
+
+def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", role: str) -> BuiltSource:
+    _check_format(source)
+    if role not in ("seg", "tag", "eval"):
+        raise ValueError(f"role must be seg, tag or eval, got {role!r}")
+    if role != "tag" and source.format in ("imagenet", "custom_tags"):
+        raise ValueError(f"source {source.name}: format {source.format} has no masks; it can only be a tag source")
+    problems: list[str] = []
+    dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
+    dataset.skipped = list(problems)  # type: ignore[attr-defined]
+    return BuiltSource(dataset, problems)
+
+
+__all__ = [
+    "DATASET_BUILDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "build_source",
+    "build_source_checked", "class_names_of", "normalize_name",
+]

@@ -1,0 +1,79 @@
+"""Reading images and label maps, with errors that name the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """Bad input on disk. ``path`` names the file (or folder) at fault."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+class CorruptImageError(DataError):
+    """An image or label file that cannot be decoded (corrupt, truncated, not an image)."""
+
+
+class AnnotationError(DataError):
+    """A missing annotation, or one whose size or layout does not match its image."""
+
+
+class LabelValueError(DataError):
+    """A label value that is not a class of the source's vocabulary nor its 'unlabeled' value."""
+
+
+class EmptyDatasetError(DataError):
+    """A dataset, split or class folder without any sample."""
+
+
+class DatasetRootError(DataError):
+    """A dataset root or sub-folder that does not exist."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3). Truncated files fail here (Pillow refuses to decode them) instead of later."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise CorruptImageError(path, "image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(path, f"cannot decode image ({exc})") from None
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A label map as stored: (H, W) uint8 or uint16 (TIFF via tifffile, PNG via Pillow), all bits kept."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            array = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+                    raise AnnotationError(path, f"label image has mode {im.mode}; expected a single-channel 8- or 16-bit map")
+                array = np.asarray(im)
+    except FileNotFoundError:
+        raise AnnotationError(path, "annotation file not found") from None
+    except AnnotationError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, tifffile.TiffFileError) as exc:
+        raise CorruptImageError(path, f"cannot decode label map ({exc})") from None
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise AnnotationError(path, f"label map has shape {array.shape}; expected a single-channel (H, W) map")
+    if array.dtype.kind not in "ui":
+        raise AnnotationError(path, f"label map has dtype {array.dtype}; expected integer labels")
+    if array.dtype.kind == "i":
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise LabelValueError(path, f"label values outside 0..65535 (min {array.min()}, max {array.max()})")
+        array = array.astype(np.uint16)
+    return array

@@ -1,0 +1,239 @@
+"""Mixed batches: every training step gets a batch of every source, deterministic and rank-sharded.
+
+The *global* batch of a step is fixed by the config and the seed alone:
+
+- ``data.seg_batch_size`` images are split evenly over the segmentation sources and
+  ``data.tag_batch_size`` over the tag sources by their ``share`` (largest remainder rounding);
+- source s walks through its samples in epoch-wise permutations seeded by (seed, s, epoch); step t
+  takes the next ``count_s`` of them;
+- the image at position j of the step is augmented with a Generator seeded by (seed, s, t, j).
+
+Rank r of W takes the r-th contiguous chunk (``numpy.array_split``) of each source's global batch, so
+1 process, 2 processes or 64 see exactly the same images with the same augmentation, and gathering in
+rank order restores the single-process order. A rank may get 0 images of a source (the model's
+objective still produces every loss term). One DataLoader per source (``data.num_workers`` workers
+each, pinned memory on GPU) runs ahead of the step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import count
+from typing import Any
+
+import numpy as np
+import torch
+
+from larvseg.config import IGNORE_INDEX, Config, SourceConfig
+from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
+from larvseg.data.datasets import SourceDataset, build_source_checked
+from larvseg.data.io import DataError
+from larvseg.data.transforms import TrainTransform, eval_resize
+from larvseg.data.vocabulary import Vocabulary
+
+
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """Integers proportional to ``weights`` summing to ``total`` (largest remainder; ties to the first)."""
+    if not weights:
+        return []
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts.tolist()
+
+
+def sample_seed(seed: int, source_index: int, step: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, source_index, step, position]).generate_state(1)[0])
+
+
+class SourceSchedule:
+    """Which samples of a source each step uses: epoch-wise permutations, ``per_step`` per step."""
+
+    def __init__(self, length: int, per_step: int, seed: int, source_index: int) -> None:
+        self.length, self.per_step, self.seed, self.source_index = length, per_step, seed, source_index
+        self._perm = lru_cache(maxsize=2)(self._permutation)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.source_index, epoch, 0x5EED]))
+        return rng.permutation(self.length)
+
+    def indices(self, step: int) -> np.ndarray:
+        positions = step * self.per_step + np.arange(self.per_step)
+        epochs, within = positions // self.length, positions % self.length
+        return np.array([self._perm(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields, per step, this rank's list of (sample index, augmentation seed)."""
+
+    def __init__(self, schedule: SourceSchedule, rank: int, world_size: int, start_step: int, stop_step: int | None) -> None:
+        self.schedule, self.start, self.stop = schedule, start_step, stop_step
+        self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        steps = count(self.start) if self.stop is None else range(self.start, self.stop)
+        s = self.schedule
+        for step in steps:
+            idx = s.indices(step)
+            yield [(int(idx[j]), sample_seed(s.seed, s.source_index, step, int(j))) for j in self.chunk]
+
+
+@dataclass
+class _SourceSpec:
+    config: SourceConfig
+    role: str  # seg | tag
+    index: int  # position among all sources of the step (seg first): seeds and class sampling
+    dataset: SourceDataset
+    per_step: int
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Loads and augments one sample; unreadable samples raise, or with skip_bad are replaced by the
+    next index and reported."""
+
+    def __init__(self, spec: _SourceSpec, transform: TrainTransform) -> None:
+        self.spec, self.transform = spec, transform
+
+    def __len__(self) -> int:
+        return len(self.spec.dataset)
+
+    def _load(self, index: int) -> tuple[dict[str, Any], list[str]]:
+        dataset, skipped = self.spec.dataset, []
+        for attempt in range(len(dataset)):
+            try:
+                return dataset.load((index + attempt) % len(dataset)), skipped
+            except DataError as exc:
+                if not self.spec.config.skip_bad:
+                    raise
+                skipped.append(str(exc))
+        raise DataError(self.spec.config.name, f"every sample failed to load; first problem: {skipped[0]}")
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        sample, skipped = self._load(index)
+        rng = np.random.default_rng(seed)
+        image, label = self.transform(sample["image"], sample["label"], rng)
+        if sample["tags"] is not None:
+            tags = np.asarray(sample["tags"], dtype=np.int64)
+        else:  # a segmentation set used for tags: the classes present in the augmented crop
+            present = np.unique(label)
+            tags = present[present != IGNORE_INDEX].astype(np.int64)
+        return {"image": image, "label": label, "tags": tags, "path": sample["path"], "skipped": skipped}
+
+
+class _Collate:
+    def __init__(self, spec: _SourceSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, items: list[dict[str, Any]]) -> tuple[SegBatch | TagBatch, list[str]]:
+        spec, cfg = self.spec, self.spec.config
+        crop = cfg.crop_size
+        images = torch.from_numpy(np.stack([it["image"] for it in items])) if items else torch.zeros(0, 3, crop, crop)
+        class_ids = torch.from_numpy(spec.dataset.class_ids)
+        paths = [it["path"] for it in items]
+        skipped = [s for it in items for s in it["skipped"]]
+        if spec.role == "seg":
+            labels = (torch.from_numpy(np.stack([it["label"].astype(np.int64) for it in items]))
+                      if items else torch.zeros(0, crop, crop, dtype=torch.long))
+            return SegBatch(cfg.name, images, labels, class_ids, spec.per_step, cfg.loss_weight, paths), skipped
+        width = max([1] + [len(it["tags"]) for it in items])
+        tags = torch.full((len(items), width), TAG_PAD, dtype=torch.long)
+        for row, it in enumerate(items):  # a few tags of a few images
+            tags[row, : len(it["tags"])] = torch.from_numpy(it["tags"])
+        return TagBatch(cfg.name, images, tags, class_ids, spec.per_step, spec.dataset.single_tag,
+                        cfg.loss_weight, cfg.cac_weight, cfg.cac_topk, paths), skipped
+
+
+def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) -> list[_SourceSpec]:
+    """The datasets of every training source with their per-step global counts (sources with 0 dropped)."""
+    d = cfg.data
+    seg_counts = split_counts(d.seg_batch_size, [1.0] * len(d.seg_sources))
+    tag_counts = split_counts(d.tag_batch_size, [s.share for s in d.tag_sources])
+    specs = []
+    entries = [(s, "seg", n) for s, n in zip(d.seg_sources, seg_counts)] + [(s, "tag", n) for s, n in zip(d.tag_sources, tag_counts)]
+    for index, (source, role, n) in enumerate(entries):
+        if n == 0:
+            continue
+        built = build_source_checked(source, d, vocab, role)
+        if built.problems and report:
+            print(f"warning: source {source.name}: skipped {len(built.problems)} files (skip_bad); first: {built.problems[0]}",
+                  file=sys.stderr, flush=True)
+        specs.append(_SourceSpec(source, role, index, built.dataset, n))
+    if not specs:
+        raise ValueError("no training source: data.seg_sources and data.tag_sources give 0 images per step")
+    return specs
+
+
+class MixedLoader:
+    """Iterates :class:`StepBatch` for this rank from ``start_step`` on (forever, or until ``stop_step``).
+
+    ``skipped``: source name -> problems of samples skipped while loading (only with skip_bad).
+    """
+
+    def __init__(self, cfg: Config, vocab: Vocabulary, rank: int, world_size: int, start_step: int = 0,
+                 pin_memory: bool = False, stop_step: int | None = None) -> None:
+        self.cfg, self.start_step = cfg, start_step
+        self.specs = build_training_sources(cfg, vocab, report=rank == 0)
+        self.skipped: dict[str, list[str]] = {s.config.name: [] for s in self.specs}
+        d = cfg.data
+        self.loaders = []
+        for spec in self.specs:
+            transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio)
+            schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
+            self.loaders.append(torch.utils.data.DataLoader(
+                _Samples(spec, transform),
+                batch_sampler=_StepSampler(schedule, rank, world_size, start_step, stop_step),
+                collate_fn=_Collate(spec),
+                num_workers=d.num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=d.num_workers > 0,
+            ))
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        iterators = [iter(loader) for loader in self.loaders]
+        for step in count(self.start_step):
+            seg, tag = [], []
+            for spec, it in zip(self.specs, iterators):
+                try:
+                    batch, skipped = next(it)
+                except StopIteration:
+                    return
+                if skipped:
+                    self.skipped[spec.config.name].extend(skipped)
+                    print(f"warning: step {step}: skipped {len(skipped)} unreadable samples of {spec.config.name}: {skipped[0]}",
+                          file=sys.stderr, flush=True)
+                (seg if spec.role == "seg" else tag).append(batch)
+            yield StepBatch(step, seg, tag)
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """The evaluation source with images resized for inference (labels stay at their resolution)."""
+
+    def __init__(self, dataset: SourceDataset, short_side: int, max_long_side: int) -> None:
+        self.dataset, self.short_side, self.max_long_side = dataset, short_side, max_long_side
+        self.class_ids, self.class_names, self.name = dataset.class_ids, dataset.class_names, dataset.name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset.load(index))
+        item["image"] = eval_resize(item["image"], self.short_side, self.max_long_side)
+        return item
+
+    __getitem__ = load
+
+
+def build_eval_dataset(cfg: Config, vocab: Vocabulary) -> EvalDataset:
+    """Items: image (uint8 RGB, resized so the short side is eval.short_side), label (uint16 union ids at
+    the original resolution), path."""
+    built = build_source_checked(cfg.data.eval, cfg.data, vocab, "eval")
+    if built.problems:
+        print(f"warning: eval source {cfg.data.eval.name}: skipped {len(built.problems)} files; first: {built.problems[0]}",
+              file=sys.stderr, flush=True)
+    return EvalDataset(built.dataset, cfg.eval.short_side, cfg.eval.max_long_side)

@@ -1,0 +1,199 @@
+"""Class lists, the union vocabulary of an experiment, and its base/novel split.
+
+Every source has its own class list (ADE-150 names, ADE-847 short names, COCO-Stuff merged names,
+ImageNet synsets, or a custom file). An experiment's vocabulary is their union *by normalised name*
+(first occurrence order: segmentation sources, then image-level sources, then the evaluation set), so
+COCO-Stuff's "wall-brick" (merged name "wall") and ADE's "wall" are one class. Labels and tags in the
+data layer are union ids.
+
+ImageNet synsets are named after the ADE class they are matched to (classlists/imagenet_for_ade*.json),
+so IN124 / IN585 join ADE by that matching; other synsets by their first WordNet lemma. Lemmas shared by
+several synsets (3,186 of 21,843 synsets: "crane" the bird and the machine) get their wnid appended,
+"crane (n02012849)", so that no two synsets collapse into one class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from larvseg.config import Config, SourceConfig
+
+CLASSLIST_DIR = Path(__file__).resolve().parent / "classlists"
+MAX_CLASSES = 65535  # IGNORE_INDEX is 65535, labels are uint16
+
+
+class VocabularyError(ValueError):
+    """A class list that cannot be read or resolved."""
+
+
+def normalize_name(name: str) -> str:
+    """Lower case, '-' and '_' as spaces, single spaces: the key by which class lists are joined."""
+    return re.sub(r"\s+", " ", re.sub(r"[-_]", " ", str(name).lower())).strip()
+
+
+@lru_cache(maxsize=None)
+def _json(file_name: str) -> dict:
+    return json.loads((CLASSLIST_DIR / file_name).read_text())
+
+
+def load_class_names(fmt: str) -> list[str]:
+    """Class names of a packaged dataset format, in train-id order (COCO-Stuff: merged names)."""
+    readers = {
+        "ade150": lambda: list(_json("ade150.json")["classes"]),
+        "ade847": lambda: [c["short_name"] for c in sorted(_json("ade847.json")["classes"], key=lambda c: c["train_id"])],
+        "coco171": lambda: [c["merged_name"] for c in sorted(_json("coco_stuff171.json")["classes"], key=lambda c: c["train_id"])],
+    }
+    if fmt not in readers:
+        raise VocabularyError(f"no packaged class list for format {fmt!r}; packaged: {sorted(readers)}")
+    return readers[fmt]()
+
+
+@lru_cache(maxsize=None)
+def imagenet_synsets() -> dict[str, str]:
+    """wnid -> first WordNet lemma, for all 21,843 ImageNet-21K synsets (canonical order)."""
+    out: dict[str, str] = {}
+    for line in (CLASSLIST_DIR / "imagenet21k_synsets.tsv").read_text().splitlines():
+        if line and not line.startswith("#"):
+            wnid, lemmas = line.split("\t", 1)
+            out[wnid] = lemmas.split(",")[0].strip()
+    return out
+
+
+@lru_cache(maxsize=None)
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> class name used in vocabularies (matched ADE name, else lemma, wnid-suffixed if shared)."""
+    lemmas = imagenet_synsets()
+    counts = Counter(lemmas.values())
+    names = {w: (l if counts[l] == 1 else f"{l} ({w})") for w, l in lemmas.items()}
+    # The ADE matchings win: a matched synset is that ADE class (ADE-150's name first, then ADE-847's).
+    for file_name in ("imagenet_for_ade847.json", "imagenet_for_ade150.json"):
+        for c in _json(file_name)["classes"]:
+            names[c["wnid"]] = c["name"]
+    return names
+
+
+def read_wnid_file(path: Path) -> list[str]:
+    """One wnid per line (anything after the first whitespace and '#' comments are ignored)."""
+    if not path.is_file():
+        raise VocabularyError(f"{path}: wnid list not found")
+    wnids = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            wnids.append(line.split()[0])
+    if not wnids:
+        raise VocabularyError(f"{path}: the wnid list is empty")
+    return wnids
+
+
+def imagenet_subset(classes: str) -> list[str]:
+    """The wnids of an ImageNet class subset: "ade150" (124), "ade847" (585), "all" (21,843) or a file."""
+    presets = {
+        "ade150": lambda: [c["wnid"] for c in _json("imagenet_for_ade150.json")["classes"]],
+        "ade847": lambda: [c["wnid"] for c in _json("imagenet_for_ade847.json")["classes"]],
+        "all": lambda: list(imagenet_synsets()),
+    }
+    if not classes:
+        raise VocabularyError("imagenet source needs 'classes': ade150, ade847, all, or a file of wnids")
+    wnids = presets[classes]() if classes in presets else read_wnid_file(Path(classes).expanduser())
+    known = imagenet_synsets()
+    unknown = [w for w in wnids if w not in known]
+    if unknown:
+        raise VocabularyError(
+            f"ImageNet class subset {classes!r}: {len(unknown)} unknown wnid(s), not among the 21,843 "
+            f"ImageNet-21K synsets: {unknown[:10]}"
+        )
+    duplicates = [w for w, n in Counter(wnids).items() if n > 1]
+    if duplicates:
+        raise VocabularyError(f"ImageNet class subset {classes!r}: wnids listed twice: {duplicates[:10]}")
+    return wnids
+
+
+def read_class_file(path: Path) -> list[str]:
+    """A custom class-name file: one name per line, blank lines and '#' comments ignored."""
+    if not path.is_file():
+        raise VocabularyError(f"{path}: class-name file not found")
+    names = [l.split("#", 1)[0].strip() for l in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise VocabularyError(f"{path}: the class-name file is empty")
+    dup = [n for n, k in Counter(map(normalize_name, names)).items() if k > 1]
+    if dup:
+        raise VocabularyError(f"{path}: class names listed twice: {dup[:10]}")
+    return names
+
+
+class Vocabulary:
+    """An ordered list of unique (normalised) class names; the index of a name is its union id."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        for name in names:
+            key = normalize_name(name)
+            if key not in self._index:
+                self._index[key] = len(self.names)
+                self.names.append(key)
+        if len(self.names) > MAX_CLASSES:
+            raise VocabularyError(f"{len(self.names)} classes: vocabularies are limited to {MAX_CLASSES} (uint16 labels)")
+
+    @classmethod
+    def union(cls, *name_lists: Sequence[str]) -> "Vocabulary":
+        return cls(name for names in name_lists for name in names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return normalize_name(name) in self._index
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[normalize_name(name)]
+        except KeyError:
+            raise KeyError(f"class {name!r} is not in the vocabulary ({len(self)} classes)") from None
+
+    def ids(self, names: Sequence[str]) -> np.ndarray:
+        """Union ids of ``names`` (int64)."""
+        return np.array([self.index(n) for n in names], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({len(self)} classes)"
+
+
+def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
+    """A source's own class list, without listing its images (cheap even for ImageNet-21K)."""
+    from larvseg.data.datasets import class_names_of  # the format's knowledge lives with its dataset
+
+    return class_names_of(source, data_root)
+
+
+def build_vocabulary(cfg: "Config") -> Vocabulary:
+    """The union vocabulary of an experiment: segmentation sources, then tag sources, then the eval set."""
+    root = cfg.data.resolved_root()
+    sources = [*cfg.data.seg_sources, *cfg.data.tag_sources]
+    if cfg.data.eval.format:
+        sources.append(cfg.data.eval)
+    return Vocabulary.union(*(source_class_names(s, root) for s in sources))
+
+
+def base_novel_split(vocab: Vocabulary, cfg: "Config") -> tuple[np.ndarray, np.ndarray]:
+    """Union ids of the evaluation classes (eval-set order) and a bool mask: True = base.
+
+    Base = the class also has pixel masks in a segmentation source of the experiment; novel = the rest.
+    """
+    root = cfg.data.resolved_root()
+    eval_names = source_class_names(cfg.data.eval, root)
+    seg_names = {normalize_name(n) for s in cfg.data.seg_sources for n in source_class_names(s, root)}
+    ids = vocab.ids(eval_names)
+    base = np.array([normalize_name(n) in seg_names for n in eval_names], dtype=bool)
+    return ids, base
