@@ -12,9 +12,10 @@ from PIL import Image, UnidentifiedImageError
 class DataError(ValueError):
     """Bad input on disk. ``path`` names the file (or folder) at fault."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        # one-argument form: the full message (how DataLoader workers re-create an exception)
         self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(str(path) if problem is None else f"{path}: {problem}")
 
 
 class CorruptImageError(DataError):

@@ -1,0 +1,118 @@
+"""Writers of tiny datasets in the exact on-disk formats, for tests and examples.
+
+Every writer takes a folder and a ``numpy.random.Generator`` and writes real files: JPEG images via
+Pillow, uint8 PNG / uint16 TIFF label maps, ``fall11_whole/<wnid>/*.JPEG`` folders. Label maps are
+blocky (a few rectangles of classes) so random crops see several classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def blocky_labels(rng: np.random.Generator, h: int, w: int, values: Sequence[int], dtype=np.uint8, blocks: int = 4) -> np.ndarray:
+    """A (h, w) map of ``blocks`` x ``blocks`` rectangles, each a value drawn from ``values``."""
+    grid = rng.choice(np.asarray(values), size=(blocks, blocks)).astype(dtype)
+    ys = np.minimum(np.arange(h) * blocks // h, blocks - 1)
+    xs = np.minimum(np.arange(w) * blocks // w, blocks - 1)
+    return grid[ys[:, None], xs[None, :]]
+
+
+def write_jpeg(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, quality=90)
+
+
+def write_png(path: Path, label: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label).save(path)
+
+
+def _write_seg(root: Path, split: str, n: int, size: tuple[int, int], rng: np.random.Generator, values,
+               dtype, suffix: str, stem_fmt: str) -> list[Path]:
+    h, w = size
+    paths = []
+    for i in range(n):
+        stem = stem_fmt.format(i=i)
+        write_jpeg(root / "images" / split / f"{stem}.jpg", random_image(rng, h, w))
+        label = blocky_labels(rng, h, w, values, dtype)
+        label_path = root / "annotations" / split / f"{stem}{suffix}"
+        if suffix.endswith(".tif"):
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(label_path, label)
+        else:
+            write_png(label_path, label)
+        paths.append(label_path)
+    return paths
+
+
+def write_ade150(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "training", values=None) -> list[Path]:
+    """A150 layout: png values 0 (unlabeled) and v = class v-1. Returns the annotation paths."""
+    rng = rng or np.random.default_rng(0)
+    return _write_seg(root, split, n, size, rng, values if values is not None else [0, 1, 3, 13, 150], np.uint8,
+                      ".png", "ADE_train_{i:08d}")
+
+
+def write_ade847(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "training", values=None) -> list[Path]:
+    """A847 layout: uint16 tif, class ids including ids >= 256, and 65535 = unlabeled."""
+    rng = rng or np.random.default_rng(0)
+    return _write_seg(root, split, n, size, rng, values if values is not None else [0, 5, 300, 846, 65535],
+                      np.uint16, ".tif", "ADE_frame_{i:08d}")
+
+
+def write_coco171(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "train2017", values=None,
+                  train_ids: bool = False) -> list[Path]:
+    """C171 layout: raw COCO-Stuff ids (default includes 11, an unlisted id, and 255), or with
+    ``train_ids`` the converted ``*_labelTrainIds.png``."""
+    rng = rng or np.random.default_rng(0)
+    default = [0, 168, 170, 255] if train_ids else [0, 2, 11, 181, 255]
+    suffix = "_labelTrainIds.png" if train_ids else ".png"
+    return _write_seg(root, split, n, size, rng, values if values is not None else default, np.uint8, suffix, "{i:012d}")
+
+
+def write_imagenet(root: Path, wnids: Sequence[str], per_class: int = 2, size=(48, 64), rng=None) -> list[Path]:
+    """I22K layout: ``root/fall11_whole/<wnid>/<wnid>_<n>.JPEG``."""
+    rng = rng or np.random.default_rng(0)
+    paths = []
+    for wnid in wnids:
+        for i in range(per_class):
+            p = root / "fall11_whole" / wnid / f"{wnid}_{i}.JPEG"
+            write_jpeg(p, random_image(rng, *size))
+            paths.append(p)
+    return paths
+
+
+def write_custom_seg(root: Path, class_names: Sequence[str], n: int = 3, size=(48, 64), rng=None) -> list[Path]:
+    """Custom segmentation: images/, annotations/ (png value = class index, 255 unlabeled), classes.txt."""
+    rng = rng or np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(class_names) + "\n")
+    h, w = size
+    paths = []
+    for i in range(n):
+        write_jpeg(root / "images" / f"img{i}.jpg", random_image(rng, h, w))
+        p = root / "annotations" / f"img{i}.png"
+        write_png(p, blocky_labels(rng, h, w, list(range(len(class_names))) + [255]))
+        paths.append(p)
+    return paths
+
+
+def write_custom_tags(root: Path, class_names: Sequence[str], per_class: int = 2, size=(48, 64), rng=None) -> list[Path]:
+    """Custom image-level data: ``root/<class name>/*.jpg``."""
+    rng = rng or np.random.default_rng(0)
+    paths = []
+    for name in class_names:
+        for i in range(per_class):
+            p = root / name / f"{i}.jpg"
+            write_jpeg(p, random_image(rng, *size))
+            paths.append(p)
+    return paths
