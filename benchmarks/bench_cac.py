@@ -2,7 +2,8 @@
 
 The reference is written in the original's style: a Python loop over images and tags, a loop over
 classes for the single-tag background rule, and a full (classes x M x K x D) memory bank. Both run on the
-same inputs (batch 8, 913 classes, 320x320 crops -> 20x20 features, loss at 160x160, D=768) whose pixel
+same inputs (batch 8, 913 classes, 320x320 crops -> 20x20 features, loss at 160x160, D=768; logits given
+at feature resolution, the reference upsamples them as the original does) whose pixel
 features are clustered around class prototypes, so that the background rule has candidates to keep or
 drop. The losses must be equal; we report the speed-up.
 
@@ -37,14 +38,17 @@ def make_inputs(b: int, n: int, d: int, h: int, w: int, m: int, k: int, tags_per
     logits = standardize(scores, -1) * 2.0
     feats_map = feats.transpose(1, 2).reshape(b, d, h, w)
     scores_map = scores.transpose(1, 2).reshape(b, n, h, w)
-    logits_map = F.interpolate(logits.transpose(1, 2).reshape(b, n, h, w), scale_factor=8, mode="bilinear", align_corners=False)
+    logits_map = logits.transpose(1, 2).reshape(b, n, h, w)  # feature resolution; the loss is at 8x
     # full bank: M slots x K pixel features per class, near the prototypes
     full = F.normalize(protos[:, None, None, :] + 4 * torch.randn(n, m, k, d, generator=g) / d**0.5, dim=-1)
     return tags, feats_map, scores_map, logits_map, full
 
 
-def cac_reference(logits, scores, feats, tags, full, single_tag: bool, rule: BackgroundRule) -> torch.Tensor:
-    """Per image, per tag; loops over classes for the background rule; the full K-feature bank."""
+def cac_reference(logits, scores, feats, tags, full, single_tag: bool, rule: BackgroundRule,
+                  loss_hw: tuple[int, int]) -> torch.Tensor:
+    """Per image, per tag; loops over classes for the background rule; the full K-feature bank; logits
+    and attention upsampled to the loss resolution as in the original."""
+    logits = F.interpolate(logits, size=loss_hw, mode="bilinear", align_corners=False)
     b, n, hl, wl = logits.shape
     h, w = scores.shape[-2:]
     bank = full.flatten(1, 2)  # (n, M*K, D)
@@ -90,6 +94,7 @@ def main() -> None:
     if args.tiny:
         b, n, d, h, w, m, k, repeats = 2, 12, 32, 4, 4, 3, 4, 1
     rule = BackgroundRule()
+    loss_hw = (8 * h, 8 * w)  # 320 px crops: features at 1/16, loss at 1/2
     line = {}
     for name, single, tags_per_image in (("single_tag", True, 1), ("multi_tag", False, 3)):
         tags, feats, scores, logits, full = make_inputs(b, n, d, h, w, m, k, tags_per_image)
@@ -99,12 +104,12 @@ def main() -> None:
         npairs = int((tags != PAD).sum())
 
         def ours():
-            res = cac_loss(logits, scores, feats, tags, PAD, class_ids, bank, single_tag=single,
+            res = cac_loss(logits, scores, feats, tags, PAD, class_ids, bank, loss_hw=loss_hw, single_tag=single,
                            topk=k, warm_up=1, rule=rule)
             return res.loss_sum / npairs
 
         def reference():
-            return cac_reference(logits, scores, feats, tags, full, single, rule)
+            return cac_reference(logits, scores, feats, tags, full, single, rule, loss_hw)
 
         a, r = float(ours()), float(reference())
         if abs(a - r) > 1e-4 * max(1.0, abs(r)):

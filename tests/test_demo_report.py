@@ -34,13 +34,13 @@ def test_findings_say_plainly_when_larvseg_loses():
     text = " ".join(findings(summarise_results(res), *VARIANTS))
     assert "about 0" in text
     assert "more than segmentation only" in text
-    assert "does NOT beat the baseline" in text and "-2.0" in text and "higher in 0 of 3 seeds" in text
+    assert "does NOT beat the baseline" in text and "-2.00" in text and "higher in 0 of 3 seeds" in text
 
 
 def test_findings_flag_a_win_within_noise():
     res = _results({"seg": [0.0, 0.0, 0.0], "base": [10.0, 20.0, 15.0], "cac": [16.0, 14.0, 16.0]})
     text = " ".join(findings(summarise_results(res), *VARIANTS))
-    assert "beats the baseline on novel mIoU by +0.3" in text
+    assert "beats the baseline on novel mIoU by +0.33" in text
     assert "not conclusive" in text and "higher in 2 of 3 seeds" in text
 
 

@@ -4,7 +4,6 @@ mini benchmark, and a report whose contents are checked (not just its existence)
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 from PIL import Image
@@ -18,9 +17,7 @@ CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    start = time.perf_counter()
     assert cli_main(["demo", "--quick", "--out", str(out)]) == 0
-    elapsed = time.perf_counter() - start
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
@@ -47,4 +44,3 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= min_w and im.height >= 250
             assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
-    assert elapsed < 150, f"--quick took {elapsed:.0f} s"

@@ -161,11 +161,13 @@ def test_cac_loss_and_entries_against_loop():
     V, M, K, D, N = 6, 2, 2, 5, 6
     bank, ref = _filled_banks(V, M, K, D, seed=5, partial={3: 1})  # class 3 still warming up: counts zero
     class_ids = torch.arange(N)
-    logits = torch.randn(2, N, 8, 8, requires_grad=True)
+    logits = torch.randn(2, N, 4, 4, requires_grad=True)  # feature resolution; the loss is at 8x8
+    up = F.interpolate(logits.detach(), size=(8, 8), mode="bilinear", align_corners=False)
     s = torch.rand(2, N, 4, 4)
     p = F.normalize(torch.randn(2, D, 4, 4), dim=1)
     tags = torch.tensor([[1, 3], [2, TAG_PAD]])
-    res = cac_loss(logits, s, p, tags, TAG_PAD, class_ids, bank, single_tag=False, topk=K, warm_up=1, rule=BackgroundRule())
+    res = cac_loss(logits, s, p, tags, TAG_PAD, class_ids, bank, loss_hw=(8, 8), single_tag=False, topk=K,
+                   warm_up=1, rule=BackgroundRule())
     scores = _loop_score(p.flatten(2), s.flatten(2), tags, class_ids, ref, False, BackgroundRule())
     total = 0.0
     for (b, slot), (score, _) in scores.items():
@@ -173,7 +175,7 @@ def test_cac_loss_and_entries_against_loop():
         z = (score - score.mean()) / torch.sqrt(score.var(unbiased=False) + 1e-5)
         a = torch.sigmoid(z).reshape(1, 1, 4, 4)
         a = F.interpolate(a, size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
-        pooled = [float((logits.detach()[b, c] * a).mean()) for c in range(N)]
+        pooled = [float((up[b, c] * a).mean()) for c in range(N)]
         others = [t for t in tags[b].tolist() if t not in (TAG_PAD, l)]
         kept = [c for c in range(N) if c not in others]
         ce = -(pooled[l] - math.log(sum(math.exp(pooled[c]) for c in kept)))

@@ -12,7 +12,12 @@ from larvseg.config import IGNORE_INDEX, ModelConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.models.class_sampling import global_presence, sample_classes, step_generator
 from larvseg.models.cosine_classifier import CosineClassifier
-from larvseg.models.losses import image_level_ce_sum, pixel_ce_sum
+from larvseg.models.losses import (
+    image_level_ce_sum,
+    pixel_ce_sum,
+    upsampled_mean_weights,
+    upsampled_product_gram,
+)
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
@@ -159,3 +164,45 @@ def test_build_segmenter_forward_shapes():
     assert seg.bank.slots.shape == (7, 3, 192)
     out = seg(torch.randn(1, 3, 32, 48), torch.tensor([1, 3]))
     assert out.logits.shape == (1, 2, 2, 3) and out.features.shape == (1, 192, 2, 3)
+
+
+@pytest.mark.parametrize("feat_hw,loss_hw", [((4, 4), (8, 8)), ((5, 7), (13, 11)), ((20, 20), (160, 160)), ((6, 6), (6, 6)), ((8, 6), (4, 3))])
+def test_pooling_at_feature_resolution_equals_upsampled_pooling(feat_hw, loss_hw):
+    """mean over loss pixels of up(z) and of up(z) * up(a), computed at feature resolution: same values, same grads."""
+    torch.manual_seed(1)
+    z = torch.randn(2, 5, *feat_hw, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(2, 3, *feat_hw, dtype=torch.float64)
+    up = lambda x: F.interpolate(x, size=loss_hw, mode="bilinear", align_corners=False)  # noqa: E731
+    ref_mean = up(z).mean((2, 3))
+    ref_prod = torch.einsum("bnij,btij->bnt", up(z), up(a)) / (loss_hw[0] * loss_hw[1])
+    w = upsampled_mean_weights(feat_hw, loss_hw, z.device).double()
+    g = upsampled_product_gram(feat_hw, loss_hw, z.device).double()
+    ours_mean = z.flatten(2) @ w
+    ours_prod = torch.bmm(z.flatten(2), (a.flatten(2) @ g).transpose(1, 2))
+    torch.testing.assert_close(ours_mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_prod, ref_prod, rtol=1e-5, atol=1e-6)
+    coef = torch.randn_like(ref_prod)
+    (g_ref,) = torch.autograd.grad((ref_prod * coef).sum() + ref_mean.sum(), z)
+    (g_ours,) = torch.autograd.grad((ours_prod * coef).sum() + ours_mean.sum(), z)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("src,labels_hw,down", [((4, 4), (16, 16), 2), ((5, 7), (26, 22), 2), ((32, 32), (512, 512), 2), ((6, 6), (6, 6), 1)])
+def test_pixel_ce_equals_interpolate_then_cross_entropy(src, labels_hw, down):
+    """The chunked upsample + CE gives F.cross_entropy(F.interpolate(z)) and its gradient, ignore pixels included."""
+    torch.manual_seed(3)
+    n = 7
+    z = torch.randn(2, n, *src, requires_grad=True)
+    labels = torch.randint(0, n, (2, *labels_hw))
+    labels[0, : labels_hw[0] // 3] = IGNORE_INDEX
+    size = (labels_hw[0] // down, labels_hw[1] // down)
+    small = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    up = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(up, small, ignore_index=IGNORE_INDEX, reduction="sum")
+    ours = pixel_ce_sum(z, labels, down)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    (g_ref,) = torch.autograd.grad(ref * 0.5, z)
+    (g_ours,) = torch.autograd.grad(ours * 0.5, z)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the same value
+        assert pixel_ce_sum(z, labels, down).item() == pytest.approx(ref.item(), rel=1e-5)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from larvseg.config import IGNORE_INDEX, Config, SourceConfig, load_config
+from larvseg.config import Config, SourceConfig, load_config
 from larvseg.data.datasets import ImageTagFolder, build_source_checked
 from larvseg.data.io import DataError
 from larvseg.data.vocabulary import VocabularyError, build_vocabulary
@@ -51,23 +51,25 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
     dataset = built.dataset
     report.problems.extend(built.problems)
     report.images = len(dataset)
-    report.classes_total = len(dataset.class_ids)
-    source_ids = set(dataset.class_ids.tolist())
+    # coverage over distinct union classes (COCO-Stuff's 171 train ids are 160 names of the union)
+    source_ids = np.unique(dataset.class_ids)
+    report.classes_total = len(source_ids)
+    seen: set[int] = set()
     if isinstance(dataset, ImageTagFolder):  # coverage from the folders; images are still decoded below
-        seen = set(dataset.class_ids[np.unique(dataset.file_class)].tolist())
-    else:
-        seen = set()
-    n = min(len(dataset), max_images) if max_images else len(dataset)
-    for i in tqdm(range(n), desc=f"checking {report.name}", unit="img", leave=False):
+        seen.update(dataset.class_ids[np.unique(dataset.file_class)].tolist())
+    n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
+    # spread the decoded sample over the whole set (files are sorted by class folder)
+    indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)) if n else []
+    for i in tqdm(indices, desc=f"checking {report.name}", unit="img", leave=False):
         try:
-            item = dataset.load(i)
+            item = dataset.load(int(i))
         except DataError as exc:
             report.problems.append(str(exc))
             continue
         if item["label"] is not None:
             values = np.unique(item["label"])
-            seen.update(int(v) for v in values if v != IGNORE_INDEX and int(v) in source_ids)
-    report.checked = n
+            seen.update(values[np.isin(values, source_ids)].tolist())
+    report.checked = len(indices)
     report.classes_seen = len(seen)
     return report
 

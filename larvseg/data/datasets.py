@@ -12,7 +12,8 @@ ade847   A847/images/<split>/*.jpg,                       uint16 tif; value = cl
 coco171  C171/images/<split>/*.jpg,                       uint8 png with raw COCO-Stuff ids 0..181 (unlisted
          C171/annotations/<split>/*.png                   ids and 255 -> ignore), or ``*_labelTrainIds.png``
                                                           with train ids 0..170 (255 = ignore)
-imagenet I22K/fall11_whole/<wnid>/*.JPEG                  one tag per image: its folder's synset
+imagenet I22K/fall11_whole/<wnid>/*.JPEG                  one tag per image: its folder's synset; files are
+                                                          listed once and cached (larvseg.data.file_index)
 custom_seg <root>/images[/<split>]/*.{jpg,png},           png, value = index in the class file, 255 (8-bit)
          <root>/annotations[/<split>]/*.png,              or 65535 (16-bit) = unlabeled
          class file (``classes``, default <root>/classes.txt)
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
-from larvseg.data.file_index import FolderIndex
+from larvseg.data.file_index import FileTable, FolderIndex, list_folder
 from larvseg.data.io import (
     AnnotationError,
     DatasetRootError,
@@ -46,7 +47,7 @@ from larvseg.data.io import (
 )
 from larvseg.data.vocabulary import (
     _json,
-    imagenet_class_names,
+    imagenet_names,
     imagenet_subset,
     load_class_names,
     normalize_name,
@@ -96,7 +97,9 @@ class SourceDataset(torch.utils.data.Dataset):
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray) -> None:
         self.name = name
         self.class_names = class_names  # this source's own classes, in its train-id order
-        self.class_ids = np.asarray(class_ids, dtype=np.int64)  # their union ids
+        self.class_ids = np.asarray(class_ids, dtype=np.int64)  # their union ids (aligned with class_names;
+        # several may share a union id: COCO-Stuff's wall-brick and wall-stone are both "wall")
+        self.skipped: list[str] = []  # files left out at build time with skip_bad, one line each
 
     def load(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -118,32 +121,38 @@ class SegmentationFolder(SourceDataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def lut_for(self, label_path: Path) -> np.ndarray:
+        return self.lut
+
     def load(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
         raw = read_label(label_path)
         if raw.shape != image.shape[:2]:
-            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
-        return {"image": image, "label": apply_lut(raw, self.lut, label_path), "tags": None, "path": str(image_path)}
+            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
+                                              f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        label = apply_lut(raw, self.lut_for(label_path), label_path)
+        return {"image": image, "label": label, "tags": None, "path": str(image_path)}
 
 
 class ImageTagFolder(SourceDataset):
-    """Images tagged with one class each (their folder)."""
+    """Images tagged with one class each: the class folder they are in (``table.folders[k]`` is the
+    folder of class k)."""
 
     single_tag = True
 
-    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray,
-                 files: list[Path], file_class: np.ndarray) -> None:
+    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable) -> None:
         super().__init__(name, class_names, class_ids)
-        if not files:
-            raise EmptyDatasetError(name, "no image")
-        self.files, self.file_class = files, np.asarray(file_class, dtype=np.int64)
+        if len(table) == 0:
+            raise EmptyDatasetError(table.root, f"source {name}: no image in any of its {len(table.folders)} class folders")
+        self.table = table
+        self.file_class = table.folder  # class index of each file (int32, shared by DataLoader workers)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.table)
 
     def load(self, index: int) -> dict[str, Any]:
-        path = self.files[index]
+        path = self.table.path(index)
         tags = self.class_ids[self.file_class[index : index + 1]]
         return {"image": read_image(path), "label": None, "tags": tags, "path": str(path)}
 
@@ -171,9 +180,10 @@ def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ..
     require_dir(label_dir, "annotation folder")
     if not images:
         raise EmptyDatasetError(image_dir, "no images (.jpg/.jpeg/.png)")
+    labels = {p.name for p in label_dir.iterdir()}  # one listing instead of a stat per image
     pairs = []
     for image in images:
-        label = next((label_dir / f"{image.stem}{s}" for s in label_suffixes if (label_dir / f"{image.stem}{s}").is_file()), None)
+        label = next((label_dir / f"{image.stem}{s}" for s in label_suffixes if f"{image.stem}{s}" in labels), None)
         if label is None:
             problem = AnnotationError(label_dir / f"{image.stem}{label_suffixes[-1]}", f"annotation of {image.name} is missing")
             if not skip_bad:
@@ -219,14 +229,8 @@ class CocoStuffFolder(SegmentationFolder):
         super().__init__(*args)
         self.train_id_lut = train_id_lut
 
-    def load(self, index: int) -> dict[str, Any]:
-        image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
-        raw = read_label(label_path)
-        if raw.shape != image.shape[:2]:
-            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
-        lut = self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
-        return {"image": image, "label": apply_lut(raw, lut, label_path), "tags": None, "path": str(image_path)}
+    def lut_for(self, label_path: Path) -> np.ndarray:
+        return self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
 
 
 def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
@@ -257,48 +261,41 @@ def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabul
     return SegmentationFolder(source.name or root.name, names, ids, pairs, lut)
 
 
-def imagenet_files(source: SourceConfig, data_cfg: DataConfig, data_root: Path, wnids: list[str],
-                   problems: list[str]) -> tuple[list[Path], np.ndarray]:
-    root = require_dir(source_root(source, data_root, "I22K") / "fall11_whole", "ImageNet folder fall11_whole")
-    cache_dir = Path(data_cfg.index_cache_dir) if data_cfg.index_cache_dir else None
-    listing = FolderIndex(root, cache_dir).files(wnids)
-    return _tag_files(root, wnids, listing, source.skip_bad, problems)
-
-
-def _tag_files(root: Path, folders: list[str], listing: dict[str, list[str] | None], skip_bad: bool,
-               problems: list[str]) -> tuple[list[Path], np.ndarray]:
-    files: list[Path] = []
-    classes: list[np.ndarray] = []
-    for k, folder in enumerate(folders):
-        names = listing[folder]
-        if not names:
-            error = (DatasetRootError(root / folder, "class folder not found") if names is None
-                     else EmptyDatasetError(root / folder, "class folder holds no image"))
-            if not skip_bad:
-                raise error
-            problems.append(str(error))
+def check_class_folders(table: FileTable, skip_bad: bool, problems: list[str]) -> None:
+    """A missing or empty class folder is an error, or with skip_bad a reported skip."""
+    counts = table.counts()
+    for k, folder in enumerate(table.folders):
+        if counts[k]:
             continue
-        files.extend(root / folder / n for n in names)
-        classes.append(np.full(len(names), k, dtype=np.int64))
-    return files, (np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64))
+        error = (DatasetRootError(table.root / folder, "class folder not found") if folder in table.missing
+                 else EmptyDatasetError(table.root / folder, "class folder holds no image (.jpg/.jpeg/.png)"))
+        if not skip_bad:
+            raise error
+        problems.append(str(error))
+
+
+def imagenet_table(source: SourceConfig, data_cfg: DataConfig, wnids: list[str], problems: list[str]) -> FileTable:
+    root = require_dir(source_root(source, data_cfg.resolved_root(), "I22K") / "fall11_whole", "ImageNet folder fall11_whole")
+    cache_dir = Path(data_cfg.index_cache_dir).expanduser() if data_cfg.index_cache_dir else None
+    table = FolderIndex(root, cache_dir).table(wnids)
+    check_class_folders(table, source.skip_bad, problems)
+    return table
 
 
 def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
     wnids = imagenet_subset(source.classes)
-    names = [imagenet_class_names()[w] for w in wnids]
-    files, file_class = imagenet_files(source, data_cfg, data_root, wnids, problems)
-    return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), files, file_class)
+    names = imagenet_names(source.classes)
+    table = imagenet_table(source, data_cfg, wnids, problems)
+    return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table)
 
 
 def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
-    root = require_dir(source_root(source, data_root, ""), "image-level folder")
-    names = custom_tag_names(source, data_root)
-    listing = {n: sorted(p.name for p in (root / n).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-               if (root / n).is_dir() else None for n in names}
-    files, file_class = _tag_files(root, names, listing, source.skip_bad, problems)
-    return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), files, file_class)
+    root = require_dir(source_root(source, data_cfg.resolved_root(), ""), "image-level folder")
+    names = custom_tag_names(source, data_cfg.resolved_root())
+    # small user folders: listed directly, no cache
+    table = FileTable.from_listing(root, names, {n: list_folder(root / n) if (root / n).is_dir() else None for n in names})
+    check_class_folders(table, source.skip_bad, problems)
+    return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +321,7 @@ CLASS_NAMES: dict[str, Callable[[SourceConfig, Path], list[str]]] = {
     "ade150": lambda s, r: load_class_names("ade150"),
     "ade847": lambda s, r: load_class_names("ade847"),
     "coco171": lambda s, r: load_class_names("coco171"),
-    "imagenet": lambda s, r: [imagenet_class_names()[w] for w in imagenet_subset(s.classes)],
+    "imagenet": lambda s, r: imagenet_names(s.classes),
     "custom_seg": custom_seg_names,
     "custom_tags": custom_tag_names,
 }
@@ -369,7 +366,7 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Voc
         raise ValueError(f"source {source.name}: format {source.format} has no masks; it can only be a tag source")
     problems: list[str] = []
     dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
-    dataset.skipped = list(problems)  # type: ignore[attr-defined]
+    dataset.skipped = list(problems)
     return BuiltSource(dataset, problems)
 
 

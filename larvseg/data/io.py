@@ -73,7 +73,7 @@ def read_label(path: str | Path) -> np.ndarray:
         raise AnnotationError(path, f"label map has shape {array.shape}; expected a single-channel (H, W) map")
     if array.dtype.kind not in "ui":
         raise AnnotationError(path, f"label map has dtype {array.dtype}; expected integer labels")
-    if array.dtype.kind == "i":
+    if array.dtype.kind == "i" or array.dtype.itemsize > 2:  # int or 32/64-bit maps: must fit uint16
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise LabelValueError(path, f"label values outside 0..65535 (min {array.min()}, max {array.max()})")
         array = array.astype(np.uint16)

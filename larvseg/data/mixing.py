@@ -127,26 +127,37 @@ class _Samples(torch.utils.data.Dataset):
 
 
 class _Collate:
+    """Stacks one rank's samples of a source into plain tensors (a dict, so DataLoader's pin_memory
+    pins them); 0 samples give tensors with 0 rows. The batch object is made in the main process."""
+
     def __init__(self, spec: _SourceSpec) -> None:
         self.spec = spec
 
-    def __call__(self, items: list[dict[str, Any]]) -> tuple[SegBatch | TagBatch, list[str]]:
-        spec, cfg = self.spec, self.spec.config
-        crop = cfg.crop_size
-        images = torch.from_numpy(np.stack([it["image"] for it in items])) if items else torch.zeros(0, 3, crop, crop)
-        class_ids = torch.from_numpy(spec.dataset.class_ids)
-        paths = [it["path"] for it in items]
-        skipped = [s for it in items for s in it["skipped"]]
-        if spec.role == "seg":
-            labels = (torch.from_numpy(np.stack([it["label"].astype(np.int64) for it in items]))
-                      if items else torch.zeros(0, crop, crop, dtype=torch.long))
-            return SegBatch(cfg.name, images, labels, class_ids, spec.per_step, cfg.loss_weight, paths), skipped
-        width = max([1] + [len(it["tags"]) for it in items])
-        tags = torch.full((len(items), width), TAG_PAD, dtype=torch.long)
-        for row, it in enumerate(items):  # a few tags of a few images
-            tags[row, : len(it["tags"])] = torch.from_numpy(it["tags"])
-        return TagBatch(cfg.name, images, tags, class_ids, spec.per_step, spec.dataset.single_tag,
-                        cfg.loss_weight, cfg.cac_weight, cfg.cac_topk, paths), skipped
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        crop = self.spec.config.crop_size
+        out: dict[str, Any] = {
+            "images": torch.from_numpy(np.stack([it["image"] for it in items])) if items else torch.zeros(0, 3, crop, crop),
+            "paths": [it["path"] for it in items],
+            "skipped": [s for it in items for s in it["skipped"]],
+        }
+        if self.spec.role == "seg":
+            out["labels"] = (torch.from_numpy(np.stack([it["label"] for it in items]).astype(np.int64))
+                             if items else torch.zeros(0, crop, crop, dtype=torch.long))
+        else:
+            width = max([1] + [len(it["tags"]) for it in items])
+            tags = np.full((len(items), width), TAG_PAD, dtype=np.int64)
+            for row, it in enumerate(items):  # a few tags of a few images
+                tags[row, : len(it["tags"])] = it["tags"]
+            out["tags"] = torch.from_numpy(tags)
+        return out
+
+
+def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
+    cfg, class_ids = spec.config, torch.from_numpy(spec.dataset.class_ids)
+    if spec.role == "seg":
+        return SegBatch(cfg.name, data["images"], data["labels"], class_ids, spec.per_step, cfg.loss_weight, data["paths"])
+    return TagBatch(cfg.name, data["images"], data["tags"], class_ids, spec.per_step, spec.dataset.single_tag,
+                    cfg.loss_weight, cfg.cac_weight, cfg.cac_topk, data["paths"])
 
 
 def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) -> list[_SourceSpec]:
@@ -200,9 +211,10 @@ class MixedLoader:
             seg, tag = [], []
             for spec, it in zip(self.specs, iterators):
                 try:
-                    batch, skipped = next(it)
+                    data = next(it)
                 except StopIteration:
                     return
+                batch, skipped = make_batch(spec, data), data["skipped"]
                 if skipped:
                     self.skipped[spec.config.name].extend(skipped)
                     print(f"warning: step {step}: skipped {len(skipped)} unreadable samples of {spec.config.name}: {skipped[0]}",

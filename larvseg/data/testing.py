@@ -2,7 +2,8 @@
 
 Every writer takes a folder and a ``numpy.random.Generator`` and writes real files: JPEG images via
 Pillow, uint8 PNG / uint16 TIFF label maps, ``fall11_whole/<wnid>/*.JPEG`` folders. Label maps are
-blocky (a few rectangles of classes) so random crops see several classes.
+blocky (a few rectangles of classes) so random crops see several classes. ``values`` are the *raw*
+on-disk values to draw from. ``make_config`` builds a Config over such a root.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+
+from larvseg.config import Config, DataConfig, SourceConfig, TrainConfig
 
 
 def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -116,3 +119,16 @@ def write_custom_tags(root: Path, class_names: Sequence[str], per_class: int = 2
             write_jpeg(p, random_image(rng, *size))
             paths.append(p)
     return paths
+
+
+def make_config(root: Path, seg: Sequence[SourceConfig] = (), tag: Sequence[SourceConfig] = (),
+                eval_source: SourceConfig | None = None, seed: int = 0, **data) -> Config:
+    """A Config whose data root is ``root`` (index cache in ``root/cache``, 0 workers unless given);
+    ``data`` sets other DataConfig fields. The eval source defaults to A847 validation."""
+    data = {"num_workers": 0, "index_cache_dir": str(Path(root) / "cache"), **data}
+    return Config(
+        name="test",
+        data=DataConfig(root=str(root), seg_sources=list(seg), tag_sources=list(tag),
+                        eval=eval_source or SourceConfig(name="A847", format="ade847", split="validation"), **data),
+        train=TrainConfig(seed=seed),
+    )

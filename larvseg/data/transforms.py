@@ -36,8 +36,9 @@ def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def random_rescale(image, label, scale, ratio_range, rng: np.random.Generator):
+    """mmseg Resize(img_scale=scale, ratio_range, keep_ratio=True): target (int(long*r), int(short*r))."""
     ratio = rng.uniform(ratio_range[0], ratio_range[1])
-    hw = rescale_size(image.shape[0], image.shape[1], scale[0] * ratio, scale[1] * ratio)
+    hw = rescale_size(image.shape[0], image.shape[1], int(scale[0] * ratio), int(scale[1] * ratio))
     return resize_image(image, hw), (None if label is None else resize_label(label, hw))
 
 
@@ -72,32 +73,58 @@ def random_flip(image, label, rng: np.random.Generator, prob: float = 0.5):
     return image, label
 
 
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
-                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
-    """MMSegmentation's PhotoMetricDistortion on an RGB uint8 image; returns float32 in [0, 255]."""
-    img = image.astype(np.float32)
-    if rng.integers(2):
-        img = np.clip(img + rng.uniform(-brightness_delta, brightness_delta), 0, 255)
+@dataclass
+class Photometric:
+    """The random draws of one PhotoMetricDistortion; None = that step is not applied."""
+
+    brightness: float | None  # added to every channel
+    contrast: float | None  # multiplies every channel
+    contrast_first: bool  # contrast before (True) or after saturation and hue
+    saturation: float | None  # multiplies the HSV saturation
+    hue: int | None  # added to the OpenCV hue (units of 2 degrees), modulo 180
+
+
+def draw_photometric(rng: np.random.Generator, brightness_delta: int = 32, contrast_range=(0.5, 1.5),
+                     saturation_range=(0.5, 1.5), hue_delta: int = 18) -> Photometric:
+    """mmseg's defaults; each step is applied with probability 1/2, the hue shift is in [-18, 18)
+    (np.random.randint's exclusive upper bound, as mmseg)."""
+    brightness = rng.uniform(-brightness_delta, brightness_delta) if rng.integers(2) else None
     contrast_first = bool(rng.integers(2))
+    contrast = rng.uniform(*contrast_range) if rng.integers(2) else None
+    saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
+    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
+    return Photometric(brightness, contrast, contrast_first, saturation, hue)
 
-    def contrast(x: np.ndarray) -> np.ndarray:
-        if rng.integers(2):
-            x = np.clip(x * rng.uniform(*contrast_range), 0, 255)
-        return x
 
-    if contrast_first:
-        img = contrast(img)
-    do_sat, do_hue = bool(rng.integers(2)), bool(rng.integers(2))
-    sat = rng.uniform(*saturation_range) if do_sat else 1.0
-    hue = rng.integers(-hue_delta, hue_delta) if do_hue else 0
-    if do_sat or do_hue:
-        hsv = cv2.cvtColor(img / 255.0, cv2.COLOR_RGB2HSV)  # float: H in [0, 360), S, V in [0, 1]
-        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 1)
-        hsv[..., 0] = (hsv[..., 0] + 2.0 * hue) % 360.0  # mmcv's hue unit is 2 degrees (OpenCV uint8 HSV)
-        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
-    if not contrast_first:
-        img = contrast(img)
-    return img
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion.convert: x * alpha + beta, clipped, back to uint8 (truncating)."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def apply_photometric(image: np.ndarray, p: Photometric) -> np.ndarray:
+    """uint8 RGB -> uint8 RGB, step by step as mmseg (uint8 after every step; saturation and hue each
+    round-trip through OpenCV's uint8 HSV). mmseg works on BGR with BGR2HSV; RGB with RGB2HSV gives the
+    same H, S, V."""
+    if p.brightness is not None:
+        image = _convert(image, beta=p.brightness)
+    if p.contrast_first and p.contrast is not None:
+        image = _convert(image, alpha=p.contrast)
+    if p.saturation is not None:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=p.saturation)
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if p.hue is not None:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + p.hue) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not p.contrast_first and p.contrast is not None:
+        image = _convert(image, alpha=p.contrast)
+    return image
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue) on uint8 RGB."""
+    return apply_photometric(np.ascontiguousarray(image), draw_photometric(rng))
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -128,7 +155,8 @@ class TrainTransform:
     flip_prob: float = 0.5
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
-        """uint8 RGB image (+ uint16 label) -> float32 (3, crop, crop) (+ uint16 (crop, crop) label)."""
+        """uint8 RGB image (+ uint16 label) -> float32 (3, crop, crop) normalised image (+ uint16
+        (crop, crop) label, IGNORE_INDEX in the padding). All randomness comes from ``rng``."""
         image, label = random_rescale(image, label, self.scale, self.ratio_range, rng)
         image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio, rng)
         image, label = random_flip(image, label, rng, self.flip_prob)
@@ -140,9 +168,16 @@ class TrainTransform:
 
 def eval_resize(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:
     """Resize (bilinear) so the short side is ``short_side`` keeping the ratio, long side <= max_long_side
-    (mmseg's test Resize with keep_ratio); ``short_side <= 0`` keeps the image. The label is not resized:
-    predictions are resized back to it, metrics use the original resolution."""
+    (mmseg's test Resize(img_scale=(2048, 512), keep_ratio=True)); ``short_side <= 0`` keeps the image.
+    Returns uint8 RGB: normalisation is the model side's (larvseg.predict.image_to_tensor), so that the
+    same item can also be shown. The label is not resized: predictions are resized back to it and
+    metrics use the original resolution."""
     if short_side <= 0:
         return image
     hw = rescale_size(image.shape[0], image.shape[1], max_long_side, short_side)
     return image if hw == image.shape[:2] else resize_image(image, hw)
+
+
+def eval_transform(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:
+    """The whole evaluation transform: :func:`eval_resize`, then normalise -> float32 (3, H', W')."""
+    return normalize(eval_resize(image, short_side, max_long_side))

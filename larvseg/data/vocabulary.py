@@ -69,16 +69,26 @@ def imagenet_synsets() -> dict[str, str]:
 
 
 @lru_cache(maxsize=None)
-def imagenet_class_names() -> dict[str, str]:
-    """wnid -> class name used in vocabularies (matched ADE name, else lemma, wnid-suffixed if shared)."""
-    lemmas = imagenet_synsets()
-    counts = Counter(lemmas.values())
-    names = {w: (l if counts[l] == 1 else f"{l} ({w})") for w, l in lemmas.items()}
-    # The ADE matchings win: a matched synset is that ADE class (ADE-150's name first, then ADE-847's).
-    for file_name in ("imagenet_for_ade847.json", "imagenet_for_ade150.json"):
-        for c in _json(file_name)["classes"]:
-            names[c["wnid"]] = c["name"]
-    return names
+def imagenet_class_names(preferred: str = "ade847") -> dict[str, str]:
+    """wnid -> class name used in vocabularies.
+
+    A synset matched to an ADE class is named after it, so it joins that class. One synset
+    (n04217882) is matched to different names in the two lists ("trade name" in ADE-150, "signboard"
+    in ADE-847): the ``preferred`` matching ("ade150" or "ade847") wins. Other synsets are named by
+    their first lemma; a lemma that, normalised, is shared by several unmatched synsets ("Cardigan"
+    the dog, "cardigan" the sweater) or equals a matched ADE name (the fish "windowpane") gets its
+    wnid appended, "cardigan (n02113186)", so that unrelated synsets never collapse into one class.
+    """
+    order = {"ade150": ("imagenet_for_ade847.json", "imagenet_for_ade150.json"),
+             "ade847": ("imagenet_for_ade150.json", "imagenet_for_ade847.json")}[preferred]
+    matched: dict[str, str] = {}
+    for file_name in order:  # the later file wins
+        matched.update({c["wnid"]: c["name"] for c in _json(file_name)["classes"]})
+    lemmas = {w: l for w, l in imagenet_synsets().items() if w not in matched}
+    taken = Counter(normalize_name(l) for l in lemmas.values())
+    taken.update({normalize_name(n): 2 for n in matched.values()})  # any clash with a matched name
+    names = {w: (l if taken[normalize_name(l)] == 1 else f"{l} ({w})") for w, l in lemmas.items()}
+    return {w: matched.get(w) or names[w] for w in imagenet_synsets()}
 
 
 def read_wnid_file(path: Path) -> list[str]:
@@ -116,6 +126,12 @@ def imagenet_subset(classes: str) -> list[str]:
     if duplicates:
         raise VocabularyError(f"ImageNet class subset {classes!r}: wnids listed twice: {duplicates[:10]}")
     return wnids
+
+
+def imagenet_names(classes: str) -> list[str]:
+    """Class names of an ImageNet subset, in its wnid order (ADE-150 matching preferred for "ade150")."""
+    names = imagenet_class_names("ade150" if classes == "ade150" else "ade847")
+    return [names[w] for w in imagenet_subset(classes)]
 
 
 def read_class_file(path: Path) -> list[str]:

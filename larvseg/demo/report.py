@@ -172,9 +172,9 @@ def findings(summary: dict[str, dict[str, Summary]], seg_only: str, baseline: st
         paired = [lv - bv for lv, bv in zip(l.values, b.values)]
         wins = sum(d > 0 for d in paired)
         if diff > 0:
-            head = f"LarvSeg (CAC) beats the baseline on novel mIoU by {diff:+.1f} ({l.text()} vs {b.text()})"
+            head = f"LarvSeg (CAC) beats the baseline on novel mIoU by {diff:+.2f} ({l.text()} vs {b.text()})"
         else:
-            head = f"LarvSeg (CAC) does NOT beat the baseline on novel mIoU: {diff:+.1f} ({l.text()} vs {b.text()})"
+            head = f"LarvSeg (CAC) does NOT beat the baseline on novel mIoU: {diff:+.2f} ({l.text()} vs {b.text()})"
         detail = f"; it is higher in {wins} of {len(paired)} seeds"
         if len(paired) > 1 and abs(diff) <= noise:
             detail += f", and the difference is within the seed-to-seed standard deviation ({noise:.1f}), so it is not conclusive"

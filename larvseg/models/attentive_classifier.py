@@ -9,7 +9,10 @@ mean of class c's bank features (= mean over its M*K stored pixels, see memory_b
            mean_i (z(f)_i - z(b_c)_i)^2 > 2.0 (z: over pixels, unbiased std, no epsilon)
   score  = f - b, or f - (1 - f) when no background class is kept
   a      = sigmoid(standardize_over_pixels(score)), bilinearly upsampled to the loss resolution
-  loss   = co-tag-masked CE of mean_i(a(i) * logits_i), counted only when l's ring has warmed up
+  loss   = co-tag-masked CE of mean_i(a(i) * logits_i) over the loss-resolution pixels (logits
+           bilinearly upsampled too), counted only when l's ring has warmed up. Both upsamplings are
+           linear, so this mean is computed at feature resolution as z . (U^T U a) / L (losses.py):
+           the same value and gradient without an N x Hl x Wl tensor per image.
 The bank is then updated for every pair with the mean of p at the K pixels of highest s(., l).
 
 Our choices, where the spec leaves room or we differ:
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from larvseg.models.cosine_classifier import standardize
-from larvseg.models.losses import pooled_tag_ce, tag_pairs
+from larvseg.models.losses import pooled_tag_ce, tag_pairs, upsampled_product_gram
 from larvseg.models.memory_bank import MemoryBank
 
 
@@ -105,7 +108,8 @@ def attention_scores(
 
 
 def attention_maps(score: Tensor, feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> Tensor:
-    """a = sigmoid(standardize over pixels(score)) (b, T, hw) -> (b, T, Hl, Wl) bilinear."""
+    """a = sigmoid(standardize over pixels(score)) (b, T, hw) -> (b, T, Hl, Wl) bilinear (for display
+    and tests; the loss itself pools at feature resolution)."""
     b, t, _ = score.shape
     a = torch.sigmoid(standardize(score, dim=-1)).view(b, t, *feat_hw)
     if tuple(feat_hw) != tuple(loss_hw):
@@ -130,6 +134,7 @@ def cac_loss(
     class_ids: Tensor,
     bank: MemoryBank,
     *,
+    loss_hw: tuple[int, int],
     single_tag: bool,
     topk: int,
     warm_up: int,
@@ -137,15 +142,18 @@ def cac_loss(
 ) -> CACResult:
     """CAC loss (sum over pairs) and the bank entries of every pair; the bank itself is not modified.
 
-    logits (b, N, Hl, Wl) at the loss resolution (with grad); scores (b, N, h, w) and features
-    (b, D, h, w) detached, at feature resolution; tags (b, T) subset indices; class_ids (N,) union ids.
+    logits (b, N, h, w) at feature resolution (with grad); loss_hw the loss resolution they and the
+    attention are (conceptually) upsampled to; scores (b, N, h, w) and features (b, D, h, w) detached;
+    tags (b, T) subset indices; class_ids (N,) union ids.
     """
-    b, n, hl, wl = logits.shape
     h, w = scores.shape[-2:]
+    if tuple(logits.shape[-2:]) != (h, w):
+        raise ValueError(f"cac_loss: logits {tuple(logits.shape)} must be at the feature resolution {(h, w)}")
     feats, s = features.flatten(2).float(), scores.flatten(2).float()
     score = attention_scores(feats, s, tags, pad, class_ids, bank, single_tag, rule)
-    att = attention_maps(score, (h, w), (hl, wl)).flatten(2)  # (b, T, L)
-    pooled = torch.bmm(logits.float().flatten(2), att.transpose(1, 2)) / (hl * wl)  # (b, N, T)
+    att = torch.sigmoid(standardize(score, dim=-1))  # (b, T, hw) at feature resolution
+    gram = upsampled_product_gram((h, w), tuple(loss_hw), logits.device)  # (hw, hw) = U^T U / L
+    pooled = torch.bmm(logits.float().flatten(2), (att @ gram).transpose(1, 2))  # (b, N, T)
     img, slot = tag_pairs(tags, pad)
     tag_sub = tags[img, slot]
     pair_classes = class_ids[tag_sub]

@@ -29,7 +29,7 @@ from larvseg.models.class_sampling import (
     sample_classes,
     step_generator,
 )
-from larvseg.models.losses import image_level_ce_sum, loss_size, pixel_ce_sum, resize_logits
+from larvseg.models.losses import image_level_ce_sum, loss_size, pixel_ce_sum
 from larvseg.models.segmenter import Segmenter
 
 
@@ -85,10 +85,9 @@ class TrainingObjective(nn.Module):
         cls = cls * scale * batch.loss_weight
         if not self.use_cac:
             return cls, out.logits.sum() * 0.0
-        logits = resize_logits(out.logits.float(), loss_size(crop_hw, self.cfg.loss_downsample))
         res = cac_loss(
-            logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
-            single_tag=batch.single_tag, topk=batch.cac_topk, warm_up=self.cfg.warm_up, rule=self.rule,
+            out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
+            loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), single_tag=batch.single_tag, topk=batch.cac_topk, warm_up=self.cfg.warm_up, rule=self.rule,
         )
         entries.append((res.pair_classes, res.pair_features))
         return cls, res.loss_sum * scale * batch.cac_weight

@@ -1,0 +1,169 @@
+"""Training augmentation and evaluation resize, each checked on its effect against direct references."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from larvseg.config import IGNORE_INDEX
+from larvseg.data import testing as T
+from larvseg.data.transforms import (
+    MEAN,
+    STD,
+    Photometric,
+    TrainTransform,
+    apply_photometric,
+    eval_resize,
+    eval_transform,
+    normalize,
+    pad_to,
+    random_crop,
+    random_flip,
+    random_rescale,
+    rescale_size,
+    resize_label,
+)
+
+
+def nearest_reference(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    h, w = label.shape
+    ys = np.minimum(np.floor(np.arange(hw[0]) * h / hw[0]).astype(int), h - 1)
+    xs = np.minimum(np.floor(np.arange(hw[1]) * w / hw[1]).astype(int), w - 1)
+    return label[ys[:, None], xs[None, :]]
+
+
+def test_rescale_size_is_mmcv_keep_ratio():
+    # the largest size with long side <= L and short side <= S; int(x * f + 0.5)
+    assert rescale_size(375, 500, 2048, 512) == (512, 683)
+    assert rescale_size(100, 1000, 2048, 512) == (205, 2048)  # long side limits
+    assert rescale_size(500, 375, 1024, 256) == (341, 256)
+
+
+def test_random_rescale_uses_int_scaled_target_and_nearest_labels():
+    rng0 = np.random.default_rng(0)
+    image = rng0.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    label = rng0.integers(250, 1000, (30, 50)).astype(np.uint16)
+    for seed in range(4):
+        ratio = np.random.default_rng(seed).uniform(0.5, 2.0)
+        f = min(int(100 * ratio) / 50, int(40 * ratio) / 30)
+        hw = (int(30 * f + 0.5), int(50 * f + 0.5))
+        img, lab = random_rescale(image, label, (100, 40), (0.5, 2.0), np.random.default_rng(seed))
+        assert img.shape == (*hw, 3) and img.dtype == np.uint8
+        assert lab.dtype == np.uint16 and np.array_equal(lab, nearest_reference(label, hw))
+    assert np.array_equal(resize_label(label, (71, 13)), nearest_reference(label, (71, 13)))
+
+
+def test_random_crop_retries_while_one_class_dominates():
+    label = np.zeros((60, 60), np.uint16)
+    label[:, 45:] = 700  # class 0 covers 75%
+    label[:5, :] = IGNORE_INDEX
+    image = np.zeros((60, 60, 3), np.uint8)
+
+    def reference(seed: int) -> tuple[int, int]:
+        """The same draws, done one by one as mmseg: first box, then up to 10 retries."""
+        rng = np.random.default_rng(seed)
+        box = int(rng.integers(0, 41)), int(rng.integers(0, 41))
+        for _ in range(10):
+            crop = label[box[0] : box[0] + 20, box[1] : box[1] + 20]
+            values, counts = np.unique(crop, return_counts=True)
+            counts = counts[values != IGNORE_INDEX]
+            if len(counts) > 1 and counts.max() / counts.sum() < 0.75:
+                break
+            box = int(rng.integers(0, 41)), int(rng.integers(0, 41))
+        return box
+
+    accepted = 0
+    for seed in range(40):
+        _, lab = random_crop(image, label, 20, 0.75, np.random.default_rng(seed))
+        y, x = reference(seed)
+        assert np.array_equal(lab, label[y : y + 20, x : x + 20])
+        values, counts = np.unique(lab[lab != IGNORE_INDEX], return_counts=True)
+        accepted += int(len(counts) > 1 and counts.max() / counts.sum() < 0.75)
+    # a random 20x20 crop has two classes only if x in 26..44 (19 of 41 offsets); retries make it most
+    assert accepted >= 35
+    # without a label (ImageNet) and for crops larger than the image: the whole image
+    img, lab = random_crop(image[:10, :15], None, 20, 0.75, np.random.default_rng(0))
+    assert img.shape == (10, 15, 3) and lab is None
+
+
+def test_flip_and_determinism():
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    label = np.array([[1, 2, 300], [4, 5, 600]], np.uint16)
+    flips = [np.random.default_rng(s).random() < 0.5 for s in range(6)]
+    for seed, flip in enumerate(flips):
+        img, lab = random_flip(image, label, np.random.default_rng(seed))
+        assert np.array_equal(lab, label[:, ::-1] if flip else label)
+        assert np.array_equal(img, image[:, ::-1] if flip else image)
+    assert any(flips) and not all(flips)
+
+
+def test_photometric_steps_match_mmseg_formulas():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    none = Photometric(None, None, True, None, None)
+    assert np.array_equal(apply_photometric(image, none), image)
+    # brightness and contrast: x * a + b, clipped, truncated to uint8 after each step
+    out = apply_photometric(image, Photometric(20.7, None, True, None, None))
+    assert np.array_equal(out, np.clip(image.astype(np.float32) + 20.7, 0, 255).astype(np.uint8))
+    out = apply_photometric(image, Photometric(-10.5, 1.3, False, None, None))
+    step = np.clip(image.astype(np.float32) - 10.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(out, np.clip(step.astype(np.float32) * 1.3, 0, 255).astype(np.uint8))
+    # saturation 0 gives grey pixels; saturation 1 and hue 0 change a pixel by at most HSV rounding
+    grey = apply_photometric(image, Photometric(None, None, True, 0.0, None))
+    assert (grey.max(axis=2) == grey.min(axis=2)).all() and np.array_equal(grey[..., 0], image.max(axis=2))
+    same = apply_photometric(image, Photometric(None, None, True, 1.0, 0)).astype(int)
+    assert np.abs(same - image).max() <= 4
+    # hue +60 units (120 degrees) turns pure red into pure green; +90 turns it to cyan
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    assert apply_photometric(red, Photometric(None, None, True, None, 60)).tolist() == [[[0, 255, 0]]]
+    assert apply_photometric(red, Photometric(None, None, True, None, 90)).tolist() == [[[0, 255, 255]]]
+    # contrast order: first (before saturation) and last differ on the same draws
+    a = apply_photometric(image, Photometric(None, 1.4, True, 1.4, None))
+    b = apply_photometric(image, Photometric(None, 1.4, False, 1.4, None))
+    assert not np.array_equal(a, b)
+
+
+def test_normalize_and_pad():
+    image = np.array([[[0, 128, 255]]], np.uint8)
+    out = normalize(image)
+    assert out.shape == (3, 1, 1) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0, 0], [(0 - 123.675) / 58.395, (128 - 116.28) / 57.12, (255 - 103.53) / 57.375], rtol=1e-6)
+    assert np.allclose(MEAN, [123.675, 116.28, 103.53]) and np.allclose(STD, [58.395, 57.12, 57.375])
+    img, lab = pad_to(np.ones((3, 5, 7), np.float32), np.full((5, 7), 300, np.uint16), 8)
+    assert img.shape == (3, 8, 8) and (img[:, 5:, :] == 0).all() and (img[:, :, 7:] == 0).all() and (img[:, :5, :7] == 1).all()
+    assert lab.dtype == np.uint16 and (lab[5:, :] == IGNORE_INDEX).all() and (lab[:5, :7] == 300).all()
+
+
+def test_train_transform_end_to_end_keeps_16_bit_labels():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    label = T.blocky_labels(rng, 60, 90, [1, 300, 846, 40000, IGNORE_INDEX], np.uint16)
+    tf = TrainTransform(crop_size=64, scale=(120, 40), ratio_range=(0.5, 2.0))
+    seen: set[int] = set()
+    for seed in range(6):
+        img, lab = tf(image, label, np.random.default_rng(seed))
+        assert img.shape == (3, 64, 64) and img.dtype == np.float32 and lab.shape == (64, 64) and lab.dtype == np.uint16
+        values = set(np.unique(lab).tolist())
+        assert values <= {1, 300, 846, 40000, IGNORE_INDEX}  # nearest only: never a new value
+        seen |= values
+        img2, lab2 = tf(image, label, np.random.default_rng(seed))
+        assert np.array_equal(img, img2) and np.array_equal(lab, lab2)  # a function of the seed alone
+    assert {300, 846, 40000} <= seen
+    # an image smaller than the crop: padded with 0 (image) and IGNORE_INDEX (label)
+    img, lab = TrainTransform(crop_size=64, scale=(32, 16), ratio_range=(1.0, 1.0))(image, label, np.random.default_rng(0))
+    assert (lab[16:, :] == IGNORE_INDEX).all() and (img[:, 16:, :] == 0).all() and (lab[:, 24:] == IGNORE_INDEX).all()
+    # ImageNet-style: no label
+    img, lab = TrainTransform(crop_size=32, scale=(64, 32))(image, None, np.random.default_rng(0))
+    assert img.shape == (3, 32, 32) and lab is None
+
+
+def test_eval_resize_short_side_with_long_side_limit():
+    assert eval_resize(np.zeros((100, 300, 3), np.uint8), 512, 2048).shape == (512, 1536, 3)
+    assert eval_resize(np.zeros((100, 1000, 3), np.uint8), 512, 2048).shape == (205, 2048, 3)
+    assert eval_resize(np.zeros((700, 500, 3), np.uint8), 512, 2048).shape == (717, 512, 3)
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert eval_resize(image, 0, 2048) is image
+    out = eval_transform(image, 20, 2048)
+    ref = normalize(cv2.resize(image, (30, 20), interpolation=cv2.INTER_LINEAR))
+    assert out.shape == (3, 20, 30) and np.array_equal(out, ref)
