@@ -12,20 +12,21 @@ Never a full-resolution N-channel tensor for large N. Every stage of the pipelin
 window's feature-resolution logits with non-negative weights that sum to one, so:
 
 1. Per window we keep only the projected pixel features p (hw, D) and the per-pixel mean/rstd of the
-   scores over all N classes (two class-chunked passes); the logits of any class chunk are recomputed on
+   scores over all N classes (one class-chunked pass, float64 sums); the logits of any class chunk are recomputed on
    the fly: gamma * (p c^T - mean) * rstd + beta.
 2. N <= ``exact_max_classes``: the pipeline runs over all classes in chunks (running max/argmax) — exact.
-3. N larger: candidates = union over windows and feature pixels of the per-pixel top-``topk`` classes.
-   Any other class has, at each feature pixel j, a logit <= t(j), the largest logit among non-candidates
-   (<= the k-th largest); running the same pipeline on the single map t gives an upper bound B(x) for
-   every non-candidate at every output pixel. Where the best candidate beats B, the candidate argmax is
-   *the* argmax ("certified"). Elsewhere (typically class boundaries) every class whose feature-resolution
-   logit reaches the lowest uncertified best value somewhere is added and the fusion rerun ("expanded";
-   worst case all classes, still in bounded-memory chunks). The result is always the exact argmax
+3. N larger: the same single pass keeps each feature pixel's 2*``topk`` best classes; candidates = union
+   over windows and pixels of the per-pixel top-``topk``. Any other class has, at each feature pixel j,
+   a logit <= t(j) (the best non-candidate among j's stored classes, or the last stored one); running
+   the same pipeline on the single map t gives an upper bound B(x) for every non-candidate at every
+   output pixel. Where the best candidate beats B, the candidate argmax is *the* argmax ("certified").
+   Elsewhere (typically class boundaries) every class whose feature-resolution logit reaches the lowest
+   uncertified best value somewhere is added and the fusion rerun ("expanded"; worst case all classes,
+   still in bounded-memory chunks). The result is always the exact argmax
    (up to float rounding in exact ties).
 
 Peak memory (float32 elements), besides the backbone: chunk * (canvas + output pixels) <=
-``chunk_elems`` (default 2^25, 128 MB) for the fusion, N x D class vectors (67 MB for 21,843 x 768),
+``chunk_elems`` (default 2^22, 16 MB) for the fusion, N x D class vectors (67 MB for 21,843 x 768),
 and per window p (hw x D) plus a (hw x chunk) score block. A 512x512 image with 21,843 classes needs
 about 0.5 GB; a full-resolution logit tensor would need 23 GB.
 """
@@ -39,20 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from larvseg.models.bilinear import bilinear_resize_hwc
 from larvseg.models.cosine_classifier import STANDARDIZE_EPS
 
 EXACT_MAX_CLASSES = 1024  # below this the candidate step is skipped (exact pass over all classes)
 TOPK = 8  # per-pixel candidates for large vocabularies
-CHUNK_ELEMS = 1 << 25  # bound on chunk * pixels of the fused canvases
+CHUNK_ELEMS = 1 << 22  # bound on chunk * pixels of the fused canvases (16 MB: measured fastest on CPU)
 SCORE_CHUNK = 4096  # classes per block when computing per-window score statistics
 
 
 def autocast_context(amp: str, device: torch.device):
     """"off" | "bf16" (torch.autocast bfloat16 on cpu or cuda) | "auto" (bf16 on CUDA when supported, else off).
 
-    "auto" stays off on CPU: measured on this project's CPU (AMD EPYC, avx512_bf16, no AMX, 2 threads),
-    a vit_base forward at 512x512 took 3.4-3.9 s in bf16 vs 3.7-4.2 s in float32 (~8%, within the noise
-    of a shared machine) — not worth bf16's precision loss."""
+    "auto" stays off on CPU: on this project's CPU (AMD EPYC with avx512_bf16 but no AMX, 2 threads) bf16
+    autocast made a ViT-B/16 forward at 512x512 *slower* (0.58x the images/s of float32;
+    benchmarks/bench_inference.py, docs/PERFORMANCE.md). Ask for "bf16" explicitly on a CPU with AMX."""
     if amp not in ("off", "bf16", "auto"):
         raise ValueError(f"amp must be off, bf16 or auto, got {amp!r}")
     use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -85,13 +87,19 @@ class _Window:
 
 
 class _Scorer:
-    """Feature-resolution logits of any class slice, for every window."""
+    """Feature-resolution logits of any class slice, for every window.
 
-    def __init__(self, segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str) -> None:
+    One pass over the classes per window (the pass is the cost at 21K classes: hw x N x D MACs) gathers
+    the per-pixel sum and sum of squares of the raw scores (for the classifier's standardisation) and,
+    when ``keep_top`` > 0, each pixel's ``keep_top`` highest-scoring classes."""
+
+    def __init__(self, segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str, keep_top: int = 0) -> None:
         clf = segmenter.classifier
         self.c = class_vecs
         self.gamma, self.beta = float(clf.gamma), float(clf.beta)
+        self.sign = 1.0 if self.gamma >= 0 else -1.0  # logits are monotone in sign * s per pixel
         self.windows: list[_Window] = []
+        self.top: list[tuple[Tensor, Tensor]] = []  # per window: (hw, keep_top) raw scores and class positions
         n = class_vecs.shape[0]
         for box in boxes:
             y1, y2, x1, x2 = box
@@ -101,15 +109,22 @@ class _Scorer:
             with autocast_context(amp, image.device):
                 x = segmenter.backbone(crop[None])
             p = clf.pixel_vectors(x.float())[0]  # classifier stage in float32
-            total = p.new_zeros(p.shape[0])
-            for s in self._score_blocks(p, 0, n):
-                total += s.sum(1)
+            total = p.new_zeros(p.shape[0], dtype=torch.float64)
+            sq = p.new_zeros(p.shape[0], dtype=torch.float64)
+            vals = p.new_full((p.shape[0], 0), float("-inf"))
+            idx = torch.zeros(p.shape[0], 0, dtype=torch.long, device=p.device)
+            for a, blk in zip(range(0, n, SCORE_CHUNK), self._score_blocks(p, 0, n)):
+                total += blk.sum(1, dtype=torch.float64)
+                sq += blk.square().sum(1, dtype=torch.float64)
+                if keep_top:
+                    ids = torch.arange(a, a + blk.shape[1], device=blk.device).expand(blk.shape[0], -1)
+                    vals, pos = torch.cat([vals, self.sign * blk], 1).topk(min(keep_top, vals.shape[1] + blk.shape[1]), dim=1)
+                    idx = torch.cat([idx, ids], 1).gather(1, pos)
             mean = total / n
-            sq = p.new_zeros(p.shape[0])
-            for s in self._score_blocks(p, 0, n):
-                sq += (s - mean[:, None]).pow(2).sum(1)
-            rstd = torch.rsqrt(sq / n + STANDARDIZE_EPS)  # biased variance, as the classifier
-            self.windows.append(_Window(box, (ph, pw), tuple(x.shape[-2:]), p, mean, rstd))
+            var = (sq / n - mean.square()).clamp(min=0.0)  # biased variance, as the classifier; float64 sums
+            rstd = torch.rsqrt(var + STANDARDIZE_EPS).float()
+            self.windows.append(_Window(box, (ph, pw), tuple(x.shape[-2:]), p, mean.float(), rstd))
+            self.top.append((self.sign * vals, idx))
 
     def _score_blocks(self, p: Tensor, start: int, stop: int):
         for a in range(start, stop, SCORE_CHUNK):
@@ -122,54 +137,60 @@ class _Scorer:
         out = self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
         return out.T.reshape(len(idx), *w.feat_hw)
 
-    def max_outside(self, wi: int, is_cand: Tensor) -> Tensor:
-        """(h, w) map of the largest logit among the classes with ``is_cand`` False (-inf if none)."""
-        w, n = self.windows[wi], self.c.shape[0]
-        best = w.p.new_full((w.p.shape[0],), float("-inf"))
-        for a in range(0, n, SCORE_CHUNK):
-            idx = torch.arange(a, min(a + SCORE_CHUNK, n), device=w.p.device)
-            lg = self.logits(wi, idx).flatten(1).masked_fill(is_cand[idx][:, None], float("-inf"))
-            best = torch.maximum(best, lg.max(0).values)
-        return best.reshape(w.feat_hw)
+    def logits_hwc(self, wi: int, idx: Tensor) -> Tensor:
+        """(h, w, len(idx)) logits of window ``wi`` for class positions ``idx``, channels-last."""
+        w = self.windows[wi]
+        s = w.p @ self.c[idx].T
+        out = self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
+        return out.reshape(*w.feat_hw, len(idx))
 
-    def topk(self, wi: int, k: int) -> tuple[Tensor, Tensor]:
-        """Per-pixel top-k class positions (hw, k) and the k-th largest logit map (h, w)."""
-        w, n = self.windows[wi], self.c.shape[0]
-        sign = 1.0 if self.gamma >= 0 else -1.0  # logits are monotone in sign * s per pixel
-        vals = w.p.new_full((w.p.shape[0], 0), float("-inf"))
-        idx = torch.zeros(w.p.shape[0], 0, dtype=torch.long, device=w.p.device)
-        for a, s in zip(range(0, n, SCORE_CHUNK), self._score_blocks(w.p, 0, n)):
-            ids = torch.arange(a, a + s.shape[1], device=s.device).expand(s.shape[0], -1)
-            vals, pos = torch.cat([vals, sign * s], 1).topk(min(k, vals.shape[1] + s.shape[1]), dim=1)
-            idx = torch.cat([idx, ids], 1).gather(1, pos)
-        kth = self.gamma * ((sign * vals[:, -1] - w.mean) * w.rstd) + self.beta
-        return idx, kth.reshape(w.feat_hw)
+    def _logit_of_scores(self, wi: int, s: Tensor) -> Tensor:
+        w = self.windows[wi]
+        return self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
+
+    def topk(self, wi: int, k: int) -> Tensor:
+        """Per-pixel top-k class positions (hw, k), from the stored pass."""
+        return self.top[wi][1][:, :k]
+
+    def bound_outside(self, wi: int, is_cand: Tensor) -> Tensor:
+        """(h, w) upper bound of the logit of every class with ``is_cand`` False: the best non-candidate
+        among the pixel's stored top classes, or the last stored one (any class not stored is below it)."""
+        s, idx = self.top[wi]
+        logits = self._logit_of_scores(wi, s)  # (hw, keep_top), descending
+        outside = logits.masked_fill(is_cand[idx], float("-inf")).max(1).values
+        return torch.maximum(outside, logits[:, -1]).reshape(self.windows[wi].feat_hw)
 
 
 def _fuse_max(scorer: _Scorer, channels, n: int, canvas_hw, out_hw, chunk_elems: int) -> tuple[Tensor, Tensor]:
     """Max and argmax over ``n`` channels of the slide pipeline; ``channels(wi, start, stop)`` gives a
-    window's (stop - start, h, w) feature-resolution maps. Runs in class chunks."""
+    window's (h, w, stop - start) feature-resolution maps. Runs in class chunks, channels-last: resizes
+    are matmuls and the class reduction runs over the contiguous last dim (an argmax over the leading
+    dim of a (C, H, W) tensor is ~10x slower on CPU)."""
     device = scorer.c.device
     hh, ww = canvas_hw
-    count = torch.zeros(hh, ww, device=device)
+    count = torch.zeros(hh, ww, 1, device=device)
     for w in scorer.windows:
         y1, y2, x1, x2 = w.box
         count[y1:y2, x1:x2] += 1
+    single = len(scorer.windows) == 1 and scorer.windows[0].box == (0, hh, 0, ww)
     chunk = max(1, chunk_elems // (hh * ww + out_hw[0] * out_hw[1]))
     best_val = torch.full(out_hw, float("-inf"), device=device)
     best_idx = torch.zeros(out_hw, dtype=torch.long, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        canvas = torch.zeros(stop - start, hh, ww, device=device)
-        for wi, w in enumerate(scorer.windows):
-            y1, y2, x1, x2 = w.box
-            up = F.interpolate(channels(wi, start, stop)[None], size=w.padded_hw, mode="bilinear", align_corners=False)
-            canvas[:, y1:y2, x1:x2] += up[0, :, : y2 - y1, : x2 - x1]
-        canvas /= count
+        if single:  # whole mode: the window is the canvas
+            w = scorer.windows[0]
+            canvas = bilinear_resize_hwc(channels(0, start, stop), w.padded_hw)[:hh, :ww]
+        else:
+            canvas = torch.zeros(hh, ww, stop - start, device=device)
+            for wi, w in enumerate(scorer.windows):
+                y1, y2, x1, x2 = w.box
+                up = bilinear_resize_hwc(channels(wi, start, stop), w.padded_hw)
+                canvas[y1:y2, x1:x2] += up[: y2 - y1, : x2 - x1]
+            canvas = canvas / count
         if (hh, ww) != tuple(out_hw):
-            canvas = F.interpolate(canvas[None], size=out_hw, mode="bilinear", align_corners=False)[0]
-        arg = canvas.argmax(0)
-        val = canvas.gather(0, arg[None])[0]
+            canvas = bilinear_resize_hwc(canvas.contiguous(), out_hw)
+        val, arg = canvas.max(-1)  # first maximal index on ties, like argmax
         better = val > best_val  # strict: earlier (lower) class positions win ties, like argmax
         best_val = torch.where(better, val, best_val)
         best_idx = torch.where(better, arg + start, best_idx)
@@ -209,24 +230,25 @@ def segment_image_detailed(
     was_training = segmenter.training
     segmenter.eval()
     try:
-        scorer = _Scorer(segmenter, image, modes[mode](hh, ww), segmenter.classifier.class_vectors(classes).float(), amp)
+        keep_top = 0 if classes.numel() <= exact_max_classes else 2 * topk
+        scorer = _Scorer(segmenter, image, modes[mode](hh, ww), segmenter.classifier.class_vectors(classes).float(), amp,
+                         keep_top=keep_top)
     finally:
         segmenter.train(was_training)
     n = classes.numel()
-    all_channels = lambda wi, a, b: scorer.logits(wi, torch.arange(a, b, device=device))  # noqa: E731
+    all_channels = lambda wi, a, b: scorer.logits_hwc(wi, torch.arange(a, b, device=device))  # noqa: E731
     if n <= exact_max_classes:
         _, idx = _fuse_max(scorer, all_channels, n, (hh, ww), out_hw, chunk_elems)
         return classes[idx], "exact"
-    tops = [scorer.topk(wi, topk) for wi in range(len(scorer.windows))]
-    cand = torch.cat([t[0].reshape(-1) for t in tops]).unique()  # sorted class positions
-    cand_channels = lambda wi, a, b: scorer.logits(wi, cand[a:b])  # noqa: E731
+    cand = torch.cat([scorer.topk(wi, topk).reshape(-1) for wi in range(len(scorer.windows))]).unique()  # sorted
+    cand_channels = lambda wi, a, b: scorer.logits_hwc(wi, cand[a:b])  # noqa: E731
     best_val, best_idx = _fuse_max(scorer, cand_channels, cand.numel(), (hh, ww), out_hw, chunk_elems)
-    # Bound for every non-candidate: the pipeline applied to the per-pixel max over non-candidates (tighter
-    # than the k-th largest logit, since the union of all pixels' top-k holds far more than k classes).
+    # Bound for every non-candidate: the pipeline applied to a per-pixel upper bound of the non-candidates'
+    # logits (from the 2k classes stored per pixel: the best non-candidate among them, or the 2k-th).
     is_cand = torch.zeros(n, dtype=torch.bool, device=device)
     is_cand[cand] = True
-    outside = [scorer.max_outside(wi, is_cand) for wi in range(len(scorer.windows))]
-    bound, _ = _fuse_max(scorer, lambda wi, a, b: outside[wi][None], 1, (hh, ww), out_hw, chunk_elems)
+    outside = [scorer.bound_outside(wi, is_cand) for wi in range(len(scorer.windows))]
+    bound, _ = _fuse_max(scorer, lambda wi, a, b: outside[wi][..., None], 1, (hh, ww), out_hw, chunk_elems)
     certified = best_val > bound
     if bool(certified.all()):
         return classes[cand[best_idx]], "certified"
@@ -240,7 +262,7 @@ def segment_image_detailed(
             idx = torch.arange(a, min(a + SCORE_CHUNK, n), device=device)
             is_cand[idx] |= scorer.logits(wi, idx).flatten(1).max(1).values >= m
     cand = is_cand.nonzero().squeeze(1)
-    cand_channels = lambda wi, a, b: scorer.logits(wi, cand[a:b])  # noqa: E731
+    cand_channels = lambda wi, a, b: scorer.logits_hwc(wi, cand[a:b])  # noqa: E731
     _, best_idx = _fuse_max(scorer, cand_channels, cand.numel(), (hh, ww), out_hw, chunk_elems)
     return classes[cand[best_idx]], "expanded"
 

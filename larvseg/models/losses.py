@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from larvseg.config import IGNORE_INDEX
+from larvseg.models.bilinear import resize_matrix
 
 
 def loss_size(label_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
@@ -32,17 +33,8 @@ def loss_size(label_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=32)
-def _resize_matrix(n_in: int, n_out: int) -> Tensor:
-    """(n_out, n_in) float64 matrix of 1-D linear resizing exactly as F.interpolate(bilinear,
-    align_corners=False) does along one axis (built by resizing the identity)."""
-    eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1)
-    out = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)
-    return out[:, 0, :, 0].T.contiguous()
-
-
-@lru_cache(maxsize=32)
 def _gram_cpu(feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> Tensor:
-    uh, uw = _resize_matrix(feat_hw[0], loss_hw[0]), _resize_matrix(feat_hw[1], loss_hw[1])
+    uh, uw = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64), resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
     return torch.kron(uh.T @ uh, uw.T @ uw).float()
 
 
@@ -54,7 +46,7 @@ def upsampled_product_gram(feat_hw: tuple[int, int], loss_hw: tuple[int, int], d
 
 def upsampled_mean_weights(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:
     """(hw,) w = U^T 1 / L, so that mean_loss_pixels(U z) = z . w."""
-    uh, uw = _resize_matrix(feat_hw[0], loss_hw[0]), _resize_matrix(feat_hw[1], loss_hw[1])
+    uh, uw = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64), resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
     w = torch.outer(uh.sum(0), uw.sum(0)).flatten() / float(loss_hw[0] * loss_hw[1])
     return w.float().to(device)
 
@@ -109,8 +101,8 @@ def pixel_ce_sum(logits: Tensor, labels: Tensor, downsample: int) -> Tensor:
     small = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()  # exact below 2^24
     z = logits.float()
     h, w = z.shape[-2:]
-    uh = _resize_matrix(h, size[0]).to(z.device, z.dtype)
-    uw = _resize_matrix(w, size[1]).to(z.device, z.dtype)
+    uh = resize_matrix(h, size[0], z.device, z.dtype)
+    uw = resize_matrix(w, size[1], z.device, z.dtype)
     with torch.autocast(device_type=z.device.type, enabled=False):
         return _UpsampledPixelCE.apply(z, small, uh, uw, IGNORE_INDEX)
 
