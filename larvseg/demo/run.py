@@ -47,7 +47,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "full": Profile(iters=450, seeds=3),  # ~55 s per run on 2 cores: 9 runs + generation < 10 min
+    "full": Profile(iters=450, seeds=3),  # 22-39 s per run on 2 cores: 5.2 min in all, install included
     "quick": Profile(iters=120, seeds=1),
 }
 
