@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
@@ -63,3 +64,15 @@ def test_dist_train_then_dist_test(experiment):
     results = json.loads((work / "eval_iter_00000002" / "eval_results.json").read_text())
     # the checkpoint evaluated by the script scores exactly what the loop measured on the same weights
     assert results["mIoU"] == pytest.approx(in_loop[0]["mIoU"], abs=1e-9)
+
+    # 2-process evaluation (gloo on CPU): each rank scores its shard, the matrices are summed across ranks
+    test2 = subprocess.run(["bash", str(REPO / "tools" / "dist_test.sh"), str(config), str(ckpt), "2", "--eval", "mIoU",
+                            "--out", str(root / "eval_2proc")], cwd=root, env=_env(), capture_output=True, text=True,
+                           timeout=180)
+    assert test2.returncode == 0, test2.stdout[-2000:] + test2.stderr[-3000:]
+    one = np.load(work / "eval_iter_00000002" / "confusion.npy")
+    two = np.load(root / "eval_2proc" / "confusion.npy")
+    assert one.sum() > 0 and np.array_equal(one, two)
+    results2 = json.loads((root / "eval_2proc" / "eval_results.json").read_text())
+    assert results2["num_images"] == results["num_images"] == 2
+    assert results2["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12)
