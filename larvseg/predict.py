@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 
 from larvseg.config import Config, EvalConfig, config_from_dict
+from larvseg.data import io as data_io
+from larvseg.data.transforms import eval_resize
 from larvseg.data.vocabulary import normalize_name
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import Segmenter, build_segmenter
@@ -116,19 +118,6 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def eval_resize(image: np.ndarray, short_side: int, max_long_side: int) -> np.ndarray:
-    """Keep-ratio resize so the short side is ``short_side`` and the long side at most ``max_long_side``
-    (MMSegmentation's Resize(scale=(max_long_side, short_side), keep_ratio=True)); 0 = keep the size."""
-    if short_side <= 0:
-        return image
-    h, w = image.shape[:2]
-    scale = min(short_side / min(h, w), max_long_side / max(h, w))
-    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
-    if size == (w, h):
-        return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-
-
 def as_rgb_array(image: Any, name: str = "image") -> np.ndarray:
     """A PIL image or a NumPy HxWx3 uint8 RGB array (HxW grey and HxWx4 RGBA are converted)."""
     if isinstance(image, Image.Image):
@@ -147,15 +136,11 @@ def as_rgb_array(image: Any, name: str = "image") -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 HxWx3 RGB; ImageReadError naming the file if that fails."""
-    path = Path(path)
+    """Decode an image file to uint8 HxWx3 RGB (the data layer's reader); ImageReadError naming the file."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError as exc:
-        raise ImageReadError(f"{path}: no such file") from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
+        return data_io.read_image(path)
+    except data_io.CorruptImageError as exc:
+        raise ImageReadError(str(exc)) from None
 
 
 def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str]) -> np.ndarray | None:
