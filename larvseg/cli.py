@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="work_dirs/demo", help="report and run folder")
     p.add_argument("--data", default=None, help="where the mini benchmark is generated (default: <out>/data)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per variant (default: 3, quick: 1)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the demo config for every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.run:main")
 
     p = sub.add_parser("data", help="dataset utilities")

@@ -17,7 +17,7 @@ CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--quick", "--out", str(out)]) == 0
+    assert cli_main(["demo", "--quick", "--out", str(out), "train.iters=100"]) == 0  # overrides reach every run
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
@@ -37,6 +37,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for c in DEMO_CLASSES:  # per-class table names every class with its role
         assert re.search(rf"^\| {c.name} \| {c.role} \|", text, re.M)
     assert "random initialisation" in text
+    assert "**training**: 100 iterations" in text
 
     for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500)):
         with Image.open(out / name) as im:

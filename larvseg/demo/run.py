@@ -153,7 +153,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         "model": (f"{cfg.model.arch} (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random "
                   "initialisation**: no AugReg weights can be downloaded here, so absolute numbers are far below "
                   "what a pretrained backbone gives"),
-        "training": (f"{profile.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
+        "training": (f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
                      f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"),
         "evaluation": ("whole-image inference restricted to the benchmark's 14 classes (the other 833 ADE-847 "
                        "classes have no training data in the demo); mIoU in the MMSegmentation convention"),
