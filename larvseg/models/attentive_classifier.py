@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from larvseg.models.cosine_classifier import standardize
@@ -105,16 +104,6 @@ def attention_scores(
     n_bg = keep.sum(-1, keepdim=True)  # (b, T, 1)
     bg = torch.bmm(keep.to(f.dtype), bg_maps) / n_bg.clamp(min=1)
     return torch.where(n_bg > 0, f - bg, f - (1.0 - f))
-
-
-def attention_maps(score: Tensor, feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> Tensor:
-    """a = sigmoid(standardize over pixels(score)) (b, T, hw) -> (b, T, Hl, Wl) bilinear (for display
-    and tests; the loss itself pools at feature resolution)."""
-    b, t, _ = score.shape
-    a = torch.sigmoid(standardize(score, dim=-1)).view(b, t, *feat_hw)
-    if tuple(feat_hw) != tuple(loss_hw):
-        a = F.interpolate(a, size=loss_hw, mode="bilinear", align_corners=False)
-    return a
 
 
 def bank_entries(features: Tensor, scores: Tensor, img: Tensor, tag_sub: Tensor, topk: int) -> Tensor:

@@ -28,20 +28,9 @@ def resize_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu", dty
     return _resize_matrix_f64(int(n_in), int(n_out)).to(device=device, dtype=dtype)
 
 
-def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize the last two dims of ``x`` to ``size``: F.interpolate(bilinear, align_corners=False) up to
-    float rounding, computed as two matmuls in x's dtype (autocast off)."""
-    h, w = x.shape[-2:]
-    if (h, w) == tuple(size):
-        return x
-    uh = resize_matrix(h, size[0], x.device, x.dtype)
-    uw = resize_matrix(w, size[1], x.device, x.dtype)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return torch.matmul(torch.matmul(uh, x), uw.T)
-
-
 def bilinear_resize_hwc(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """The same resize for a channels-last (h, w, C) tensor -> (H, W, C): channels stay contiguous, so a
+    """Resize a channels-last (h, w, C) tensor to (H, W, C): F.interpolate(bilinear, align_corners=False)
+    up to float rounding, as two matmuls in x's dtype (autocast off). Channels stay contiguous, so a
     following reduction over classes (max/argmax over the last dim) is a fast vectorised one."""
     h, w, c = x.shape
     if (h, w) == tuple(size):

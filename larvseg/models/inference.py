@@ -52,7 +52,7 @@ SCORE_CHUNK = 4096  # classes per block when computing per-window score statisti
 def autocast_context(amp: str, device: torch.device):
     """"off" | "bf16" (torch.autocast bfloat16 on cpu or cuda) | "auto" (bf16 on CUDA when supported, else off).
 
-    "auto" stays off on CPU: on this project's CPU (AMD EPYC with avx512_bf16 but no AMX, 2 threads) bf16
+    "auto" stays off on CPU: on this project's CPU (2-vCPU Xeon with avx512_bf16 but no AMX) bf16
     autocast made a ViT-B/16 forward at 512x512 *slower* (0.58x the images/s of float32;
     benchmarks/bench_inference.py, docs/PERFORMANCE.md). Ask for "bf16" explicitly on a CPU with AMX."""
     if amp not in ("off", "bf16", "auto"):
@@ -130,23 +130,15 @@ class _Scorer:
         for a in range(start, stop, SCORE_CHUNK):
             yield p @ self.c[a : min(a + SCORE_CHUNK, stop)].T
 
-    def logits(self, wi: int, idx: Tensor) -> Tensor:
-        """(len(idx), h, w) logits of window ``wi`` for class positions ``idx``."""
+    def _logit_of_scores(self, wi: int, s: Tensor) -> Tensor:
+        """The classifier's logits from raw scores s (hw, C) of window ``wi``: gamma * standardized + beta."""
         w = self.windows[wi]
-        s = w.p @ self.c[idx].T
-        out = self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
-        return out.T.reshape(len(idx), *w.feat_hw)
+        return self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
 
     def logits_hwc(self, wi: int, idx: Tensor) -> Tensor:
         """(h, w, len(idx)) logits of window ``wi`` for class positions ``idx``, channels-last."""
         w = self.windows[wi]
-        s = w.p @ self.c[idx].T
-        out = self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
-        return out.reshape(*w.feat_hw, len(idx))
-
-    def _logit_of_scores(self, wi: int, s: Tensor) -> Tensor:
-        w = self.windows[wi]
-        return self.gamma * ((s - w.mean[:, None]) * w.rstd[:, None]) + self.beta
+        return self._logit_of_scores(wi, w.p @ self.c[idx].T).reshape(*w.feat_hw, len(idx))
 
     def topk(self, wi: int, k: int) -> Tensor:
         """Per-pixel top-k class positions (hw, k), from the stored pass."""
@@ -260,7 +252,7 @@ def segment_image_detailed(
     for wi in range(len(scorer.windows)):
         for a in range(0, n, SCORE_CHUNK):
             idx = torch.arange(a, min(a + SCORE_CHUNK, n), device=device)
-            is_cand[idx] |= scorer.logits(wi, idx).flatten(1).max(1).values >= m
+            is_cand[idx] |= scorer.logits_hwc(wi, idx).flatten(0, 1).max(0).values >= m
     cand = is_cand.nonzero().squeeze(1)
     cand_channels = lambda wi, a, b: scorer.logits_hwc(wi, cand[a:b])  # noqa: E731
     _, best_idx = _fuse_max(scorer, cand_channels, cand.numel(), (hh, ww), out_hw, chunk_elems)

@@ -32,9 +32,15 @@ def loss_size(label_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
     return (label_hw[0] // downsample, label_hw[1] // downsample)
 
 
+def _resize_pair_f64(feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The (Hl, h) and (Wl, w) resize matrices, float64 for building the pooled operators below."""
+    return (resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64),
+            resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64))
+
+
 @lru_cache(maxsize=32)
 def _gram_cpu(feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> Tensor:
-    uh, uw = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64), resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
+    uh, uw = _resize_pair_f64(feat_hw, loss_hw)
     return torch.kron(uh.T @ uh, uw.T @ uw).float()
 
 
@@ -46,7 +52,7 @@ def upsampled_product_gram(feat_hw: tuple[int, int], loss_hw: tuple[int, int], d
 
 def upsampled_mean_weights(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:
     """(hw,) w = U^T 1 / L, so that mean_loss_pixels(U z) = z . w."""
-    uh, uw = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64), resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
+    uh, uw = _resize_pair_f64(feat_hw, loss_hw)
     w = torch.outer(uh.sum(0), uw.sum(0)).flatten() / float(loss_hw[0] * loss_hw[1])
     return w.float().to(device)
 
