@@ -5,6 +5,7 @@
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
     larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
+    larvseg data shard FOLDER --out DIR --format F  write a folder source as tar shards (larvseg.data.shard_writer)
 
 Modules are imported only when their command runs, so ``larvseg --help`` is instant.
 """
@@ -64,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.add_argument("--max-images", type=int, default=0, help="decode at most this many images per source (0 = all)")
     c.set_defaults(handler="larvseg.data.check:main")
+    s = data_sub.add_parser("shard", help="write a folder source as WebDataset tar shards (resumable: run it again)")
+    s.add_argument("source", help="the source's folder (for --format imagenet: the folder holding fall11_whole)")
+    s.add_argument("--out", required=True, help="output folder for shard-*.tar, shard-*.npz and index.json")
+    s.add_argument("--format", required=True, choices=["imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg"],
+                   help="the folder's layout, as in configs")
+    s.add_argument("--split", default="training", help="split sub-folder of segmentation formats (default: training)")
+    s.add_argument("--classes", default="", help="imagenet: ade150 | ade847 | all | wnid file; custom formats: class file")
+    s.add_argument("--name", default="", help="source name stored in the index (default: the format's)")
+    s.add_argument("--shard-size", default="1GB", help="maximum bytes per shard, e.g. 512MB, 1GB (default 1GB)")
+    s.add_argument("--shard-samples", type=int, default=0, help="maximum samples per shard (default 0 = no limit)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random sample order (default 0)")
+    s.add_argument("--no-shuffle", action="store_true", help="keep the folder order (shards then hold few classes each)")
+    s.add_argument("--skip-bad", action="store_true", help="leave out (and list in index.json) samples with bad annotations")
+    s.add_argument("--index-cache-dir", default="", help="where the ImageNet file list is cached (default ~/.cache/larvseg)")
+    s.set_defaults(handler="larvseg.data.shard_writer:main")
     return parser
 
 

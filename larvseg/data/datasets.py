@@ -19,6 +19,8 @@ custom_seg <root>/images[/<split>]/*.{jpg,png},           png, value = index in 
          class file (``classes``, default <root>/classes.txt)
 custom_tags <root>/<class name>/*.{jpg,png}               one tag per image: its folder's class; the class
                                                           file (``classes``) picks/orders folders, default all
+webdataset <root>/shard-*.tar + index.json (or a brace    any of the above written by ``larvseg data shard``:
+         pattern, URLs, ``pipe:`` commands; ``index``)    labels/tags as stored there (larvseg.data.shards)
 ======== ================================================ ==================================================
 
 Raw label values are mapped to union ids with one lookup table per source. A value that is neither a
@@ -27,6 +29,8 @@ class nor the unlabeled value raises :class:`LabelValueError` naming the file: n
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,7 @@ import torch
 
 from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
 from larvseg.data.file_index import FileTable, FolderIndex, list_folder
+from larvseg.data import shards as wds
 from larvseg.data.io import (
     AnnotationError,
     DatasetRootError,
@@ -155,6 +160,111 @@ class ImageTagFolder(SourceDataset):
         path = self.table.path(index)
         tags = self.class_ids[self.file_class[index : index + 1]]
         return {"image": read_image(path), "label": None, "tags": tags, "path": str(path)}
+
+
+class ShardSource(SourceDataset):
+    """Samples of tar shards written by ``larvseg data shard`` (larvseg.data.shards): decoding shared by
+    random access (:class:`ShardFiles`) and streaming (:class:`ShardStream`)."""
+
+    streamed = False
+
+    def __init__(self, name: str, class_ids: np.ndarray, shards: wds.ShardList) -> None:
+        index = shards.index
+        super().__init__(name, list(index["class_names"]), class_ids)
+        self.shards, self.kind = shards, index["kind"]
+        self.single_tag = self.kind == "tag"
+        self.luts = [wds.label_lut(c, self.class_ids, INVALID, IGNORE_INDEX) for c in index.get("label_codings", [])]
+        self.counts = shards.counts
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def decode(self, image: tuple[str, bytes], label: tuple[str, bytes] | None, cls: int, coding: int) -> dict[str, Any]:
+        """A sample from its members' (name, bytes); ``cls`` the class index (tag shards), ``coding`` the
+        label coding (segmentation shards)."""
+        item = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
+        if label is not None:
+            raw = read_label(label[0], label[1])
+            if raw.shape != item["image"].shape[:2]:
+                raise AnnotationError(label[0], f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
+                                                f"{item['image'].shape[1]}x{item['image'].shape[0]}")
+            item["label"] = apply_lut(raw, self.luts[coding], label[0])
+        elif cls >= 0:
+            item["tags"] = self.class_ids[cls : cls + 1]
+        return item
+
+
+class ShardFiles(ShardSource):
+    """Random access into local shards by byte offset (from each shard's ``.npz``): the same indexable
+    dataset as a folder, so mixing, resume and rank sharding are exactly those of folder sources."""
+
+    MAX_OPEN = 64  # open shard files per process
+
+    def __init__(self, name: str, class_ids: np.ndarray, shards: wds.ShardList) -> None:
+        super().__init__(name, class_ids, shards)
+        tables = []
+        for url in shards.urls:
+            path = wds.sidecar_path(url)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    tables.append({k: z[k] for k in wds.SIDECAR_COLUMNS})
+            except (OSError, KeyError, ValueError) as exc:
+                raise wds.ShardError(path, f"cannot read the shard's offsets file ({exc}); stream the shards instead "
+                                           "(stream: true) or write them again with `larvseg data shard`") from None
+        self.table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+        if len(self.table["cls"]) != len(self):
+            raise wds.ShardError(shards.urls[0], "offset files and index.json disagree on the number of samples")
+        self._files: dict[int, Any] = {}
+        self._pid = -1
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a DataLoader worker: its own handles, never the parent's
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.pop(shard, None)
+        if f is None:
+            if len(self._files) >= self.MAX_OPEN:
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.shards.urls[shard], "rb")
+        self._files[shard] = f  # most recently used last
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise wds.ShardError(self.shards.urls[shard], f"truncated: {size} bytes expected at offset {offset}")
+        return data
+
+    def load(self, index: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.starts, index, side="right") - 1)
+        t = self.table
+        where = f"{self.shards.urls[k]}:{int(t['key'][index]):09d}"
+        image = (f"{where}.{wds.IMAGE_EXTS[t['image_ext'][index]]}",
+                 self._read(k, int(t["image_offset"][index]), int(t["image_size"][index])))
+        label = None
+        if t["label_size"][index] >= 0:
+            label = (f"{where}.{wds.LABEL_EXTS[t['label_ext'][index]]}",
+                     self._read(k, int(t["label_offset"][index]), int(t["label_size"][index])))
+        return self.decode(image, label, int(t["cls"][index]), int(t["coding"][index]))
+
+
+class ShardStream(ShardSource):
+    """Shards read sequentially (URLs, ``pipe:`` commands, or ``stream: true``); the training loader
+    streams them (larvseg.data.shard_stream). No random access: ``load`` is not available."""
+
+    streamed = True
+
+    def load(self, index: int) -> dict[str, Any]:
+        raise TypeError(f"source {self.name}: streamed shards have no random access (use the training loader)")
+
+    def decode_members(self, key: str, members: dict[str, bytes], url: str) -> dict[str, Any]:
+        """A sample from the members of its key in a tar stream."""
+        image_ext = next((e for e in members if e in ("jpg", "jpeg", "png")), None)
+        if image_ext is None:
+            raise wds.ShardError(f"{url}:{key}", f"sample has no image member (members: {sorted(members)})")
+        label_ext = next((e for e in members if e.startswith("label.")), None)
+        meta = json.loads(members["json"]) if "json" in members else {}
+        cls = int(members["cls"]) if "cls" in members else -1
+        label = (f"{url}:{key}.{label_ext}", members[label_ext]) if label_ext else None
+        return self.decode((f"{url}:{key}.{image_ext}", members[image_ext]), label, cls, int(meta.get("coding", 0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +408,15 @@ def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabu
     return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), table)
 
 
+def build_webdataset(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+    shards = wds.resolve_shards(source.root, source.index, data_cfg.resolved_root())
+    ids = _ids(vocab, list(shards.index["class_names"]))
+    name = source.name or shards.index.get("name", "shards")
+    if source.stream or not shards.local:
+        return ShardStream(name, ids, shards)
+    return ShardFiles(name, ids, shards)
+
+
 # ----------------------------------------------------------------------------------------------
 # Class lists of each format (no image listing: used to build vocabularies)
 
@@ -324,6 +443,7 @@ CLASS_NAMES: dict[str, Callable[[SourceConfig, Path], list[str]]] = {
     "imagenet": lambda s, r: imagenet_names(s.classes),
     "custom_seg": custom_seg_names,
     "custom_tags": custom_tag_names,
+    "webdataset": lambda s, r: list(wds.resolve_shards(s.root, s.index, r).index["class_names"]),
 }
 
 DATASET_BUILDERS: dict[str, Callable[..., SourceDataset]] = {
@@ -333,6 +453,7 @@ DATASET_BUILDERS: dict[str, Callable[..., SourceDataset]] = {
     "imagenet": build_imagenet,
     "custom_seg": build_custom_seg,
     "custom_tags": build_custom_tags,
+    "webdataset": build_webdataset,
 }
 
 
@@ -366,6 +487,8 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Voc
         raise ValueError(f"source {source.name}: format {source.format} has no masks; it can only be a tag source")
     problems: list[str] = []
     dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
+    if role != "tag" and getattr(dataset, "kind", "seg") == "tag":
+        raise ValueError(f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source")
     dataset.skipped = list(problems)
     return BuiltSource(dataset, problems)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,11 @@ class DatasetRootError(DataError):
     """A dataset root or sub-folder that does not exist."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3). Truncated files fail here (Pillow refuses to decode them) instead of later."""
+def read_image(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3). Truncated files fail here (Pillow refuses to decode them) instead of later.
+    ``data``: the file's bytes when they come from elsewhere (a tar shard); ``path`` then only names it."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
@@ -50,14 +52,17 @@ def read_image(path: str | Path) -> np.ndarray:
         raise CorruptImageError(path, f"cannot decode image ({exc})") from None
 
 
-def read_label(path: str | Path) -> np.ndarray:
-    """A label map as stored: (H, W) uint8 or uint16 (TIFF via tifffile, PNG via Pillow), all bits kept."""
+def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """A label map as stored: (H, W) uint8 or uint16 (TIFF via tifffile, PNG via Pillow), all bits kept.
+    ``data``: the file's bytes when they come from elsewhere (a tar shard); ``path`` names it and its
+    suffix picks the decoder."""
     path = Path(path)
+    source = path if data is None else io.BytesIO(data)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            array = tifffile.imread(path)
+            array = tifffile.imread(source)
         else:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
                     raise AnnotationError(path, f"label image has mode {im.mode}; expected a single-channel 8- or 16-bit map")

@@ -13,6 +13,11 @@ Rank r of W takes the r-th contiguous chunk (``numpy.array_split``) of each sour
 rank order restores the single-process order. A rank may get 0 images of a source (the model's
 objective still produces every loss term). One DataLoader per source (``data.num_workers`` workers
 each, pinned memory on GPU) runs ahead of the step.
+
+Sharded sources (``format: webdataset``) on local disk are read by byte offset and follow exactly these
+rules. Streamed shards (URLs, ``pipe:`` commands, ``stream: true``) cannot be indexed: each rank and
+worker streams its own shards instead (larvseg.data.shard_stream), keeping the per-step counts, the
+rank's share, the per-position augmentation seeds and class sampling, but not the global sample list.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import torch
 
 from larvseg.config import IGNORE_INDEX, Config, SourceConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
-from larvseg.data.datasets import SourceDataset, build_source_checked
+from larvseg.data.datasets import ShardStream, SourceDataset, build_source_checked
 from larvseg.data.io import DataError
+from larvseg.data.shard_stream import StreamPlan
 from larvseg.data.transforms import TrainTransform, eval_resize
 from larvseg.data.vocabulary import Vocabulary
 
@@ -116,6 +122,10 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
         sample, skipped = self._load(index)
+        return self.prepare(sample, seed, skipped)
+
+    def prepare(self, sample: dict[str, Any], seed: int, skipped: list[str]) -> dict[str, Any]:
+        """Augments a loaded sample with the Generator of its seed."""
         rng = np.random.default_rng(seed)
         image, label = self.transform(sample["image"], sample["label"], rng)
         if sample["tags"] is not None:
@@ -150,6 +160,64 @@ class _Collate:
                 tags[row, : len(it["tags"])] = it["tags"]
             out["tags"] = torch.from_numpy(tags)
         return out
+
+
+class _StreamSteps(torch.utils.data.IterableDataset):
+    """This rank's per-step batches of a streamed source (collated), see larvseg.data.shard_stream.
+
+    DataLoader hands out the items of its W workers round-robin, so worker w yields the steps
+    ``start + w, start + w + W, ...``; their residue ``step mod W`` picks the stream, so a stream always
+    feeds the same steps whatever step the run (re)starts at."""
+
+    def __init__(self, samples: _Samples, collate: _Collate, schedule: SourceSchedule, rank: int, world_size: int,
+                 workers: int, start_step: int, stop_step: int | None) -> None:
+        self.samples, self.collate, self.schedule = samples, collate, schedule
+        self.rank, self.workers, self.start, self.stop = rank, max(1, workers), start_step, stop_step
+        self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
+        dataset = samples.spec.dataset
+        self.plan = StreamPlan(dataset.shards.urls, dataset.counts, schedule.seed, schedule.source_index,
+                               world_size * self.workers)
+
+    def _decoded(self, stream: int, position: int) -> Iterator[tuple[dict[str, Any], list[str]]]:
+        """Decoded samples of a stream; with skip_bad an unreadable one is replaced by the previous good
+        sample (or the next, at the start), so that positions, and resume, never shift."""
+        dataset, skip_bad = self.samples.spec.dataset, self.samples.spec.config.skip_bad
+        last, owed = None, []
+        for url, key, members in self.plan.samples(stream, position):
+            try:
+                item = dataset.decode_members(key, members, url)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                if last is None:
+                    owed.append(str(exc))
+                    continue
+                yield last, [str(exc)]
+                continue
+            for problem in owed:
+                yield item, [problem]
+            owed, last = [], item
+            yield item, []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        first = self.start + (info.id if info is not None else 0)
+        residue = first % self.workers
+        stream = self.rank * self.workers + residue
+        done = (first - residue) // self.workers  # steps this stream fed before ``first``
+        decoded = self._decoded(stream, done * len(self.chunk)) if len(self.chunk) else iter(())
+        steps = count(first, self.workers) if self.stop is None else range(first, self.stop, self.workers)
+        s = self.schedule
+        for step in steps:
+            items = []
+            for j in self.chunk:
+                sample, skipped = next(decoded)
+                items.append(self.samples.prepare(sample, sample_seed(s.seed, s.source_index, step, int(j)), skipped))
+            yield self.collate(items)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
 
 
 def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
@@ -196,6 +264,14 @@ class MixedLoader:
         for spec in self.specs:
             transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
+            if isinstance(spec.dataset, ShardStream):
+                self.loaders.append(torch.utils.data.DataLoader(
+                    _StreamSteps(_Samples(spec, transform), _Collate(spec), schedule, rank, world_size, d.num_workers,
+                                 start_step, stop_step),
+                    batch_size=None, collate_fn=_as_is, num_workers=d.num_workers, pin_memory=pin_memory,
+                    persistent_workers=d.num_workers > 0,
+                ))
+                continue
             self.loaders.append(torch.utils.data.DataLoader(
                 _Samples(spec, transform),
                 batch_sampler=_StepSampler(schedule, rank, world_size, start_step, stop_step),
