@@ -4,7 +4,7 @@
 #   NUM_GPUS  processes on this node; on a machine without GPU they run on the CPU with gloo.
 #             Empty or "auto" = all visible GPUs (1 process without GPU).
 #   the rest  passed to `larvseg eval`: --eval mIoU, --out DIR, key=value overrides
-# Multi-node / fixed port: NNODES, NODE_RANK, MASTER_ADDR, PORT as in dist_train.sh.
+# Multi-node / fixed port: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or PORT) as in dist_train.sh.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -31,12 +31,12 @@ if [ "$GPUS" = auto ]; then
     [ "$GPUS" -ge 1 ] || GPUS=1
 fi
 
-if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${PORT:-}" ]; then
+if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${MASTER_PORT:-}" ] && [ -z "${PORT:-}" ]; then
     # one node: torchrun's standalone rendezvous picks a free port (several jobs can share a machine)
     RDZV=(--standalone)
 else
     RDZV=(--nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}"
-          --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}")
+          --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}")
 fi
 
 exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node="$GPUS" \

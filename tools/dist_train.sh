@@ -6,8 +6,9 @@
 #           or 1 on a machine without GPU (then the processes run on the CPU with gloo)
 #   extra   passed to `larvseg train`: key=value overrides, --work-dir DIR, --resume auto|none|PATH
 #
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT (default 29500) as for torchrun; on one node
-# without them, torchrun --standalone picks a free port.
+# Multi-node: on every node run the same command with NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR (node
+# 0's address) and MASTER_PORT (or PORT; default 29500) set, as for torchrun; GPUS is per node. On one
+# node without them, torchrun --standalone picks a free port.
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -33,12 +34,12 @@ if [ -z "$GPUS" ]; then
     [ "$GPUS" -ge 1 ] || GPUS=1   # no GPU: one CPU process
 fi
 
-if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${PORT:-}" ]; then
+if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${MASTER_PORT:-}" ] && [ -z "${PORT:-}" ]; then
     # one node: torchrun's standalone rendezvous picks a free port (several jobs can share a machine)
     RDZV=(--standalone)
 else
     RDZV=(--nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}"
-          --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}")
+          --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}")
 fi
 
 exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node="$GPUS" \
