@@ -18,6 +18,7 @@ from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data import testing as T
 from larvseg.data.datasets import ShardFiles, ShardStream, build_source
+from larvseg.data.io import DataError, read_label
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.shard_stream import StreamPlan
 from larvseg.data.shard_writer import ShardWriter, parse_size
@@ -58,10 +59,10 @@ def data(tmp_path_factory):
     return root, sources
 
 
-def read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} over every shard of the folder, asserting no key appears twice."""
+def read_shards(folder: Path, pattern: str = "shard-*.tar") -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} over the shards of the folder, asserting no key appears twice."""
     samples: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted(folder.glob("shard-*.tar")):
+    for tar_path in sorted(folder.glob(pattern)):
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 key, ext = wds.split_member(member.name)
@@ -86,24 +87,32 @@ def test_every_sample_once_with_its_label_or_tag(data, name):
     assert index["complete"] and sum(s["samples"] for s in index["shards"]) == len(images) == index["samples"]
     assert all(s["samples"] <= per_shard for s in index["shards"]) and len(index["shards"]) == -(-len(images) // per_shard)
     names = index["class_names"]
-    counts: Counter = Counter()
-    for key, members in samples.items():
-        meta = json.loads(members["json"])
-        image_ext = next(e for e in members if e in wds.IMAGE_EXTS)
-        assert members[image_ext] == (src_root / meta["path"]).read_bytes()  # bytes untouched
-        if index["kind"] == "tag":
-            folder = Path(meta["path"]).parts[-2]
-            expected = imagenet_names(str(root / "w.txt"))[WNIDS.index(folder)] if name == "IN" else folder
-            assert names[int(members["cls"])] == meta["class"] == expected
-            counts[meta["class"]] += 1
-        else:
-            label_ext = next(e for e in members if e.startswith("label."))
-            assert label_ext == "label" + Path(meta["label"]).suffix
-            assert members[label_ext] == (src_root / meta["label"]).read_bytes()
-    if index["kind"] == "tag":
-        assert {k: v for k, v in index["class_counts"].items() if v} == dict(counts)
-    else:  # images containing each class: recomputed from the decoded folder labels
-        assert sum(index["class_counts"].values()) > len(images)  # several classes per image
+    totals = np.zeros(len(names), dtype=np.int64)
+    for entry in index["shards"]:  # per shard: its samples, and its class histogram in the .npz
+        shard_counts: Counter = Counter()
+        for members in read_shards(root / f"{name}_shards", entry["name"]).values():
+            meta = json.loads(members["json"])
+            image_ext = next(e for e in members if e in wds.IMAGE_EXTS)
+            assert members[image_ext] == (src_root / meta["path"]).read_bytes()  # bytes untouched
+            if index["kind"] == "tag":
+                folder = Path(meta["path"]).parts[-2]
+                expected = imagenet_names(str(root / "w.txt"))[WNIDS.index(folder)] if name == "IN" else folder
+                assert names[int(members["cls"])] == meta["class"] == expected
+                shard_counts[int(members["cls"])] += 1
+            else:
+                label_ext = next(e for e in members if e.startswith("label."))
+                assert label_ext == "label" + Path(meta["label"]).suffix
+                assert members[label_ext] == (src_root / meta["label"]).read_bytes()
+                coding = index["label_codings"][meta["coding"]]
+                raw = np.unique(read_label(src_root / meta["label"]))
+                lookup = dict(zip(coding["values"], coding["classes"]))
+                assert all(int(v) in lookup or int(v) in coding["ignore"] for v in raw)
+                shard_counts.update({lookup[int(v)] for v in raw if int(v) in lookup})
+        with np.load(root / f"{name}_shards" / entry["name"].replace(".tar", ".npz")) as z:
+            assert dict(zip(z["hist_classes"].tolist(), z["hist_counts"].tolist())) == dict(shard_counts)
+        for c, n in shard_counts.items():
+            totals[c] += n
+    assert index["class_counts"] == totals.tolist() and totals.sum() >= len(images)
 
 
 def test_shuffled_order_mixes_classes(data):
@@ -282,3 +291,40 @@ def test_bad_shard_lists_are_named(data, tmp_path):
     with pytest.raises(wds.ShardError, match="corrupt.tar: not a readable tar shard"):
         with wds.open_url(str(corrupt)) as f:
             list(wds.iter_tar_samples(f, str(corrupt)))
+
+
+def test_data_check_reads_shard_sources(data):
+    from larvseg.data.check import check_config
+
+    root, _ = data
+    cfg = stream_cfg(root)
+    cfg.data.eval = SourceConfig(name="A847s", format="webdataset", root="A847_shards")
+    reports = check_config(cfg)
+    assert [r.problems for r in reports] == [[], [], []]
+    assert [r.images for r in reports] == [5, 12, 3] and all(r.classes_seen > 0 for r in reports)
+    assert reports[0].checked == 5 and reports[1].checked == 0  # offsets: decoded; streamed: from the index
+
+
+def test_streamed_bad_image_is_replaced_without_shifting_positions(data, tmp_path):
+    root, _ = data
+    folder = tmp_path / "tags"
+    T.write_custom_tags(folder, ["a", "b"], per_class=3, size=(24, 32), rng=np.random.default_rng(3))
+    bad = folder / "b" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated JPEG: the writer copies it, decoding fails later
+    cfg = T.make_config(tmp_path)
+    ShardWriter(SourceConfig(name="t", format="custom_tags", root=str(folder)), cfg.data, tmp_path / "s", 10**9,
+                shard_samples=3, progress=False).run()
+
+    def loader(skip_bad):
+        c = T.make_config(tmp_path, seed=1, seg_batch_size=0, tag_batch_size=2, scale=[64, 32], tag=[
+            SourceConfig(name="t", format="webdataset", root="s", stream=True, crop_size=16, skip_bad=skip_bad)])
+        return MixedLoader(c, build_vocabulary(c), 0, 1)
+
+    with pytest.raises(DataError, match=r"s/shard-00000\d\.tar:\d+\.jpg: cannot decode image"):
+        for _ in zip(range(3), loader(False)):
+            pass
+    skipping = loader(True)
+    batches = [b for _, b in zip(range(3), skipping)]  # one epoch: 6 positions
+    paths = [p for b in batches for p in b.tag[0].paths]
+    assert len(skipping.skipped["t"]) == 1 and "cannot decode image" in skipping.skipped["t"][0]
+    assert len(paths) == 6 and len(set(paths)) == 5  # the bad position repeats a good neighbour

@@ -57,6 +57,10 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
     seen: set[int] = set()
     if isinstance(dataset, ImageTagFolder):  # coverage from the folders; images are still decoded below
         seen.update(dataset.class_ids[np.unique(dataset.file_class)].tolist())
+    if getattr(dataset, "streamed", False):  # no random access: coverage from the shard index, nothing decoded
+        counts = dataset.shards.index["class_counts"]
+        report.classes_seen = len({int(i) for i, c in zip(dataset.class_ids, counts) if c})
+        return report
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     # spread the decoded sample over the whole set (files are sorted by class folder)
     indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)) if n else []
@@ -69,6 +73,8 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
         if item["label"] is not None:
             values = np.unique(item["label"])
             seen.update(values[np.isin(values, source_ids)].tolist())
+        if item["tags"] is not None:
+            seen.update(item["tags"].tolist())
     report.checked = len(indices)
     report.classes_seen = len(seen)
     return report

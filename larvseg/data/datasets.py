@@ -489,6 +489,8 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Voc
     dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
     if role != "tag" and getattr(dataset, "kind", "seg") == "tag":
         raise ValueError(f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source")
+    if role == "eval" and getattr(dataset, "streamed", False):
+        raise ValueError(f"source {source.name}: evaluation reads images by index; use local shards without stream: true")
     dataset.skipped = list(problems)
     return BuiltSource(dataset, problems)
 

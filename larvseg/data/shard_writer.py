@@ -164,7 +164,7 @@ class ShardWriter:
             for entry in shards:
                 with np.load(wds.sidecar_path(self.out / entry["name"])) as z:
                     np.add.at(counts, z["hist_classes"], z["hist_counts"])
-            index["class_counts"] = dict(zip(self.plan["class_names"], counts.tolist()))
+            index["class_counts"] = counts.tolist()  # aligned with class_names (names may repeat: COCO's "ceiling")
             index["skipped"] = self.problems
         wds.write_json_atomic(self.out / wds.INDEX_NAME, index)
         return index

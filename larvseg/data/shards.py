@@ -38,6 +38,7 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -226,8 +227,10 @@ def default_index_url(first_shard: str) -> str:
     return f"{first_shard.rsplit('/', 1)[0]}/{INDEX_NAME}" if "/" in first_shard else INDEX_NAME
 
 
+@lru_cache(maxsize=32)
 def resolve_shards(spec: str, index_url: str, data_root: Path) -> ShardList:
-    """The shard list of a ``format: webdataset`` source's ``root`` (folder, brace pattern, URLs, pipe:)."""
+    """The shard list of a ``format: webdataset`` source's ``root`` (folder, brace pattern, URLs, pipe:).
+    Cached per process: the vocabulary and the dataset of a source read its index once."""
     if not spec:
         raise ShardError("root", "a webdataset source needs 'root': a shard folder, a brace pattern, URLs or pipe: commands")
 
