@@ -328,3 +328,27 @@ def test_streamed_bad_image_is_replaced_without_shifting_positions(data, tmp_pat
     paths = [p for b in batches for p in b.tag[0].paths]
     assert len(skipping.skipped["t"]) == 1 and "cannot decode image" in skipping.skipped["t"][0]
     assert len(paths) == 6 and len(set(paths)) == 5  # the bad position repeats a good neighbour
+
+
+def test_http_shards_stream_with_the_index_next_to_them(data):
+    import functools
+    import http.server
+    import threading
+
+    root, _ = data
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root / "IN_shards"))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000000..000002}}.tar"
+        cfg = stream_cfg(root, seed=5)
+        cfg.data.tag_sources[0].root, cfg.data.tag_sources[0].index = url, ""  # index.json next to the shards
+        remote = take(cfg, build_vocabulary(cfg), 0, 1, 0, 5)
+        local = stream_cfg(root, seed=5)  # the same shards through pipe:cat
+        piped = take(local, build_vocabulary(local), 0, 1, 0, 5)
+        for a, b in zip(remote, piped):
+            assert [p.rsplit(":", 1)[1] for p in a.tag[0].paths] == [p.rsplit(":", 1)[1] for p in b.tag[0].paths]
+            assert a.tag[0].paths[0].startswith("http://") and torch.equal(a.tag[0].images, b.tag[0].images)
+    finally:
+        server.shutdown()
