@@ -4,8 +4,8 @@ images read from folders, from WebDataset shards by byte offset, and from shards
 
 The files are generated first (random-content JPEGs of 512x683, ADE-like sizes; ImageNet-like 375x500)
 in a temporary folder and written into shards with ``larvseg data shard``'s writer; the timed part is
-the real MixedLoader pipeline of one worker (``_Samples`` for folders and offsets, ``_StreamSteps`` for
-streams), the three interleaved so that machine noise hits them alike. The files sit in the page cache:
+the real MixedLoader pipeline of one worker (``_Samples`` + collate for folders and offsets,
+``_StreamSteps`` for streams; batches of one image), the three interleaved so that machine noise hits them alike. The files sit in the page cache:
 this measures the CPU cost per image (decode + augmentation + reading), not a network file system.
 
     python benchmarks/bench_data.py
@@ -23,7 +23,7 @@ from common import parser, report, setup
 
 from larvseg.config import Config, DataConfig, SourceConfig
 from larvseg.data import testing as T
-from larvseg.data.mixing import MixedLoader
+from larvseg.data.mixing import MixedLoader, sample_seed
 from larvseg.data.shard_writer import ShardWriter
 from larvseg.data.vocabulary import build_vocabulary, imagenet_subset
 
@@ -41,15 +41,25 @@ def timed_rates(fns: dict, n: int, repeats: int) -> dict[str, float]:
     return {k: n / float(np.median(v)) for k, v in times.items()}
 
 
-def indexed(loader: MixedLoader, index: int, n: int):
+def indexed(loader: MixedLoader, index: int, n: int, like: int):
+    """n samples read by index; their augmentation seeds are those of the streamed source ``like``, so that
+    both draw the same rescale/crop sizes (the main cost besides decoding)."""
     items = loader.loaders[index].dataset  # _Samples: load + augment one sample
-    keys = [(i % len(items), 1000 + i) for i in range(n)]
-    return lambda: [items[key] for key in keys]
+    collate = loader.loaders[index].collate_fn  # batches of 1, as the streamed variant yields them
+    keys = [(i % len(items), sample_seed(loader.cfg.train.seed, loader.specs[like].index, i, 0)) for i in range(n)]
+    return lambda: [collate([items[key]]) for key in keys]
 
 
 def streamed(loader: MixedLoader, index: int, n: int):
-    batches = iter(loader.loaders[index].dataset)  # _StreamSteps: this rank's per-step batches, 1 image each
-    return lambda: [next(batches) for _ in range(n)]
+    """The first n steps of the stream (1 image each), from the start at every call."""
+    steps = loader.loaders[index].dataset  # _StreamSteps: this rank's per-step batches
+
+    def run() -> None:
+        batches = iter(steps)
+        for _ in range(n):
+            next(batches)
+
+    return run
 
 
 def main() -> None:
@@ -80,9 +90,9 @@ def main() -> None:
             eval=SourceConfig(format="ade150"),
         ))
         loader = MixedLoader(cfg, build_vocabulary(cfg), 0, 1)
-        seg = timed_rates({"folder": indexed(loader, 0, n), "offset": indexed(loader, 1, n), "stream": streamed(loader, 2, n)},
+        seg = timed_rates({"folder": indexed(loader, 0, n, 2), "offset": indexed(loader, 1, n, 2), "stream": streamed(loader, 2, n)},
                           n, repeats)
-        inet = timed_rates({"folder": indexed(loader, 3, n), "offset": indexed(loader, 4, n), "stream": streamed(loader, 5, n)},
+        inet = timed_rates({"folder": indexed(loader, 3, n, 5), "offset": indexed(loader, 4, n, 5), "stream": streamed(loader, 5, n)},
                            n, repeats)
     report("data", seg_folder=seg["folder"], seg_shard_offset=seg["offset"], seg_shard_stream=seg["stream"],
            seg_crop=seg_crop, imagenet_folder=inet["folder"], imagenet_shard_offset=inet["offset"],

@@ -42,7 +42,7 @@ def expected_labels(raw: np.ndarray, raw_to_name: dict[int, str], vocab, ignore:
 
 
 def test_builders_cover_every_format():
-    assert sorted(DATASET_BUILDERS) == ["ade150", "ade847", "coco171", "custom_seg", "custom_tags", "imagenet"]
+    assert sorted(DATASET_BUILDERS) == ["ade150", "ade847", "coco171", "custom_seg", "custom_tags", "imagenet", "webdataset"]
 
 
 def test_ade150_png_values(tmp_path):

@@ -199,7 +199,7 @@ class ShardFiles(ShardSource):
     """Random access into local shards by byte offset (from each shard's ``.npz``): the same indexable
     dataset as a folder, so mixing, resume and rank sharding are exactly those of folder sources."""
 
-    MAX_OPEN = 64  # open shard files per process
+    MAX_OPEN = 256  # open shard files per process (least recently used closed first)
 
     def __init__(self, name: str, class_ids: np.ndarray, shards: wds.ShardList) -> None:
         super().__init__(name, class_ids, shards)
@@ -208,7 +208,8 @@ class ShardFiles(ShardSource):
             path = wds.sidecar_path(url)
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    tables.append({k: z[k] for k in wds.SIDECAR_COLUMNS})
+                    tables.append({k: z[k].astype(t, copy=False) for k, t in wds.SIDECAR_COLUMNS.items()
+                                   if self.kind == "seg" or k not in wds.LABEL_COLUMNS})
             except (OSError, KeyError, ValueError) as exc:
                 raise wds.ShardError(path, f"cannot read the shard's offsets file ({exc}); stream the shards instead "
                                            "(stream: true) or write them again with `larvseg data shard`") from None
@@ -240,10 +241,10 @@ class ShardFiles(ShardSource):
         image = (f"{where}.{wds.IMAGE_EXTS[t['image_ext'][index]]}",
                  self._read(k, int(t["image_offset"][index]), int(t["image_size"][index])))
         label = None
-        if t["label_size"][index] >= 0:
+        if self.kind == "seg":
             label = (f"{where}.{wds.LABEL_EXTS[t['label_ext'][index]]}",
                      self._read(k, int(t["label_offset"][index]), int(t["label_size"][index])))
-        return self.decode(image, label, int(t["cls"][index]), int(t["coding"][index]))
+        return self.decode(image, label, int(t["cls"][index]), int(t["coding"][index]) if label else 0)
 
 
 class ShardStream(ShardSource):

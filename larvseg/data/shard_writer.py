@@ -216,7 +216,7 @@ class ShardWriter:
         os.replace(tmp, self.out / name)
         tmp_npz = self.out / f"{Path(name).stem}.tmp{os.getpid()}.npz"
         np.savez(tmp_npz, hist_classes=hist_classes.astype(np.int64), hist_counts=hist_counts.astype(np.int64),
-                 **{c: np.asarray(v, dtype=np.int64) for c, v in cols.items()})
+                 **{c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
         os.replace(tmp_npz, wds.sidecar_path(self.out / name))  # written last: the shard is finished
         entry = {"name": name, "samples": len(cols["key"]), "bytes": (self.out / name).stat().st_size,
                  "first": first, "end": pos}

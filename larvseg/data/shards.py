@@ -50,9 +50,11 @@ INDEX_NAME = "index.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png")  # member extensions; the .npz stores their position
 LABEL_EXTS = ("label.png", "label.tif", "label.tiff")
 # per sample in a shard's .npz: its key, members' byte offset/size (label_size -1: none), extensions,
-# class index (-1: none) and label coding
-SIDECAR_COLUMNS = ("key", "image_offset", "image_size", "image_ext", "label_offset", "label_size", "label_ext",
-                   "cls", "coding")
+# class index (-1: none) and label coding. Compact types: 21 bytes per image of a tag source in memory.
+SIDECAR_COLUMNS = {"key": np.int32, "image_offset": np.int64, "image_size": np.int32, "image_ext": np.int8,
+                   "label_offset": np.int64, "label_size": np.int32, "label_ext": np.int8, "cls": np.int32,
+                   "coding": np.int8}
+LABEL_COLUMNS = ("label_offset", "label_size", "label_ext", "coding")  # not kept for tag sources
 INDEX_FORMAT = "larvseg-shards"
 INDEX_VERSION = 1
 
