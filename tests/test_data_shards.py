@@ -192,7 +192,9 @@ def test_shard_command(data, tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli_main(["data", "shard", str(root / "C171"), "--out", str(out), "--format", "coco171", "--split", "train2017",
                      "--shard-size", "12kB"])
-    assert code == 0 and "5 samples in" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert code == 0 and "5 samples in" in captured.out
+    assert "sharding C171" in captured.err and "5/5" in captured.err  # the progress bar
     index = json.loads((out / "index.json").read_text())
     assert len(index["shards"]) > 1 and sum(s["samples"] for s in index["shards"]) == 5
     assert all((out / s["name"]).stat().st_size <= 12_000 + 10_240 for s in index["shards"])  # tar pads to 10 KiB records

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
-from larvseg.data.file_index import FileTable, FolderIndex, list_folder
 from larvseg.data import shards as wds
+from larvseg.data.file_index import FileTable, FolderIndex, list_folder
 from larvseg.data.io import (
     AnnotationError,
     DatasetRootError,
@@ -258,7 +258,7 @@ class ShardStream(ShardSource):
 
     def decode_members(self, key: str, members: dict[str, bytes], url: str) -> dict[str, Any]:
         """A sample from the members of its key in a tar stream."""
-        image_ext = next((e for e in members if e in ("jpg", "jpeg", "png")), None)
+        image_ext = next((e for e in members if e in wds.IMAGE_EXTS), None)
         if image_ext is None:
             raise wds.ShardError(f"{url}:{key}", f"sample has no image member (members: {sorted(members)})")
         label_ext = next((e for e in members if e.startswith("label.")), None)

@@ -191,6 +191,9 @@ class _StreamSteps(torch.utils.data.IterableDataset):
                     raise
                 if last is None:
                     owed.append(str(exc))
+                    if len(owed) > len(dataset):  # a whole epoch and more: nothing here decodes
+                        raise DataError(self.samples.spec.config.name,
+                                        f"every streamed sample failed to load; first problem: {owed[0]}") from None
                     continue
                 yield last, [str(exc)]
                 continue
@@ -265,6 +268,10 @@ class MixedLoader:
             transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
+                if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs
+                    print(f"note: streamed source {spec.config.name} resumes at step {start_step} exactly only if the "
+                          f"interrupted run also had {world_size} processes and data.num_workers={d.num_workers}",
+                          file=sys.stderr, flush=True)
                 self.loaders.append(torch.utils.data.DataLoader(
                     _StreamSteps(_Samples(spec, transform), _Collate(spec), schedule, rank, world_size, d.num_workers,
                                  start_step, stop_step),
