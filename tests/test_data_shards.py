@@ -354,3 +354,20 @@ def test_http_shards_stream_with_the_index_next_to_them(data):
             assert a.tag[0].paths[0].startswith("http://") and torch.equal(a.tag[0].images, b.tag[0].images)
     finally:
         server.shutdown()
+
+
+def test_writer_bad_label_stops_or_is_skipped(tmp_path):
+    from PIL import Image
+
+    T.write_custom_seg(tmp_path / "seg", ["sky", "tree", "road"], n=4, rng=np.random.default_rng(2))
+    bad = tmp_path / "seg" / "annotations" / "img2.png"
+    Image.fromarray(np.full((48, 64), 7, np.uint8)).save(bad)  # 7 is no class of 3 (and not 255)
+    cfg = T.make_config(tmp_path)
+    source = SourceConfig(name="s", format="custom_seg", root=str(tmp_path / "seg"))
+    with pytest.raises(DataError, match=r"img2\.png: .*label values outside the source's classes: \[7\]"):
+        ShardWriter(source, cfg.data, tmp_path / "out1", 10**9, progress=False).run()
+    source.skip_bad = True
+    index = ShardWriter(source, cfg.data, tmp_path / "out2", 10**9, progress=False).run()
+    assert sum(s["samples"] for s in index["shards"]) == 3 and len(index["skipped"]) == 1 and "img2.png" in index["skipped"][0]
+    assert sorted(json.loads(m["json"])["path"] for m in read_shards(tmp_path / "out2").values()) == \
+        ["images/img0.jpg", "images/img1.jpg", "images/img3.jpg"]

@@ -120,7 +120,8 @@ class ShardWriter:
                  shard_samples: int = 0, seed: int | None = 0, progress: bool = True) -> None:
         role = "tag" if source.format in TAG_FORMATS else "seg"
         built = build_source_checked(source, data_cfg, _OwnClasses(), role)  # type: ignore[arg-type]
-        self.problems, self.skip_bad = list(built.problems), source.skip_bad
+        self.build_problems, self.skip_bad = list(built.problems), source.skip_bad  # files left out by the listing
+        self.problems: list[str] = []  # label maps left out while writing (skip_bad)
         self.records = _Records(built.dataset)
         self.root = Path(source.root)
         self.out, self.shard_bytes, self.shard_samples, self.progress = Path(out), shard_bytes, shard_samples, progress
@@ -165,7 +166,7 @@ class ShardWriter:
                 with np.load(wds.sidecar_path(self.out / entry["name"])) as z:
                     np.add.at(counts, z["hist_classes"], z["hist_counts"])
             index["class_counts"] = counts.tolist()  # aligned with class_names (names may repeat: COCO's "ceiling")
-            index["skipped"] = self.problems
+            index["skipped"] = self.build_problems + [p for entry in shards for p in entry["skipped"]]
         wds.write_json_atomic(self.out / wds.INDEX_NAME, index)
         return index
 
@@ -175,7 +176,7 @@ class ShardWriter:
         tmp = self.out / f"{name}.tmp{os.getpid()}"
         cols: dict[str, list[int]] = {c: [] for c in wds.SIDECAR_COLUMNS}
         classes: list[np.ndarray] = []
-        pos = first
+        pos, problems_before = first, len(self.problems)
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             while pos < len(self.order):
                 image_path, label_path, cls, coding = self.records.get(int(self.order[pos]))
@@ -219,7 +220,7 @@ class ShardWriter:
                  **{c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
         os.replace(tmp_npz, wds.sidecar_path(self.out / name))  # written last: the shard is finished
         entry = {"name": name, "samples": len(cols["key"]), "bytes": (self.out / name).stat().st_size,
-                 "first": first, "end": pos}
+                 "first": first, "end": pos, "skipped": self.problems[problems_before:]}
         return entry, pos
 
     def _check(self, label_path: Path | None, label: bytes, coding: int, cls: int) -> np.ndarray | None:
