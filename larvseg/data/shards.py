@@ -3,7 +3,7 @@
 ``larvseg data shard`` (larvseg.data.shard_writer) writes a folder source into ``OUT/``::
 
     shard-000000.tar   samples as WebDataset groups: members <key>.<ext> with the same key, adjacent
-        <key>.jpg | .jpeg | .png       the image file's bytes, untouched
+        <key>.jpg | .jpeg | .png | ...  the image file's bytes, untouched (its own suffix, lower case)
         <key>.label.png | .label.tif   segmentation sources: the label file's bytes, untouched (raw values)
         <key>.cls                      tag sources: index of the image's class in the index's class_names
         <key>.json                     {"path": image path in the source, "label": label path, "coding": k}
@@ -47,7 +47,7 @@ import numpy as np
 from larvseg.data.io import DataError
 
 INDEX_NAME = "index.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png")  # member extensions; the .npz stores their position
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp")  # member extensions; the .npz stores their position
 LABEL_EXTS = ("label.png", "label.tif", "label.tiff")
 # per sample in a shard's .npz: its key, members' byte offset/size (label_size -1: none), extensions,
 # class index (-1: none) and label coding. Compact types: 21 bytes per image of a tag source in memory.
