@@ -17,7 +17,7 @@ from larvseg.cli import main as cli_main
 from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data import testing as T
-from larvseg.data.datasets import ShardFiles, ShardStream, build_source
+from larvseg.data.datasets import ShardFiles, ShardStream, build_source_checked
 from larvseg.data.io import DataError, read_label
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.shard_stream import StreamPlan
@@ -25,6 +25,10 @@ from larvseg.data.shard_writer import ShardWriter, parse_size
 from larvseg.data.vocabulary import build_vocabulary, imagenet_names, imagenet_subset
 
 WNIDS = imagenet_subset("ade847")[:4]
+
+
+def build_source(source, cfg_data, vocab, role):
+    return build_source_checked(source, cfg_data, vocab, role).dataset
 
 
 def test_brace_expansion_and_sizes():
