@@ -96,7 +96,8 @@ def main() -> None:
                            n, repeats)
     report("data", seg_folder=seg["folder"], seg_shard_offset=seg["offset"], seg_shard_stream=seg["stream"],
            seg_crop=seg_crop, imagenet_folder=inet["folder"], imagenet_shard_offset=inet["offset"],
-           imagenet_shard_stream=inet["stream"], imagenet_crop=in_crop, images=n, unit="images_per_s_per_worker")
+           imagenet_shard_stream=inet["stream"], imagenet_crop=in_crop, images=n, unit="images_per_s_per_worker",
+           mfu="n/a")  # decoding + augmentation on the host, any --device
 
 
 if __name__ == "__main__":
