@@ -41,9 +41,6 @@ class SourceConfig:
     name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
     format: str = ""  # key of larvseg.data.datasets.DATASET_BUILDERS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
     root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
-    # webdataset: a shard folder, or a brace pattern of shard files / URLs / pipe: commands
-    index: str = ""  # webdataset: the shards' index.json (path, URL or pipe:); "" = next to the shards
-    stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
     split: str = "training"  # sub-folder of images/ and annotations/ for segmentation formats
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
     share: float = 1.0  # tag sources: relative share of the image-level batch
@@ -52,6 +49,9 @@ class SourceConfig:
     cac_weight: float = 0.1  # tag sources: lambda_cac of the attentive-classifier loss
     cac_topk: int = 20  # tag sources: K, pixels per memory-bank slot (40 for ADE-150 tags, 20 for ADE-847/ImageNet)
     skip_bad: bool = False  # skip (and count) unreadable samples instead of stopping with an error
+    # webdataset (tar shards): ``root`` is a shard folder, or a brace pattern of shard files / URLs / pipe: commands
+    index: str = ""  # webdataset: the shards' index.json (path, URL or pipe:); "" = next to the shards
+    stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
 
 
 @dataclass
