@@ -34,6 +34,7 @@ from larvseg.config import Config, EvalConfig, config_from_dict
 from larvseg.data import io as data_io
 from larvseg.data.transforms import eval_resize
 from larvseg.data.vocabulary import normalize_name
+from larvseg.errors import UserError
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import Segmenter, build_segmenter
 from larvseg.train.checkpoint import load_checkpoint
@@ -44,12 +45,16 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An input image that is missing, unreadable or of an unusable shape (the message names it)."""
 
+    hint = "check the path, or convert the image to an 8-bit RGB JPEG or PNG"
 
-class UnknownClassError(KeyError):
+
+class UnknownClassError(UserError, KeyError):
     """A class name given to ``--classes`` / ``classes=`` that is not in the checkpoint's vocabulary."""
+
+    hint = "check the spelling; the checkpoint's classes are listed in classes.json of any predict output"
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])

@@ -8,9 +8,13 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from larvseg.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input on disk. ``path`` names the file (or folder) at fault."""
+
+    hint = "fix or remove the file, or set skip_bad=true on its source (e.g. data.eval.skip_bad=true) to skip such files"
 
     def __init__(self, path: str | Path, problem: str | None = None) -> None:
         # one-argument form: the full message (how DataLoader workers re-create an exception)
