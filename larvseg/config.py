@@ -146,6 +146,7 @@ class EvalConfig:
     max_long_side: int = 2048
     amp: str = "auto"
     max_images: int = 0  # 0 = the whole set
+    classes: str = ""  # predict and score only these eval classes: comma-separated names or a file; "" = all
 
 
 @dataclass
