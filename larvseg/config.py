@@ -37,13 +37,20 @@ class ConfigError(UserError, ValueError):
 
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that reads every float literal Python's float() accepts (1e-3, 1.0e10, 1_000.5,
-    .5, inf, nan): YAML 1.1's resolver wants a dot and a signed exponent, so 1e-3 would be a string."""
+    .5, inf, nan): YAML 1.1's resolver wants a dot and a signed exponent, so 1e-3 would be a string.
+    Booleans are true/false only (not on/off/yes/no)."""
 
 
 _FLOAT = re.compile(r"""^[-+]?(?:(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9_]+)?|[0-9][0-9_]*[eE][-+]?[0-9_]+
                      |\.(?:inf|Inf|INF)|(?:inf|Inf|INF|infinity|Infinity)|\.(?:nan|NaN|NAN)|(?:nan|NaN|NAN))$""", re.X)
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.in"))
+# booleans are true/false only (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans, so that
+# `train.amp=off` would reach a string key as "False"
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:bool"]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 
 def _float_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> float:

@@ -101,6 +101,8 @@ def test_numbers_are_read_as_python_reads_them(tmp_path):
     assert cfg.train.iters == 2000 and isinstance(cfg.train.iters, int)
     assert cfg.data.cat_max_ratio == 0.75  # a quoted number in a number field
     assert cfg.train.weight_decay == pytest.approx(1000.5e-8)
+    # YAML 1.1 would also read off/on/yes/no as booleans: amp=off reached the string key as 'False'
+    assert load_config(path, ["train.amp=off", "eval.amp=off"]).train.amp == "off"
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
         load_config(path, ["train.lr=fast"])
     with pytest.raises(ConfigError, match=r"train\.iters: expected an integer"):
