@@ -54,6 +54,9 @@ def describe(exc: BaseException) -> str | None:
         hint = _OS_HINTS.get(exc.errno or 0, "")
     else:
         return None
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original's last line
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(exc).__module__) else last
     message = " ".join(message.split())  # one line, whatever the message held
     return f"{message} ({hint})" if hint and hint not in message else message
 

@@ -5,10 +5,13 @@
     result = predictor(image)        # NumPy HxWx3 uint8 RGB, or a PIL image
     result.label_map, result.class_names, result.areas
 
-The command writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit when the vocabulary has
-fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the image, with a legend of
-the classes present, largest first) and, for all images, ``areas.json`` (fraction of pixels per class
-name) and ``classes.json`` (the class name of every label value).
+By default the vocabulary is the classes that had training data (masks or tags; stored in checkpoints
+as ``supervised``); naming a class without any warns. The command shows progress per image and per
+window of large images, reports and skips unreadable images (exit code 1 at the end, with the list),
+and writes every file atomically. It writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit
+when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the
+image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
+(fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
 
 Images are resized like the evaluation images (short side ``short_side``, long side at most
 ``max_long_side``), segmented with ``segment_image`` (sliding window by default; memory-bounded, so
@@ -167,7 +170,7 @@ def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
     else:
         wanted = list(classes)
     if not wanted:
-        raise ValueError(f"no class names in {classes!r}")
+        raise UnknownClassError(f"no class names in {classes!r}")
     index = {normalize_name(n): i for i, n in enumerate(names)}
     unknown = [w for w in wanted if normalize_name(w) not in index]
     if unknown:

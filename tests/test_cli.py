@@ -98,3 +98,18 @@ def test_os_errors_name_the_file_and_what_to_do(capsys, monkeypatch, tmp_path):
     line = describe(info.value)
     assert "areas.json: could not be written" in line and "disk is full" in line
     assert not (tmp_path / "areas.json").exists()
+
+
+def test_an_error_from_a_dataloader_worker_is_still_one_line():
+    from torch._utils import ExceptionWrapper
+
+    from larvseg.data.io import CorruptImageError
+    from larvseg.errors import describe
+
+    try:
+        raise CorruptImageError("/data/A847/images/validation/x.jpg", "cannot decode image (truncated)")
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(CorruptImageError) as info:
+        wrapped.reraise()  # what a DataLoader with workers raises: the message holds the worker's traceback
+    assert describe(info.value).startswith("/data/A847/images/validation/x.jpg: cannot decode image (truncated) (fix")

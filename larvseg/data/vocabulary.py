@@ -117,8 +117,8 @@ def imagenet_subset(classes: str) -> list[str]:
         "all": lambda: list(imagenet_synsets()),
     }
     if not classes:
-        raise VocabularyError("an imagenet source needs its 'classes' key set: ade150, ade847, all, or a file of "
-                              "wnids, e.g. data.tag_sources.0.classes=ade847")
+        raise VocabularyError("an imagenet source needs 'classes': set its classes key to ade150, ade847, all, "
+                              "or a file of wnids")
     wnids = presets[classes]() if classes in presets else read_wnid_file(Path(classes).expanduser())
     known = imagenet_synsets()
     unknown = [w for w in wnids if w not in known]

@@ -46,6 +46,7 @@ from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     FINAL_WEIGHTS,
+    CheckpointError,
     checkpoint_name,
     export_weights,
     load_checkpoint,
@@ -145,7 +146,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if state is None:
             state = load_checkpoint(resume_path)
         if list(state["vocab"]) != list(vocab.names):
-            raise ValueError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's ({len(vocab)})")
+            raise CheckpointError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
+                                  f"({len(vocab)}): resume with the config it was trained with, or start fresh with --resume none")
         segmenter.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
