@@ -163,7 +163,7 @@ def test_folder_with_an_unreadable_image_writes_the_others_and_exits_1(small, tm
     out = tmp_path / "out"
     from larvseg.cli import main as cli_main
 
-    assert cli_main(["predict", str(path), str(folder), "--out", str(out), "--device", "cpu"]) == 1
+    assert cli_main(["predict", str(path), str(folder), "--out", str(out), "--device", "cpu", "--short-side", "40"]) == 1
     err = capsys.readouterr().err
     assert f"1 of 3 image(s) could not be read and were skipped:\n  {folder / 'b.jpg'}: cannot decode image" in err
     areas = json.loads((out / "areas.json").read_text())
