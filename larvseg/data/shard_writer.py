@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
+from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut, build_source_checked
 from larvseg.data.io import DataError, read_label
@@ -50,7 +49,7 @@ def parse_size(text: str) -> int:
     """'512MB', '1GB', '100k', '4096' -> bytes (powers of 1000; KiB/MiB/GiB are powers of 1024)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
     if not m:
-        raise ValueError(f"--shard-size {text!r}: expected a size such as 512MB, 1GB or 1GiB")
+        raise ConfigError(f"--shard-size {text!r}: expected a size such as 512MB, 1GB or 1GiB")
     value, unit, binary = float(m.group(1)), m.group(2), m.group(3)
     scale = (1024 if binary else 1000) ** " kmgt".index(unit or " ")
     return max(1, int(value * scale))
@@ -254,18 +253,15 @@ class ShardWriter:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Errors (bad data, an out folder of other shards, a bad size) are user errors: the command line
+    prints them as one line."""
     source = SourceConfig(name=args.name or "", format=args.format, root=str(Path(args.source).resolve()),
-                          split=args.split, classes=args.classes, skip_bad=args.skip_bad)
+                          split=args.split, classes=args.classes or "", skip_bad=args.skip_bad)
     data_cfg = DataConfig(root=str(Path(args.source).resolve().parent), index_cache_dir=args.index_cache_dir or "")
-    try:
-        writer = ShardWriter(source, data_cfg, Path(args.out), parse_size(args.shard_size), args.shard_samples,
-                             None if args.no_shuffle else args.seed)
-        index = writer.run()
-    except (DataError, ValueError) as exc:
-        print(f"larvseg data shard: {exc}", file=sys.stderr)
-        return 1
+    writer = ShardWriter(source, data_cfg, Path(args.out), parse_size(args.shard_size), args.shard_samples,
+                         None if args.no_shuffle else args.seed)
+    index = writer.run()
     total = sum(s["samples"] for s in index["shards"])
     print(f"{total} samples in {len(index['shards'])} shards -> {Path(args.out) / wds.INDEX_NAME}"
           + (f" ({len(index['skipped'])} skipped: see index.json)" if index["skipped"] else ""))
     return 0
-
