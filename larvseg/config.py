@@ -72,7 +72,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"  # key of larvseg.models.vit.VIT_BUILDERS: vit_tiny | vit_small | vit_base
-    pretrained: str = ""  # AugReg .npz (or a LarvSeg checkpoint) to initialise the backbone; "" = random
+    pretrained: str = ""  # AugReg .npz, timm .safetensors/.pth, hf-hub:<repo> or a LarvSeg checkpoint; "" = random
     drop_path: float = 0.1
     num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
     loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
