@@ -3,6 +3,8 @@
     larvseg train CONFIG [key=value ...]            training (larvseg.train.loop)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
+    larvseg serve CHECKPOINT [--port 8000]          a local web page to segment uploads (larvseg.serve)
+    larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
     larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
 
@@ -48,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", help="auto | bf16 | off")
     p.add_argument("--short-side", type=int, default=512, help="resize so the short side has this length (0 = keep)")
     p.set_defaults(handler="larvseg.predict:main")
+
+    p = sub.add_parser("serve", help="a local web page: upload an image, pick a vocabulary, see the segmentation")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image")
+    p.set_defaults(handler="larvseg.serve:main")
+
+    p = sub.add_parser("export", help="export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
+    p.add_argument("checkpoint")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--classes", default=None, help="the vocabulary: comma-separated names or a file with one per line (default: all)")
+    p.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE",
+                   help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted max abs logit difference")
+    p.set_defaults(handler="larvseg.export:main")
 
     p = sub.add_parser("demo", help="generate the mini benchmark, train the three variants, write a report")
     p.add_argument("--quick", action="store_true", help="1-2 minute smoke version")
