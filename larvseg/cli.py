@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image")
+    p.add_argument("--max-megapixels", type=float, default=25.0, help="largest accepted image")
     p.set_defaults(handler="larvseg.serve:main")
 
     p = sub.add_parser("export", help="export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
