@@ -101,6 +101,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept in the work dir
     eval_interval: int = 16_000  # every N steps and at the end; 0 = only at the end; < 0 = never
     resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
+    tensorboard: bool = True  # TensorBoard event files in the work dir (when tensorboardX is installed)
 
 
 @dataclass

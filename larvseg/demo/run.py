@@ -173,6 +173,7 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else out / "data"
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None))
     _say(f"report: {report.resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(out / 'runs' / 'seed0' / 'larvseg' / 'final.safetensors').resolve()}")
     return 0
 
 
