@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -68,6 +69,8 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
     example = torch.rand(1, 3, *example_hw) * 255
     dims = {2: torch.export.Dim("height", min=MIN_SIDE, max=8192), 3: torch.export.Dim("width", min=MIN_SIDE, max=8192)}
     tmp = path.with_name(f".tmp.{path.name}")
+    # the exporter warns, once per op, that torchvision (which larvseg never uses) is missing
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad():
         # Shape checks in Python (the ViT's multiple-of-16 test, the position grid's "same size?" shortcut)
         # become runtime asserts instead of guards that would pin the size to the example's.

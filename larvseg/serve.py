@@ -115,6 +115,8 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
                           "(larvseg serve --max-upload-mb)", 413)
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # hundreds of megapixels: refused by Pillow before decoding
+        raise UploadError(f"{name}: {exc}", 413) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF): {exc}", 415) from None
     w, h = im.size

@@ -1,8 +1,15 @@
-"""`larvseg export`: ONNX for a fixed vocabulary, dynamic image size, checked against PyTorch."""
+"""`larvseg export`: ONNX for a fixed vocabulary, dynamic image size, checked against PyTorch; the README's
+lines that run it without PyTorch."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,24 +28,32 @@ ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not install
 NAMES = ["sky", "tree", "road", "person", "car", "building", "water"]
 
 
-def test_export_matches_pytorch_at_any_size(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One export (the slow part, ~20 s of CPU) shared by the tests: (segmenter, ONNX path, photo, printed)."""
+    tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole"))
     segmenter = build_segmenter(cfg.model, len(NAMES)).eval()
-    ckpt = tmp_path / "small.pth"
+    ckpt = tmp / "small.pth"
     save_checkpoint(ckpt, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": NAMES})
     rng = np.random.default_rng(1)
     photo = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((71, 50), Image.BICUBIC))
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    onnx_path = tmp_path / "out" / "model.onnx"
+    Image.fromarray(photo).save(tmp / "photo.png")
+    onnx_path = tmp / "out" / "model.onnx"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["export", str(ckpt), "--classes", "road,Sky,person", "--onnx", str(onnx_path),
+                         "--check-images", str(tmp / "photo.png")])
+    assert code == 0, out.getvalue()
+    return segmenter, onnx_path, photo, out.getvalue()
 
-    code = cli_main(["export", str(ckpt), "--classes", "road,Sky,person", "--onnx", str(onnx_path),
-                     "--check-images", str(tmp_path / "photo.png")])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+
+def test_export_matches_pytorch_at_any_size(exported):
+    segmenter, onnx_path, photo, printed = exported
     assert "max abs logit diff" in printed and "labels agree on 100.000% of pixels" in printed
 
-    # without PyTorch's help: onnxruntime on images of sizes never seen at export (not multiples of 16)
+    # onnxruntime alone, on sizes never seen at export (not multiples of 16 too)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
     assert classes == ["sky", "road", "person"]  # the checkpoint's order
@@ -53,3 +68,26 @@ def test_export_matches_pytorch_at_any_size(tmp_path, capsys):
         agreement = (ids[torch.from_numpy(labels[0])] == expected).float().mean().item()
         assert agreement > 0.999, (h, w, agreement)
         assert len(np.unique(labels)) > 1  # a non-trivial map, or the check above proves little
+
+
+def test_readme_snippet_runs_without_pytorch(exported, tmp_path):
+    """The README's lines that run the exported model with onnxruntime alone, executed as written."""
+    _, onnx_path, _, _ = exported
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"Without\s+PyTorch.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "model.onnx").write_bytes(onnx_path.read_bytes())
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    script = "import sys\nsys.modules['torch'] = None  # any import of torch fails\n" + snippet + \
+             "\nprint(labels.shape, labels.dtype, set(labels.ravel().tolist()) <= {0, 1, 2}, classes)\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(45, 61) int64 True ['sky', 'road', 'person']"
+
+
+def test_export_rejects_unknown_classes(exported, tmp_path):
+    from larvseg.predict import UnknownClassError
+
+    ckpt = exported[1].parent.parent / "small.pth"
+    with pytest.raises(UnknownClassError, match="unicorn"):
+        cli_main(["export", str(ckpt), "--classes", "sky,unicorn", "--onnx", str(tmp_path / "m.onnx")])
+    assert not (tmp_path / "m.onnx").exists()

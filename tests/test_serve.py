@@ -249,3 +249,19 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         browser.close()
     with Image.open(shot) as im:
         assert im.width >= 1000 and np.asarray(im.convert("L")).std() > 5
+
+
+def test_cli_serve_starts_uvicorn_with_the_app(ckpt, monkeypatch, capsys):
+    uvicorn = pytest.importorskip("uvicorn")
+    from larvseg.cli import main as cli_main
+
+    seen = {}
+
+    def fake_run(app, host, port, **kwargs):  # instead of serving forever
+        seen.update(host=host, port=port, paths={r.path for r in app.routes})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert cli_main(["serve", str(ckpt), "--port", "8765", "--device", "cpu"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8765
+    assert {"/", "/api/info", "/api/segment", "/api/jobs/{job_id}"} <= seen["paths"]
+    assert "http://127.0.0.1:8765" in capsys.readouterr().out
