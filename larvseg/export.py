@@ -15,6 +15,7 @@ size, crop, argmax. Resizing the image (``larvseg predict`` uses short side 512)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -27,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from larvseg.models.segmenter import Segmenter
-from larvseg.predict import PIXEL_MEAN, PIXEL_STD, read_image, resolve_classes, resolve_device, segmenter_from_checkpoint
-from larvseg.train.checkpoint import load_checkpoint
+from larvseg.predict import PIXEL_MEAN, PIXEL_STD, LarvSegPredictor, read_image
 
 PATCH = 16
 OPSET = 18
@@ -114,11 +114,15 @@ def _check_images(paths: Sequence[str]) -> list[np.ndarray]:
 
 
 def main(args: argparse.Namespace) -> int:
-    segmenter, names, _cfg = segmenter_from_checkpoint(load_checkpoint(args.checkpoint), resolve_device("cpu"))
-    ids = resolve_classes(args.classes, names)
-    ids = np.arange(len(names)) if ids is None else ids
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f'larvseg export needs {", ".join(missing)}: pip install "larvseg[onnx]"')
+        return 2
+    predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device="cpu")
+    names = predictor.class_names
+    ids = np.arange(len(names)) if predictor.class_ids is None else predictor.class_ids.numpy()
     class_names = [names[i] for i in ids]
-    module = ExportableSegmenter(segmenter, torch.from_numpy(ids)).eval()
+    module = ExportableSegmenter(predictor.segmenter, torch.from_numpy(ids)).eval()
     path = export_onnx(module, args.onnx, class_names)
     sidecar = path.with_suffix(".classes.json")
     sidecar.write_text(json.dumps(class_names, indent=0, ensure_ascii=False))

@@ -25,6 +25,7 @@ time on a single worker thread (one model in memory); the last ``MAX_JOBS`` resu
 # No "from __future__ import annotations": FastAPI reads the route signatures (Request is imported locally).
 
 import argparse
+import importlib.util
 import io
 import json
 import struct
@@ -371,11 +372,12 @@ def build_service(checkpoint: str, device: str = "auto", max_upload_mb: float = 
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        print('larvseg serve needs FastAPI and uvicorn: pip install "larvseg[web]"')
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f'larvseg serve needs {" and ".join(missing)}: pip install "larvseg[web]"')
         return 2
+    import uvicorn
+
     service = build_service(args.checkpoint, args.device, args.max_upload_mb, args.max_megapixels)
     print(f"larvseg serve: {args.checkpoint} ({len(service.names)} classes) at http://{args.host}:{args.port}  "
           "(Ctrl+C stops)", flush=True)
