@@ -28,7 +28,7 @@ import argparse
 import importlib.util
 import io
 import json
-import struct
+import re
 import threading
 import time
 import uuid
@@ -357,7 +357,7 @@ def create_app(service: SegmentationService):
         job = find(job_id)
         if job is None or file_name not in job.files:
             return error(f"no file {file_name!r} for job {job_id!r}", 404)
-        stem = Path(job.name).stem or "image"
+        stem = re.sub(r"[^\w.-]", "_", Path(job.name).stem)[:100] or "image"  # a safe header value
         download = {"labels.png": f"{stem}_labels.png", "classes.json": "classes.json", "overlay.png": f"{stem}_overlay.png"}
         return Response(job.files[file_name], media_type=media[file_name],
                         headers={"Content-Disposition": f'inline; filename="{download[file_name]}"'})

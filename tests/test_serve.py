@@ -86,7 +86,9 @@ def test_api_segments_and_returns_label_map_and_areas(ckpt):
     status = _wait(client, job)
     assert status["state"] == "done" and status["progress"] == 1.0, status
     result = status["result"]
-    labels = cv2.imdecode(np.frombuffer(client.get(f"/api/jobs/{job}/labels.png").content, np.uint8), cv2.IMREAD_UNCHANGED)
+    download = client.get(f"/api/jobs/{job}/labels.png")
+    assert download.headers["content-disposition"] == 'inline; filename="street_labels.png"'
+    labels = cv2.imdecode(np.frombuffer(download.content, np.uint8), cv2.IMREAD_UNCHANGED)
     expected = LarvSegPredictor.from_checkpoint(ckpt, classes=["sky", "road", "person"], device="cpu")(photo)
     assert labels.dtype == np.uint8 and labels.shape == photo.shape[:2]
     np.testing.assert_array_equal(labels, expected.label_map)

@@ -4,6 +4,7 @@ overlays, read back from the files in the work dir."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 from collections import defaultdict
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from larvseg.config import load_config
+from larvseg.cli import main as cli_main
+from larvseg.config import dump_config, load_config
 from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
 from larvseg.train.logger import MetricLogger, read_metrics
 from larvseg.train.loop import train
@@ -66,6 +68,17 @@ def test_training_writes_scalars_curve_and_overlays(tmp_path):
         h, w, _ = overlays[4].shape
         assert h >= 64 and w > 240  # the image plus the legend panel
         assert (overlays[4][:, -240:] < 128).any()  # the legend names classes
+
+    # larvseg eval writes the same tags, at the checkpoint's step, next to its results
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(cfg))
+    out = tmp_path / "eval_out"
+    assert cli_main(["eval", str(config), str(work / "iter_00000004.pth"), "--out", str(out)]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    scalars, images = read_events(out)
+    assert scalars["eval/mIoU"] == pytest.approx({4: results["mIoU"]}, rel=1e-6, abs=1e-6)
+    assert scalars["eval/mIoU_novel"] == pytest.approx({4: results["mIoU_novel"]}, rel=1e-6, abs=1e-6)
+    assert set(images["eval/prediction_1"]) == {4}
 
 
 def test_tensorboard_off(tmp_path):

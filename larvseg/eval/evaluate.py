@@ -202,8 +202,11 @@ def main(args: argparse.Namespace) -> int:
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
-        evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
+            from larvseg.train.tensorboard import eval_overlays, log_evaluation
+
+            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

@@ -12,6 +12,8 @@ on by default when installed (``train.tensorboard=false`` turns it off). Tags:
     curve              the training-curve PNG, each time it is redrawn
     eval/prediction_<k>  overlays of the first ``OVERLAY_IMAGES`` evaluation images with a legend
 
+``larvseg eval`` writes the same eval/ scalars and overlays, at the checkpoint's step, into its output folder.
+
 A resumed run passes its start step as ``purge_step``, so TensorBoard drops the events that the killed
 run wrote after its last checkpoint, as the JSONL does.
 """
@@ -87,3 +89,15 @@ def eval_overlays(cfg: Any, segmenter: Any, vocab: Any, count: int = OVERLAY_IMA
 def log_images(log: TensorBoardLog, tag: str, step: int, images: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]) -> None:
     for k, image in enumerate(images() if callable(images) else images):
         log.image(f"{tag}_{k}", step, image)
+
+
+def log_evaluation(cfg: Any, out_dir: str | Path, step: int, results: dict[str, Any],
+                   images: Callable[[], Sequence[np.ndarray]]) -> Path | None:
+    """``larvseg eval``'s metrics and overlays as TensorBoard events in ``out_dir`` (when enabled and installed)."""
+    if not (cfg.train.tensorboard and tensorboard_available()):
+        return None
+    log = TensorBoardLog(out_dir)
+    log.scalars("eval/", step, results)
+    log_images(log, "eval/prediction", step, images)
+    log.close()
+    return Path(out_dir)
