@@ -145,9 +145,9 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             notices.append(f"{name}: transparency is ignored")
         rgb = np.asarray(im.convert("RGB"))
+    except UploadError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, UploadError):
-            raise
         raise UploadError(f"{name}: the image cannot be decoded (truncated or corrupt?): {exc}", 415) from None
     return rgb, notices
 
@@ -170,6 +170,8 @@ class Job:
     state: str = "queued"  # queued | running | done | error
     stage: str = "waiting for the model"
     progress: float = 0.0
+    windows_done: int = 0  # backbone forwards run so far (sliding windows), the progress unit
+    windows_total: int = 0
     started: float = field(default_factory=time.perf_counter)
     notices: list[str] = field(default_factory=list)
     error: str | None = None
@@ -178,7 +180,8 @@ class Job:
 
     def status(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "state": self.state, "stage": self.stage,
-                "progress": round(self.progress, 3), "elapsed_s": round(time.perf_counter() - self.started, 2),
+                "progress": round(self.progress, 3), "windows_done": self.windows_done,
+                "windows_total": self.windows_total, "elapsed_s": round(time.perf_counter() - self.started, 2),
                 "notices": self.notices, "error": self.error, "result": self.result}
 
 
@@ -252,13 +255,13 @@ class SegmentationService:
 
     def _run(self, job: Job, rgb: np.ndarray, class_ids: np.ndarray | None) -> None:
         predictor = self.predictor
-        total = self._windows(rgb)
-        done = [0]
+        total = job.windows_total = self._windows(rgb)
 
         def count_window(*_: Any) -> None:  # one backbone forward per window: the progress unit
-            done[0] += 1
-            job.progress = 0.05 + 0.85 * min(done[0], total) / total
-            job.stage = f"segmenting: window {min(done[0] + 1, total)} of {total}" if done[0] < total else "combining windows"
+            job.windows_done += 1
+            done = min(job.windows_done, total)
+            job.progress = 0.05 + 0.85 * done / total
+            job.stage = f"segmenting: window {done + 1} of {total}" if done < total else "combining windows"
 
         job.state, job.stage, job.progress = "running", f"segmenting: window 1 of {total}", 0.05
         hook = predictor.segmenter.backbone.register_forward_hook(count_window)

@@ -85,6 +85,8 @@ def test_api_segments_and_returns_label_map_and_areas(ckpt):
     job = r.json()["job"]
     status = _wait(client, job)
     assert status["state"] == "done" and status["progress"] == 1.0, status
+    # the progress unit is the sliding window: 90x120 -> 64x85 (short side 64), 48-px crops, stride 32: 2 x 3
+    assert status["windows_done"] == status["windows_total"] == 6
     result = status["result"]
     download = client.get(f"/api/jobs/{job}/labels.png")
     assert download.headers["content-disposition"] == 'inline; filename="street_labels.png"'
