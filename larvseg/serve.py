@@ -118,7 +118,9 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # hundreds of megapixels: refused by Pillow before decoding
         raise UploadError(f"{name}: {exc}", 413) from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except UnidentifiedImageError:  # its message names only an in-memory buffer
+        raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF)", 415) from None
+    except OSError as exc:
         raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF): {exc}", 415) from None
     w, h = im.size
     if w * h > max_pixels:
