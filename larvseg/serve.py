@@ -7,11 +7,12 @@ class names or pick a vocabulary (the checkpoint's own, ADE-150, ADE-847, COCO-S
 ImageNet-21K classes; names the checkpoint does not know are left out and counted), shows progress while
 the image is segmented, then the overlay, a legend, a per-class area table and links to download the
 label map (union class ids, 8-bit PNG below 255 classes else 16-bit, as ``larvseg predict``) and the
-class list.
+class list. Only classes with training data (recorded in the checkpoint) are offered by default: the
+others' classifier rows never got a signal; typing one is allowed, with a notice.
 
 HTTP API (FastAPI, served by uvicorn; optional dependency ``pip install "larvseg[web]"``):
     GET  /api/info                     checkpoint, vocabulary presets, upload limits
-    GET  /api/classes                  the checkpoint's class names (for autocompletion)
+    GET  /api/classes                  names of the classes the checkpoint was trained on (autocompletion)
     POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"}
     GET  /api/jobs/{id}                state, progress 0..1, stage text, and the result when done
     GET  /api/jobs/{id}/overlay.png | labels.png | classes.json
@@ -42,9 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from larvseg.data.transforms import rescale_size
 from larvseg.data.vocabulary import imagenet_class_names, load_class_names, normalize_name
-from larvseg.models.inference import slide_windows
 from larvseg.predict import (
     LarvSegPredictor,
     Prediction,
@@ -195,7 +194,12 @@ class SegmentationService:
         self.predictor = predictor
         self.checkpoint = checkpoint
         self.names = predictor.class_names
-        self.index = {normalize_name(n): i for i, n in enumerate(self.names)}
+        # The predictor's default vocabulary: the classes with training data (masks or tags) when the
+        # checkpoint records them, else all. Presets are matched against these; the rest are untrained noise.
+        default = predictor.class_ids
+        self.trained = np.arange(len(self.names)) if default is None else default.cpu().numpy()
+        self.index = {normalize_name(self.names[i]): int(i) for i in self.trained}
+        self.all_trained = len(self.trained) == len(self.names)
         self.colours = palette(len(self.names))
         self.max_bytes = int(max_upload_mb * 2**20)
         self.max_pixels = int(max_megapixels * 1e6)
@@ -205,36 +209,45 @@ class SegmentationService:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="larvseg-serve")
 
     def info(self) -> dict[str, Any]:
-        presets = [{"key": "model", "label": f"all classes of this model ({len(self.names)})",
-                    "known": len(self.names), "total": len(self.names)}]
+        own = (f"all classes of this model ({len(self.names)})" if self.all_trained else
+               f"the {len(self.trained)} classes this model was trained on (of {len(self.names)})")
+        presets = [{"key": "model", "label": own, "known": len(self.trained), "total": len(self.names)}]
         for p in PRESETS:
             names = p.names()
             ids, _ = preset_ids(names, self.index)
             presets.append({"key": p.key, "label": f"{p.label}: {len(ids)} of {len(names)} in this model",
                             "known": int(len(ids)), "total": len(names)})
-        return {"checkpoint": self.checkpoint, "num_classes": len(self.names), "presets": presets,
-                "max_upload_mb": self.max_bytes / 2**20, "max_megapixels": self.max_pixels / 1e6}
+        return {"checkpoint": self.checkpoint, "num_classes": len(self.names), "trained_classes": len(self.trained),
+                "presets": presets, "max_upload_mb": self.max_bytes / 2**20, "max_megapixels": self.max_pixels / 1e6}
 
-    def vocabulary(self, preset: str, classes: str) -> tuple[np.ndarray | None, list[str]]:
-        """Union ids to score (None = all) and notices. ``preset``: "custom" (the typed ``classes``), "model"
-        or a key of PRESETS."""
+    def class_names(self) -> list[str]:
+        """Names worth typing: the trained classes."""
+        return [self.names[i] for i in self.trained]
+
+    def vocabulary(self, preset: str, classes: str) -> tuple[np.ndarray, list[str]]:
+        """Union ids to score and notices. ``preset``: "custom" (the typed ``classes``), "model" (the trained
+        classes) or a key of PRESETS (its classes that this model was trained on)."""
         if preset == "custom":
             typed = [c for c in classes.replace("\n", ",").split(",") if c.strip()]
             if not typed:
                 raise UploadError("type at least one class name (comma-separated), or pick a vocabulary")
             try:
-                return resolve_classes(typed, self.names), []
+                ids = resolve_classes(typed, self.names)
             except UnknownClassError as exc:
-                raise UploadError(f"{exc}; pick 'all classes of this model' to see what it knows") from None
+                raise UploadError(f"{exc}; pick the model's own vocabulary to see what it knows") from None
+            untrained = [self.names[i] for i in np.setdiff1d(ids, self.trained)]
+            notices = [f"{len(untrained)} of your classes had no training data in this checkpoint, their predictions "
+                       f"are noise: {', '.join(untrained[:10])}{' ...' if len(untrained) > 10 else ''}"] if untrained else []
+            return ids, notices
         if preset == "model":
-            return None, []
+            return self.trained, []
         if preset not in self.presets:
             raise UploadError(f"unknown vocabulary {preset!r}; choose one of {['custom', 'model', *self.presets]}")
         p = self.presets[preset]
         ids, unknown = preset_ids(p.names(), self.index)
         if not len(ids):
-            raise UploadError(f"none of the {p.label} classes is in this model's vocabulary of {len(self.names)} classes")
-        notices = [f"{p.label}: {unknown} of its classes are not in this model's vocabulary and were left out"] if unknown else []
+            raise UploadError(f"none of the {p.label} classes is among the {len(self.trained)} classes this model was trained on")
+        notices = [f"{p.label}: {unknown} of its classes are not in this model's trained vocabulary and were left out"] if unknown else []
         return ids, notices
 
     def submit(self, data: bytes, name: str, preset: str, classes: str) -> Job:
@@ -249,28 +262,20 @@ class SegmentationService:
         self._worker.submit(self._run, job, rgb, class_ids)
         return job
 
-    def _windows(self, rgb: np.ndarray) -> int:
-        """Backbone forwards the predictor will run on ``rgb``: the progress bar's unit."""
-        e, short = self.predictor.eval_cfg, self.predictor.short_side
-        h, w = rescale_size(rgb.shape[0], rgb.shape[1], e.max_long_side, short) if short > 0 else rgb.shape[:2]
-        return 1 if e.mode == "whole" else len(slide_windows(h, w, e.crop_size, e.stride))
-
-    def _run(self, job: Job, rgb: np.ndarray, class_ids: np.ndarray | None) -> None:
+    def _run(self, job: Job, rgb: np.ndarray, class_ids: np.ndarray) -> None:
         predictor = self.predictor
-        total = job.windows_total = self._windows(rgb)
+        total = job.windows_total = predictor.windows(rgb.shape[:2])
 
-        def count_window(*_: Any) -> None:  # one backbone forward per window: the progress unit
-            job.windows_done += 1
-            done = min(job.windows_done, total)
+        def window_done(done: int, total: int) -> None:  # after each window's backbone pass: the progress unit
+            job.windows_done, job.windows_total = done, total
             job.progress = 0.05 + 0.85 * done / total
             job.stage = f"segmenting: window {done + 1} of {total}" if done < total else "combining windows"
 
         job.state, job.stage, job.progress = "running", f"segmenting: window 1 of {total}", 0.05
-        hook = predictor.segmenter.backbone.register_forward_hook(count_window)
         saved = predictor.class_ids
         try:
-            predictor.class_ids = None if class_ids is None else torch.from_numpy(class_ids).to(predictor.device)
-            pred = predictor(rgb)
+            predictor.class_ids = torch.from_numpy(class_ids).to(predictor.device)
+            pred = predictor(rgb, progress=window_done)
             job.stage, job.progress = "drawing the overlay", 0.92
             job.result, job.files = self._render(rgb, pred, class_ids)
             job.state, job.stage, job.progress = "done", "done", 1.0
@@ -278,16 +283,15 @@ class SegmentationService:
             job.state, job.error, job.stage = "error", f"{job.name}: segmentation failed: {type(exc).__name__}: {exc}", "failed"
         finally:
             predictor.class_ids = saved
-            hook.remove()
 
-    def _render(self, rgb: np.ndarray, pred: Prediction, class_ids: np.ndarray | None) -> tuple[dict, dict]:
+    def _render(self, rgb: np.ndarray, pred: Prediction, class_ids: np.ndarray) -> tuple[dict, dict]:
         colours = self.colours
         overlay = (rgb.astype(np.float32) * 0.5 + colours[pred.label_map].astype(np.float32) * 0.5).astype(np.uint8)
         counts = np.bincount(pred.label_map.ravel(), minlength=len(self.names))
         present = pred.present
         rows = [{"id": int(i), "name": self.names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
                  "pixels": int(counts[i]), "fraction": float(counts[i] / pred.label_map.size)} for i in present]
-        scored = len(self.names) if class_ids is None else len(class_ids)
+        scored = len(class_ids)
         files = {
             "overlay.png": _png_bytes(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)),
             "labels.png": _png_bytes(pred.label_map.astype(label_png_dtype(len(self.names)))),
@@ -327,7 +331,7 @@ def create_app(service: SegmentationService):
 
     @app.get("/api/classes")
     def classes() -> list[str]:
-        return service.names
+        return service.class_names()
 
     @app.post("/api/segment")
     async def segment(request: Request, preset: str = "model", classes: str = "", name: str = "upload"):

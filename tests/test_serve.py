@@ -110,7 +110,7 @@ def test_api_segments_and_returns_label_map_and_areas(ckpt):
     r = client.post("/api/segment", params={"preset": "ade150", "name": "street.png"}, content=_encode(Image.fromarray(photo)))
     status = _wait(client, r.json()["job"])
     assert status["result"]["num_scored_classes"] == 6
-    assert any("144 of its classes are not in this model's vocabulary" in n for n in status["notices"])
+    assert any("144 of its classes are not in this model's trained vocabulary" in n for n in status["notices"])
     service.close()
 
 
@@ -269,3 +269,26 @@ def test_cli_serve_starts_uvicorn_with_the_app(ckpt, monkeypatch, capsys):
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8765
     assert {"/", "/api/info", "/api/segment", "/api/jobs/{job_id}"} <= seen["paths"]
     assert "http://127.0.0.1:8765" in capsys.readouterr().out
+
+
+def test_vocabularies_follow_the_trained_classes(tmp_path):
+    """A checkpoint that records its supervised classes: the page offers those, and says so for others."""
+    torch.manual_seed(1)
+    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0))
+    path = tmp_path / "trained.pth"
+    save_checkpoint(path, {"model": build_segmenter(cfg.model, len(NAMES)).state_dict(), "config": cfg.to_dict(),
+                           "vocab": NAMES, "supervised": [0, 2, 3]})  # sky, road, person had masks or tags
+    service = _service(path)
+    client = TestClient(create_app(service))
+    presets = {p["key"]: p for p in client.get("/api/info").json()["presets"]}
+    assert presets["model"]["known"] == 3 and "trained on" in presets["model"]["label"]
+    assert presets["ade150"]["known"] == 3 and presets["coco171"]["known"] == 3 and presets["ade847"]["total"] == 847
+    assert client.get("/api/classes").json() == ["sky", "road", "person"]
+    image = _encode(Image.fromarray(_photo(48, 64)))
+    status = _wait(client, client.post("/api/segment", params={"preset": "model"}, content=image).json()["job"])
+    assert status["result"]["num_scored_classes"] == 3
+    assert {c["name"] for c in status["result"]["classes"]} <= {"sky", "road", "person"}
+    r = client.post("/api/segment", params={"preset": "custom", "classes": "sky, car"}, content=image)
+    status = _wait(client, r.json()["job"])
+    assert any("1 of your classes had no training data in this checkpoint" in n and "car" in n for n in status["notices"])
+    service.close()

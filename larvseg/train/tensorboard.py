@@ -62,14 +62,15 @@ def eval_overlays(cfg: Any, segmenter: Any, vocab: Any, count: int = OVERLAY_IMA
     import torch
 
     from larvseg.data.mixing import build_eval_dataset
-    from larvseg.data.vocabulary import base_novel_split
+    from larvseg.eval.evaluate import _model_class_ids, scored_classes
     from larvseg.models.inference import segment_image
     from larvseg.predict import Prediction, class_areas, image_to_tensor, palette, render_overlay
 
     dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, _ = base_novel_split(vocab, cfg)
+    eval_ids, _ = scored_classes(cfg, vocab)
+    eval_ids = _model_class_ids(eval_ids, segmenter.num_classes)  # as larvseg eval predicts
     device = next(segmenter.parameters()).device
-    class_ids = torch.as_tensor(np.asarray(eval_ids, dtype=np.int64), device=device)
+    class_ids = torch.as_tensor(eval_ids, device=device)
     names = list(vocab.names)
     colours = palette(len(names))
     was_training = segmenter.training
