@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="the fixed vocabulary: comma-separated names or a file with one per line "
                         "(default: the classes that had training data, as larvseg predict)")
-    p.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE",
+    p.add_argument("--check-images", nargs="*", default=None, metavar="IMAGE",
                    help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted max abs logit difference")
     p.set_defaults(handler="larvseg.export:main")

@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     sidecar.write_text(json.dumps(class_names, indent=0, ensure_ascii=False))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {len(class_names)} classes; list also in {sidecar})")
     worst_diff, worst_agree = 0.0, 1.0
-    for r in check_onnx(module, path, _check_images(args.check_images)):
+    for r in check_onnx(module, path, _check_images(args.check_images or [])):
         print(f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
               f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels")
         worst_diff, worst_agree = max(worst_diff, r["max_abs_logit_diff"]), min(worst_agree, r["label_agreement"])
