@@ -1,6 +1,7 @@
 """The ``larvseg`` command line: one sub-command per workflow, each implemented in its own module.
 
     larvseg train CONFIG [key=value ...]            training (larvseg.train.loop)
+    larvseg pretrain CONFIG [key=value ...]         classification pretraining of the backbone -> AugReg .npz (larvseg.train.pretrain)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
     larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="output folder (default: train.work_dir or work_dirs/<config>)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
     p.set_defaults(handler="larvseg.train.loop:main")
+
+    p = sub.add_parser("pretrain", help="pretrain the backbone by image classification on the tag sources; writes an AugReg .npz")
+    _add_config_args(p)
+    p.add_argument("--work-dir", default=None, help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
+    p.set_defaults(handler="larvseg.train.pretrain:main")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (mIoU; run under torchrun for several processes)")
     p.add_argument("config", help="config file or packaged config name")

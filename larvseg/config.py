@@ -104,6 +104,22 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``larvseg pretrain``: AugReg-style classification pretraining of the backbone on the image-level
+    sources (``data.tag_sources``). Seed, device, amp, logging, checkpoint interval, keep_last and the
+    poly power / floor come from ``train``."""
+
+    work_dir: str = ""  # "" = work_dirs/<config name>_pretrain
+    iters: int = 800
+    batch_size: int = 32  # images per step over all image-level sources (split by their share)
+    loss: str = "softmax"  # softmax (multi-tag images: the target spread over their tags) | sigmoid (one binary CE per class)
+    lr: float = 1e-3  # AdamW, as AugReg's Adam with decoupled weight decay
+    weight_decay: float = 0.05
+    warmup_iters: int = 0  # linear warm-up to lr, then poly decay
+    out: str = ""  # the backbone .npz; "" = <work_dir>/backbone.npz
+
+
+@dataclass
 class EvalConfig:
     mode: str = "slide"  # slide | whole
     crop_size: int = 512
@@ -121,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def work_dir(self) -> Path:
         return Path(self.train.work_dir or f"work_dirs/{self.name or 'default'}")
@@ -285,6 +302,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.amp must be auto, bf16 or off, got {cfg.eval.amp!r}")
     if cfg.eval.mode not in ("slide", "whole"):
         raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
+    if cfg.pretrain.loss not in ("softmax", "sigmoid"):
+        raise ConfigError(f"pretrain.loss must be softmax or sigmoid, got {cfg.pretrain.loss!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
 
