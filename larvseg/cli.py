@@ -4,7 +4,7 @@
     larvseg pretrain CONFIG [key=value ...]         classification pretraining of the backbone -> AugReg .npz (larvseg.train.pretrain)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
-    larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
+    larvseg demo [--quick] [--jobs N]               the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
 
 Modules are imported only when their command runs, so ``larvseg --help`` is instant.
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="work_dirs/demo", help="report and run folder")
     p.add_argument("--data", default=None, help="where the mini benchmark is generated (default: <out>/data)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per variant (default: 3, quick: 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the demo config for every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.run:main")
