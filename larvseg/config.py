@@ -75,6 +75,10 @@ class ModelConfig:
     pretrained: str = ""  # AugReg .npz (or a LarvSeg checkpoint) to initialise the backbone; "" = random
     drop_path: float = 0.1
     num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
+    # where a segmentation source's random classes come from: "source" = its own vocabulary (the spec, the
+    # original); "training" = every training source's classes, so image-level-only (novel) classes are also
+    # negatives on annotated pixels (docs/BASE_COLLAPSE.md)
+    seg_class_pool: str = "source"
     loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
     cac: bool = True  # the Category-wise Attentive Classifier loss on image-level data
     memory_bank_size: int = 20  # M, slots per class
@@ -302,6 +306,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.amp must be auto, bf16 or off, got {cfg.eval.amp!r}")
     if cfg.eval.mode not in ("slide", "whole"):
         raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
+    if cfg.model.seg_class_pool not in ("source", "training"):
+        raise ConfigError(f"model.seg_class_pool must be source or training, got {cfg.model.seg_class_pool!r}")
     if cfg.pretrain.loss not in ("softmax", "sigmoid"):
         raise ConfigError(f"pretrain.loss must be softmax or sigmoid, got {cfg.pretrain.loss!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
