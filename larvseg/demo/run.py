@@ -64,7 +64,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "full": Profile(iters=450, seeds=3, pretrain_iters=800),
+    "full": Profile(iters=450, seeds=3, pretrain_iters=500),
     "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
 }
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
