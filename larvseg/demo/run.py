@@ -90,10 +90,14 @@ def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: 
 
 
 def all_synsets_file(layout: BenchmarkLayout, out: Path) -> Path:
-    """A wnid file listing every synset folder of the benchmark's ``I22K/fall11_whole`` (stage 0 sees all)."""
-    wnids = sorted(p.name for p in layout.imagenet.iterdir() if p.is_dir())
-    if not wnids:
+    """A wnid file listing every synset folder of the benchmark's ``I22K/fall11_whole`` (stage 0 sees all):
+    those of the demo's tag source first, in its order (so the head's rows follow the tag source's
+    classes), then any other folder, sorted."""
+    folders = sorted(p.name for p in layout.imagenet.iterdir() if p.is_dir())
+    if not folders:
         raise FileNotFoundError(f"{layout.imagenet}: no synset folders")
+    listed = layout.wnid_file.read_text().split() if layout.wnid_file.is_file() else []
+    wnids = [w for w in listed if w in set(folders)] + [w for w in folders if w not in set(listed)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "all_synsets.txt"
     path.write_text("".join(f"{w}\n" for w in wnids))
@@ -284,8 +288,8 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                                  [f"model.pretrained={npz.resolve()}", *(extra or [])])
             job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0))
     workers = max(1, min(jobs or default_jobs(), len(job_list)))
-    _say(f"training {len(job_list)} runs ({seeds} seed(s) x {len(VARIANTS)} variants, {profile.iters} iterations "
-         f"each) in {workers} parallel single-threaded process(es)")
+    _say(f"training {len(job_list)} runs ({seeds} seed(s) x {len(VARIANTS)} variants, {job_list[0].cfg.train.iters} "
+         f"iterations each) in {workers} parallel single-threaded process(es)")
     outputs = run_jobs(job_list, workers)
 
     results = [o.result for o in outputs]
