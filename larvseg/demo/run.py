@@ -13,12 +13,13 @@
    base patches predicted as novel);
 5. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
 
-Runs are independent, so stage 3-4 runs them as ``--jobs`` parallel processes (default: the CPUs this
-process may use), each with **one** intra-op thread, and stage 0 runs single-threaded too. Measured on
-the 2-core development VM (docs/PERFORMANCE.md): a training step is about as fast single-threaded as with
-2 threads, and with another CPU-heavy process on the machine 2-thread steps slowed down 15-25x
-(oversubscribed OpenMP threads spin and wait on each other) where single-threaded ones slowed down ~2x.
-Each run is deterministic whatever the number of jobs (its seed and config alone fix it).
+Runs are independent, so stages 3-4 run them as ``--jobs`` parallel processes (default: the CPUs this
+process may use), each with **one** intra-op thread, and stage 0 runs single-threaded too. Why
+(docs/PERFORMANCE.md, benchmarks/bench_demo_threads.py): as soon as anything else uses the cores, a
+2-thread step slows down by an order of magnitude (oversubscribed OpenMP threads spin and wait on each
+other: 9.5x slower than 1 thread on the shared development VM), while a 1-thread step slows down only
+by the share of CPU it loses. Each run is deterministic whatever the number of jobs (its seed and
+config alone fix it).
 
 Evaluation restricts the prediction to the benchmark's 14 classes. Ours, for the demo: the eval set is
 ADE-847-formatted (847 classes), but only 14 of them have any training data here (in the paper every
