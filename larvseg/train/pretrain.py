@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -143,6 +144,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     ``resume``: None = auto (newest checkpoint in the work dir), "auto", "none" or a checkpoint path."""
     p, t = cfg.pretrain, cfg.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("larvseg pretrain runs in one process; launch it without torchrun")
     if p.iters <= 0 or p.batch_size <= 0:
         raise ConfigError(f"pretrain.iters and pretrain.batch_size must be > 0, got {p.iters} and {p.batch_size}")
     device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
