@@ -46,6 +46,7 @@ from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
 from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.report import PanelRow, PretrainSummary, RunResult, write_report
+from larvseg.train.checkpoint import FINAL_WEIGHTS
 
 # name -> config overrides of the variant (on top of the ``demo`` config)
 VARIANTS: dict[str, list[str]] = {
@@ -69,6 +70,11 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
 }
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
+
+
+def run_dir(out: Path, seed: int, variant: str) -> Path:
+    """Work dir of one run: ``<out>/runs/seed<seed>/<first word of the variant>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
 
 
 def _say(msg: str) -> None:
@@ -284,7 +290,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     job_list = []
     for seed in range(seeds):
         for variant in VARIANTS:
-            work_dir = out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
+            work_dir = run_dir(out, seed, variant)
             cfg = variant_config(layout, work_dir, variant, seed, profile.iters,
                                  [f"model.pretrained={npz.resolve()}", *(extra or [])])
             job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0))
@@ -318,6 +324,13 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
         "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
                       f"parallel process(es) of {THREADS_PER_RUN} thread each"),
+        "checkpoints": "; ".join(
+            f"{variant}: " + ", ".join(f"`{run_dir(out, seed, variant) / FINAL_WEIGHTS}`" for seed in range(seeds))
+            for variant in VARIANTS),
+        # predict defaults to the classes with training data (the benchmark's 14)
+        "predict with LarvSeg (from the folder the demo ran in)": (
+            f"`larvseg predict {run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS} {layout.eval_images} "
+            f"--out {out / 'predictions'}`"),
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,

@@ -14,7 +14,6 @@ AugReg layout (ViT-B/16: D=768, 12 heads of 64):
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from larvseg.atomic import atomic_write
 from larvseg.models.vit import VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
@@ -246,20 +246,11 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
 
 
 def save_augreg(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Write ``arrays`` as an uncompressed ``.npz`` (as Google's files), atomically: a temp file next to
-    ``path`` renamed over it, so a crash never leaves a truncated file under the final name."""
+    """Write ``arrays`` as an uncompressed ``.npz`` (as Google's files), atomically (larvseg.atomic: a temp
+    file renamed over ``path``, so a crash never leaves a truncated file under the final name)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: an AugReg file must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append .npz to a name
     return path

@@ -46,10 +46,12 @@ from larvseg.data.vocabulary import Vocabulary, source_class_names
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
 from larvseg.models.inference import autocast_context
 from larvseg.models.vit import VisionTransformer, build_vit
+from larvseg.atomic import remove_stale_temps
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     checkpoint_name,
-    load_checkpoint,
+    load_resume,
     prune_checkpoints,
     resolve_resume,
     rng_state,
@@ -152,6 +154,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     work_dir = Path(p.work_dir or f"work_dirs/{cfg.name or 'default'}_pretrain")
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.yaml").write_text(dump_config(cfg))
+    for stale in remove_stale_temps(work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
+        print(f"removed {stale.name}: temp file of a killed save", flush=True)
     out_path = Path(p.out) if p.out else work_dir / BACKBONE_FILE
 
     seed_everything(t.seed)
@@ -163,13 +167,14 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
-    resume_path = resolve_resume(resume if resume is not None else "auto", work_dir)
+    resume_path, state = load_resume(resume if resume is not None else "auto", work_dir,
+                                     say=lambda m: print(m, file=sys.stderr, flush=True))
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
         if state.get("kind") != "pretrain":
-            raise ConfigError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
+            raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
         if list(state["vocab"]) != list(vocab.names):
-            raise ConfigError(f"{resume_path}: its classes ({len(state['vocab'])}) differ from the config's ({len(vocab)})")
+            raise CheckpointError(f"{resume_path}: its classes ({len(state['vocab'])}) differ from the config's "
+                                  f"({len(vocab)}): resume with the config it was trained with, or --resume none")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
