@@ -102,3 +102,17 @@ def test_roc_auc_matches_pair_counting():
     assert math.isclose(roc_auc(scores, pos), expected, rel_tol=1e-12)
     assert roc_auc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
     assert math.isnan(roc_auc(np.array([0.1, 0.9]), np.array([True, True])))
+
+
+def test_diagnostics_lines_report_leak_and_auc_gap():
+    from larvseg.demo.diagnostics import FeatureDiagnostics
+    from larvseg.demo.report import diagnostics_lines
+
+    d = {("cac", 0): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 12.5, [1.0, 2.0]),
+         ("cac", 1): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 7.5, [1.0, 4.0]),
+         ("seg", 0): FeatureDiagnostics([0.5, 0.6], None, None, 0.0, [1.0, 0.0])}
+    text = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac"))
+    assert "| cac | 10.0 | 3.00 |" in text and "| seg | 0.0 | 0.00 |" in text  # means over seeds
+    assert "Up to 10.0 % of the base-labelled patches (cac)" in text
+    assert "| y | novel | 0.70 | 0.60 | 0.60 | +0.10 |" in text
+    assert "On 1 of 1 novel classes the bank separates" in text

@@ -261,6 +261,14 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
         leak = np.nanmean([d.base_to_novel for d in ds])
         ratios = [np.nanmean([d.pred_over_gt[k] for d in ds]) for k in novel_idx]
         lines.append(f"| {v} | {leak:.1f} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    leaks = {v: float(np.nanmean([d.base_to_novel for (vv, _), d in diagnostics.items() if vv == v]))
+             for v in variants if any(vv == v for vv, _ in diagnostics)}
+    worst = max(leaks, key=leaks.get) if leaks else None
+    if worst is not None and leaks[worst] > 0:
+        lines += ["", f"- Up to {leaks[worst]:.1f} % of the base-labelled patches ({worst}) are predicted as a novel class: "
+                  "the image-level loss pools the logits of single-tag images whose tagged object is a minority of "
+                  "the pixels and whose background is always base classes, and so raises the tag on the background "
+                  "(the cause of the base drop at this scale; docs/BASE_COLLAPSE.md has the measurements)."]
     cac = [d for (vv, _), d in diagnostics.items() if vv == larvseg and d.auc_bank is not None]
     if cac:
         lines += ["", f"ROC-AUC of three scores for \"this patch is class l\" ({larvseg} runs, mean over seeds): the bank's "
