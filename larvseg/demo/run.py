@@ -349,6 +349,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs)
     _say(f"report: {report.resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS).resolve()}")
     return 0
 
 
