@@ -30,18 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from larvseg.config import Config, EvalConfig, config_from_dict
+from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
-from larvseg.data.transforms import eval_resize
+from larvseg.data.io import IMAGE_SUFFIXES
+from larvseg.data.transforms import eval_resize, to_chw
 from larvseg.data.vocabulary import normalize_name
+from larvseg.distributed import select_device
 from larvseg.models.inference import segment_image
-from larvseg.models.segmenter import Segmenter, build_segmenter
+from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
 from larvseg.train.checkpoint import load_checkpoint
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# the spec's normalisation (section 4), RGB order
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class ImageReadError(ValueError):
@@ -56,66 +53,7 @@ class UnknownClassError(KeyError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint -> segmenter (shared with larvseg eval)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
-    return torch.device(device)
-
-
-def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The segmenter's weights from a checkpoint's 'model' entry, without the CAC memory bank.
-
-    Accepts a Segmenter state dict, or one of a wrapper (DDP ``module.``, TrainingObjective
-    ``segmenter.``). The bank only matters for training; dropping it saves 1.3 GB at 21K classes.
-    """
-    for prefix in ("module.", "segmenter."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("bank.")}
-
-
-def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
-                              model_cfg: Any | None = None) -> tuple[Segmenter, list[str], Config]:
-    """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
-
-    Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
-    The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is
-    not re-initialised from ``model.pretrained`` (the checkpoint holds every weight) and no memory bank
-    is built.
-    """
-    for key in ("model", "vocab"):
-        if key not in ckpt:
-            raise KeyError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)})")
-    names = [str(n) for n in ckpt["vocab"]]
-    cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
-    model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
-    segmenter = build_segmenter(model_cfg, len(names))
-    state = _segmenter_state(ckpt["model"])
-    missing, unexpected = segmenter.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    return segmenter.to(device).eval(), names, cfg
-
-
-# ----------------------------------------------------------------------------------------------
 # Images in, label maps out
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 (3, H, W), normalised with the spec's mean/std."""
-    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)  # astype copies: input may be read-only
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def as_rgb_array(image: Any, name: str = "image") -> np.ndarray:
@@ -171,12 +109,6 @@ class Prediction:
     class_names: list[str]  # name of every union id (class_names[label_map[y, x]])
     areas: dict[str, float]  # fraction of the pixels per class present, largest first; sums to 1
 
-    @property
-    def present(self) -> list[int]:
-        """Union ids present in the label map, largest area first."""
-        index = {n: i for i, n in enumerate(self.class_names)}
-        return [index[n] for n in self.areas]
-
 
 def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     counts = np.bincount(label_map.ravel(), minlength=len(names))
@@ -193,28 +125,25 @@ class LarvSegPredictor:
         self.segmenter = segmenter.eval()
         self.class_names = list(class_names)
         self.device = next(segmenter.parameters()).device
-        if amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
-        self.amp = amp  # "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
-        self.eval_cfg = eval_cfg or EvalConfig()
-        self.short_side = self.eval_cfg.short_side if short_side is None else short_side
+        # amp "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
+        e = eval_cfg or EvalConfig()
+        self.eval_cfg = dataclasses.replace(e, amp=check_amp(amp),
+                                            short_side=e.short_side if short_side is None else short_side)
         ids = resolve_classes(classes, self.class_names)
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
-        segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), resolve_device(device))
+        segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), select_device(device))
         return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side)
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray | Image.Image) -> Prediction:
         rgb = as_rgb_array(image)
-        resized = eval_resize(rgb, self.short_side, self.eval_cfg.max_long_side)
-        e = self.eval_cfg
+        resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
         label_map = segment_image(
-            self.segmenter, image_to_tensor(resized).to(self.device), class_ids=self.class_ids, mode=e.mode,
-            crop_size=e.crop_size, stride=e.stride, out_size=rgb.shape[:2], amp=self.amp,
+            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg, class_ids=self.class_ids, out_size=rgb.shape[:2],
         ).cpu().numpy().astype(np.int64)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
 

@@ -3,14 +3,17 @@ mini benchmark, and a report whose contents are checked (not just its existence)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 from PIL import Image
 
 from larvseg.cli import main as cli_main
+from larvseg.config import load_config
 from larvseg.demo.benchmark import DEMO_CLASSES
-from larvseg.demo.run import VARIANTS
+from larvseg.demo.run import VARIANTS, describe_model
+from larvseg.models.segmenter import build_segmenter
 
 CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
@@ -36,7 +39,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert ("LarvSeg (CAC) beats the baseline" in text) != ("LarvSeg (CAC) does NOT beat the baseline" in text)
     for c in DEMO_CLASSES:  # per-class table names every class with its role
         assert re.search(rf"^\| {c.name} \| {c.role} \|", text, re.M)
-    assert "random initialisation" in text
+    assert "**model**: vit_mini (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random initialisation**" in text
     assert "**training**: 100 iterations" in text
 
     for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500)):
@@ -45,3 +48,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= min_w and im.height >= 250
             assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_report_describes_the_model_trained(tmp_path):
+    weights = tmp_path / "w.npz"
+    for overrides, expected in (
+        ([], "vit_mini (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random initialisation**"),
+        (["model.arch=vit_small", f"model.pretrained={weights}"],
+         f"vit_small (ViT, 384-d, 12 blocks, patch 16) with the cosine classifier, initialised from `{weights}`"),
+    ):
+        cfg = load_config("demo", overrides)
+        model_cfg = dataclasses.replace(cfg.model, pretrained="")  # nothing to load here
+        text = describe_model(cfg, build_segmenter(model_cfg, 3))
+        assert text.startswith(expected)
+        assert ("random initialisation" in text) == (not cfg.model.pretrained)

@@ -23,17 +23,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from larvseg import distributed
-from larvseg.config import Config, load_config
+from larvseg.config import IGNORE_INDEX, Config, load_config
+from larvseg.data.mixing import build_eval_dataset
+from larvseg.data.transforms import to_chw
+from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
-from larvseg.predict import image_to_tensor, segmenter_from_checkpoint
+from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.train.checkpoint import load_checkpoint
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
@@ -54,7 +58,7 @@ class _EvalItems(torch.utils.data.Dataset):
         if item.get("label") is None:
             raise ValueError(f"{item.get('path', self.indices[k])}: evaluation image without a label map")
         label = torch.from_numpy(np.asarray(item["label"]).astype(np.int64))
-        return image_to_tensor(item["image"]), label, str(item.get("path", ""))
+        return torch.from_numpy(to_chw(item["image"])), label, str(item.get("path", ""))
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
@@ -70,22 +74,31 @@ def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray
 
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
-             max_images: int = 0) -> dict[str, Any]:
+             max_images: int = 0, classes: Sequence[str] | None = None, keep: int = 0,
+             verbose: bool = True) -> dict[str, Any]:
     """Evaluate ``segmenter`` (on its device) on ``cfg.data.eval``; call on every rank.
 
     Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
     ``_base`` / ``_novel``, the same under ``detectron2/``), ``num_images`` and ``per_class`` (a list of
     dicts: class, union_id, base, IoU, Acc, detectron2_IoU, gt_pixels, pred_pixels; NaN = left out).
-    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only. With
-    ``out_dir``, rank 0 prints the table and writes JSON, CSV and the matrix there.
+    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only. ``classes``
+    (names of evaluation classes) restricts prediction and metrics to these classes; pixels of other
+    classes are then left out like unlabeled ones. ``keep`` > 0 also returns, under ``predictions``, this
+    rank's first ``keep`` items as dicts (path, image uint8 HxWx3, label and prediction as int64 union
+    ids). Rank 0 shows progress and prints the table unless ``verbose`` is False; with ``out_dir`` it
+    writes JSON, CSV and the matrix there.
     """
-    from larvseg.data.mixing import build_eval_dataset
-    from larvseg.data.vocabulary import base_novel_split
-
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
     eval_ids, base_mask = base_novel_split(vocab, cfg)
     eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    if classes is not None:
+        wanted = np.asarray(vocab.ids(list(classes)), dtype=np.int64)
+        outside = sorted(set(wanted.tolist()) - set(eval_ids.tolist()))
+        if outside:
+            raise ValueError(f"classes not in the evaluation set {cfg.data.eval.name}: {[vocab.names[i] for i in outside]}")
+        keep_mask = np.isin(eval_ids, wanted)
+        eval_ids, base_mask = eval_ids[keep_mask], np.asarray(base_mask)[keep_mask]
     limit = max_images or cfg.eval.max_images
     n = min(len(dataset), limit) if limit else len(dataset)
     rank, world = distributed.rank(), distributed.world_size()
@@ -96,15 +109,22 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     num_model_classes = getattr(segmenter, "num_classes", len(vocab))
     class_ids = torch.from_numpy(_model_class_ids(eval_ids, num_model_classes)).to(device)
     acc = ConfusionAccumulator(eval_ids, device=device)
+    restrict = torch.from_numpy(eval_ids).to(device) if classes is not None else None
+    kept: list[dict[str, Any]] = []
     was_training = segmenter.training
     segmenter.eval()
     start = time.perf_counter()
-    e = cfg.eval
-    for image, label, _path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
-                                    disable=not distributed.is_main_process()):
-        pred = segment_image(segmenter, image.to(device, non_blocking=True), class_ids=class_ids, mode=e.mode,
-                             crop_size=e.crop_size, stride=e.stride, out_size=tuple(label.shape[-2:]), amp=e.amp)
-        acc.update(pred, label.to(device, non_blocking=True))
+    for image, label, path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
+                                   disable=not (verbose and distributed.is_main_process())):
+        pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
+                             out_size=tuple(label.shape[-2:]))
+        label = label.to(device, non_blocking=True)
+        if restrict is not None:  # pixels of the classes left out count as unlabeled
+            label = torch.where(torch.isin(label, restrict), label, IGNORE_INDEX)
+        acc.update(pred, label)
+        if len(kept) < keep:
+            kept.append({"path": path, "image": image.permute(1, 2, 0).numpy(), "label": label.cpu().numpy(),
+                         "prediction": pred.cpu().numpy()})
     segmenter.train(was_training)
     matrix = acc.reduce().cpu()
 
@@ -112,8 +132,11 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     results = summarise(matrix, eval_ids, base_mask, [names[i] for i in eval_ids])
     results["num_images"] = n
     results["seconds"] = time.perf_counter() - start
+    if keep:
+        results["predictions"] = kept
     if distributed.is_main_process():
-        print(format_table(results), flush=True)
+        if verbose:
+            print(format_table(results), flush=True)
         if out_dir is not None:
             save_results(results, matrix, Path(out_dir))
     return results
@@ -184,9 +207,6 @@ def save_results(results: dict[str, Any], matrix: torch.Tensor, out_dir: Path) -
 
 
 def main(args: argparse.Namespace) -> int:
-    from larvseg.data.vocabulary import Vocabulary, build_vocabulary
-    from larvseg.train.checkpoint import load_checkpoint
-
     unsupported = [m for m in args.metrics if m not in SUPPORTED_METRICS]
     if unsupported:
         raise SystemExit(f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}")
