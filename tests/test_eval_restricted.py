@@ -3,6 +3,7 @@ on a tiny ADE-150-format set: metrics against a by-hand computation, class restr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from larvseg.config import IGNORE_INDEX, EvalConfig, ModelConfig, SourceConfig
 from larvseg.data import testing as T
 from larvseg.data.mixing import build_eval_dataset
-from larvseg.data.vocabulary import build_vocabulary, load_class_names, normalize_name
+from larvseg.data.vocabulary import UnknownClassError, build_vocabulary, load_class_names, normalize_name
 from larvseg.eval.evaluate import evaluate
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import build_segmenter
@@ -56,7 +57,8 @@ def by_hand(cfg, vocab, segmenter, names):
 def test_restricted_evaluation_matches_a_direct_computation(setup):
     cfg, vocab, segmenter = setup
     names = [load_class_names("ade150")[k] for k in (0, 2, 12)]  # the set also holds class 149: ignored here
-    results = evaluate(cfg, segmenter, vocab, classes=names, keep=2, verbose=False)
+    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(names)))
+    results = evaluate(restricted, segmenter, vocab, keep_predictions=2, verbose=False)
     miou, iou = by_hand(cfg, vocab, segmenter, names)
     assert [r["union_id"] for r in results["per_class"]] == vocab.ids(names).tolist()
     assert results["mIoU"] == pytest.approx(miou) and 0 < miou < 100
@@ -73,5 +75,6 @@ def test_restricted_evaluation_matches_a_direct_computation(setup):
     assert sum(r["gt_pixels"] for r in full["per_class"]) > sum(r["gt_pixels"] for r in results["per_class"])
     ade = {normalize_name(n) for n in load_class_names("ade150")}
     coco_only = next(n for n in load_class_names("coco171") if normalize_name(n) not in ade)
-    with pytest.raises(ValueError, match=re.escape(f"not in the evaluation set A150: ['{normalize_name(coco_only)}']")):
-        evaluate(cfg, segmenter, vocab, classes=["wall", coco_only], verbose=False)
+    wrong = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=f"wall,{coco_only}"))
+    with pytest.raises(UnknownClassError, match=re.escape(f"not in the evaluation set's classes of 150: ['{coco_only}']")):
+        evaluate(wrong, segmenter, vocab, verbose=False)

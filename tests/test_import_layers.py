@@ -16,9 +16,14 @@ PACKAGE = Path(larvseg.__file__).resolve().parent
 # along the edges listed in SAME_LAYER (longest prefix wins)
 LAYERS = {
     "larvseg": 0,  # larvseg/__init__.py
+    "larvseg.errors": 0,
+    "larvseg.atomic": 0,
     "larvseg.config": 0,
     "larvseg.distributed": 0,
     "larvseg.data": 1,
+    # the mini benchmark generator writes datasets in the on-disk layouts and imports only config:
+    # a data-layer module that lives with the demo (training and `data check` generate tiny_cpu's data)
+    "larvseg.demo.benchmark": 1,
     "larvseg.models": 2,
     "larvseg.train": 3,
     "larvseg.eval": 3,
@@ -32,6 +37,7 @@ SAME_LAYER = {
     ("larvseg.eval.evaluate", "larvseg.train.checkpoint"),  # the checkpoint file format
     ("larvseg.predict", "larvseg.train.checkpoint"),
     ("larvseg.demo.run", "larvseg.cli"),  # `python -m larvseg.demo.run` is `larvseg demo`
+    ("larvseg.data.check", "larvseg.demo.benchmark"),  # tiny_cpu's generated data, checked as is
 }
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from larvseg.data.io import EmptyDatasetError, require_dir, source_root
+from larvseg.errors import UserError
 
 if TYPE_CHECKING:
     from larvseg.config import Config, SourceConfig
@@ -33,8 +34,10 @@ CLASSLIST_DIR = Path(__file__).resolve().parent / "classlists"
 MAX_CLASSES = 65535  # IGNORE_INDEX is 65535, labels are uint16
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """A class list that cannot be read or resolved."""
+
+    hint = "fix the class list, or the config key the message names"
 
 
 def normalize_name(name: str) -> str:
@@ -120,7 +123,8 @@ def imagenet_subset(classes: str) -> list[str]:
         "all": lambda: list(imagenet_synsets()),
     }
     if not classes:
-        raise VocabularyError("imagenet source needs 'classes': ade150, ade847, all, or a file of wnids")
+        raise VocabularyError("an imagenet source needs 'classes': set its classes key to ade150, ade847, all, "
+                              "or a file of wnids")
     wnids = presets[classes]() if classes in presets else read_wnid_file(Path(classes).expanduser())
     known = imagenet_synsets()
     unknown = [w for w in wnids if w not in known]
@@ -193,6 +197,39 @@ class Vocabulary:
         return f"Vocabulary({len(self)} classes)"
 
 
+class UnknownClassError(UserError, KeyError):
+    """A class name asked for (``--classes``, ``classes=``, ``eval.classes``) that is not among the classes at hand."""
+
+    hint = "check the spelling; the checkpoint's classes are listed in classes.json of any predict output"
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
+                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
+    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
+    comma-separated string, or a file with one name per line. Names match after normalisation (case,
+    '-', '_', spaces); an unknown name is an UnknownClassError that says it is not in ``what``."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        path = Path(classes)
+        if path.is_file():
+            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            wanted = [c.strip() for c in classes.split(",") if c.strip()]
+    else:
+        wanted = list(classes)
+    if not wanted:
+        raise UnknownClassError(f"no class names in {classes!r}")
+    index = {normalize_name(n): i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if normalize_name(w) not in index]
+    if unknown:
+        raise UnknownClassError(f"classes not in {what} of {len(names)}: {unknown[:10]}")
+    return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
+
+
 def custom_seg_names(source: "SourceConfig", data_root: Path) -> list[str]:
     root = source_root(source, data_root, "")
     return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")
@@ -230,10 +267,17 @@ def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
 def build_vocabulary(cfg: "Config") -> Vocabulary:
     """The union vocabulary of an experiment: segmentation sources, then tag sources, then the eval set."""
     root = cfg.data.resolved_root()
-    sources = [*cfg.data.seg_sources, *cfg.data.tag_sources]
+    sources = [(f"data.seg_sources.{i}", s) for i, s in enumerate(cfg.data.seg_sources)]
+    sources += [(f"data.tag_sources.{i}", s) for i, s in enumerate(cfg.data.tag_sources)]
     if cfg.data.eval.format:
-        sources.append(cfg.data.eval)
-    return Vocabulary.union(*(source_class_names(s, root) for s in sources))
+        sources.append(("data.eval", cfg.data.eval))
+    lists = []
+    for key, source in sources:
+        try:
+            lists.append(source_class_names(source, root))
+        except VocabularyError as exc:  # say which config entry to fix (the message has the value)
+            raise VocabularyError(f"{key} ({source.name or source.format}): {exc}") from None
+    return Vocabulary.union(*lists)
 
 
 def base_novel_split(vocab: Vocabulary, cfg: "Config") -> tuple[np.ndarray, np.ndarray]:

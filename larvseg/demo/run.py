@@ -19,6 +19,7 @@ larvseg.eval.confusion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def run_dir(out: Path, seed: int, variant: str) -> Path:
+    """Work dir of one run: ``<out>/runs/seed<seed>/<first word of the variant>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
+
+
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
@@ -90,7 +96,8 @@ def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
 def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab: Vocabulary, panel_images: int) -> tuple[dict, list[PanelRow]]:
     """mIoU (all / base / novel) over the benchmark's classes, per-class IoU in DEMO_CLASSES order, and
     the panel rows of the first images (labels and predictions as indices into DEMO_CLASSES)."""
-    results = evaluate(cfg, segmenter, vocab, classes=[c.name for c in DEMO_CLASSES], keep=panel_images, verbose=False)
+    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES)))
+    results = evaluate(restricted, segmenter, vocab, keep_predictions=panel_images, verbose=False)
     rows = {r["union_id"]: r for r in results["per_class"]}
     union_ids = vocab.ids([c.name for c in DEMO_CLASSES])
     roles = [("base" if rows[u]["base"] else "novel") for u in union_ids]
@@ -128,7 +135,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     for seed in range(seeds):
         for v_index, variant in enumerate(VARIANTS):
             k = seed * len(VARIANTS) + v_index + 1
-            work_dir = out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
+            work_dir = run_dir(out, seed, variant)
             cfg = variant_config(layout, work_dir, variant, seed, profile.iters, extra)
             _say(f"[{k}/{total}] {variant}, seed {seed}: training {cfg.train.iters} iterations -> {work_dir}")
             t0 = time.perf_counter()
@@ -159,6 +166,13 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                        "training data in the demo); mIoU in the MMSegmentation convention"),
         "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
         "wall time": f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads",
+        "checkpoints": "; ".join(
+            f"{variant}: " + ", ".join(f"`{run_dir(out, seed, variant) / FINAL_WEIGHTS}`" for seed in range(seeds))
+            for variant in VARIANTS),
+        # predict defaults to the classes with training data (the benchmark's 14)
+        "predict with LarvSeg (from the folder the demo ran in)": (
+            f"`larvseg predict {run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS} {layout.eval_images} "
+            f"--out {out / 'predictions'}`"),
     }
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
                         setup, tuple(VARIANTS))
