@@ -119,7 +119,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"  # key of larvseg.models.vit.VIT_BUILDERS: vit_tiny | vit_small | vit_base
-    pretrained: str = ""  # AugReg .npz (or a LarvSeg checkpoint) to initialise the backbone; "" = random
+    pretrained: str = ""  # AugReg .npz, timm .safetensors/.pth, hf-hub:<repo> or a LarvSeg checkpoint; "" = random
     drop_path: float = 0.1
     num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
     loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
@@ -148,6 +148,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept in the work dir
     eval_interval: int = 16_000  # every N steps and at the end; 0 = only at the end; < 0 = never
     resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
+    tensorboard: bool = True  # TensorBoard event files in the work dir (when tensorboardX is installed)
 
 
 @dataclass

@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import sys
-import unicodedata
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +37,7 @@ from larvseg import atomic
 from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
 from larvseg.data.io import IMAGE_SUFFIXES
+from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
 from larvseg.data.vocabulary import UnknownClassError, resolve_classes
 from larvseg.distributed import select_device
@@ -81,20 +80,6 @@ def read_image(path: str | Path) -> np.ndarray:
         return data_io.read_image(path)
     except data_io.CorruptImageError as exc:
         raise ImageReadError(str(exc)) from None
-
-
-@dataclass
-class Prediction:
-    label_map: np.ndarray  # (H, W) int64 union class ids, at the input image's resolution
-    class_names: list[str]  # name of every union id (class_names[label_map[y, x]])
-    areas: dict[str, float]  # fraction of the pixels per class present, largest first; sums to 1
-
-
-def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-    counts = np.bincount(label_map.ravel(), minlength=len(names))
-    ids = np.flatnonzero(counts)
-    ids = ids[np.argsort(-counts[ids], kind="stable")]
-    return {names[i]: float(counts[i] / label_map.size) for i in ids}
 
 
 class LarvSegPredictor:
@@ -172,45 +157,6 @@ def expand_images(items: Sequence[str]) -> list[Path]:
         else:
             raise ImageReadError(f"{path}: no such file or folder")
     return out
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 RGB colours, fixed per class id (the same in every image and run)."""
-    return np.random.default_rng(12345).integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
-
-
-def label_png_dtype(num_classes: int) -> type:
-    return np.uint8 if num_classes < 255 else np.uint16
-
-
-def _ascii(text: str) -> str:
-    """cv2's fonts draw ASCII only."""
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or "?"
-
-
-def render_overlay(image: np.ndarray, pred: Prediction, colours: np.ndarray, alpha: float = 0.5,
-                   max_legend: int = 25) -> np.ndarray:
-    """RGB image blended with the class colours, and a legend panel on the right (largest class first)."""
-    h, w = image.shape[:2]
-    blend = (image.astype(np.float32) * (1 - alpha) + colours[pred.label_map].astype(np.float32) * alpha).astype(np.uint8)
-    entries = list(pred.areas.items())
-    shown = entries[:max_legend]
-    row, pad, swatch, panel_w = 18, 6, 12, 240
-    lines = len(shown) + (1 if len(entries) > len(shown) else 0)
-    canvas = np.full((max(h, pad * 2 + row * lines), w + panel_w, 3), 255, dtype=np.uint8)
-    canvas[:h, :w] = blend
-    index = {n: i for i, n in enumerate(pred.class_names)}
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    for k, (name, area) in enumerate(shown):
-        y = pad + k * row
-        x = w + pad
-        canvas[y + 2: y + 2 + swatch, x: x + swatch] = colours[index[name]]
-        cv2.putText(canvas, f"{_ascii(name)[:26]} {100 * area:.1f}%", (x + swatch + 5, y + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    if len(entries) > len(shown):
-        cv2.putText(canvas, f"... and {len(entries) - len(shown)} more", (w + pad, pad + len(shown) * row + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    return canvas
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

@@ -26,6 +26,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
+    served = re.search(r"larvseg serve (\S+)$", printed, re.M)  # the closing hint names the LarvSeg model
+    assert served and served.group(1).endswith("larvseg/final.safetensors") and Path(served.group(1)).is_file()
     assert (out / "data" / "benchmark.json").is_file()  # generated on first use under the out dir
 
     text = report.read_text()

@@ -187,6 +187,7 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else out / "data"
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None))
     _say(f"report: {report.resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS).resolve()}")
     return 0
 
 

@@ -40,6 +40,7 @@ from larvseg import distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.io import DataError
 from larvseg.data.mixing import build_eval_dataset
+from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
 from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, resolve_classes
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
@@ -50,6 +51,7 @@ from larvseg.train.checkpoint import load_checkpoint
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
 GROUPS = ("", "_base", "_novel")
+OVERLAY_IMAGES = 3  # evaluation images drawn as overlays for TensorBoard
 
 
 class _EvalItems(torch.utils.data.Dataset):
@@ -86,6 +88,16 @@ def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray
     return eval_ids[eval_ids < num_model_classes]
 
 
+def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Union ids of the evaluation classes and their base mask, restricted to ``eval.classes`` when set."""
+    eval_ids, base_mask = base_novel_split(vocab, cfg)
+    eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
+        keep = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
+        eval_ids, base_mask = eval_ids[keep], np.asarray(base_mask, dtype=bool)[keep]
+    return eval_ids, np.asarray(base_mask, dtype=bool)
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
              max_images: int = 0, keep_predictions: int = 0, verbose: bool = True) -> dict[str, Any]:
@@ -103,11 +115,7 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     """
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, base_mask = base_novel_split(vocab, cfg)
-    eval_ids = np.asarray(eval_ids, dtype=np.int64)
-    if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
-        chosen = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
-        eval_ids, base_mask = eval_ids[chosen], np.asarray(base_mask, dtype=bool)[chosen]
+    eval_ids, base_mask = scored_classes(cfg, vocab)
     limit = max_images or cfg.eval.max_images
     n = min(len(dataset), limit) if limit else len(dataset)
     rank, world = distributed.rank(), distributed.world_size()
@@ -156,6 +164,29 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
         if out_dir is not None:
             save_results(results, matrix, Path(out_dir))
     return results
+
+
+def eval_overlays(cfg: Config, segmenter: torch.nn.Module, vocab: Any,
+                  count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
+    """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
+    evaluation images, predicted over the evaluation classes as ``larvseg eval`` does."""
+    dataset = build_eval_dataset(cfg, vocab)
+    eval_ids, _ = scored_classes(cfg, vocab)
+    eval_ids = _model_class_ids(eval_ids, segmenter.num_classes)  # as larvseg eval predicts
+    device = next(segmenter.parameters()).device
+    class_ids = torch.as_tensor(eval_ids, device=device)
+    names = list(vocab.names)
+    colours = palette(len(names))
+    was_training = segmenter.training
+    segmenter.eval()
+    overlays = []
+    with torch.no_grad():
+        for i in range(min(count, len(dataset))):
+            image = np.asarray(dataset.load(i)["image"])
+            labels = segment_image(segmenter, torch.from_numpy(to_chw(image)), cfg.eval, class_ids=class_ids).cpu().numpy()
+            overlays.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
+    segmenter.train(was_training)
+    return overlays
 
 
 def summarise(matrix: torch.Tensor, eval_ids: np.ndarray, base_mask: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -248,8 +279,11 @@ def main(args: argparse.Namespace) -> int:
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
-        evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
+            from larvseg.train.tensorboard import log_evaluation
+
+            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

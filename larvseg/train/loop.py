@@ -40,7 +40,7 @@ from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, build_vocabulary
 from larvseg.demo.benchmark import ensure_smoke_data
-from larvseg.eval.evaluate import evaluate
+from larvseg.eval.evaluate import eval_overlays, evaluate
 from larvseg.models.inference import autocast_context
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
@@ -172,7 +172,8 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
 
     loader.start_at(start_step)
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
-    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main)
+    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
+                          tensorboard=t.tensorboard)
     last_good = resume_path
 
     def supervised_ids() -> list[int]:  # a collective: call on every rank
@@ -196,7 +197,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
 
     def run_eval(step: int) -> None:
         results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
-        logger.log_eval(step, results)
+        logger.log_eval(step, results, images=lambda: eval_overlays(cfg, segmenter, vocab))
 
     model.train()
     batches = iter(loader)
