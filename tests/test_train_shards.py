@@ -127,7 +127,8 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 def test_train_from_shards_killed_and_resumed_matches_uninterrupted(shards):
     root = shards
     config = _config(root, "streamed", streamed=True)
-    loop.train(load_config(config, [f"train.work_dir={root / 'ref'}"]), resume="none")
+    cfg = load_config(config, [f"train.work_dir={root / 'ref'}"])
+    loop.train(cfg, *loop.build(cfg, torch.device("cpu")), resume="none")
     ref = load_checkpoint(root / "ref" / "iter_00000006.pth")
 
     work = root / "killed"
@@ -162,7 +163,8 @@ def _free_port() -> int:
 def test_two_nodes_of_two_processes_match_one_process(shards):
     root = shards
     config = _config(root, "offsets", streamed=False, seg=3, iters=2)  # 3 seg images over 4 ranks: one gets 0
-    loop.train(load_config(config, [f"train.work_dir={root / 'one'}"]), resume="none")
+    cfg = load_config(config, [f"train.work_dir={root / 'one'}"])
+    loop.train(cfg, *loop.build(cfg, torch.device("cpu")), resume="none")
     env = dict(_env(), NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     nodes = [subprocess.Popen(["bash", str(REPO / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(root / "multi")],
                               env=dict(env, NODE_RANK=str(node)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -293,7 +293,13 @@ class MixedLoader:
         step alone, so starting at t gives exactly the batches an uninterrupted run sees from t on."""
         self.start_step = step
         for loader in self.loaders:
-            loader.batch_sampler.start = step
+            if isinstance(loader.dataset, _StreamSteps):  # streamed shards: skips its streams' samples
+                loader.dataset.start = step
+                if step and loader.dataset.rank == 0:  # the interrupted run's layout is not recorded
+                    print(f"note: a streamed source resumes at step {step} exactly only if the interrupted run had "
+                          f"the same number of processes and data.num_workers", file=sys.stderr, flush=True)
+            else:
+                loader.batch_sampler.start = step
 
     def __iter__(self) -> Iterator[StepBatch]:
         iterators = [iter(loader) for loader in self.loaders]
