@@ -94,7 +94,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     poly_power: float = 0.9
     min_lr: float = 1e-5
-    amp: str = "auto"  # auto (bf16 where supported) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA with bf16 and on CPUs with AMX) | bf16 | off
+    threads: int = 0  # intra-op threads; 0 = $LARVSEG_THREADS, $OMP_NUM_THREADS or a default from the model size
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 50
     checkpoint_interval: int = 4000
@@ -110,7 +111,8 @@ class EvalConfig:
     stride: int = 512
     short_side: int = 512
     max_long_side: int = 2048
-    amp: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA with bf16 and on CPUs with AMX) | bf16 | off
+    threads: int = 0  # intra-op threads of eval / predict; 0 = as train.threads
     max_images: int = 0  # 0 = the whole set
 
 

@@ -36,6 +36,7 @@ from larvseg.data.transforms import eval_resize
 from larvseg.data.vocabulary import normalize_name
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import Segmenter, build_segmenter
+from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import load_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -195,7 +196,7 @@ class LarvSegPredictor:
         self.device = next(segmenter.parameters()).device
         if amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
-        self.amp = amp  # "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
+        self.amp = amp  # "auto": bf16 where it is faster (larvseg.precision)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.short_side = self.eval_cfg.short_side if short_side is None else short_side
         ids = resolve_classes(classes, self.class_names)
@@ -298,6 +299,8 @@ def main(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
     predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
                                                  amp=args.amp, short_side=args.short_side)
+    if predictor.device.type == "cpu":
+        configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
