@@ -58,7 +58,7 @@ def main() -> None:
         seg = images_per_second(loader, 0, n)
         inet = images_per_second(loader, 1, n)
     report("data", seg_images_per_s_per_worker=seg, seg_crop=seg_crop, imagenet_images_per_s_per_worker=inet,
-           imagenet_crop=in_crop, images=n)
+           imagenet_crop=in_crop, images=n, mfu="n/a")  # decoding + augmentation on the host, any --device
 
 
 if __name__ == "__main__":
