@@ -6,7 +6,7 @@ from the model size: one thread per ``PARAMS_PER_THREAD`` parameters, at least 1
 process may run on. A ViT-Tiny (5.7 M parameters) gets 1 thread: its matmuls are too small to split
 usefully, and with more threads than free cores every parallel region waits for a descheduled thread
 (the demo ran 15x slower on 2 shared cores with torch's default of one thread per core). A ViT-B/16
-(86 M) gets up to 4.
+(86 M) gets up to 5.
 """
 
 from __future__ import annotations

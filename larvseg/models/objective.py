@@ -73,7 +73,7 @@ class TrainingObjective(nn.Module):
         # valid tag computes an exact zero through the normal path)
         local_pairs = (batch.tags != TAG_PAD).sum().to(torch.float32).reshape(1)
         global_pairs = distributed.all_reduce_sum(local_pairs)  # collective
-        scale = distributed.world_size() / global_pairs.clamp(min=1.0)
+        scale = distributed.world_size() / global_pairs.clamp(min=1.0)[0]  # 0-d, like the other terms
         if batch.images.shape[0] == 0 or batch.tags.shape[1] == 0:
             if self.use_cac:
                 d = self.segmenter.bank.dim
