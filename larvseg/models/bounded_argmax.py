@@ -217,6 +217,14 @@ def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor,
     return None
 
 
+def _averaging(ax: Axis, groups: int, n_feat: int) -> Tensor:
+    """(groups, n_feat) float32: row g averages the support of group g (padding counted once)."""
+    sup = ax.support[ax.a[:groups]].cpu()
+    weights = torch.zeros(groups, n_feat)
+    weights.scatter_(1, sup, 1.0)
+    return weights / weights.sum(1, keepdim=True)
+
+
 @torch.no_grad()
 def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[str, float]]:
     """argmax over classes of R L_c C^T at every output pixel: (H_out, W_out) int64 class positions.
@@ -232,15 +240,15 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     sup_r, sup_c = rows.support[rows.a[:gr]], cols.support[cols.a[:gc]]  # (G, P) per group
     stats: dict[str, float] = {"cells": float(gr * gc)}
 
-    # 1. seeds: top classes of every feature pixel of a cell's support, and of their mean
+    # 1. seeds: top classes of every feature pixel of a cell's support, and of their mean (two GEMMs
+    #    with averaging matrices: no gathered copies of the logits)
     k = min(SEED_TOPK, n)
     top_px = logits.topk(k, dim=-1).indices  # (H_f, W_f, k)
     seeds = [top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1)]
-    mean = torch.zeros(gr * gc, n, device=device)
-    for i in range(sup_r.shape[1]):
-        for j in range(sup_c.shape[1]):
-            mean += logits[sup_r[cell_r, i], sup_c[cell_c, j]]
-    seeds.append(mean.topk(k, dim=-1).indices)
+    avg_r = _averaging(rows, gr, hf).to(device)
+    avg_c = _averaging(cols, gc, wf).to(device)
+    mean = torch.matmul(avg_c, (avg_r @ logits.reshape(hf, -1)).view(gr, wf, n))  # (Gr, Gc, N)
+    seeds.append(mean.view(gr * gc, n).topk(k, dim=-1).indices)
     del mean
     seeds = torch.cat(seeds, 1).sort(1).values
     seeds = torch.where(torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1),
@@ -257,8 +265,12 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     found = []
     for a in range(0, n, chunk):
         blk = logits[:, :, a : a + chunk]
-        ub_rows = blk[sup_r].amax(1)  # (Gr, W_f, n)
-        ub = ub_rows[:, sup_c].amax(2)  # (Gr, Gc, n)
+        ub_rows = blk.index_select(0, sup_r[:, 0])  # (Gr, W_f, n): max over each group's support rows
+        for i in range(1, sup_r.shape[1]):
+            ub_rows = torch.maximum(ub_rows, blk.index_select(0, sup_r[:, i]))
+        ub = ub_rows.index_select(1, sup_c[:, 0])  # (Gr, Gc, n)
+        for j in range(1, sup_c.shape[1]):
+            ub = torch.maximum(ub, ub_rows.index_select(1, sup_c[:, j]))
         hit = (ub.view(gr * gc, -1) >= t_cell[:, None]).nonzero()
         hit[:, 1] += a
         found.append(hit)
