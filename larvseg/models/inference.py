@@ -28,6 +28,8 @@ for one 512 x 512 window at 21,843 classes), R and C, and chunks of ``CHUNK_ELEM
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,7 +86,8 @@ def _pipeline_matrices(height: int, width: int, boxes, out_hw: tuple[int, int]) 
     return _axis_matrix(height, out_hw[0], row_boxes), _axis_matrix(width, out_hw[1], col_boxes)
 
 
-def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str) -> Tensor:
+def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str,
+                    progress: Callable[[int, int], None] | None = None) -> Tensor:
     """(H_f, W_f, N) float32 logits of every window on the global feature grid (classifier in float32)."""
     clf = segmenter.classifier
     row_boxes, col_boxes = _boxes_grid(boxes)
@@ -95,7 +98,7 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
     r0 = [sum(hs[:i]) for i in range(len(hs))]
     c0 = [sum(ws[:j]) for j in range(len(ws))]
     out = torch.empty(sum(hs), sum(ws), class_vecs.shape[0], device=image.device)
-    for y1, y2, x1, x2 in boxes:  # loop over windows
+    for done, (y1, y2, x1, x2) in enumerate(boxes, 1):  # loop over windows
         crop = image[:, y1:y2, x1:x2]
         ph, pw = -(-crop.shape[1] // 16) * 16, -(-crop.shape[2] // 16) * 16
         crop = F.pad(crop, (0, pw - crop.shape[2], 0, ph - crop.shape[1]))
@@ -105,6 +108,8 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
         logits = clf.logits_from_scores(p @ class_vecs.T, dim=-1)  # the classifier's own arithmetic
         i, j = row_at[(y1, y2)], col_at[(x1, x2)]
         out[r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits.view(ph // 16, pw // 16, -1)
+        if progress is not None:  # the backbone pass per window is the cost: report each
+            progress(done, len(boxes))
     return out
 
 
@@ -139,6 +144,7 @@ def segment_image_detailed(
     out_size: tuple[int, int] | None = None,
     amp: str = "off",
     dense_max_elems: int = DENSE_MAX_ELEMS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, dict[str, float | str]]:
     """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded", counters...}."""
     if image.ndim != 3 or image.shape[0] != 3:
@@ -160,7 +166,8 @@ def segment_image_detailed(
     was_training = segmenter.training
     segmenter.eval()
     try:
-        logits = _feature_logits(segmenter, image, boxes, segmenter.classifier.class_vectors(classes).float(), amp)
+        logits = _feature_logits(segmenter, image, boxes, segmenter.classifier.class_vectors(classes).float(), amp,
+                                 progress)
     finally:
         segmenter.train(was_training)
     r, c = _pipeline_matrices(hh, ww, boxes, out_hw)
@@ -180,13 +187,15 @@ def segment_image(
     stride: int = 512,
     out_size: tuple[int, int] | None = None,
     amp: str = "off",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Predicted union class ids (H_out, W_out) int64 for a normalised (3, H, W) image.
 
     ``class_ids`` restricts the prediction (and the classifier's standardisation, as in training with a
     class subset) to these union ids. ``mode``: "slide" (MMSegmentation semantics) or "whole".
-    ``out_size``: output size (default: the image size). ``amp``: see ``autocast_context``.
+    ``out_size``: output size (default: the image size). ``amp``: see ``larvseg.precision``.
+    ``progress(done, total)`` is called after each window's backbone pass (progress bars for large images).
     """
     pred, _ = segment_image_detailed(segmenter, image, class_ids=class_ids, mode=mode, crop_size=crop_size,
-                                     stride=stride, out_size=out_size, amp=amp)
+                                     stride=stride, out_size=out_size, amp=amp, progress=progress)
     return pred
