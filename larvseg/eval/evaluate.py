@@ -83,6 +83,18 @@ def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray
     return eval_ids[eval_ids < num_model_classes]
 
 
+def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Union ids of the evaluation classes and their base mask, restricted to ``eval.classes`` when set."""
+    from larvseg.data.vocabulary import base_novel_split
+
+    eval_ids, base_mask = base_novel_split(vocab, cfg)
+    eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
+        keep = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
+        eval_ids, base_mask = eval_ids[keep], np.asarray(base_mask, dtype=bool)[keep]
+    return eval_ids, np.asarray(base_mask, dtype=bool)
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
              max_images: int = 0) -> dict[str, Any]:
@@ -95,15 +107,10 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     ``out_dir``, rank 0 prints the table and writes JSON, CSV and the matrix there.
     """
     from larvseg.data.mixing import build_eval_dataset
-    from larvseg.data.vocabulary import base_novel_split
 
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, base_mask = base_novel_split(vocab, cfg)
-    eval_ids = np.asarray(eval_ids, dtype=np.int64)
-    if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
-        keep = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
-        eval_ids, base_mask = eval_ids[keep], np.asarray(base_mask, dtype=bool)[keep]
+    eval_ids, base_mask = scored_classes(cfg, vocab)
     limit = max_images or cfg.eval.max_images
     n = min(len(dataset), limit) if limit else len(dataset)
     rank, world = distributed.rank(), distributed.world_size()
@@ -239,8 +246,11 @@ def main(args: argparse.Namespace) -> int:
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
-        evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
+            from larvseg.train.tensorboard import eval_overlays, log_evaluation
+
+            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

@@ -62,6 +62,7 @@ from larvseg.train.checkpoint import (
     update_latest_link,
 )
 from larvseg.train.logger import MetricLogger
+from larvseg.train.tensorboard import eval_overlays
 from larvseg.train.schedule import poly_lr, set_lr
 
 
@@ -165,7 +166,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     loader = MixedLoader(cfg, vocab, rank, world, start_step=start_step, pin_memory=device.type == "cuda")
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
-    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main)
+    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
+                          tensorboard=t.tensorboard)
     last_good = resume_path
 
     def supervised_ids() -> list[int]:  # a collective: call on every rank
@@ -189,7 +191,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     def run_eval(step: int) -> None:
         results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
-        logger.log_eval(step, results)
+        logger.log_eval(step, results, images=lambda: eval_overlays(cfg, segmenter, vocab))
 
     model.train()
     batches = iter(loader)
