@@ -37,10 +37,9 @@ import torch
 from common import efficiency, parser, peak_gflops, report, setup, time_side_by_side, vit_flops
 
 from larvseg.config import ModelConfig
-from larvseg.data.transforms import eval_resize
+from larvseg.data.transforms import eval_resize, to_chw
 from larvseg.models.inference import segment_image_detailed
 from larvseg.models.segmenter import build_segmenter
-from larvseg.predict import image_to_tensor
 
 
 def build(arch: str, classes: int, device: torch.device | str = "cpu", seed: int = 0):
@@ -52,7 +51,7 @@ def build(arch: str, classes: int, device: torch.device | str = "cpu", seed: int
 def make_confident(model, image: torch.Tensor, clusters: int = 150, steps: int = 5) -> None:
     """Set class vectors 0..clusters-1 to k-means centres of the image's projected pixel features."""
     clf = model.classifier
-    p = clf.pixel_vectors(model.backbone(image[None].to(clf.class_embed.device)))[0]  # (hw, D), L2-normalised
+    p = clf.pixel_vectors(model.backbone(model.preprocess(image[None].to(clf.class_embed.device))))[0]  # (hw, D), L2-normalised
     g = torch.Generator().manual_seed(0)
     clusters = min(clusters, p.shape[0])
     centres = p[torch.randperm(p.shape[0], generator=g)[:clusters].to(p.device)].clone()
@@ -85,7 +84,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor, classes: int) -> tuple[float, fl
 def child(arch: str, size: int, classes: int, device: str) -> None:
     """Run one large-vocabulary prediction in this (fresh) process and print JSON with peak RSS."""
     model = build(arch, classes, device)
-    image = torch.randn(3, size, size, device=device)
+    image = torch.rand(3, size, size, device=device) * 255  # RGB pixel values
     t0 = time.perf_counter()
     pred, info = segment_image_detailed(model, image, mode="whole", crop_size=size, stride=size)
     seconds = time.perf_counter() - t0
@@ -114,7 +113,7 @@ def main() -> None:
     device = setup(args)
     model = build(args.arch, args.classes, device)
     confident = build(args.arch, args.classes, device)
-    image = torch.randn(3, args.size, args.size, device=device)
+    image = torch.rand(3, args.size, args.size, device=device) * 255  # RGB pixel values
     make_confident(confident, image, clusters=min(150, args.classes))
     small = torch.arange(150, device=device)
     paths = {}
@@ -139,14 +138,14 @@ def main() -> None:
     # bf16 vs fp32 labels: confident classifier (150 classes) on smooth images
     pix, miou = [], []
     for k in range(args.agreement_images):
-        img = image_to_tensor(smooth_image(args.size, args.size, k)).to(device)
+        img = torch.from_numpy(to_chw(smooth_image(args.size, args.size, k))).to(device)
         ref, _ = segment_image_detailed(confident, img, class_ids=small, mode="whole", amp="off")
         low, _ = segment_image_detailed(confident, img, class_ids=small, mode="whole", amp="bf16")
         a, m = agreement(low, ref, 150)
         pix.append(a), miou.append(m)
     # predict on a photo: the model sees it at short side 512, the labels are at full resolution
     tiny = build("vit_tiny", photo_classes, device)
-    photo = image_to_tensor(eval_resize(smooth_image(photo_h, photo_w, 7), min(512, photo_h), 2048)).to(device)
+    photo = torch.from_numpy(to_chw(eval_resize(smooth_image(photo_h, photo_w, 7), min(512, photo_h), 2048))).to(device)
     crop = [min(512, n) // 16 * 16 for n in photo.shape[1:]]  # one window of it, a multiple of the patch size
     make_confident(tiny, photo[:, : crop[0], : crop[1]], clusters=14)
     few = torch.arange(14, device=device)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-AMP_CHOICES = ("auto", "bf16", "off")
+from larvseg.config import check_amp
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -54,8 +54,8 @@ def bf16_is_faster(device: torch.device) -> bool:
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    """Whether ``amp`` ("auto" | "bf16" | "off", ``larvseg.config.AMP_MODES``) means bf16 autocast here."""
+    check_amp(amp)
     return amp == "bf16" or (amp == "auto" and bf16_is_faster(device))
 
 

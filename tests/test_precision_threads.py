@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from larvseg import precision, threads
-from larvseg.config import ModelConfig
+from larvseg.config import EvalConfig, ModelConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.inference import segment_image
@@ -65,7 +65,7 @@ def _segmenter(classes: int = 12) -> Segmenter:
 
 def test_amp_auto_on_amx_gives_bf16_outputs_close_to_fp32(monkeypatch):
     seg = _segmenter()
-    image = torch.randn(3, 64, 64)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255  # RGB pixel values
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     with torch.no_grad():
         ref = seg(image[None]).logits
@@ -73,8 +73,8 @@ def test_amp_auto_on_amx_gives_bf16_outputs_close_to_fp32(monkeypatch):
             low = seg(image[None]).logits
     assert low.dtype == torch.bfloat16  # autocast ran (losses and inference cast to float32 after it)
     torch.testing.assert_close(low.float(), ref, atol=0.15, rtol=0.05)
-    labels_auto = segment_image(seg, image, mode="whole", amp="auto")
-    labels_off = segment_image(seg, image, mode="whole", amp="off")
+    labels_auto = segment_image(seg, image, EvalConfig(mode="whole", amp="auto"))
+    labels_off = segment_image(seg, image, EvalConfig(mode="whole", amp="off"))
     assert (labels_auto == labels_off).float().mean() > 0.9
 
 

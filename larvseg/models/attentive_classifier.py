@@ -1,4 +1,4 @@
-"""Category-wise Attentive Classifier (CAC, spec section 3), vectorised over the images of a batch.
+"""Category-wise Attentive Classifier (CAC, docs/METHOD.md section 3), vectorised over the images of a batch.
 
 For every (image b, tag l) pair, with p the image's detached, L2-normalised pixel features and q̄_c the
 mean of class c's bank features (= mean over its M*K stored pixels, see memory_bank.py):
@@ -15,7 +15,7 @@ mean of class c's bank features (= mean over its M*K stored pixels, see memory_b
            the same value and gradient without an N x Hl x Wl tensor per image.
 The bank is then updated for every pair with the mean of p at the K pixels of highest s(., l).
 
-Our choices, where the spec leaves room or we differ:
+Our choices, where the method leaves room or we differ from the original:
 - "Attend before enqueue" holds at *batch* granularity: all attentions of a step (every tag source)
   use the bank as it was at the start of the step; all pairs are enqueued afterwards (the original
   enqueues image by image, so a later image of the same step could already see an earlier one).
