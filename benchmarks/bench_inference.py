@@ -1,51 +1,60 @@
-"""Inference: bf16 autocast vs fp32, and 21,843-class vs 150-class prediction at 512x512.
+"""Inference: bf16 autocast vs fp32, 21,843 vs 150 classes at 512x512, and a 12 MP photo at 909 vs 14 classes.
 
-- images/s of ``segment_image`` (ViT-B/16, 512x512, whole mode) in fp32 and with bf16 autocast;
-- time of a 21,843-class prediction vs a 150-class prediction of the same image (ratio), and the peak RSS
-  of a fresh process that does the 21,843-class prediction (ru_maxrss; includes the model and torch).
+- images/s of ``segment_image`` (ViT-B/16, 512x512, whole mode) in fp32 and with bf16 autocast, side by
+  side, and how far bf16 moves the labels: pixel agreement and mIoU of the bf16 label maps against the
+  fp32 ones (a trained-like classifier, see "confident", on ``--agreement-images`` random smooth images);
+- time of a 21,843-class prediction vs a 150-class prediction of the same image (ratio), for a random
+  and a confident classifier, and the peak RSS of a fresh process doing the 21,843-class random case
+  (ru_maxrss; includes the model and torch);
+- ``larvseg predict`` on a 4000x3000 photo (resized to short side 512 for the model, labels at 12 MP)
+  with a ViT-Tiny and 909 classes vs 14 classes (confident classifier);
+- achieved FLOP/s of the fp32 forward: MFU against the bf16 peak (--device cuda) or fraction of the
+  measured fp32 matmul peak (CPU).
 
-No trained checkpoint can be downloaded here, so two classifiers on a random ViT are timed:
-- "random": random class vectors. The worst case for the 21K path: per-pixel scores are unrelated from
-  one feature pixel to the next, the top-k candidates are rarely certified and the exact argmax expands
-  to most classes (see models/inference.py).
-- "confident": the first 150 class vectors are cluster centres (a few k-means steps) of this image's own
-  pixel features, the other 21,693 random: every pixel sits close to one class vector, as in a trained
-  model. A stand-in for a trained segmenter, not a measurement of one.
+No trained checkpoint can be downloaded here, so the classifiers sit on a random ViT:
+- "random": random class vectors. The worst case: per-pixel scores are unrelated from one feature pixel
+  to the next, so many classes stay possible in every cell (see models/bounded_argmax.py).
+- "confident": the first classes are cluster centres (a few k-means steps) of this image's own pixel
+  features, the rest random: every pixel sits close to one class vector, as in a trained model. A
+  stand-in for a trained segmenter, not a measurement of one.
 
-    python benchmarks/bench_inference.py
+    python benchmarks/bench_inference.py [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
 
+import cv2
+import numpy as np
 import torch
 
-from common import parser, report, setup, time_side_by_side
+from common import efficiency, parser, peak_gflops, report, setup, time_side_by_side, vit_flops
 
 from larvseg.config import ModelConfig
+from larvseg.data.transforms import eval_resize, to_chw
 from larvseg.models.inference import segment_image_detailed
 from larvseg.models.segmenter import build_segmenter
 
 
-def build(arch: str, classes: int, seed: int = 0):
+def build(arch: str, classes: int, device: torch.device | str = "cpu", seed: int = 0):
     torch.manual_seed(seed)
-    model = build_segmenter(ModelConfig(arch=arch, cac=False, drop_path=0.0), classes).eval()
-    return model
+    return build_segmenter(ModelConfig(arch=arch, cac=False, drop_path=0.0), classes).to(device).eval()
 
 
 @torch.no_grad()
 def make_confident(model, image: torch.Tensor, clusters: int = 150, steps: int = 5) -> None:
     """Set class vectors 0..clusters-1 to k-means centres of the image's projected pixel features."""
     clf = model.classifier
-    p = clf.pixel_vectors(model.backbone(image[None]))[0]  # (hw, D), L2-normalised
+    p = clf.pixel_vectors(model.backbone(model.preprocess(image[None].to(clf.class_embed.device))))[0]  # (hw, D), L2-normalised
     g = torch.Generator().manual_seed(0)
     clusters = min(clusters, p.shape[0])
-    centres = p[torch.randperm(p.shape[0], generator=g)[:clusters]].clone()
+    centres = p[torch.randperm(p.shape[0], generator=g)[:clusters].to(p.device)].clone()
     for _ in range(steps):
         assign = (p @ centres.T).argmax(1)
         sums = torch.zeros_like(centres).index_add_(0, assign, p)
@@ -55,16 +64,33 @@ def make_confident(model, image: torch.Tensor, clusters: int = 150, steps: int =
     clf.class_embed[:clusters] = centres
 
 
-def child(arch: str, size: int, classes: int) -> None:
+def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A photo-like uint8 RGB image: random colours on a coarse grid, cubic-interpolated."""
+    rng = np.random.default_rng(seed)
+    return cv2.resize(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8), (width, height),
+                      interpolation=cv2.INTER_CUBIC)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, classes: int) -> tuple[float, float]:
+    """(pixel agreement, mIoU of a against b as the reference) over the classes present in either."""
+    conf = torch.bincount((b.reshape(-1) * classes + a.reshape(-1)).cpu(), minlength=classes * classes)
+    conf = conf.view(classes, classes).double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float(inter.sum() / conf.sum()), float((inter[present] / union[present]).mean())
+
+
+def child(arch: str, size: int, classes: int, device: str) -> None:
     """Run one large-vocabulary prediction in this (fresh) process and print JSON with peak RSS."""
-    model = build(arch, classes)
-    image = torch.randn(3, size, size)
+    model = build(arch, classes, device)
+    image = torch.rand(3, size, size, device=device) * 255  # RGB pixel values
     t0 = time.perf_counter()
-    with torch.no_grad():
-        pred, path = segment_image_detailed(model, image, mode="whole", crop_size=size, stride=size)
+    pred, info = segment_image_detailed(model, image, mode="whole", crop_size=size, stride=size)
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_rss": rss, "path": path, "pred_max": int(pred.max())}))
+    gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    print(json.dumps({"seconds": seconds, "peak_rss": rss, "peak_gpu": gpu, "path": info["path"]}))
 
 
 def main() -> None:
@@ -72,27 +98,30 @@ def main() -> None:
     p.add_argument("--arch", default="vit_base")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--classes", type=int, default=21843)
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--agreement-images", type=int, default=4)
+    p.add_argument("--photo", default="4000x3000", help="WxH of the predict case")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    photo_w, photo_h = (int(v) for v in args.photo.split("x"))
+    photo_classes = 909
     if args.tiny:
-        args.arch, args.size, args.classes, args.repeats = "vit_tiny", 64, 2000, 1
+        args.arch, args.size, args.classes, args.repeats, args.agreement_images = "vit_tiny", 64, 2000, 1, 1
+        photo_w, photo_h, photo_classes = 160, 120, 60
     if args.child:
-        child(args.arch, args.size, args.classes)
+        child(args.arch, args.size, args.classes, args.device)
         return
     device = setup(args)
-    model = build(args.arch, args.classes)
-    confident = build(args.arch, args.classes)
-    image = torch.randn(3, args.size, args.size)
+    model = build(args.arch, args.classes, device)
+    confident = build(args.arch, args.classes, device)
+    image = torch.rand(3, args.size, args.size, device=device) * 255  # RGB pixel values
     make_confident(confident, image, clusters=min(150, args.classes))
-    small = torch.arange(150)
+    small = torch.arange(150, device=device)
     paths = {}
 
-    def run(net, name: str, amp: str, class_ids):
+    def run(net, name: str, amp: str, class_ids, img=image):
         def fn():
-            with torch.no_grad():
-                _, paths[name] = segment_image_detailed(
-                    net, image, class_ids=class_ids, mode="whole", crop_size=args.size, stride=args.size, amp=amp
-                )
+            _, paths[name] = segment_image_detailed(net, img, class_ids=class_ids, mode="whole", crop_size=args.size,
+                                                    stride=args.size, amp=amp)
         return fn
 
     t = time_side_by_side(
@@ -106,12 +135,38 @@ def main() -> None:
         device,
         args.repeats,
     )
+    # bf16 vs fp32 labels: confident classifier (150 classes) on smooth images
+    pix, miou = [], []
+    for k in range(args.agreement_images):
+        img = torch.from_numpy(to_chw(smooth_image(args.size, args.size, k))).to(device)
+        ref, _ = segment_image_detailed(confident, img, class_ids=small, mode="whole", amp="off")
+        low, _ = segment_image_detailed(confident, img, class_ids=small, mode="whole", amp="bf16")
+        a, m = agreement(low, ref, 150)
+        pix.append(a), miou.append(m)
+    # predict on a photo: the model sees it at short side 512, the labels are at full resolution
+    tiny = build("vit_tiny", photo_classes, device)
+    photo = torch.from_numpy(to_chw(eval_resize(smooth_image(photo_h, photo_w, 7), min(512, photo_h), 2048))).to(device)
+    crop = [min(512, n) // 16 * 16 for n in photo.shape[1:]]  # one window of it, a multiple of the patch size
+    make_confident(tiny, photo[:, : crop[0], : crop[1]], clusters=14)
+    few = torch.arange(14, device=device)
+    tp = time_side_by_side(
+        {
+            "photo_14": lambda: segment_image_detailed(tiny, photo, class_ids=few, out_size=(photo_h, photo_w)),
+            "photo_all": lambda: segment_image_detailed(tiny, photo, out_size=(photo_h, photo_w)),
+        },
+        device,
+        max(1, min(args.repeats, 3)),
+    )
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", "--arch", args.arch, "--size", str(args.size), "--classes", str(args.classes)]
-        + (["--threads", str(args.threads)] if args.threads else []),
+        [sys.executable, __file__, "--child", "--arch", args.arch, "--size", str(args.size), "--classes",
+         str(args.classes), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else []),
         check=True, capture_output=True, text=True,
     )
     child_out = json.loads(proc.stdout.strip().splitlines()[-1])
+    dim, depth = model.backbone.embed_dim, len(model.backbone.blocks)
+    tokens = (args.size // 16) ** 2
+    flops = vit_flops(tokens + 1, dim, depth) + 2 * tokens * 150 * dim
+    peak, kind = peak_gflops(device, args.tiny)
     report(
         "inference",
         arch=args.arch,
@@ -119,19 +174,21 @@ def main() -> None:
         fp32_img_s=1 / t["fp32_150"],
         bf16_img_s=1 / t["bf16_150"],
         bf16_speedup=t["fp32_150"] / t["bf16_150"],
+        bf16_pixel_agreement=float(np.mean(pix)),
+        bf16_miou_vs_fp32=float(np.mean(miou)),
         classes=args.classes,
         random_ratio_all_vs_150=t["fp32_all"] / t["fp32_150"],
-        random_path_all=paths["fp32_all"],
+        random_path_all=paths["fp32_all"]["path"],
         confident_ratio_all_vs_150=t["conf_all"] / t["conf_150"],
-        confident_path_all=paths["conf_all"],
+        confident_path_all=paths["conf_all"]["path"],
         peak_rss_GB=child_out["peak_rss"] / 1e9,
+        photo=f"{photo_w}x{photo_h}",
+        photo_s_14=tp["photo_14"],
+        photo_s_all=tp["photo_all"],
+        photo_ratio_all_vs_14=tp["photo_all"] / tp["photo_14"],
+        photo_classes=photo_classes,
+        **efficiency(flops, t["fp32_150"], peak, kind, device),
     )
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Training step: the full LarvSeg step vs the plain backbone forward+backward of the same images.
 
+Also the same full step under bf16 autocast (losses in float32: they run on .float() inputs), side by
+side with float32, and the achieved FLOP/s as MFU against the GPU's bf16 peak (--device cuda) or as a
+fraction of the float32 matmul peak measured in the same run (CPU).
+
 Full step = TrainingObjective on a StepBatch of 2 segmentation images at 512x512 (C171-like source,
 160 classes) and 2 image-level images at 320x320 (A847w-like multi-tag source), 913-class union
 vocabulary, class sampling (100 + present), pixel CE, image-level CE and the CAC (bank warmed up), then
@@ -14,18 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from common import matmul_peak_gflops, parser, report, setup, time_side_by_side
+from common import efficiency, parser, peak_gflops, report, setup, time_side_by_side, vit_flops
 
 from larvseg.config import ModelConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import build_segmenter
-
-
-def vit_flops(tokens: int, dim: int, depth: int) -> float:
-    """Forward FLOPs of the transformer blocks for one image (patch embedding and head excluded)."""
-    per_block = 2 * tokens * 12 * dim * dim + 2 * 2 * tokens * tokens * dim
-    return depth * per_block
+from larvseg.precision import autocast_context
 
 
 def main() -> None:
@@ -46,7 +45,8 @@ def main() -> None:
     # a warm bank, so the CAC loss is active for every pair
     d = model.bank.dim
     ids = torch.arange(vocab).repeat(cfg.memory_bank_size * cfg.warm_up + 1)
-    model.bank.enqueue(ids, torch.nn.functional.normalize(torch.randn(ids.numel(), d, generator=g), dim=-1), gather=False)
+    feats = torch.nn.functional.normalize(torch.randn(ids.numel(), d, generator=g), dim=-1)
+    model.bank.enqueue(ids.to(device), feats.to(device), gather=False)
     labels = seg_pool[torch.randint(0, seg_pool.numel(), (2, seg_size, seg_size), generator=g)]
     tags = torch.full((2, 3), TAG_PAD, dtype=torch.long)
     tags[0, :3] = tag_pool[:3]
@@ -63,15 +63,20 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         objective(batch)["loss"].backward()
 
+    def bf16_step():
+        model.zero_grad(set_to_none=True)
+        with autocast_context("bf16", device):
+            loss = objective(batch)["loss"]
+        loss.backward()
+
     def plain_step():
         model.zero_grad(set_to_none=True)
         (model.backbone(batch.seg[0].images).sum() + model.backbone(batch.tag[0].images).sum()).backward()
 
-    t = time_side_by_side({"full": full_step, "plain": plain_step}, device, repeats)
+    t = time_side_by_side({"full": full_step, "plain": plain_step, "bf16": bf16_step}, device, repeats)
     dim, depth = model.backbone.embed_dim, len(model.backbone.blocks)
     flops = 3 * 2 * (vit_flops((seg_size // 16) ** 2 + 1, dim, depth)) + 3 * 2 * vit_flops((tag_size // 16) ** 2 + 1, dim, depth)
-    peak = matmul_peak_gflops(device, n=512 if args.tiny else 2048)
-    achieved = flops / t["full"] / 1e9
+    peak, kind = peak_gflops(device, args.tiny)
     report(
         "train_step",
         arch=args.arch,
@@ -79,9 +84,9 @@ def main() -> None:
         full_s=t["full"],
         plain_s=t["plain"],
         ratio=t["full"] / t["plain"],
-        gflops=achieved,
-        matmul_peak_gflops=peak,
-        fraction_of_peak=achieved / peak,
+        bf16_s=t["bf16"],
+        bf16_speedup=t["full"] / t["bf16"],
+        **efficiency(flops, t["full"], peak, kind, device),
         params_M=sum(q.numel() for q in params) / 1e6,
     )
 

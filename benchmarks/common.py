@@ -29,10 +29,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
+    """Threads (printed), seed, device. --device cuda needs a visible GPU: a clear error otherwise."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"# {machine()}; cpu flags: {' '.join(interesting_cpu_flags()) or 'unknown'}", flush=True)
     torch.manual_seed(0)
-    return torch.device(args.device)
+    return device
 
 
 def sync(device: torch.device) -> None:
@@ -75,6 +80,45 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_it(lambda: a @ b, device, repeats)
     return 2 * n**3 / seconds / 1e9
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common GPUs, by a substring of the device name.
+# A GPU not listed is measured (a large bf16 matmul) and the line says so.
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+                        "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def interesting_cpu_flags() -> list[str]:
+    """The vector / matrix extensions of this CPU that decide bf16 speed (from /proc/cpuinfo)."""
+    from larvseg.precision import cpu_flags
+
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+
+
+def peak_gflops(device: torch.device, tiny: bool = False) -> tuple[float, str]:
+    """(peak GFLOP/s, what it is): on CUDA the device's dense bf16 peak (table, else a measured bf16
+    matmul); on CPU the measured float32 matmul peak of this run."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_BF16_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e3, f"bf16 peak of {key}"
+        return matmul_peak_gflops(device, torch.bfloat16, n=8192), "measured bf16 matmul"
+    return matmul_peak_gflops(device, n=512 if tiny else 2048), "measured fp32 matmul"
+
+
+def efficiency(flops: float, seconds: float, peak: float, peak_kind: str, device: torch.device) -> dict[str, object]:
+    """Achieved GFLOP/s and its fraction of the peak: "mfu" (vs the bf16 peak) on CUDA, else
+    "fraction_of_matmul_peak"."""
+    achieved = flops / seconds / 1e9
+    key = "mfu" if device.type == "cuda" else "fraction_of_matmul_peak"
+    return {"gflops": achieved, "peak_gflops": peak, "peak": peak_kind.replace(" ", "_"), key: achieved / peak}
+
+
+def vit_flops(tokens: int, dim: int, depth: int) -> float:
+    """Forward FLOPs of the transformer blocks for one image (patch embedding and head excluded)."""
+    per_block = 2 * tokens * 12 * dim * dim + 2 * 2 * tokens * tokens * dim
+    return depth * per_block
 
 
 def machine() -> str:

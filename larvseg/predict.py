@@ -44,6 +44,7 @@ from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
 from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
+from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import load_checkpoint
 
 
@@ -91,7 +92,7 @@ class LarvSegPredictor:
         self.segmenter = segmenter.eval()
         self.class_names = list(class_names)
         self.device = next(segmenter.parameters()).device
-        # amp "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
+        # amp "auto": bf16 where it is faster (larvseg.precision)
         e = eval_cfg or EvalConfig()
         self.eval_cfg = dataclasses.replace(e, amp=check_amp(amp),
                                             short_side=e.short_side if short_side is None else short_side)
@@ -183,6 +184,8 @@ def main(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
     predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
                                                  amp=args.amp, short_side=args.short_side)
+    if predictor.device.type == "cpu":
+        configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names

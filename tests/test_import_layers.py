@@ -20,6 +20,8 @@ LAYERS = {
     "larvseg.atomic": 0,
     "larvseg.config": 0,
     "larvseg.distributed": 0,
+    "larvseg.precision": 0,  # amp choice: imports only torch and config
+    "larvseg.threads": 0,  # intra-op thread count: imports only torch
     "larvseg.data": 1,
     # the mini benchmark generator writes datasets in the on-disk layouts and imports only config:
     # a data-layer module that lives with the demo (training and `data check` generate tiny_cpu's data)

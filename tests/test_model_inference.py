@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from larvseg.config import EvalConfig
 from larvseg.models.cosine_classifier import CosineClassifier
+from larvseg.models.bilinear import resize_matrix
+from larvseg.models.bounded_argmax import bounded_argmax
 from larvseg.models.inference import segment_image, segment_image_detailed, slide_windows
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import VisionTransformer
@@ -68,20 +70,75 @@ def test_slide_equals_reference_and_subset():
                        segment_image(seg, image.to(torch.uint8).float(), slide, out_size=(40, 70)))
 
 
-@pytest.mark.parametrize("topk", [1, 64])
-def test_21k_classes_exact_with_forced_threshold(topk):
+def _trained_like(seg, image, clusters):
+    """Class vectors 0..clusters-1 = k-means centres of the image's pixel features (each pixel close to
+    one class, as after training); the others stay random."""
+    clf = seg.classifier
+    with torch.no_grad():
+        p = clf.pixel_vectors(seg.backbone(image[None]))[0]
+        centres = p[torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))[:clusters]].clone()
+        for _ in range(5):
+            assign = (p @ centres.T).argmax(1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, p)
+            centres = F.normalize(sums + 1e-6 * centres, dim=-1)
+        clf.proj_class.copy_(torch.eye(clf.dim))
+        clf.class_embed[:clusters] = centres
+        clf.gamma.fill_(8.0)
+
+
+@pytest.mark.parametrize("kind", ["random", "trained", "ties"])
+@pytest.mark.parametrize("mode,out_size", [("whole", (24, 20)), ("whole", (70, 90)), ("slide", (40, 70)), ("slide", (13, 21))])
+def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
+    """The bounded path (forced) gives the naive dense argmax of the upsampled logits: random and
+    trained-like classifiers, up- and down-sampled outputs, and exact ties between duplicated classes."""
+    seg = _segmenter(300, dim=8)
+    image = torch.randn(3, 48, 80)
+    if kind == "trained":
+        _trained_like(seg, image, 12)
+    if kind == "ties":
+        with torch.no_grad():
+            seg.classifier.class_embed[1::2] = seg.classifier.class_embed[0::2]  # every class twice
+    crop, stride = (32, 24) if mode == "slide" else (512, 512)
+    ref = _reference_slide(seg, image, crop, stride, out_size) if mode == "slide" else None
+    if mode == "whole":
+        with torch.no_grad():
+            up = F.interpolate(seg(image[None]).logits, size=(48, 80), mode="bilinear", align_corners=False)
+            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]  # two steps, as mmseg
+        ref = up.argmax(0)
+    pred, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size,
+                                        dense_max_elems=0)
+    assert info["path"] == "bounded"
+    assert torch.equal(pred, ref)
+    dense, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size)
+    assert info["path"] == "dense" and torch.equal(dense, ref)
+    if kind == "ties":
+        assert (pred % 2 == 0).all()  # of two identical classes the first wins, as torch.argmax
+
+
+def test_bounded_argmax_ties_and_constant_logits():
+    r, c = resize_matrix(4, 37, dtype=torch.float64), resize_matrix(5, 29, dtype=torch.float64)
+    logits = torch.zeros(4, 5, 6)
+    pred, _ = bounded_argmax(logits, r, c)
+    assert torch.equal(pred, torch.zeros(37, 29, dtype=torch.long))  # all tied: the first class
+    logits = torch.randn(4, 5, 50, generator=torch.Generator().manual_seed(1))
+    logits[..., 30] = logits[..., 7]  # an exact duplicate after the class it copies
+    logits[..., 3] = logits[..., 41]  # ... and one before
+    dense = torch.einsum("ya,abn,xb->yxn", r.float(), logits, c.float()).argmax(-1)
+    pred, _ = bounded_argmax(logits, r, c)
+    assert torch.equal(pred, dense)
+    assert not (pred == 30).any() and not (pred == 41).any()
+
+
+def test_21k_classes_exact():
     seg = _segmenter(21843, dim=8)
     image = torch.rand(3, 32, 32) * 255
     with torch.no_grad():
         logits = seg(image[None]).logits  # (1, 21843, 2, 2): small at feature resolution
-    up = F.interpolate(logits, size=(24, 20), mode="bilinear", align_corners=False)[0]
-    ref = up.argmax(0)
-    pred, how = segment_image_detailed(
-        seg, image, mode="whole", out_size=(24, 20), exact_max_classes=16, topk=topk, chunk_elems=1 << 16
-    )
-    assert how in ("certified", "expanded")
-    if topk == 1:
-        assert how == "expanded"  # top-1 candidates cannot certify the interpolated pixels here
+    ref = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    ref = F.interpolate(ref, size=(24, 20), mode="bilinear", align_corners=False)[0].argmax(0)
+    pred, info = segment_image_detailed(seg, image, mode="whole", out_size=(24, 20), dense_max_elems=0)
+    assert info["path"] == "bounded"
+    assert info["level0_pairs"] < 4 * 21843  # the level-0 bound dropped classes
     assert torch.equal(pred, ref)
 
 
@@ -100,13 +157,13 @@ def test_bad_arguments_and_bf16():
     assert (bf16 == fp32).float().mean() > 0.9
 
 
-def test_21k_uniform_image_is_certified():
+def test_uniform_image_is_one_class_without_pixel_work():
     seg = _segmenter(21843, dim=8)
     with torch.no_grad():
         seg.backbone.pos_embed.zero_()  # a constant image then gives the same feature at every pixel
     image = torch.full((3, 32, 48), 0.3)
-    pred, how = segment_image_detailed(seg, image, mode="slide", crop_size=32, stride=16, exact_max_classes=16, topk=2)
-    assert how == "certified"
+    pred, info = segment_image_detailed(seg, image, mode="slide", crop_size=32, stride=16, dense_max_elems=0)
     with torch.no_grad():
         ref = seg(image[None, :, :, :32]).logits[0, :, 0, 0].argmax()
     assert torch.equal(pred, torch.full((32, 48), int(ref)))
+    assert info["level0_pairs"] == info["cells"]  # one class survives per cell: painted, no pixel evaluated

@@ -222,6 +222,7 @@ class JobOutput:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    os.environ["LARVSEG_THREADS"] = str(threads)  # train() configures its threads from this (larvseg.threads)
 
 
 def run_job(job: Job) -> JobOutput:
@@ -249,11 +250,19 @@ def run_job(job: Job) -> JobOutput:
 def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
     """Every job in its own single-threaded worker, ``workers`` at a time; outputs in job order."""
     outputs: list[JobOutput | None] = [None] * len(jobs)
-    if workers <= 1:
+    if workers <= 1:  # in this process: its thread settings are restored afterwards
+        threads_before, env_before = torch.get_num_threads(), os.environ.get("LARVSEG_THREADS")
         _init_worker(THREADS_PER_RUN)
-        for i, job in enumerate(jobs):
-            outputs[i] = run_job(job)
-            _say_done(i, len(jobs), outputs[i])
+        try:
+            for i, job in enumerate(jobs):
+                outputs[i] = run_job(job)
+                _say_done(i, len(jobs), outputs[i])
+        finally:
+            torch.set_num_threads(threads_before)
+            if env_before is None:
+                os.environ.pop("LARVSEG_THREADS", None)
+            else:
+                os.environ["LARVSEG_THREADS"] = env_before
         return outputs  # type: ignore[return-value]
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,

@@ -46,6 +46,7 @@ from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabula
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import load_checkpoint
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
@@ -275,6 +276,8 @@ def main(args: argparse.Namespace) -> int:
         # defines what to evaluate on. Eval classes missing from the checkpoint's vocabulary are appended
         # (the model cannot predict them).
         segmenter, names, _ = segmenter_from_checkpoint(ckpt, device)
+        if device.type == "cpu":
+            configure_threads(segmenter, cfg.eval.threads or cfg.train.threads, verbose=distributed.is_main_process())
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")

@@ -69,10 +69,12 @@ class TrainingObjective(nn.Module):
     def _tag_terms(self, batch: TagBatch, step: int, index: int, entries: list) -> tuple[Tensor, Tensor]:
         device = batch.images.device
         subset = self._subset(present_in_tags(batch.tags, TAG_PAD).to(device), batch.class_ids, step, index)
-        local_pairs = torch.tensor([float((batch.tags != TAG_PAD).sum())], device=device)
-        global_pairs = float(distributed.all_reduce_sum(local_pairs).item())  # collective
-        scale = distributed.world_size() / max(global_pairs, 1.0)
-        if batch.images.shape[0] == 0 or local_pairs.item() == 0:
+        # the pair count stays on the device: no host sync in the step (a rank whose images carry no
+        # valid tag computes an exact zero through the normal path)
+        local_pairs = (batch.tags != TAG_PAD).sum().to(torch.float32).reshape(1)
+        global_pairs = distributed.all_reduce_sum(local_pairs)  # collective
+        scale = distributed.world_size() / global_pairs.clamp(min=1.0)[0]  # 0-d, like the other terms
+        if batch.images.shape[0] == 0 or batch.tags.shape[1] == 0:
             if self.use_cac:
                 d = self.segmenter.bank.dim
                 entries.append((torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, d, device=device)))

@@ -15,8 +15,10 @@ the loss terms (for logging and so that every rank agrees on a NaN/inf stop *bef
 backward, SGD step, log; checkpoint every ``train.checkpoint_interval`` steps and at the end; evaluate
 every ``train.eval_interval`` steps.
 
-``train.amp``: "auto" = bf16 autocast on CUDA devices with bf16 support, off on CPU (measured no
-faster there, see larvseg.models.inference.autocast_context); "bf16" forces it; "off" = float32.
+``train.amp``: "auto" = bf16 autocast on CUDA devices with bf16 support and on CPUs with AMX, float32
+elsewhere (larvseg.precision); "bf16" forces it; "off" = float32. The losses run in float32 either way.
+``train.threads``: intra-op threads (0 = LARVSEG_THREADS, OMP_NUM_THREADS or a default from the model
+size; larvseg.threads), printed at the start.
 ``train.eval_interval``: > 0 every N steps and at the end, 0 only at the end, < 0 never.
 """
 
@@ -41,9 +43,10 @@ from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, build_vocabulary
 from larvseg.demo.benchmark import ensure_smoke_data
 from larvseg.eval.evaluate import eval_overlays, evaluate
-from larvseg.models.inference import autocast_context
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
+from larvseg.precision import autocast_context, describe
+from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     FINAL_WEIGHTS,
@@ -132,6 +135,10 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     t = cfg.train
 
     segmenter = segmenter.to(device)
+    if device.type == "cpu":
+        configure_threads(segmenter, t.threads, verbose=is_main)
+    if is_main:
+        print(f"larvseg: {describe(t.amp, device)}", flush=True)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
         # Buffers are the memory bank, which the objective keeps identical on all ranks itself (gathered

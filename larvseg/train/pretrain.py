@@ -44,7 +44,7 @@ from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, source_class_names
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
-from larvseg.models.inference import autocast_context
+from larvseg.precision import autocast_context
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.atomic import remove_stale_temps
