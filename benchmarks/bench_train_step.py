@@ -55,7 +55,7 @@ def main() -> None:
         step=0,
         seg=[SegBatch("C171", torch.randn(2, 3, seg_size, seg_size, generator=g), labels, seg_pool, global_size=2)],
         tag=[TagBatch("A847w", torch.randn(2, 3, tag_size, tag_size, generator=g), tags, tag_pool, global_size=2,
-                      single_tag=False, loss_weight=0.2, cac_weight=0.1, cac_topk=20)],
+                      loss_weight=0.2, cac_weight=0.1, cac_topk=20)],
     ).to(device)
     params = [q for q in model.parameters() if q.requires_grad]
 

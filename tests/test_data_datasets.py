@@ -114,7 +114,7 @@ def test_imagenet_folders_default_root_and_tags(tmp_path):
     cfg = T.make_config(tmp_path, tag=[src])
     vocab = build_vocabulary(cfg)
     ds = build_source(src, cfg.data, vocab, "tag")
-    assert len(ds) == 6 and ds.single_tag and ds.class_names == imagenet_names(str(wf))
+    assert len(ds) == 6 and ds.class_names == imagenet_names(str(wf))
     for i in range(6):
         item = ds.load(i)
         wnid = os.path.basename(os.path.dirname(item["path"]))

@@ -92,8 +92,6 @@ class SourceDataset(torch.utils.data.Dataset):
     """Samples of one source. ``load(i)`` returns a dict: image (uint8 HxWx3 RGB), label (uint16 HxW union
     ids, IGNORE_INDEX = unlabeled) or None, tags (int64 union ids) or None, path."""
 
-    single_tag = False  # image-folder sources: one tag per image (the CAC's single-tag background rule)
-
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray) -> None:
         self.name = name
         self.class_names = class_names  # this source's own classes, in its train-id order
@@ -138,8 +136,6 @@ class SegmentationFolder(SourceDataset):
 class ImageTagFolder(SourceDataset):
     """Images tagged with one class each: the class folder they are in (``table.folders[k]`` is the
     folder of class k)."""
-
-    single_tag = True
 
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable) -> None:
         super().__init__(name, class_names, class_ids)
