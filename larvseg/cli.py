@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", default="auto", help="auto | bf16 | off")
-    p.add_argument("--short-side", type=int, default=512, help="resize so the short side has this length (0 = keep)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
+                        "so predictions match `larvseg eval`")
     p.set_defaults(handler="larvseg.predict:main")
 
     p = sub.add_parser("demo", help="generate the mini benchmark, train the three variants, write a report")

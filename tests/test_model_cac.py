@@ -168,6 +168,24 @@ def test_cac_score_against_loop(tags):
         torch.testing.assert_close(ours[i, slot], score, atol=1e-5, rtol=0)
 
 
+def test_never_filled_background_classes_are_left_out():
+    """A class whose ring was never filled has no bank features here (the original's would hold random unit
+    vectors): as another tag it is left out of b, as a single-tag candidate it is never kept."""
+    d, hw = 4, 6
+    bank = MemoryBank(5, 2, d)
+    means = F.normalize(torch.randn(3, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank.enqueue(torch.tensor([0, 1, 2]), torch.stack([means[0], means[1], -means[1]]))  # 2 = the opposite of 1
+    p = F.normalize(torch.randn(2, d, hw, generator=torch.Generator().manual_seed(1)), dim=1)
+    s = torch.zeros(2, 5, hw)
+    s[1, [2, 4]] = 0.9  # classes 2 and 4 (never filled) are background candidates of image 1
+    tags = torch.tensor([[0, 4], [1, TAG_PAD]])
+    ours = attention_scores(p, s, tags, TAG_PAD, torch.arange(5), bank, BackgroundRule())
+    f0, f1 = means[0] @ p[0], means[1] @ p[1]
+    torch.testing.assert_close(ours[0, 0], f0 - (1 - f0))  # its only other tag, 4, is left out
+    torch.testing.assert_close(ours[0, 1], torch.zeros(hw) - f0)  # 4's own f is 0; 0 is its background
+    torch.testing.assert_close(ours[1, 0], f1 - (-f1))  # only 2 is kept (its map is -f1: MSE 4 (n-1)/n > 2)
+
+
 def _naive_cac_loss(logits, s, p, tags, class_ids, ref: FullBank, rule, loss_hw, warm_up):
     """The CAC loss from the formulas, one (image, tag) pair at a time: logits and the standardized score
     bilinearly upsampled to the loss resolution, the sigmoid applied after the upsampling."""
