@@ -93,44 +93,52 @@ def attention_scores(
     tag_union = class_ids[tags.clamp(min=0)]  # (b, T)
     f = torch.bmm(bank.class_means(tag_union.reshape(-1)).view(b, t, d), features)  # (b, T, hw)
 
-    # Rule of images with several tags: the other tags. For an image with one tag this mask is empty.
+    # Rule of images with several tags: the other tags (for an image with one tag this mask is empty).
     usable = valid & (bank.num_filled(tag_union) > 0)  # (b, T')
     others = ~torch.eye(t, dtype=torch.bool, device=tags.device)
-    keep_tags = usable[:, None, :] & others[None]  # (b, T, T')
-
-    # Rule of images with a single tag: score candidates, restricted to those images.
-    lone = valid.sum(1) == 1  # (b,)
-    k = min(rule.bg_topk, hw)
-    cand = (scores.topk(k, dim=-1).values.mean(-1) > rule.score_thresh) & lone[:, None]  # (b, N)
-    cand_idx = cand.any(0).nonzero().squeeze(1)  # subset indices that are a candidate somewhere (C,)
-    cand_union = class_ids[cand_idx]
-    cand_maps = torch.einsum("cd,bdx->bcx", bank.class_means(cand_union), features)  # (b, C, hw)
-    if cand_idx.numel() > 0:
-        zf, zc = zscore_unbiased(f), zscore_unbiased(cand_maps)
-        mse = (zf.pow(2).mean(-1)[:, :, None] + zc.pow(2).mean(-1)[:, None, :]
-               - 2.0 / hw * torch.bmm(zf, zc.transpose(1, 2)))  # (b, T, C) = mean_i (zf_i - zc_i)^2
-    else:  # no single-tag image, or no candidate in any
-        mse = f.new_zeros(b, t, 0)
-    keep_cand = (
-        cand[:, cand_idx][:, None, :]  # candidate in this (single-tag) image
-        & (bank.num_filled(cand_union) > 0)[None, None, :]
-        & (cand_idx[None, None, :] != tags[:, :, None])  # minus l
-        & (mse > rule.mse_thresh)  # NaN compares False
-    )
-
-    keep = torch.cat([keep_tags, keep_cand], dim=-1)  # (b, T, T' + C): at most one rule is non-empty
-    bg_maps = torch.cat([f, cand_maps], dim=1)  # (b, T' + C, hw)
+    keep = usable[:, None, :] & others[None]  # (b, T, T')
     n_bg = keep.sum(-1, keepdim=True)  # (b, T, 1)
-    bg = torch.bmm(keep.to(f.dtype), bg_maps) / n_bg.clamp(min=1)
+    bg = torch.bmm(keep.to(f.dtype), f)  # (b, T, hw) sum of the kept maps
+
+    # Rule of images with a single tag, computed on those images only (b' of them; their rows above are 0).
+    lone = (valid.sum(1) == 1).nonzero().squeeze(1)  # (b',)
+    cand = candidates(scores[lone], rule)  # (b', N)
+    cand_idx = cand.any(0).nonzero().squeeze(1)  # subset indices that are a candidate somewhere (C,)
+    if cand_idx.numel() > 0:
+        cand_union = class_ids[cand_idx]
+        maps = torch.einsum("cd,bdx->bcx", bank.class_means(cand_union), features[lone])  # (b', C, hw)
+        zf, zc = zscore_unbiased(f[lone]), zscore_unbiased(maps)
+        mse = (zf.pow(2).mean(-1)[:, :, None] + zc.pow(2).mean(-1)[:, None, :]
+               - 2.0 / hw * torch.bmm(zf, zc.transpose(1, 2)))  # (b', T, C) = mean_i (zf_i - zc_i)^2
+        keep_cand = (
+            cand[:, cand_idx][:, None, :]  # candidate in this image
+            & (bank.num_filled(cand_union) > 0)[None, None, :]
+            & (cand_idx[None, None, :] != tags[lone][:, :, None])  # minus l
+            & (mse > rule.mse_thresh)  # NaN compares False
+        )
+        n_bg[lone] = keep_cand.sum(-1, keepdim=True)
+        bg[lone] = torch.bmm(keep_cand.to(f.dtype), maps)
+    bg = bg / n_bg.clamp(min=1)
     return torch.where(n_bg > 0, f - bg, f - (1.0 - f))
+
+
+def candidates(scores: Tensor, rule: BackgroundRule) -> Tensor:
+    """(b, N) bool: mean of the top-k raw scores over the pixels > score_thresh, for scores (b, N, hw).
+
+    The top-k runs only on the (image, class) rows whose maximum exceeds the threshold: a row below it
+    cannot pass (its top-k mean is at most its maximum), and on a trained model most of N are below."""
+    k = min(rule.bg_topk, scores.shape[-1])
+    out = scores.amax(-1) > rule.score_thresh  # necessary condition
+    rows = out.nonzero(as_tuple=True)
+    out[rows] = scores[rows].topk(k, dim=-1).values.mean(-1) > rule.score_thresh
+    return out
 
 
 def bank_entries(features: Tensor, scores: Tensor, img: Tensor, tag_sub: Tensor, topk: int) -> Tensor:
     """(P, D) mean of p over the K pixels with the highest raw score s(., l) of each pair."""
     k = min(topk, scores.shape[-1])
     idx = scores[img, tag_sub].topk(k, dim=-1).indices  # (P, K)
-    picked = features[img].gather(2, idx[:, None, :].expand(-1, features.shape[1], -1))  # (P, D, K)
-    return picked.mean(-1)
+    return features.transpose(1, 2)[img[:, None], idx].mean(1)  # (P, K, D) picked rows -> (P, D)
 
 
 def cac_loss(
