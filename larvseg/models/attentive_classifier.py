@@ -17,8 +17,9 @@ mean of class c's bank features (= mean over its M*K stored pixels, see memory_b
            (losses.attended_mean_weights): the same value and gradient without an N x Hl x Wl tensor per
            image; only the (Hl, Wl) attention map of each pair is built at the loss resolution.
 The bank is then updated for every pair with the mean of p at the K pixels of highest s(., l).
-One batch may mix both kinds of pair (tag-source crops with one or several classes): both rules are
-evaluated as masked tensor ops over all pairs at once, never in a loop over images or tags.
+One batch may mix both kinds of pair (tag-source crops with one or several classes): the other-tags
+rule is a masked tensor op over all pairs, the top-k rule runs batched on the rows of the single-tag
+images (index selection), and neither loops over images or tags.
 
 Our choices, where the spec leaves room or we differ:
 - "Attend before enqueue" holds at *batch* granularity: all attentions of a step (every tag source)
