@@ -3,10 +3,15 @@
     larvseg train CONFIG [key=value ...]            training (larvseg.train.loop)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
+    larvseg serve CHECKPOINT [--port 8000]          a local web page to segment uploads (larvseg.serve)
+    larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
     larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
 
-Modules are imported only when their command runs, so ``larvseg --help`` is instant.
+Modules are imported only when their command runs, so ``larvseg --help`` is instant. ``key=value``
+overrides may stand anywhere on the line. Errors the user can fix (bad data, config, checkpoint, an
+unwritable output, a full disk) print one line naming the file and what to do, and exit with 1; the
+traceback only with ``--debug`` or ``LARVSEG_DEBUG=1`` (larvseg.errors).
 """
 
 from __future__ import annotations
@@ -14,66 +19,148 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
+
+from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every argument's default; hides the "(default: None)" of optional values without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _sub(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=f"show the full traceback of an error (or set {DEBUG_ENV}=1) (default: off)")
+    return p
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="config file, or the name of a packaged config (see larvseg/configs)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.iters=1000")
+    _add_overrides(p, "config overrides, e.g. train.iters=1000; allowed anywhere on the line")
+
+
+def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="larvseg", description="Large-vocabulary semantic segmentation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="larvseg", description="Large-vocabulary semantic segmentation.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; larvseg COMMAND --help describes its arguments")
 
-    p = sub.add_parser("train", help="train a segmenter (run under torchrun for several processes)")
+    p = _sub(sub, "train", "train a segmenter (run under torchrun for several processes)")
     _add_config_args(p)
     p.add_argument("--work-dir", default=None, help="output folder (default: train.work_dir or work_dirs/<config>)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; 'auto' = newest readable one in the work dir, 'none' = start "
+                        "fresh (default: train.resume, whose default is auto)")
     p.set_defaults(handler="larvseg.train.loop:main")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint (mIoU; run under torchrun for several processes)")
-    p.add_argument("config", help="config file or packaged config name")
-    p.add_argument("checkpoint", help="checkpoint file (.pth or .safetensors)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.mode=whole")
-    p.add_argument("--eval", dest="metrics", nargs="*", default=["mIoU"], help="metrics (mIoU; accepted for the original's scripts)")
-    p.add_argument("--out", default=None, help="folder for per-class results (default: next to the checkpoint)")
+    p = _sub(sub, "eval", "evaluate a checkpoint (mIoU; run under torchrun for several processes)")
+    p.add_argument("config", help="config file or packaged config name: its data.eval is the evaluation set")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json)")
+    _add_overrides(p, "config overrides, e.g. eval.mode=whole; allowed anywhere on the line")
+    p.add_argument("--eval", dest="metrics", nargs="*", default=["mIoU"],
+                   help="metrics to compute (mIoU, which brings mAcc and aAcc; accepted for the original's scripts)")
+    p.add_argument("--classes", default=None,
+                   help="predict and score only these classes: comma-separated names or a file with one per line "
+                        "(default: eval.classes, whose default '' = every class of the evaluation set)")
+    p.add_argument("--out", default=None, help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)")
     p.set_defaults(handler="larvseg.eval.evaluate:main")
 
-    p = sub.add_parser("predict", help="segment images with a trained checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--classes", default=None, help="restrict to these class names: comma-separated, or a file with one name per line")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", default="auto", help="auto | bf16 | off")
+    p = _sub(sub, "predict", "segment images with a trained checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
+    p.add_argument("images", nargs="+", help="image files or folders (every image file in a folder, not recursive)")
+    p.add_argument("--classes", default=None,
+                   help="restrict to these class names: comma-separated, or a file with one name per line "
+                        "(default: the classes that had training data, masks or tags)")
+    p.add_argument("--out", required=True, help="output folder (required)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on a GPU that supports it) | bf16 | off")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
                         "so predictions match `larvseg eval`")
     p.set_defaults(handler="larvseg.predict:main")
 
-    p = sub.add_parser("demo", help="generate the mini benchmark, train the three variants, write a report")
-    p.add_argument("--quick", action="store_true", help="1-2 minute smoke version")
+    p = _sub(sub, "serve", "a local web page: upload an image, pick a vocabulary, see the segmentation")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-megapixels", type=float, default=25.0, help="largest accepted image")
+    p.set_defaults(handler="larvseg.serve:main")
+
+    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
+    p.add_argument("--onnx", required=True, help="output .onnx file (required)")
+    p.add_argument("--classes", default=None,
+                   help="the fixed vocabulary: comma-separated names or a file with one per line "
+                        "(default: the classes that had training data, as larvseg predict)")
+    p.add_argument("--check-images", nargs="*", default=None, metavar="IMAGE",
+                   help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted max abs logit difference")
+    p.set_defaults(handler="larvseg.export:main")
+
+    p = _sub(sub, "demo", "generate the mini benchmark, train the three variants, write a report")
+    p.add_argument("--quick", action="store_true", help="1-2 minute smoke version (one seed, fewer iterations)")
     p.add_argument("--out", default="work_dirs/demo", help="report and run folder")
     p.add_argument("--data", default=None, help="where the mini benchmark is generated (default: <out>/data)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per variant (default: 3, quick: 1)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the demo config for every variant, e.g. train.iters=800")
+    _add_overrides(p, "overrides of the demo config for every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.run:main")
 
-    p = sub.add_parser("data", help="dataset utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    c = data_sub.add_parser("check", help="validate every source of a config against the disk")
+    p = _sub(sub, "data", "dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND",
+                                help="check: validate a config's datasets against the disk")
+    c = _sub(data_sub, "check", "validate every source of a config against the disk")
     _add_config_args(c)
     c.add_argument("--max-images", type=int, default=0, help="decode at most this many images per source (0 = all)")
     c.set_defaults(handler="larvseg.data.check:main")
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parser.parse_args``, but ``key=value`` overrides may stand anywhere on the line: after an
+    option (``--resume none train.iters=3``) or after ``--eval mIoU`` (the order of the original's
+    dist_test.sh)."""
+    args, extra = parser.parse_known_args(argv)
+    metrics = getattr(args, "metrics", None)
+    if metrics is not None:  # --eval takes a list: overrides after it land there
+        extra = [m for m in metrics if "=" in m] + extra
+        args.metrics = [m for m in metrics if "=" not in m]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     module_name, func_name = args.handler.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(args) or 0)
+    if debug_requested(getattr(args, "debug", False)):
+        return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
+        line = describe(exc)
+        if line is None:
+            raise
+        print(f"larvseg {args.command}: error: {line} [{DEBUG_NOTE}]", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ merged over the base. Every key is checked against the dataclasses: an unknown o
 an error that names it and suggests the closest valid one.
 
 Overrides on the command line use dotted paths, e.g. ``train.iters=1000``, ``model.cac=false``,
-``data.tag_sources.1.share=0.25``; values are parsed as YAML scalars.
+``data.tag_sources.1.share=0.25``; values are parsed as YAML scalars. Numbers are read as Python reads
+them: ``1e-3`` and ``1.0e10`` are floats (plain YAML 1.1 would read them as strings).
 """
 
 from __future__ import annotations
@@ -14,19 +15,58 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from larvseg.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_DATA_ROOT = "/workspace/dataset"  # the original project's default
 IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "unlabeled" on disk
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
+
+    hint = "fix the config file or the key=value override"
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads every float literal Python's float() accepts (1e-3, 1.0e10, 1_000.5,
+    .5, inf, nan): YAML 1.1's resolver wants a dot and a signed exponent, so 1e-3 would be a string.
+    Booleans are true/false only (not on/off/yes/no)."""
+
+
+_FLOAT = re.compile(r"""^[-+]?(?:(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9_]+)?|[0-9][0-9_]*[eE][-+]?[0-9_]+
+                     |\.(?:inf|Inf|INF)|(?:inf|Inf|INF|infinity|Infinity)|\.(?:nan|NaN|NAN)|(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.in"))
+# booleans are true/false only (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans, so that
+# `train.amp=off` would reach a string key as "False"
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:bool"]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _float_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node)
+    try:
+        return float(text)
+    except ValueError:  # YAML's own spellings: .inf, .nan, 1:30 (sexagesimal)
+        return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _float_constructor)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with Python's float syntax (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -63,6 +103,7 @@ class DataConfig:
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75
     index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
+    demo_benchmark: bool = False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
     eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150"))  # split detected: validation
 
     def resolved_root(self) -> Path:
@@ -72,7 +113,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"  # key of larvseg.models.vit.VIT_BUILDERS: vit_tiny | vit_small | vit_base
-    pretrained: str = ""  # AugReg .npz (or a LarvSeg checkpoint) to initialise the backbone; "" = random
+    pretrained: str = ""  # AugReg .npz, timm .safetensors/.pth, hf-hub:<repo> or a LarvSeg checkpoint; "" = random
     drop_path: float = 0.1
     num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
     loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
@@ -101,6 +142,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept in the work dir
     eval_interval: int = 16_000  # every N steps and at the end; 0 = only at the end; < 0 = never
     resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
+    tensorboard: bool = True  # TensorBoard event files in the work dir (when tensorboardX is installed)
 
 
 @dataclass
@@ -112,6 +154,7 @@ class EvalConfig:
     max_long_side: int = 2048
     amp: str = "auto"
     max_images: int = 0  # 0 = the whole set
+    classes: str = ""  # predict and score only these eval classes: comma-separated names or a file; "" = all
 
 
 @dataclass
@@ -150,7 +193,7 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: _base_ chain loops back to itself")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
@@ -204,6 +247,11 @@ def _convert(f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, str):  # a quoted number ("1e-3"): what Python's float() reads is a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(default, int) and not float(value).is_integer():
@@ -225,7 +273,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
         node: Any = tree
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):

@@ -5,10 +5,13 @@
     result = predictor(image)        # NumPy HxWx3 uint8 RGB, or a PIL image
     result.label_map, result.class_names, result.areas
 
-The command writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit when the vocabulary has
-fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the image, with a legend of
-the classes present, largest first) and, for all images, ``areas.json`` (fraction of pixels per class
-name) and ``classes.json`` (the class name of every label value).
+By default the vocabulary is the classes that had training data (masks or tags; stored in checkpoints
+as ``supervised``); naming a class without any warns. The command shows progress per image and per
+window of large images, reports and skips unreadable images (exit code 1 at the end, with the list),
+and writes every file atomically. It writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit
+when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the
+image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
+(fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
 
 Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
 ``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``
@@ -22,21 +25,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
+from larvseg import atomic
 from larvseg.config import Config, EvalConfig, config_from_dict
 from larvseg.data import io as data_io
-from larvseg.data.transforms import eval_resize
+from larvseg.data.transforms import eval_resize, rescale_size
 from larvseg.data.vocabulary import normalize_name
-from larvseg.models.inference import segment_image
+from larvseg.errors import UserError
+from larvseg.models.inference import segment_image, slide_windows
 from larvseg.models.segmenter import Segmenter, build_segmenter
 from larvseg.train.checkpoint import load_checkpoint
 
@@ -46,12 +53,16 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An input image that is missing, unreadable or of an unusable shape (the message names it)."""
 
+    hint = "check the path, or convert the image to an 8-bit RGB JPEG or PNG"
 
-class UnknownClassError(KeyError):
+
+class UnknownClassError(UserError, KeyError):
     """A class name given to ``--classes`` / ``classes=`` that is not in the checkpoint's vocabulary."""
+
+    hint = "check the spelling; the checkpoint's classes are listed in classes.json of any predict output"
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
@@ -145,9 +156,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(str(exc)) from None
 
 
-def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str]) -> np.ndarray | None:
-    """Union ids of the requested classes: None (all), a list of names, a comma-separated string, or a
-    file with one name per line. Names match after normalisation (case, '-', '_', spaces)."""
+def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
+                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
+    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
+    comma-separated string, or a file with one name per line. Names match after normalisation (case,
+    '-', '_', spaces); an unknown name is an UnknownClassError that says it is not in ``what``."""
     if classes is None:
         return None
     if isinstance(classes, str):
@@ -159,11 +172,11 @@ def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str]) -
     else:
         wanted = list(classes)
     if not wanted:
-        raise ValueError(f"no class names in {classes!r}")
+        raise UnknownClassError(f"no class names in {classes!r}")
     index = {normalize_name(n): i for i, n in enumerate(names)}
     unknown = [w for w in wanted if normalize_name(w) not in index]
     if unknown:
-        raise UnknownClassError(f"classes not in the checkpoint's vocabulary of {len(names)}: {unknown[:10]}")
+        raise UnknownClassError(f"classes not in {what} of {len(names)}: {unknown[:10]}")
     return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
 
 
@@ -191,7 +204,8 @@ class LarvSegPredictor:
     """A trained segmenter that turns RGB images into label maps over (a subset of) its vocabulary."""
 
     def __init__(self, segmenter: Segmenter, class_names: Sequence[str], *, classes: str | Sequence[str] | None = None,
-                 eval_cfg: EvalConfig | None = None, amp: str = "auto", short_side: int | None = None) -> None:
+                 eval_cfg: EvalConfig | None = None, amp: str = "auto", short_side: int | None = None,
+                 supervised: Sequence[int] | None = None) -> None:
         self.segmenter = segmenter.eval()
         self.class_names = list(class_names)
         self.device = next(segmenter.parameters()).device
@@ -200,23 +214,45 @@ class LarvSegPredictor:
         self.amp = amp  # "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.short_side = self.eval_cfg.short_side if short_side is None else short_side
+        # supervised: union ids of the classes that had masks or tags in training (stored in checkpoints
+        # since it exists; None = unknown, every class). The others' classifier rows never got a signal.
+        self.supervised = None if supervised is None else np.unique(np.asarray(supervised, dtype=np.int64))
         ids = resolve_classes(classes, self.class_names)
+        if ids is None and self.supervised is not None and len(self.supervised):
+            ids = self.supervised  # default vocabulary: what the model was trained on
+        elif ids is not None and self.supervised is not None:
+            untrained = [self.class_names[i] for i in ids if i not in set(self.supervised.tolist())]
+            if untrained:
+                warnings.warn(
+                    f"{len(untrained)} of the requested classes had no training data in this checkpoint (no masks "
+                    f"or tags): {untrained[:10]}{' ...' if len(untrained) > 10 else ''}; their scores are untrained "
+                    f"and predictions of them are noise", UserWarning, stacklevel=2)
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
-        segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), resolve_device(device))
-        return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side)
+        ckpt = load_checkpoint(path)
+        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, resolve_device(device))
+        return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
+                   supervised=ckpt.get("supervised"))
+
+    def windows(self, image_hw: tuple[int, int]) -> int:
+        """Windows the segmentation of an image of this size runs (1 in whole mode)."""
+        if self.eval_cfg.mode != "slide":
+            return 1
+        h, w = rescale_size(*image_hw, self.eval_cfg.max_long_side, self.short_side) if self.short_side > 0 else image_hw
+        return len(slide_windows(h, w, self.eval_cfg.crop_size, self.eval_cfg.stride))
 
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray | Image.Image) -> Prediction:
+    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """``progress(done, total)`` is called after every window (sliding-window mode)."""
         rgb = as_rgb_array(image)
         resized = eval_resize(rgb, self.short_side, self.eval_cfg.max_long_side)
         e = self.eval_cfg
         label_map = segment_image(
             self.segmenter, image_to_tensor(resized).to(self.device), class_ids=self.class_ids, mode=e.mode,
-            crop_size=e.crop_size, stride=e.stride, out_size=rgb.shape[:2], amp=self.amp,
+            crop_size=e.crop_size, stride=e.stride, out_size=rgb.shape[:2], amp=self.amp, progress=progress,
         ).cpu().numpy().astype(np.int64)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
 
@@ -290,11 +326,16 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"{path}: could not be written")
+    """Encode in memory, then write atomically: a full disk never leaves a truncated PNG."""
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"{path}: could not be encoded as PNG")
+    atomic.write_bytes(path, data.tobytes())
 
 
 def main(args: argparse.Namespace) -> int:
+    """Segment every image; an unreadable one is reported and skipped, the others are written, and the
+    exit code is 1 if any was skipped (the list is printed at the end). Outputs are written atomically."""
     from tqdm import tqdm
 
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
@@ -305,16 +346,33 @@ def main(args: argparse.Namespace) -> int:
     names = predictor.class_names
     colours = palette(len(names))
     dtype = label_png_dtype(len(names))
-    (out / "classes.json").write_text(json.dumps(names, indent=0, ensure_ascii=False))
+    atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
     summary: dict[str, Any] = {}
+    failed: list[str] = []
     used: set[str] = set()
-    for path in tqdm(paths, desc="predict", unit="img", disable=len(paths) < 2):
-        image = read_image(path)
-        pred = predictor(image)
+    bar = tqdm(paths, desc="predict", unit="img", dynamic_ncols=True)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            failed.append(str(exc))
+            tqdm.write(f"skipped: {exc}", file=sys.stderr)
+            continue
+        windows = predictor.windows(image.shape[:2])
+        with tqdm(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
+                  disable=windows < 2) as window_bar:  # large images: progress inside the image too
+            pred = predictor(image, progress=lambda done, total: window_bar.update(done - window_bar.n))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
         _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
         summary[str(path)] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
-    (out / "areas.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-    print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(paths)} image(s) to {out}")
+    atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
+    if failed:
+        print(f"larvseg predict: {len(failed)} of {len(paths)} image(s) could not be read and were skipped:",
+              file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0

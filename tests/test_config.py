@@ -87,3 +87,23 @@ def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
     (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_numbers_are_read_as_python_reads_them(tmp_path):
+    # YAML 1.1 reads 1e-3 and 1.0e10 as strings ("not a number" before); every float Python accepts works
+    path = tmp_path / "exp.yaml"
+    path.write_text("_base_: tiny_cpu\ntrain: {lr: 1e-3, min_lr: 1E-6}\ndata: {ratio_range: [5e-1, 2e0]}\n")
+    cfg = load_config(path, ["model.bg_mse_thresh=1.0e10", "train.momentum=.95", "train.iters=2e3",
+                             "data.cat_max_ratio='7.5e-1'", "train.weight_decay=1_000.5e-8"])
+    assert (cfg.train.lr, cfg.train.min_lr) == (1e-3, 1e-6)
+    assert cfg.data.ratio_range == [0.5, 2.0]
+    assert cfg.model.bg_mse_thresh == 1e10 and cfg.train.momentum == 0.95
+    assert cfg.train.iters == 2000 and isinstance(cfg.train.iters, int)
+    assert cfg.data.cat_max_ratio == 0.75  # a quoted number in a number field
+    assert cfg.train.weight_decay == pytest.approx(1000.5e-8)
+    # YAML 1.1 would also read off/on/yes/no as booleans: amp=off reached the string key as 'False'
+    assert load_config(path, ["train.amp=off", "eval.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
+        load_config(path, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train\.iters: expected an integer"):
+        load_config(path, ["train.iters=1.5e0"])

@@ -85,3 +85,18 @@ def test_packaged_config_on_the_seed_readme_layout(tmp_path, capsys):
     assert cli_main(args + ["data.seg_sources.0.split=train2017"]) == 1
     out = capsys.readouterr().out
     assert "[seg] C171 (coco171): 0 images" in out and "split folder not found" in out and "training, validation" in out
+
+
+def test_data_check_reports_an_8bit_a847_tiff(tmp_path, capsys):
+    T.write_coco171(tmp_path / "C171", n=2, size=(24, 24), values=[0, 2])
+    T.write_imagenet(tmp_path / "I22K", WNIDS, per_class=1, size=(16, 16))
+    T.write_ade150(tmp_path / "A150", n=2, size=(24, 24), values=[0, 1])
+    labels = T.write_ade847(tmp_path / "A847", n=3, size=(24, 24), values=[300, 846], split="validation")
+    bad = sorted((tmp_path / "A847" / "annotations" / "validation").glob("*.tif"))[1]
+    # 8 bits: 255 is "unlabeled" there, but class 255 ("pier") in A847's 16-bit files
+    tifffile.imwrite(bad, np.where(np.arange(24 * 24).reshape(24, 24) % 2, 255, 3).astype(np.uint8))
+    assert labels  # written
+    assert cli_main(["data", "check", str(write_config(tmp_path))]) == 1
+    out = capsys.readouterr().out
+    assert "[eval] A847 (ade847): 3 images, classes 2/847, 1 problem(s)" in out
+    assert f"{bad}: 8-bit label map, but A847 annotations are 16-bit" in out and "'pier'" in out

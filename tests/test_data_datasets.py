@@ -312,3 +312,31 @@ def test_split_folder_detected_in_either_spelling_and_an_explicit_split_wins(tmp
     cfg4 = T.make_config(seed, eval_source=SourceConfig(name="A150", format="ade150"))
     ade = build_source_checked(cfg4.data.eval, cfg4.data, build_vocabulary(cfg4), "eval")
     assert ade.split.folder == "validation" and len(ade.dataset) == 2
+
+
+def test_a847_refuses_8bit_label_maps(tmp_path):
+    T.write_ade847(tmp_path / "A847", n=2, size=(16, 16), values=[5, 65535])
+    label = sorted((tmp_path / "A847" / "annotations" / "training").glob("*.tif"))[0]
+    tifffile.imwrite(label, np.full((16, 16), 255, dtype=np.uint8))  # all "unlabeled" in 8 bits
+    cfg = T.make_config(tmp_path)
+    vocab = build_vocabulary(cfg)
+    ds = build_source(SourceConfig(name="A847", format="ade847", split="training"), cfg.data, vocab, "seg")
+    with pytest.raises(AnnotationError, match=r"8-bit label map, but A847 annotations are 16-bit.*class 'pier'"):
+        ds.load(0)
+    assert ds.load(1)["label"].dtype == np.uint16  # the 16-bit file next to it reads as before
+
+
+def test_16bit_grey_images_are_scaled_by_range_not_clipped(tmp_path):
+    from larvseg.data.io import read_image
+
+    grey = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    tifffile.imwrite(tmp_path / "g16.tif", grey)
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    for name in ("g16.png", "g16.tif"):
+        rgb = read_image(tmp_path / name)
+        assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+        np.testing.assert_array_equal(rgb[..., 0], expected)  # Pillow's convert("RGB") would give 255 almost everywhere
+        assert (rgb == 255).mean() < 0.01
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "g8.png")  # 8-bit grey: unchanged
+    assert (read_image(tmp_path / "g8.png") == 7).all()

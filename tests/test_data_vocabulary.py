@@ -151,3 +151,11 @@ def test_data_root_default_and_env(monkeypatch):
     monkeypatch.setenv("LARVSEG_DATA", "/somewhere")
     assert DataConfig().resolved_root() == Path("/somewhere")
     assert DataConfig(root="/cfg").resolved_root() == Path("/cfg")
+
+
+def test_a_missing_imagenet_class_list_names_the_key_to_set():
+    from larvseg.config import load_config
+
+    with pytest.raises(VocabularyError, match=r"^data\.tag_sources\.0 \(IN\): an imagenet source needs 'classes': set its "
+                                              r"classes key to ade150"):
+        build_vocabulary(load_config("tiny_cpu", ["data.tag_sources.0.classes="]))

@@ -3,7 +3,9 @@ mini benchmark, and a report whose contents are checked (not just its existence)
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
+    served = re.search(r"larvseg serve (\S+)$", printed, re.M)  # the closing hint names the LarvSeg model
+    assert served and served.group(1).endswith("larvseg/final.safetensors") and Path(served.group(1)).is_file()
     assert (out / "data" / "benchmark.json").is_file()  # generated on first use under the out dir
 
     text = report.read_text()
@@ -38,6 +42,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert re.search(rf"^\| {c.name} \| {c.role} \|", text, re.M)
     assert "random initialisation" in text
     assert "**training**: 100 iterations" in text
+    # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
+    for variant in VARIANTS:
+        assert f"`{out / 'runs' / 'seed0' / variant.split(' ')[0].lower() / 'final.safetensors'}`" in text
+    command = re.search(r"`larvseg predict ([^`]+)`", text).group(1).split()
+    assert command[0] == str(out / "runs" / "seed0" / "larvseg" / "final.safetensors")
+    assert cli_main(["predict", *command]) == 0
+    assert len(json.loads((Path(command[command.index("--out") + 1]) / "areas.json").read_text())) > 0
 
     for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500)):
         with Image.open(out / name) as im:

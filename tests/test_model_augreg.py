@@ -161,7 +161,7 @@ def test_truncated_foreign_and_missing_files(npz_file, tmp_path):
     with pytest.raises(CheckpointLoadError, match="not found"):
         load_augreg(model, tmp_path / "nope.npz")
     with pytest.raises(CheckpointLoadError, match="unknown pretrained file type"):
-        load_pretrained(model, tmp_path / "w.bin")
+        load_pretrained(model, tmp_path / "w.ckpt")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -134,13 +135,13 @@ def test_cli_16bit_label_maps_for_large_vocabulary(tmp_path):
     np.testing.assert_array_equal(labels, expected(np.asarray(Image.open(src).convert("RGB"))).label_map)
 
 
-def test_cli_unreadable_image_names_the_file(small, tmp_path):
+def test_cli_unreadable_image_names_the_file(small, tmp_path, capsys):
     path = small[0]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
     args = build_parser().parse_args(["predict", str(path), str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
-    with pytest.raises(ImageReadError, match="broken.jpg"):
-        main(args)
+    assert main(args) == 1  # reported and skipped, not a crash
+    assert "broken.jpg: cannot decode image" in capsys.readouterr().err
     args = build_parser().parse_args(["predict", str(path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
     with pytest.raises(ImageReadError, match="missing.png"):
         main(args)
@@ -190,3 +191,118 @@ def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_score
                      "--device", "cpu", "--short-side", "64"]) == 0
     other = [cv2.imread(str(tmp_path / "p64" / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED) for i in range(3)]
     assert any(not np.array_equal(o, e.numpy()) for o, e in zip(other, scored))
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line and "window" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_folder_with_an_unreadable_image_writes_the_others_and_exits_1(small, tmp_path, capsys):
+    path, names, _, _ = small
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for stem, seed in (("a", 1), ("c", 2)):
+        Image.fromarray(_image(40, 44, seed)).save(folder / f"{stem}.png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    out = tmp_path / "out"
+    from larvseg.cli import main as cli_main
+
+    assert cli_main(["predict", str(path), str(folder), "--out", str(out), "--device", "cpu", "--short-side", "40"]) == 1
+    err = capsys.readouterr().err
+    assert f"1 of 3 image(s) could not be read and were skipped:\n  {folder / 'b.jpg'}: cannot decode image" in err
+    areas = json.loads((out / "areas.json").read_text())
+    assert sorted(areas) == [str(folder / "a.png"), str(folder / "c.png")]
+    for entry in areas.values():
+        assert (out / entry["labels"]).is_file() and (out / entry["overlay"]).is_file()
+    assert json.loads((out / "classes.json").read_text()) == names
+
+
+def test_full_disk_leaves_no_partial_output_and_one_line(small, tmp_path, capsys, monkeypatch):
+    from larvseg import atomic
+    from larvseg.cli import main as cli_main
+
+    src = tmp_path / "x.png"
+    Image.fromarray(_image(30, 30, 5)).save(src)
+    out = tmp_path / "out"
+    monkeypatch.setattr(atomic, "_open_temp", lambda tmp: open("/dev/full", "wb"))  # ENOSPC on every write
+    assert cli_main(["predict", str(small[0]), str(src), "--out", str(out), "--device", "cpu"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{out / 'classes.json'}: could not be written (No space left on device" in line and "disk is full" in line
+    assert list(out.iterdir()) == []  # no 0-byte classes.json
+
+
+def test_weights_and_json_of_different_vocabularies_is_one_line(small, tmp_path, capsys):
+    from larvseg.cli import main as cli_main
+
+    path, names, segmenter, cfg = small
+    exported = export_weights(tmp_path / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1)
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    meta["vocab"] = names + ["extra"]
+    exported.with_suffix(".json").write_text(json.dumps(meta))
+    src = tmp_path / "x.png"
+    Image.fromarray(_image(30, 30, 5)).save(src)
+    assert cli_main(["predict", str(exported), str(src), "--out", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "final.safetensors: the weights hold 6 classes" in line and "final.json lists 7" in line
+
+
+def test_16bit_grey_png_is_converted_by_range(small, tmp_path):
+    path = small[0]
+    grey8 = _image(40, 48, 6)[..., 0]
+    grey16 = grey8.astype(np.uint16) * 257  # the same picture in 16 bits
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["predict", str(path), str(tmp_path / "g16.png"), "--out", str(out), "--device", "cpu",
+                                      "--short-side", "40"])
+    assert main(args) == 0
+    labels = cv2.imread(str(out / "g16_labels.png"), cv2.IMREAD_UNCHANGED)
+    expected = LarvSegPredictor.from_checkpoint(path, device="cpu")(np.repeat(grey8[:, :, None], 3, axis=2)).label_map
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_default_vocabulary_is_the_supervised_classes_and_untrained_names_warn(small, tmp_path):
+    _, names, segmenter, cfg = small
+    path = tmp_path / "trained.pth"
+    save_checkpoint(path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": names,
+                           "supervised": [0, 3, 4]})  # sky, person, car had masks or tags
+    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu")
+    assert predictor.class_ids.tolist() == [0, 3, 4]
+    assert set(np.unique(predictor(_image(50, 60, 7)).label_map)) <= {0, 3, 4}
+    with pytest.warns(UserWarning, match=r"no training data in this checkpoint .*\['tree'\]"):
+        named = LarvSegPredictor.from_checkpoint(path, classes="sky,tree", device="cpu")
+    assert named.class_ids.tolist() == [0, 1]  # still what was asked for
+    exported = export_weights(tmp_path / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1,
+                              supervised=[2, 5])
+    assert LarvSegPredictor.from_checkpoint(exported, device="cpu").class_ids.tolist() == [2, 5]
+
+
+def test_progress_per_image_and_per_window(small, tmp_path, capsys):
+    path = small[0]  # slide mode, crop 48, stride 32
+    big = tmp_path / "big.png"
+    Image.fromarray(_image(64, 160, 8)).save(big)
+    Image.fromarray(_image(40, 40, 9)).save(tmp_path / "small.png")
+    args = build_parser().parse_args(["predict", str(path), str(big), str(tmp_path / "small.png"), "--out",
+                                      str(tmp_path / "o"), "--device", "cpu", "--short-side", "0"])
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu", short_side=0)
+    windows = predictor.windows((64, 160))
+    assert windows == 2 * 5
+    assert re.search(rf"big\.png:\s+\d+%\|.*?\| \d+/{windows} \[.*?window/s", err)  # a bar inside the image
+    assert not re.search(r"small\.png:\s+\d+%", err)  # one window: no inner bar
+    assert "predict: 100%" in err and "2/2" in err
+
+
+def test_a_one_pixel_high_strip_is_segmented(tmp_path):
+    names = ["sky", "tree", "road"]
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(arch="vit_tiny", drop_path=0.0, cac=False),
+                 eval=EvalConfig(mode="whole", short_side=64, max_long_side=128))  # 1 x 2000 -> 0 x 128 before
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, {"model": build_segmenter(cfg.model, 3).state_dict(), "config": cfg.to_dict(), "vocab": names})
+    Image.fromarray(np.full((1, 2000, 3), 90, np.uint8)).save(tmp_path / "strip.png")
+    args = build_parser().parse_args(["predict", str(path), str(tmp_path / "strip.png"), "--out", str(tmp_path / "o")])
+    assert main(args) == 0
+    assert cv2.imread(str(tmp_path / "o" / "strip_labels.png"), cv2.IMREAD_UNCHANGED).shape == (1, 2000)

@@ -145,3 +145,78 @@ def test_metric_logger_means_and_resume_truncation(tmp_path):
     # resuming at step 4 drops the later records
     MetricLogger(tmp_path, 6, start_step=4, images_per_step=4, log_interval=2, enabled=True).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4]
+
+
+def orphan_temp(folder, name: str):
+    """The temp file a writer killed (SIGKILL) in the middle of an atomic save leaves behind."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nfrom larvseg.atomic import atomic_write\n"
+            "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 4096), f.flush(), time.sleep(120)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder / name)], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    tmp = folder / f".{name}.tmp-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not tmp.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer never started its temp file"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert tmp.is_file()  # the kill left it
+    return tmp
+
+
+def test_pruning_removes_temp_files_of_killed_writers_only(tmp_path):
+    for step in (2, 4, 6):
+        ck.save_checkpoint(tmp_path / ck.checkpoint_name(step), {"step": step})
+    orphan = orphan_temp(tmp_path, ck.checkpoint_name(8))
+    live = tmp_path / f".{ck.checkpoint_name(10)}.tmp-{os.getpid()}"  # a writer that still runs (this process)
+    live.write_bytes(b"being written")
+    deleted = ck.prune_checkpoints(tmp_path, keep_last=2)
+    assert orphan in deleted and not orphan.exists()
+    assert live.exists() and live not in deleted
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [4, 6]
+
+
+def test_auto_resume_skips_an_unreadable_newest_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        ck.save_checkpoint(tmp_path / ck.checkpoint_name(step), _state(step))
+    newest = tmp_path / ck.checkpoint_name(6)
+    newest.write_bytes(newest.read_bytes()[:300])  # truncated by a crash of another writer / a bad disk
+    ck.save_checkpoint(tmp_path / ck.checkpoint_name(4), {"step": 4, "model": {}})  # loads, but not resumable
+    said = []
+    path, state = ck.load_resume("auto", tmp_path, say=said.append)
+    assert path == tmp_path / ck.checkpoint_name(2) and state["step"] == 2
+    assert len(said) == 2
+    assert "iter_00000006.pth" in said[0] and "truncated or corrupt" in said[0]
+    assert "iter_00000004.pth" in said[1] and "not a training checkpoint" in said[1]
+    # an explicitly named file is never replaced by another one
+    with pytest.raises(ck.CheckpointError, match="iter_00000006.pth"):
+        ck.load_resume(str(newest), tmp_path)
+    assert ck.load_resume("none", tmp_path) == (None, None)
+
+
+def test_full_disk_during_save_names_the_file(tmp_path, monkeypatch):
+    from larvseg import atomic
+    from larvseg.errors import OutputWriteError, describe
+
+    path = tmp_path / ck.checkpoint_name(2)
+    monkeypatch.setattr(atomic, "_open_temp", lambda tmp: open("/dev/full", "wb"))  # the kernel's ENOSPC
+    with pytest.raises(OutputWriteError) as info:  # torch.save's "[enforce fail at inline_container.cc]" before
+        ck.save_checkpoint(path, {"w": torch.zeros(100_000)})
+    line = describe(info.value)
+    assert str(path) in line and "MB free" in line and "disk is full" in line
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_with_a_json_of_another_vocabulary_is_a_clear_error(tmp_path):
+    weights = {"classifier.class_embed": torch.zeros(6, 8), "backbone.w": torch.zeros(3)}
+    path = ck.export_weights(tmp_path / "final.safetensors", weights, {}, [f"c{i}" for i in range(6)], 5,
+                             supervised=[1, 3])
+    assert ck.load_checkpoint(path)["supervised"] == [1, 3]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["vocab"] = [f"c{i}" for i in range(7)]  # the .json of another run
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ck.CheckpointError, match=r"final\.safetensors: the weights hold 6 classes .* final\.json lists 7"):
+        ck.load_checkpoint(path)

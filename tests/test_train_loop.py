@@ -260,3 +260,36 @@ def test_ddp_wrapper_uses_the_argument_every_supported_torch_has(tmp_path, monke
         assert getattr(model, "forward_sync_buffers" if new_name else "broadcast_buffers") is False
     finally:
         dist.destroy_process_group()
+
+
+def test_mark_supervised_counts_labelled_pixels_and_tags_only():
+    seen = torch.zeros(6, dtype=torch.bool)
+    labels = torch.full((1, 4, 4), 65535)
+    labels[0, 0, :2] = 1
+    seg = SegBatch("S", torch.zeros(1, 3, 4, 4), labels, torch.arange(4), 1)
+    tag = TagBatch("T", torch.zeros(2, 3, 4, 4), torch.tensor([[4, -1], [4, -1]]), torch.arange(6), 2)
+    loop.mark_supervised(seen, StepBatch(0, [seg], [tag]))
+    assert seen.nonzero().flatten().tolist() == [1, 4]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(setup, monkeypatch, capsys):
+    import shutil
+
+    from test_train_checkpoint import orphan_temp
+
+    use_fake_data(monkeypatch)
+    work = setup / "fallback"
+    work.mkdir()
+    for step in (2, 4):
+        shutil.copy(setup / "ref" / f"iter_0000000{step}.pth", work)
+    newest = work / "iter_00000004.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    orphan = orphan_temp(work, "iter_00000006.pth")
+    loop.train(load_config(setup / "tiny.yaml", [f"train.work_dir={work}"]))  # resume: auto
+    out, err = capsys.readouterr()
+    assert "skipping checkpoint iter_00000004.pth for auto-resume" in err and "truncated or corrupt" in err
+    assert f"resumed from {work / 'iter_00000002.pth'} at step 2" in out
+    assert f"removed {orphan.name}" in out and not orphan.exists()
+    _assert_same(_weights(work / "iter_00000006.pth"), _weights(setup / "ref" / "iter_00000006.pth"), 0)
+    # the fake data labels classes 0..3 and tags 3..5: all six had supervision
+    assert load_checkpoint(work / "iter_00000006.pth")["supervised"] == list(range(NUM_CLASSES))

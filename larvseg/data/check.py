@@ -86,7 +86,10 @@ def check_config(cfg: Config, max_images: int = 0) -> list[SourceReport]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from larvseg.demo.benchmark import ensure_smoke_data
+
     cfg = load_config(args.config, args.overrides)
+    ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): generated data, so the smoke config checks as is
     print(f"data root: {cfg.data.resolved_root()}")
     try:
         reports = check_config(cfg, args.max_images)

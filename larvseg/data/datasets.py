@@ -116,11 +116,16 @@ class SegmentationFolder(SourceDataset):
     """Images with label maps, paired by file stem."""
 
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray,
-                 pairs: list[tuple[Path, Path]], lut: np.ndarray) -> None:
+                 pairs: list[tuple[Path, Path]], lut: np.ndarray, label_bits: int | None = None,
+                 bits_note: str = "") -> None:
         super().__init__(name, class_names, class_ids)
         if not pairs:
             raise EmptyDatasetError(name, "no image with an annotation")
         self.pairs, self.lut = pairs, lut
+        # the bit depth the layout's label files must have (None = either): where 8 and 16 bits give the
+        # same values different meanings (A847: 255 is a class in 16 bits, "unlabeled" in 8), another
+        # depth is refused rather than silently mis-read
+        self.label_bits, self.bits_note = label_bits, bits_note
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -132,6 +137,9 @@ class SegmentationFolder(SourceDataset):
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
         raw = read_label(label_path)
+        if self.label_bits is not None and raw.dtype.itemsize * 8 != self.label_bits:
+            raise AnnotationError(label_path, f"{raw.dtype.itemsize * 8}-bit label map, but {self.name} annotations are "
+                                              f"{self.label_bits}-bit{self.bits_note}")
         if raw.shape != image.shape[:2]:
             raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
                                               f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
@@ -288,7 +296,9 @@ def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary"
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
     pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split, (".tif", ".tiff"), source.skip_bad, problems)
-    return SegmentationFolder(source.name or "A847", names, ids, pairs, lut)
+    note = (f" (65535 = unlabeled; 255 is class {names[255]!r}, the unlabeled value of 8-bit maps, so an 8-bit map "
+            "cannot be read unambiguously): re-save it as a 16-bit TIFF with 65535 for unlabeled pixels")
+    return SegmentationFolder(source.name or "A847", names, ids, pairs, lut, label_bits=16, bits_note=note)
 
 
 class CocoStuffFolder(SegmentationFolder):

@@ -8,9 +8,13 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from larvseg.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input on disk. ``path`` names the file (or folder) at fault."""
+
+    hint = "fix or remove the file, or set skip_bad=true on its source (e.g. data.eval.skip_bad=true) to skip such files"
 
     def __init__(self, path: str | Path, problem: str | None = None) -> None:
         # one-argument form: the full message (how DataLoader workers re-create an exception)
@@ -38,12 +42,33 @@ class DatasetRootError(DataError):
     """A dataset root or sub-folder that does not exist."""
 
 
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 RGB of any Pillow image. 16/32-bit grey ("I;16", "I", "F") is scaled by its range instead of
+    Pillow's convert, which clips every value above 255 (a 16-bit photo would come out almost all white):
+    16-bit by the full 0..65535 range, 32-bit and float by 0..255 / 0..65535 when the values fit in
+    them, else by their own min..max."""
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.asarray(im.convert("RGB"))
+    grey = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        lo, hi = 0.0, 65535.0
+    elif grey.size and grey.min() >= 0 and grey.max() <= 255:
+        lo, hi = 0.0, 255.0
+    elif grey.size and grey.min() >= 0 and grey.max() <= 65535:
+        lo, hi = 0.0, 65535.0
+    else:
+        lo, hi = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 1.0)
+    scaled = np.rint((grey - lo) * (255.0 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
+    return np.repeat(scaled[:, :, None], 3, axis=2)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3). Truncated files fail here (Pillow refuses to decode them) instead of later."""
+    """RGB uint8 (H, W, 3). Truncated files fail here (Pillow refuses to decode them) instead of later;
+    16-bit grey images are scaled by their range (see _to_rgb)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return _to_rgb(im)
     except FileNotFoundError:
         raise CorruptImageError(path, "image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -23,7 +23,8 @@ STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 def rescale_size(h: int, w: int, long_side: float, short_side: float) -> tuple[int, int]:
     """mmcv's keep-ratio rescale: the largest size with long edge <= long_side and short edge <= short_side."""
     factor = min(long_side / max(h, w), short_side / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    # at least 1 px: a 2000x1 strip must not become 0 px high (cv2.resize refuses an empty size)
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

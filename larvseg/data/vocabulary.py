@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from larvseg.errors import UserError
+
 if TYPE_CHECKING:
     from larvseg.config import Config, SourceConfig
 
@@ -31,8 +33,10 @@ CLASSLIST_DIR = Path(__file__).resolve().parent / "classlists"
 MAX_CLASSES = 65535  # IGNORE_INDEX is 65535, labels are uint16
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """A class list that cannot be read or resolved."""
+
+    hint = "fix the class list, or the config key the message names"
 
 
 def normalize_name(name: str) -> str:
@@ -113,7 +117,8 @@ def imagenet_subset(classes: str) -> list[str]:
         "all": lambda: list(imagenet_synsets()),
     }
     if not classes:
-        raise VocabularyError("imagenet source needs 'classes': ade150, ade847, all, or a file of wnids")
+        raise VocabularyError("an imagenet source needs 'classes': set its classes key to ade150, ade847, all, "
+                              "or a file of wnids")
     wnids = presets[classes]() if classes in presets else read_wnid_file(Path(classes).expanduser())
     known = imagenet_synsets()
     unknown = [w for w in wnids if w not in known]
@@ -196,10 +201,17 @@ def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
 def build_vocabulary(cfg: "Config") -> Vocabulary:
     """The union vocabulary of an experiment: segmentation sources, then tag sources, then the eval set."""
     root = cfg.data.resolved_root()
-    sources = [*cfg.data.seg_sources, *cfg.data.tag_sources]
+    sources = [(f"data.seg_sources.{i}", s) for i, s in enumerate(cfg.data.seg_sources)]
+    sources += [(f"data.tag_sources.{i}", s) for i, s in enumerate(cfg.data.tag_sources)]
     if cfg.data.eval.format:
-        sources.append(cfg.data.eval)
-    return Vocabulary.union(*(source_class_names(s, root) for s in sources))
+        sources.append(("data.eval", cfg.data.eval))
+    lists = []
+    for key, source in sources:
+        try:
+            lists.append(source_class_names(source, root))
+        except VocabularyError as exc:  # say which config entry to fix (the message has the value)
+            raise VocabularyError(f"{key} ({source.name or source.format}): {exc}") from None
+    return Vocabulary.union(*lists)
 
 
 def base_novel_split(vocab: Vocabulary, cfg: "Config") -> tuple[np.ndarray, np.ndarray]:

@@ -32,12 +32,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
 import tifffile
 from PIL import Image
+
+if TYPE_CHECKING:
+    from larvseg.config import DataConfig
 
 CLASSLIST_DIR = Path(__file__).resolve().parent.parent / "data" / "classlists"
 FORMAT_VERSION = 1  # bump when the generator's output changes, so cached benchmarks are rebuilt
@@ -416,6 +419,19 @@ def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
     return lay
 
 
+SMOKE_SPEC = BenchmarkSpec(num_seg=8, per_class=2, num_eval=4)  # ~1 s: what `data.demo_benchmark` writes
+
+
+def ensure_smoke_data(data_cfg: "DataConfig") -> BenchmarkLayout | None:
+    """With ``data.demo_benchmark`` set and ``data.root`` missing, write the small benchmark there (so
+    the packaged smoke config ``tiny_cpu`` runs as is); an existing folder is never touched."""
+    root = data_cfg.resolved_root()
+    if not data_cfg.demo_benchmark or root.exists():
+        return None
+    print(f"data.demo_benchmark: writing a small mini benchmark to {root}", flush=True)
+    return ensure_benchmark(root, SMOKE_SPEC)
+
+
 def ensure_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
                      progress: Callable[[str], None] | None = None) -> BenchmarkLayout:
     """Reuse the benchmark in ``root`` if it was generated with ``spec``; otherwise (re)generate it.
@@ -445,5 +461,6 @@ def ensure_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
 
 __all__ = [
     "BASE_CLASSES", "BenchmarkError", "BenchmarkLayout", "BenchmarkSpec", "DEMO_CLASSES", "DemoClass",
-    "NOVEL_CLASSES", "PATTERNS", "ensure_benchmark", "render_scene", "render_texture", "write_benchmark",
+    "NOVEL_CLASSES", "PATTERNS", "SMOKE_SPEC", "ensure_benchmark", "ensure_smoke_data", "render_scene",
+    "render_texture", "write_benchmark",
 ]

@@ -29,6 +29,7 @@ import torch
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
 from larvseg.demo.report import PanelRow, RunResult, write_report
+from larvseg.train.checkpoint import FINAL_WEIGHTS
 
 # name -> config overrides of the variant (on top of the ``demo`` config)
 VARIANTS: dict[str, list[str]] = {
@@ -50,6 +51,11 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(iters=450, seeds=3),  # 22-39 s per run on 2 cores: 5.2 min in all, install included
     "quick": Profile(iters=120, seeds=1),
 }
+
+
+def run_dir(out: Path, seed: int, variant: str) -> Path:
+    """Work dir of one run: ``<out>/runs/seed<seed>/<first word of the variant>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
 
 
 def _say(msg: str) -> None:
@@ -126,7 +132,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     for seed in range(seeds):
         for v_index, variant in enumerate(VARIANTS):
             k = seed * len(VARIANTS) + v_index + 1
-            work_dir = out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
+            work_dir = run_dir(out, seed, variant)
             cfg = variant_config(layout, work_dir, variant, seed, profile.iters, extra)
             _say(f"[{k}/{total}] {variant}, seed {seed}: training {cfg.train.iters} iterations -> {work_dir}")
             t0 = time.perf_counter()
@@ -159,6 +165,13 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                        "classes have no training data in the demo); mIoU in the MMSegmentation convention"),
         "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
         "wall time": f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads",
+        "checkpoints": "; ".join(
+            f"{variant}: " + ", ".join(f"`{run_dir(out, seed, variant) / FINAL_WEIGHTS}`" for seed in range(seeds))
+            for variant in VARIANTS),
+        # predict defaults to the classes with training data (the benchmark's 14)
+        "predict with LarvSeg (from the folder the demo ran in)": (
+            f"`larvseg predict {run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS} {layout.eval_images} "
+            f"--out {out / 'predictions'}`"),
     }
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
                         setup, VARIANT_ROLES)
@@ -173,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else out / "data"
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None))
     _say(f"report: {report.resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS).resolve()}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """``larvseg eval``: mIoU / mAcc / aAcc of a checkpoint on the config's evaluation set.
 
-    larvseg eval CONFIG CHECKPOINT [key=value ...] [--eval mIoU] [--out DIR]
+    larvseg eval CONFIG CHECKPOINT [key=value ...] [--eval mIoU] [--classes NAMES] [--out DIR]
     torchrun --nproc_per_node N -m larvseg.cli eval ...      (or tools/dist_test.sh)
 
 Images are sharded across ranks (rank r takes the r-th contiguous chunk, as the training data), each
@@ -10,6 +10,12 @@ device with bincount; the matrices are summed across ranks (integers, so N proce
 numbers of one). Rank 0 prints the per-class table and writes ``eval_results.json``,
 ``eval_per_class.csv`` and ``confusion.npy`` (eval order; last row/column = "other", see
 larvseg.eval.confusion).
+
+``eval.classes`` (or ``--classes``: comma-separated names or a file) restricts both the prediction and
+the scored classes to a subset of the evaluation set (how the demo scores its 14 trained classes).
+Classes absent from the ground truth and never predicted are left out of the means (nan) and printed
+as one collapsed line. With ``data.eval.skip_bad=true`` an unreadable image is skipped and counted
+(``skipped_images``) instead of stopping the run.
 
 Headline numbers use the MMSegmentation convention (what the paper reports); the Detectron2
 convention is reported alongside under ``detectron2/...``.
@@ -21,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +38,10 @@ from tqdm import tqdm
 
 from larvseg import distributed
 from larvseg.config import Config, load_config
+from larvseg.data.io import DataError
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
-from larvseg.predict import image_to_tensor, segmenter_from_checkpoint
+from larvseg.predict import image_to_tensor, resolve_classes, segmenter_from_checkpoint
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
@@ -41,16 +49,22 @@ GROUPS = ("", "_base", "_novel")
 
 
 class _EvalItems(torch.utils.data.Dataset):
-    """The eval dataset's items for the indices of this rank, as model-ready tensors."""
+    """The eval dataset's items for the indices of this rank, as model-ready tensors. With ``skip_bad``
+    an unreadable item comes back as (None, None, problem) and is counted, not evaluated."""
 
-    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset: Any, indices: np.ndarray, skip_bad: bool = False) -> None:
+        self.dataset, self.indices, self.skip_bad = dataset, indices, skip_bad
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        item = self.dataset.load(int(self.indices[k]))
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        try:
+            item = self.dataset.load(int(self.indices[k]))
+        except DataError as exc:
+            if not self.skip_bad:
+                raise
+            return None, None, str(exc)
         if item.get("label") is None:
             raise ValueError(f"{item.get('path', self.indices[k])}: evaluation image without a label map")
         label = torch.from_numpy(np.asarray(item["label"]).astype(np.int64))
@@ -68,6 +82,18 @@ def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray
     return eval_ids[eval_ids < num_model_classes]
 
 
+def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Union ids of the evaluation classes and their base mask, restricted to ``eval.classes`` when set."""
+    from larvseg.data.vocabulary import base_novel_split
+
+    eval_ids, base_mask = base_novel_split(vocab, cfg)
+    eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
+        keep = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
+        eval_ids, base_mask = eval_ids[keep], np.asarray(base_mask, dtype=bool)[keep]
+    return eval_ids, np.asarray(base_mask, dtype=bool)
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
              max_images: int = 0) -> dict[str, Any]:
@@ -80,16 +106,14 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     ``out_dir``, rank 0 prints the table and writes JSON, CSV and the matrix there.
     """
     from larvseg.data.mixing import build_eval_dataset
-    from larvseg.data.vocabulary import base_novel_split
 
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, base_mask = base_novel_split(vocab, cfg)
-    eval_ids = np.asarray(eval_ids, dtype=np.int64)
+    eval_ids, base_mask = scored_classes(cfg, vocab)
     limit = max_images or cfg.eval.max_images
     n = min(len(dataset), limit) if limit else len(dataset)
     rank, world = distributed.rank(), distributed.world_size()
-    items = _EvalItems(dataset, shard_indices(n, rank, world))
+    items = _EvalItems(dataset, shard_indices(n, rank, world), cfg.data.eval.skip_bad)
     workers = min(cfg.data.num_workers, len(items))
     loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=workers)
 
@@ -100,17 +124,24 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     segmenter.eval()
     start = time.perf_counter()
     e = cfg.eval
-    for image, label, _path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
-                                    disable=not distributed.is_main_process()):
+    skipped: list[str] = []
+    for image, label, path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
+                                   disable=not distributed.is_main_process()):
+        if image is None:  # unreadable, data.eval.skip_bad
+            skipped.append(path)
+            print(f"warning: skipped an evaluation image (data.eval.skip_bad): {path}", file=sys.stderr, flush=True)
+            continue
         pred = segment_image(segmenter, image.to(device, non_blocking=True), class_ids=class_ids, mode=e.mode,
                              crop_size=e.crop_size, stride=e.stride, out_size=tuple(label.shape[-2:]), amp=e.amp)
         acc.update(pred, label.to(device, non_blocking=True))
     segmenter.train(was_training)
     matrix = acc.reduce().cpu()
+    num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)).item())
 
     names = list(vocab.names)
     results = summarise(matrix, eval_ids, base_mask, [names[i] for i in eval_ids])
-    results["num_images"] = n
+    results["num_images"] = n - num_skipped
+    results["skipped_images"] = num_skipped
     results["seconds"] = time.perf_counter() - start
     if distributed.is_main_process():
         print(format_table(results), flush=True)
@@ -148,17 +179,25 @@ def _fmt(v: float) -> str:
     return "   nan" if math.isnan(v) else f"{v:6.2f}"
 
 
-def format_table(results: dict[str, Any]) -> str:
-    rows = results["per_class"]
+def format_table(results: dict[str, Any], max_names: int = 8) -> str:
+    """The per-class table; classes absent from the ground truth and never predicted (left out of every
+    mean) are one collapsed line instead of a row of nan each."""
+    idle = [r for r in results["per_class"] if r["gt_pixels"] == 0 and r["pred_pixels"] == 0]
+    rows = [r for r in results["per_class"] if r["gt_pixels"] or r["pred_pixels"]]
     width = min(32, max([5] + [len(r["class"]) for r in rows]))
     lines = [f"{'class':<{width}}  split   IoU    Acc", "-" * (width + 22)]
     for r in rows:
         lines.append(f"{r['class'][:width]:<{width}}  {'base ' if r['base'] else 'novel'} {_fmt(r['IoU'])} {_fmt(r['Acc'])}")
+    if idle:
+        names = ", ".join(r["class"] for r in idle[:max_names]) + (", ..." if len(idle) > max_names else "")
+        lines.append(f"({len(idle)} classes absent from the ground truth and never predicted, left out of the means: {names})")
     lines.append("-" * (width + 22))
     for key in SUMMARY_KEYS:
         lines.append(f"{key:<5} all {_fmt(results[key])}  base {_fmt(results[key + '_base'])}  "
                      f"novel {_fmt(results[key + '_novel'])}   (detectron2: {_fmt(results['detectron2/' + key])})")
-    lines.append(f"{results['num_images']} images, mmseg convention (union 0 left out); "
+    skipped = results.get("skipped_images", 0)
+    lines.append(f"{results['num_images']} images{f' ({skipped} unreadable, skipped)' if skipped else ''}, "
+                 f"mmseg convention (union 0 left out); "
                  f"{results['other_pixels']} pixels predicted outside the eval vocabulary")
     return "\n".join(lines)
 
@@ -191,6 +230,8 @@ def main(args: argparse.Namespace) -> int:
     if unsupported:
         raise SystemExit(f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}")
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "classes", None):
+        cfg.eval.classes = args.classes
     device = distributed.init_from_env(cfg.train.device)
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -202,8 +243,11 @@ def main(args: argparse.Namespace) -> int:
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
-        evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
+            from larvseg.train.tensorboard import eval_overlays, log_evaluation
+
+            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

@@ -1,4 +1,13 @@
-"""Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/') or our own checkpoint.
+"""Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/'), a timm-format state
+dict (``.safetensors`` / ``.pth`` / ``.bin``, e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k`` from
+the Hugging Face Hub, ``hf-hub:`` names resolved by larvseg.models.hub) or our own checkpoint. Every
+format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
+
+timm layout (the same network, PyTorch layout; ours differs only in ``patch_embed.proj.`` -> ``patch_embed.``):
+  patch_embed.proj.{weight (D,3,16,16), bias} · cls_token (1,1,D) · pos_embed (1, 1+24*24, D) ·
+  blocks.{i}.norm1/norm2.{weight,bias} · blocks.{i}.attn.qkv.weight (3D, D) rows [q; k; v] · attn.qkv.bias ·
+  blocks.{i}.attn.proj.{weight (D,D), bias} · blocks.{i}.mlp.fc1/fc2.{weight (out,in), bias} ·
+  norm.{weight,bias} · head.{weight,bias} (classification head: expected, unused).
 
 AugReg layout (ViT-B/16: D=768, 12 heads of 64):
   embedding/kernel (16,16,3,D) HWIO conv · embedding/bias (D,) · cls (1,1,D) ·
@@ -26,7 +35,9 @@ from larvseg.models.vit import VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
 
-EXPECTED_UNUSED_PREFIXES = ("head/", "pre_logits/")  # classification head of the ImageNet fine-tune
+# classification head of the ImageNet fine-tune (AugReg '/' keys, timm '.' keys)
+EXPECTED_UNUSED_PREFIXES = ("head/", "pre_logits/", "head.", "fc_norm.", "pre_logits.")
+TIMM_RENAMES = {"patch_embed.proj.": "patch_embed."}  # timm name prefix -> ours
 
 
 class CheckpointLoadError(RuntimeError):
@@ -120,12 +131,28 @@ def load_augreg(model: VisionTransformer, path: str | Path) -> LoadReport:
             f"{path}: not an AugReg ViT checkpoint (no 'embedding/kernel' or 'Transformer/*' keys; "
             f"found e.g. {sorted(arrays)[:5]})"
         )
-    mapping = _augreg_mapping(model, arrays, path)
+    return _copy_checked(model, _augreg_mapping(model, arrays, path), list(arrays), path)
+
+
+def _copy_checked(model: VisionTransformer, mapping: dict[str, tuple[str, Tensor]], file_keys: list[str],
+                  path: str | Path) -> LoadReport:
+    """Copy ``mapping`` (backbone name -> (source key(s) joined by '+', tensor)) into ``model``, every tensor
+    shape-checked; the position grid is resized to the model's when only its token count differs.
+    Names that are not backbone parameters and file keys that map to nothing are reported as unexpected
+    (or unused, for the classification head); parameters without a value as missing."""
     params = dict(model.named_parameters())
     report = LoadReport(str(path))
     used_keys: set[str] = set()
     with torch.no_grad():
         for name, (key, value) in mapping.items():
+            if name not in params:
+                continue  # reported below through its file key
+            if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == model.embed_dim and value.shape != params[name].shape:
+                try:  # e.g. timm's 24x24 grid -> the model's
+                    grid = resize_pos_grid(value[:, 1:], (model.pos_grid,) * 2)
+                except ValueError as exc:
+                    raise CheckpointLoadError(f"{path}: {key}: {exc}") from None
+                value = torch.cat([value[:, :1], grid], dim=1)
             if value.shape != params[name].shape:
                 raise CheckpointLoadError(
                     f"{path}: {key} gives shape {tuple(value.shape)} for {name}, the backbone needs "
@@ -134,11 +161,13 @@ def load_augreg(model: VisionTransformer, path: str | Path) -> LoadReport:
             params[name].copy_(value)
             report.loaded.append(name)
             used_keys.update(key.split("+"))
-    report.missing = [n for n in params if n not in mapping]
-    for key in sorted(arrays):
+    report.missing = [n for n in params if n not in report.loaded]
+    for key in sorted(file_keys):
         if key in used_keys:
             continue
         (report.unused if key.startswith(EXPECTED_UNUSED_PREFIXES) else report.unexpected).append(key)
+    if not report.loaded:
+        raise CheckpointLoadError(f"{path}: no backbone tensors found (keys e.g. {sorted(file_keys)[:5]})")
     (log.warning if report.missing or report.unexpected else log.info)(report.summary())
     return report
 
@@ -156,7 +185,8 @@ def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Backbone weights from our own checkpoint (.safetensors, or .pth read with weights_only=True)."""
+    """Backbone weights from our own checkpoint or a timm-format ViT state dict (.safetensors, or
+    .pth / .bin read with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: checkpoint not found")
@@ -172,33 +202,28 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> Load
     if not isinstance(state, dict):
         raise CheckpointLoadError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     backbone = _extract_backbone_state(state)
-    params = dict(model.named_parameters())
-    report = LoadReport(str(path))
-    with torch.no_grad():
-        for name, value in backbone.items():
-            if name not in params:
-                report.unexpected.append(name)
-                continue
-            if name == "pos_embed" and value.shape != params[name].shape and value.shape[-1] == model.embed_dim:
-                value = torch.cat([value[:, :1], resize_pos_grid(value[:, 1:], (model.pos_grid,) * 2)], dim=1)
-            if value.shape != params[name].shape:
-                raise CheckpointLoadError(
-                    f"{path}: {name} has shape {tuple(value.shape)}, the backbone needs {tuple(params[name].shape)}"
-                )
-            params[name].copy_(value)
-            report.loaded.append(name)
-    report.missing = [n for n in params if n not in backbone]
-    if not report.loaded:
-        raise CheckpointLoadError(f"{path}: no backbone tensors found (keys e.g. {sorted(state)[:5]})")
-    (log.warning if report.missing or report.unexpected else log.info)(report.summary())
-    return report
+    return _copy_checked(model, {_timm_to_ours(k): (k, v) for k, v in backbone.items()}, list(backbone), path)
+
+
+def _timm_to_ours(name: str) -> str:
+    for prefix, ours in TIMM_RENAMES.items():
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return name
 
 
 def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Dispatch on the file name: AugReg ``.npz``, or our own ``.pth`` / ``.safetensors``."""
+    """Dispatch on the name: ``hf-hub:<repo>`` (timm weights from the Hugging Face Hub cache, downloaded when
+    online), AugReg ``.npz``, or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict (ours or timm's)."""
+    from larvseg.models.hub import HF_HUB_PREFIX, resolve_hf_hub
+
+    if str(path).startswith(HF_HUB_PREFIX):
+        path = resolve_hf_hub(str(path))
     suffix = Path(path).suffix
     loaders = {".npz": load_augreg, ".pth": load_backbone_checkpoint, ".pt": load_backbone_checkpoint,
-               ".safetensors": load_backbone_checkpoint}
+               ".bin": load_backbone_checkpoint, ".safetensors": load_backbone_checkpoint}
     if suffix not in loaders:
-        raise CheckpointLoadError(f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)}")
+        raise CheckpointLoadError(
+            f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)} or {HF_HUB_PREFIX}<repo>"
+        )
     return loaders[suffix](model, path)

@@ -34,6 +34,7 @@ about 0.5 GB; a full-resolution logit tensor would need 23 GB.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,8 @@ class _Scorer:
     the per-pixel sum and sum of squares of the raw scores (for the classifier's standardisation) and,
     when ``keep_top`` > 0, each pixel's ``keep_top`` highest-scoring classes."""
 
-    def __init__(self, segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str, keep_top: int = 0) -> None:
+    def __init__(self, segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str, keep_top: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         clf = segmenter.classifier
         self.c = class_vecs
         self.gamma, self.beta = float(clf.gamma), float(clf.beta)
@@ -125,6 +127,8 @@ class _Scorer:
             rstd = torch.rsqrt(var + STANDARDIZE_EPS).float()
             self.windows.append(_Window(box, (ph, pw), tuple(x.shape[-2:]), p, mean.float(), rstd))
             self.top.append((self.sign * vals, idx))
+            if progress is not None:  # the backbone pass per window is the cost: report each
+                progress(len(self.windows), len(boxes))
 
     def _score_blocks(self, p: Tensor, start: int, stop: int):
         for a in range(start, stop, SCORE_CHUNK):
@@ -203,6 +207,7 @@ def segment_image_detailed(
     exact_max_classes: int = EXACT_MAX_CLASSES,
     topk: int = TOPK,
     chunk_elems: int = CHUNK_ELEMS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, str]:
     """``segment_image`` plus how the argmax was obtained: "exact", "certified" or "expanded"."""
     if image.ndim != 3 or image.shape[0] != 3:
@@ -224,7 +229,7 @@ def segment_image_detailed(
     try:
         keep_top = 0 if classes.numel() <= exact_max_classes else 2 * topk
         scorer = _Scorer(segmenter, image, modes[mode](hh, ww), segmenter.classifier.class_vectors(classes).float(), amp,
-                         keep_top=keep_top)
+                         keep_top=keep_top, progress=progress)
     finally:
         segmenter.train(was_training)
     n = classes.numel()
@@ -269,15 +274,17 @@ def segment_image(
     stride: int = 512,
     out_size: tuple[int, int] | None = None,
     amp: str = "off",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Predicted union class ids (H_out, W_out) int64 for a normalised (3, H, W) image.
 
     ``class_ids`` restricts the prediction (and the classifier's standardisation, as in training with a
     class subset) to these union ids. ``mode``: "slide" (MMSegmentation semantics) or "whole".
     ``out_size``: output size (default: the image size). ``amp``: see ``autocast_context``.
+    ``progress(done, total)`` is called after each window's backbone pass (progress bars for large images).
     """
     pred, _ = segment_image_detailed(
         segmenter, image, class_ids=class_ids, mode=mode, crop_size=crop_size, stride=stride,
-        out_size=out_size, amp=amp,
+        out_size=out_size, amp=amp, progress=progress,
     )
     return pred

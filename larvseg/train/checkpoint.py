@@ -10,12 +10,16 @@ weights_only=True)`` accepts (tensors, numbers, strings, lists, dicts only):
     config      Config.to_dict() of the run
     vocab       union vocabulary names, by union id
     rng         RNG states of rank 0: torch, cuda, numpy (as tensors), python
+    supervised  union ids of the classes that had a labelled pixel or a tag in the steps trained so far
 
 The schedule is a pure function of ``step`` (larvseg.train.schedule), so it needs no state of its own.
 ``latest.pth`` is a relative symlink to the newest checkpoint (as in the original's work dirs).
 
 The final export is ``<work_dir>/final.safetensors`` (segmenter weights without the memory bank, which
-only matters for training) plus ``<work_dir>/final.json`` ({"config", "vocab", "step"}).
+only matters for training) plus ``<work_dir>/final.json`` ({"config", "vocab", "step", "supervised"}).
+Auto-resume skips an unreadable newest checkpoint (saying which and why) and takes the previous one;
+temp files of killed saves (``.iter_N.pth.tmp-PID`` of a process that no longer runs) are removed
+when training starts and whenever old checkpoints are pruned.
 ``load_checkpoint`` reads either kind and returns a dict with at least ``model``, ``config``, ``vocab``.
 """
 
@@ -28,12 +32,15 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+
+from larvseg.atomic import atomic_write, remove_stale_temps, temp_path
+from larvseg.errors import UserError
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -41,41 +48,21 @@ LATEST_LINK = "latest.pth"
 FINAL_WEIGHTS = "final.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read (missing, truncated, corrupt, or of the wrong kind); names the file."""
+
+    hint = "pass a complete checkpoint written by larvseg train (iter_*.pth, or final.safetensors with its .json)"
 
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:08d}.pth"
 
 
-def _temp_path(path: Path) -> Path:
-    # Same directory as the target so os.replace is an atomic rename on one file system; a leading dot
-    # keeps it out of list_checkpoints.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename it over ``path``.
-
-    On any failure the temp file is removed and the exception propagates: ``path`` is either the old
-    file or the complete new one, never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors and plain data only) to ``path`` atomically (temp file + os.replace)."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -120,19 +107,21 @@ def latest_checkpoint(work_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(work_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (keep_last <= 0 keeps all); returns the deleted."""
+    """Delete all but the newest ``keep_last`` checkpoints (keep_last <= 0 keeps all) and the temp files of
+    dead writers (a save killed mid-write leaves ``.iter_N.pth.tmp-PID``); returns the deleted."""
+    stale = remove_stale_temps(work_dir)
     if keep_last <= 0:
-        return []
+        return stale
     old = [p for _, p in list_checkpoints(work_dir)[:-keep_last]]
     for p in old:
         p.unlink()
-    return old
+    return stale + old
 
 
 def update_latest_link(path: Path) -> None:
     """Point ``latest.pth`` next to ``path`` at it (relative symlink, replaced atomically)."""
     link = path.parent / LATEST_LINK
-    tmp = _temp_path(link)
+    tmp = temp_path(link)
     tmp.unlink(missing_ok=True)
     os.symlink(path.name, tmp)
     os.replace(tmp, link)
@@ -149,6 +138,36 @@ def resolve_resume(resume: str | None, work_dir: str | os.PathLike) -> Path | No
     if not path.is_file():
         raise CheckpointError(f"{path}: --resume checkpoint not found")
     return path
+
+
+RESUME_KEYS = ("step", "model", "optimizer", "vocab", "rng")
+
+
+def load_resumable(path: Path) -> dict[str, Any]:
+    """A training checkpoint with everything resuming needs; CheckpointError naming the file otherwise."""
+    state = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it: no {missing} entries (not a training checkpoint)")
+    return state
+
+
+def load_resume(resume: str | None, work_dir: str | os.PathLike,
+                say: Callable[[str], None] = print) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) to resume from, as ``resolve_resume`` picks it, loaded; (None, None) to start fresh.
+
+    Auto-resume falls back: an unreadable newest checkpoint (a kill or a full disk while it was written
+    by other means than ``save_checkpoint``, a damaged disk) is skipped with a message naming the file
+    and why, and the next older one is tried. An explicitly given file must load."""
+    if resume is None or resume in ("", "auto"):
+        for _, path in reversed(list_checkpoints(work_dir)):
+            try:
+                return path, load_resumable(path)
+            except CheckpointError as exc:
+                say(f"warning: skipping checkpoint {path.name} for auto-resume: {exc}")
+        return None, None
+    path = resolve_resume(resume, work_dir)
+    return (path, load_resumable(path)) if path is not None else (None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,16 +201,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def export_weights(path: str | os.PathLike, model_state: dict[str, torch.Tensor], config: dict[str, Any],
-                   vocab: list[str], step: int) -> Path:
+                   vocab: list[str], step: int, supervised: list[int] | None = None) -> Path:
     """Write ``path`` (.safetensors: the segmenter weights, memory bank left out) and ``path`` with suffix
-    .json ({"config", "vocab", "step"}), both atomically. Returns the .safetensors path."""
+    .json ({"config", "vocab", "step"} and, when given, "supervised": the union ids of the classes that
+    had masks or tags in training), both atomically. Returns the .safetensors path."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the export must end in .safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if not k.startswith("bank.")}
     meta = {"config": config, "vocab": list(vocab), "step": int(step), "format": CHECKPOINT_FORMAT}
-    _atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    if supervised is not None:
+        meta["supervised"] = [int(i) for i in supervised]
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     return path
 
 
@@ -210,4 +232,15 @@ def _load_export(path: Path) -> dict[str, Any]:
     for key in ("config", "vocab"):
         if key not in meta:
             raise CheckpointError(f"{meta_path}: missing {key!r}")
-    return {"model": model, "config": meta["config"], "vocab": meta["vocab"], "step": meta.get("step", 0)}
+    # weights and vocabulary of different runs would fail deep in load_state_dict without a file name
+    rows = {k: v.shape[0] for k, v in model.items() if k.endswith("class_embed") and v.ndim >= 1}
+    for key, n in rows.items():
+        if n != len(meta["vocab"]):
+            raise CheckpointError(
+                f"{path}: the weights hold {n} classes ({key}) but {meta_path.name} lists {len(meta['vocab'])}: "
+                f"the two files come from different runs; keep the .json written with these weights next to them"
+            )
+    out = {"model": model, "config": meta["config"], "vocab": meta["vocab"], "step": meta.get("step", 0)}
+    if "supervised" in meta:
+        out["supervised"] = meta["supervised"]
+    return out

@@ -1,5 +1,6 @@
-"""Training metrics: a tqdm progress bar, a text line every ``log_interval`` steps, ``metrics.jsonl`` and
-a training-curve PNG in the work dir. Only rank 0 writes (``enabled``); the values it receives are
+"""Training metrics: a tqdm progress bar, a text line every ``log_interval`` steps, ``metrics.jsonl``,
+a training-curve PNG and, when tensorboardX is installed, TensorBoard event files (larvseg.train.tensorboard)
+in the work dir. Only rank 0 writes (``enabled``); the values it receives are
 already averaged over ranks by the loop.
 
 Each JSONL record is one of
@@ -15,9 +16,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import numpy as np
 from tqdm import tqdm
+
+from larvseg.train.tensorboard import TensorBoardLog, log_images, tensorboard_available
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "training_curve.png"
@@ -42,7 +46,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 class MetricLogger:
     def __init__(self, work_dir: str | Path, total_iters: int, start_step: int, images_per_step: int,
-                 log_interval: int, enabled: bool) -> None:
+                 log_interval: int, enabled: bool, tensorboard: bool = True) -> None:
         self.path = Path(work_dir) / METRICS_FILE
         self.curve_path = Path(work_dir) / CURVE_FILE
         self.total_iters, self.images_per_step = total_iters, images_per_step
@@ -51,6 +55,9 @@ class MetricLogger:
         self._sums: dict[str, float] = {}
         self._count = 0
         self._window_start = time.perf_counter()
+        self._last_step = start_step
+        # on by default when tensorboardX is installed; the JSONL stays the source of truth
+        self.tb = TensorBoardLog(work_dir, start_step) if enabled and tensorboard and tensorboard_available() else None
         if enabled:
             # A resumed run drops the records of steps that were logged after its checkpoint (they are
             # recomputed), so the file reads as one uninterrupted run.
@@ -66,6 +73,7 @@ class MetricLogger:
         for key, value in terms.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
+        self._last_step = step
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if step % self.log_interval == 0 or step == self.total_iters:
@@ -79,17 +87,26 @@ class MetricLogger:
         record["images_per_s"] = self.images_per_step / sec_per_it if sec_per_it > 0 else float("nan")
         record["eta_s"] = (self.total_iters - step) * sec_per_it
         self._write(record)
+        if self.tb is not None:
+            self.tb.scalars("train/", step, {k: v for k, v in record.items() if k not in ("kind", "step", "eta_s")})
         terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step", "lr", "images_per_s", "eta_s"))
         self.bar.write(f"[{step}/{self.total_iters}] lr {lr:.3e}  {terms}  "
                        f"{record['images_per_s']:.1f} img/s  eta {format_eta(record['eta_s'])}")
         self._sums, self._count = {}, 0
         self._window_start = time.perf_counter()
 
-    def log_eval(self, step: int, results: dict[str, Any]) -> None:
+    def log_eval(self, step: int, results: dict[str, Any],
+                 images: Callable[[], Sequence[np.ndarray]] | None = None) -> None:
+        """An eval record; ``images`` (called only when TensorBoard is on) gives prediction overlays."""
         if not self.enabled:
             return
         scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._write({"kind": "eval", "step": step, **scalars})
+        if self.tb is not None:
+            self.tb.scalars("eval/", step, scalars)
+            if images is not None:
+                log_images(self.tb, "eval/prediction", step, images)
+            self.tb.flush()
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -99,10 +116,20 @@ class MetricLogger:
         """Write the training curve (loss terms and lr per step; eval mIoU if any) next to the metrics."""
         if not self.enabled:
             return None
-        return plot_curve(self.path, self.curve_path)
+        path = plot_curve(self.path, self.curve_path)
+        if self.tb is not None:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.tb.image("curve", self._last_step, np.asarray(im.convert("RGB")))
+            self.tb.flush()
+        return path
 
     def close(self) -> None:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def plot_curve(metrics_path: str | Path, out_path: str | Path) -> Path:

@@ -36,8 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from larvseg import distributed
 from larvseg.config import Config, dump_config, load_config
+from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import build_vocabulary
+from larvseg.demo.benchmark import ensure_smoke_data
 from larvseg.eval.evaluate import evaluate
 from larvseg.models.inference import autocast_context
 from larvseg.models.objective import TrainingObjective
@@ -45,17 +47,20 @@ from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     FINAL_WEIGHTS,
+    CheckpointError,
     checkpoint_name,
     export_weights,
     load_checkpoint,
+    load_resume,
     prune_checkpoints,
-    resolve_resume,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
     update_latest_link,
 )
 from larvseg.train.logger import MetricLogger
+from larvseg.train.tensorboard import eval_overlays
 from larvseg.train.schedule import poly_lr, set_lr
 
 
@@ -100,6 +105,17 @@ def data_parallel(objective: torch.nn.Module, device: torch.device) -> Distribut
         )
 
 
+def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
+    """Set ``seen[c]`` for every union class with a labelled pixel or a tag in ``batch`` (vectorised)."""
+    n = seen.numel()
+    for b in batch.seg:
+        labels = b.labels.reshape(-1)
+        seen[labels[labels < n]] = True  # IGNORE_INDEX (and padding) is >= n
+    for b in batch.tag:
+        tags = b.tags.reshape(-1)
+        seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
+
+
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Train ``cfg`` (in this process, or as one rank under torchrun); returns the work dir.
 
@@ -110,8 +126,11 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     is_main = rank == 0
     work_dir = cfg.work_dir()
     if is_main:
+        ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): a generated benchmark, before any listing
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "config.yaml").write_text(dump_config(cfg))
+        for p in remove_stale_temps(work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
+            print(f"removed {p.name}: temp file of a killed save", flush=True)
     distributed.barrier()
     t = cfg.train
 
@@ -125,34 +144,49 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         model = objective
     optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
-    # Resume: rank 0 picks the file (auto-resume must not race with a save), every rank loads it.
-    resume_path = distributed.broadcast_object(
-        resolve_resume(resume if resume is not None else t.resume, work_dir) if is_main else None
-    )
+    # Resume: rank 0 picks the file (auto-resume must not race with a save; an unreadable newest one is
+    # skipped with a message), every rank loads it.
+    resume_arg = resume if resume is not None else t.resume
+    state = None
+    if is_main:
+        resume_path, state = load_resume(resume_arg, work_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+    resume_path = distributed.broadcast_object(resume_path if is_main else None)
     start_step = 0
+    # classes that had any supervision (a labelled pixel or a tag) so far; stored in every checkpoint so
+    # that predict can default to them and warn about the others
+    supervised = torch.zeros(len(vocab), dtype=torch.bool)
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
+        if state is None:
+            state = load_checkpoint(resume_path)
         if list(state["vocab"]) != list(vocab.names):
-            raise ValueError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's ({len(vocab)})")
+            raise CheckpointError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
+                                  f"({len(vocab)}): resume with the config it was trained with, or start fresh with --resume none")
         segmenter.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step = int(state["step"])
+        supervised[torch.as_tensor(state.get("supervised", []), dtype=torch.long)] = True
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
 
     loader = MixedLoader(cfg, vocab, rank, world, start_step=start_step, pin_memory=device.type == "cuda")
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
-    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main)
+    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
+                          tensorboard=t.tensorboard)
     last_good = resume_path
+
+    def supervised_ids() -> list[int]:  # a collective: call on every rank
+        seen = distributed.all_reduce_sum(supervised.to(device, torch.int32)).cpu() > 0
+        return seen.nonzero().flatten().tolist()
 
     def save(step: int) -> Path:
         path = work_dir / checkpoint_name(step)
+        seen = supervised_ids()
         if is_main:
             save_checkpoint(path, {
                 "format": CHECKPOINT_FORMAT, "step": step, "model": segmenter.state_dict(),
                 "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names),
-                "rng": rng_state(),
+                "rng": rng_state(), "supervised": seen,
             })
             update_latest_link(path)
             prune_checkpoints(work_dir, t.keep_last)
@@ -162,7 +196,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     def run_eval(step: int) -> None:
         results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
-        logger.log_eval(step, results)
+        logger.log_eval(step, results, images=lambda: eval_overlays(cfg, segmenter, vocab))
 
     model.train()
     batches = iter(loader)
@@ -170,6 +204,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         batch = next(batches)
         if batch.step != step:
             raise RuntimeError(f"MixedLoader yielded step {batch.step}, the loop expected {step}")
+        mark_supervised(supervised, batch)
         torch.manual_seed(step_seed(t.seed, step, rank))
         lr = poly_lr(step, t.iters, t.lr, t.poly_power, t.min_lr)
         set_lr(optimizer, lr)
@@ -202,8 +237,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         run_eval(t.iters)
     if start_step >= t.iters and is_main:
         print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+    seen = supervised_ids()
     if is_main:
-        export_weights(work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters)
+        export_weights(work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters,
+                       supervised=seen)
         logger.plot()
     logger.close()
     if is_main:

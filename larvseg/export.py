@@ -1,0 +1,139 @@
+"""``larvseg export``: the segmenter for a fixed vocabulary as an ONNX model (dynamic image size), checked
+with onnxruntime against PyTorch.
+
+    larvseg export work_dirs/c171_a150w/final.safetensors --classes "sky,tree,person" --onnx model.onnx
+
+The ONNX graph (``ExportableSegmenter``) takes ``image``: float32 (1, 3, H, W), RGB 0..255, any H and W
+from 32 to 8192, and returns ``logits`` (1, N, ceil(H/16), ceil(W/16)) over the N exported classes and
+``labels`` (1, H, W) int64: the index into the class list, stored as JSON in the model's metadata (``classes``)
+and in ``<model>.classes.json``. It is whole-image inference exactly as
+``larvseg.models.inference.segment_image(mode="whole")``: normalise, zero-pad bottom/right to a multiple
+of 16, backbone, cosine classifier standardised over the N classes, bilinear upsampling to the padded
+size, crop, argmax. Resizing the image (``larvseg predict`` uses short side 512) is left to the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from larvseg.models.segmenter import Segmenter
+from larvseg.predict import PIXEL_MEAN, PIXEL_STD, LarvSegPredictor, read_image
+
+PATCH = 16
+OPSET = 18
+MIN_SIDE = 32  # smaller images would need a 1-token grid, which the exported shapes exclude
+
+
+class ExportableSegmenter(nn.Module):
+    """Raw RGB image -> (logits over a fixed class list at feature resolution, label map at image size)."""
+
+    def __init__(self, segmenter: Segmenter, class_ids: Tensor) -> None:
+        super().__init__()
+        self.backbone = segmenter.backbone
+        self.classifier = segmenter.classifier
+        with torch.no_grad():  # a constant of the graph: the vocabulary is fixed
+            self.register_buffer("class_vectors", segmenter.classifier.class_vectors(class_ids).detach().clone())
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        h, w = image.shape[-2:]
+        x = (image - self.mean) / self.std
+        # padded size written as 16 * ceil(x / 16) so that the exporter can prove it is a multiple of 16
+        x = F.pad(x, (0, (w + PATCH - 1) // PATCH * PATCH - w, 0, (h + PATCH - 1) // PATCH * PATCH - h))
+        features = self.backbone(x)
+        b, _, fh, fw = features.shape
+        scores = self.classifier.pixel_vectors(features) @ self.class_vectors.T  # (B, hw, N)
+        logits = self.classifier.logits_from_scores(scores).transpose(1, 2).reshape(b, -1, fh, fw)
+        up = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, up[:, :, :h, :w].argmax(1)
+
+
+def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequence[str],
+                example_hw: tuple[int, int] = (70, 90)) -> Path:
+    """Write ``module`` to ``path`` (temp file + os.replace): batch 1, dynamic height and width (>= 32 px)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # an example that needs padding (not a multiple of 16), so the traced graph keeps the pad
+    example = torch.rand(1, 3, *example_hw) * 255
+    dims = {2: torch.export.Dim("height", min=MIN_SIDE, max=8192), 3: torch.export.Dim("width", min=MIN_SIDE, max=8192)}
+    tmp = path.with_name(f".tmp.{path.name}")
+    # the exporter warns, once per op, that torchvision (which larvseg never uses) is missing
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad():
+        # Shape checks in Python (the ViT's multiple-of-16 test, the position grid's "same size?" shortcut)
+        # become runtime asserts instead of guards that would pin the size to the example's.
+        program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
+                                    output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
+    program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
+    program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+    os.replace(tmp, path)
+    return path
+
+
+def check_onnx(module: ExportableSegmenter, path: str | Path, images: Sequence[np.ndarray]) -> list[dict[str, float]]:
+    """Run the ONNX model with onnxruntime and the module with PyTorch on each uint8 HxWx3 image: max abs
+    logit difference and the fraction of pixels whose labels agree."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = []
+    for image in images:
+        x = np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None])
+        onnx_logits, onnx_labels = session.run(["logits", "labels"], {"image": x})
+        with torch.no_grad():
+            logits, labels = module(torch.from_numpy(x))
+        results.append({"height": image.shape[0], "width": image.shape[1],
+                        "max_abs_logit_diff": float(np.abs(onnx_logits - logits.numpy()).max()),
+                        "label_agreement": float((onnx_labels == labels.numpy()).mean())})
+    return results
+
+
+def _check_images(paths: Sequence[str]) -> list[np.ndarray]:
+    """The given images, or two smooth synthetic ones of different sizes (a dynamic-size check)."""
+    if paths:
+        return [read_image(p) for p in paths]
+    import cv2
+
+    rng = np.random.default_rng(0)
+    return [cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+            for h, w in ((200, 300), (157, 93))]
+
+
+def main(args: argparse.Namespace) -> int:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f'larvseg export needs {", ".join(missing)}: pip install "larvseg[onnx]"')
+        return 2
+    predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device="cpu")
+    names = predictor.class_names
+    ids = np.arange(len(names)) if predictor.class_ids is None else predictor.class_ids.numpy()
+    class_names = [names[i] for i in ids]
+    module = ExportableSegmenter(predictor.segmenter, torch.from_numpy(ids)).eval()
+    path = export_onnx(module, args.onnx, class_names)
+    sidecar = path.with_suffix(".classes.json")
+    sidecar.write_text(json.dumps(class_names, indent=0, ensure_ascii=False))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {len(class_names)} classes; list also in {sidecar})")
+    worst_diff, worst_agree = 0.0, 1.0
+    for r in check_onnx(module, path, _check_images(args.check_images or [])):
+        print(f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
+              f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels")
+        worst_diff, worst_agree = max(worst_diff, r["max_abs_logit_diff"]), min(worst_agree, r["label_agreement"])
+    if worst_diff > args.tolerance or worst_agree < 0.999:
+        print(f"larvseg export: the ONNX model differs from PyTorch (max abs logit diff {worst_diff:.2e} > "
+              f"{args.tolerance:g} or agreement {100 * worst_agree:.3f}% < 99.9%)")
+        return 1
+    return 0
