@@ -1,11 +1,12 @@
 """The ``larvseg`` command line: one sub-command per workflow, each implemented in its own module.
 
     larvseg train CONFIG [key=value ...]            training (larvseg.train.loop)
+    larvseg pretrain CONFIG [key=value ...]         classification pretraining of the backbone -> AugReg .npz (larvseg.train.pretrain)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
     larvseg serve CHECKPOINT [--port 8000]          a local web page to segment uploads (larvseg.serve)
     larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
-    larvseg demo [--quick]                          the mini benchmark end to end (larvseg.demo.run)
+    larvseg demo [--quick] [--jobs N]               the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
 
 Modules are imported only when their command runs, so ``larvseg --help`` is instant. ``key=value``
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "fresh (default: train.resume, whose default is auto)")
     p.set_defaults(handler="larvseg.train.loop:main")
 
+    p = _sub(sub, "pretrain", "pretrain the backbone by image classification on the tag sources; writes an AugReg .npz")
+    _add_config_args(p)
+    p.add_argument("--work-dir", default=None, help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
+    p.set_defaults(handler="larvseg.train.pretrain:main")
+
     p = _sub(sub, "eval", "evaluate a checkpoint (mIoU; run under torchrun for several processes)")
     p.add_argument("config", help="config file or packaged config name: its data.eval is the evaluation set")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json)")
@@ -116,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="work_dirs/demo", help="report and run folder")
     p.add_argument("--data", default=None, help="where the mini benchmark is generated (default: <out>/data)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per variant (default: 3, quick: 1)")
-    _add_overrides(p, "overrides of the demo config for every variant, e.g. train.iters=800")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
+    _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.run:main")
 
     p = _sub(sub, "data", "dataset utilities")

@@ -116,6 +116,10 @@ class ModelConfig:
     pretrained: str = ""  # AugReg .npz, timm .safetensors/.pth, hf-hub:<repo> or a LarvSeg checkpoint; "" = random
     drop_path: float = 0.1
     num_sampled_classes: int = 100  # random classes added to the present ones per step; 0 = the whole vocabulary
+    # where a segmentation source's random classes come from: "source" = its own vocabulary (the spec, the
+    # original); "training" = every training source's classes, so image-level-only (novel) classes are also
+    # negatives on annotated pixels (docs/BASE_COLLAPSE.md)
+    seg_class_pool: str = "source"
     loss_downsample: int = 2  # losses are computed at 1/loss_downsample of the crop resolution
     cac: bool = True  # the Category-wise Attentive Classifier loss on image-level data
     memory_bank_size: int = 20  # M, slots per class
@@ -146,6 +150,22 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``larvseg pretrain``: AugReg-style classification pretraining of the backbone on the image-level
+    sources (``data.tag_sources``). Seed, device, amp, logging, checkpoint interval, keep_last and the
+    poly power / floor come from ``train``."""
+
+    work_dir: str = ""  # "" = work_dirs/<config name>_pretrain
+    iters: int = 800
+    batch_size: int = 32  # images per step over all image-level sources (split by their share)
+    loss: str = "softmax"  # softmax (multi-tag images: the target spread over their tags) | sigmoid (one binary CE per class)
+    lr: float = 1e-3  # AdamW, as AugReg's Adam with decoupled weight decay
+    weight_decay: float = 0.05
+    warmup_iters: int = 0  # linear warm-up to lr, then poly decay
+    out: str = ""  # the backbone .npz; "" = <work_dir>/backbone.npz
+
+
+@dataclass
 class EvalConfig:
     mode: str = "slide"  # slide | whole
     crop_size: int = 512
@@ -164,6 +184,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def work_dir(self) -> Path:
         return Path(self.train.work_dir or f"work_dirs/{self.name or 'default'}")
@@ -333,6 +354,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.amp must be auto, bf16 or off, got {cfg.eval.amp!r}")
     if cfg.eval.mode not in ("slide", "whole"):
         raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
+    if cfg.model.seg_class_pool not in ("source", "training"):
+        raise ConfigError(f"model.seg_class_pool must be source or training, got {cfg.model.seg_class_pool!r}")
+    if cfg.pretrain.loss not in ("softmax", "sigmoid"):
+        raise ConfigError(f"pretrain.loss must be softmax or sigmoid, got {cfg.pretrain.loss!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
 

@@ -60,3 +60,59 @@ def test_write_report(tmp_path):
         with Image.open(tmp_path / name) as im:
             assert im.width > 300 and im.height > 200
             assert np.asarray(im.convert("L")).std() > 5
+
+
+def _three(novel_b, novel_l, base_s=60.0, base_b=60.0, base_l=60.0) -> list[RunResult]:
+    out = []
+    for seed in range(len(novel_b)):
+        out.append(RunResult("seg", seed, 30.0, base_s, 0.0, [0.0]))
+        out.append(RunResult("base", seed, 30.0, base_b, novel_b[seed], [0.0]))
+        out.append(RunResult("cac", seed, 30.0, base_l, novel_l[seed], [0.0]))
+    return out
+
+
+def test_paired_differences_and_claim_rule():
+    from larvseg.demo.report import claim_verdict, paired_differences
+
+    res = _three([10.0, 12.0, 11.0], [12.0, 13.5, 13.0])  # +2.0, +1.5, +2.0: mean 1.83, std 0.29
+    paired = paired_differences(res, "base", "cac")
+    assert paired["miou_novel"].values == [2.0, 1.5, 2.0] and paired["miou_base"].values == [0.0, 0.0, 0.0]
+    assert math.isclose(paired["miou_novel"].std, 0.288675, rel_tol=1e-5)
+    text = claim_verdict(summarise_results(res), paired, "seg", "base")
+    assert text.startswith("The paper's claim HOLDS") and "in 3 of 3 seeds" in text
+
+    noisy = _three([10.0, 12.0, 11.0], [14.0, 12.5, 11.5])  # +4, +0.5, +0.5: wins everywhere, mean < 2 std
+    p2 = paired_differences(noisy, "base", "cac")
+    t2 = claim_verdict(summarise_results(noisy), p2, "seg", "base")
+    assert "does NOT hold" in t2 and "2 x std" in t2.split("; met:")[0]
+
+    collapsed = _three([10.0, 12.0, 11.0], [12.0, 13.5, 13.0], base_l=55.0)  # base 5 points below seg-only
+    t3 = claim_verdict(summarise_results(collapsed), paired_differences(collapsed, "base", "cac"), "seg", "base")
+    assert "does NOT hold" in t3 and "cac -5.0" in t3
+
+
+def test_roc_auc_matches_pair_counting():
+    from larvseg.demo.diagnostics import roc_auc
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 200).astype(np.float64)  # many ties
+    pos = rng.random(200) < 0.3
+    p, n = scores[pos], scores[~pos]
+    expected = ((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (p.size * n.size)
+    assert math.isclose(roc_auc(scores, pos), expected, rel_tol=1e-12)
+    assert roc_auc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
+    assert math.isnan(roc_auc(np.array([0.1, 0.9]), np.array([True, True])))
+
+
+def test_diagnostics_lines_report_leak_and_auc_gap():
+    from larvseg.demo.diagnostics import FeatureDiagnostics
+    from larvseg.demo.report import diagnostics_lines
+
+    d = {("cac", 0): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 12.5, [1.0, 2.0]),
+         ("cac", 1): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 7.5, [1.0, 4.0]),
+         ("seg", 0): FeatureDiagnostics([0.5, 0.6], None, None, 0.0, [1.0, 0.0])}
+    text = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac"))
+    assert "| cac | 10.0 | 3.00 |" in text and "| seg | 0.0 | 0.00 |" in text  # means over seeds
+    assert "Up to 10.0 % of the base-labelled patches (cac)" in text
+    assert "| y | novel | 0.70 | 0.60 | 0.60 | +0.10 |" in text
+    assert "On 1 of 1 novel classes the bank separates" in text

@@ -1,5 +1,6 @@
-"""`larvseg demo --quick` end to end: the real data layer, training loop and inference on the generated
-mini benchmark, and a report whose contents are checked (not just its existence)."""
+"""`larvseg demo --quick` end to end: stage 0 pretraining, the real data layer, training loop and inference
+on the generated mini benchmark (runs in 2 parallel processes), and a report whose contents are checked
+(not just its existence)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--quick", "--out", str(out), "train.iters=100"]) == 0  # overrides reach every run
+    assert cli_main(["demo", "--quick", "--jobs", "2", "--out", str(out), "train.iters=100"]) == 0  # overrides reach every run
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
@@ -40,7 +41,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert ("LarvSeg (CAC) beats the baseline" in text) != ("LarvSeg (CAC) does NOT beat the baseline" in text)
     for c in DEMO_CLASSES:  # per-class table names every class with its role
         assert re.search(rf"^\| {c.name} \| {c.role} \|", text, re.M)
-    assert "random initialisation" in text
+    # stage 0: the backbone every variant starts from, with its own accuracy and curve
+    assert (out / "pretrain" / "backbone.npz").is_file()
+    m = re.search(r"training top-1 accuracy .*: \*\*(\d+\.\d) %\*\*", text)
+    assert m and 0.0 <= float(m.group(1)) <= 100.0
+    assert "model.pretrained=backbone.npz" in text and "![pretraining curve](pretraining.png)" in text
+    # paired differences and the verdict computed from them (one seed: the std rule cannot be met)
+    assert re.search(r"^\| 0 \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \|$", text, re.M)
+    assert "The paper's claim does NOT hold on this run" in text and "2 x std = 0.00" in text
+    # diagnostics: base -> novel share for every variant, AUCs for every class of the LarvSeg run
+    for variant in VARIANTS:
+        assert re.search(rf"^\| {re.escape(variant)} \| \d+\.\d \|", text, re.M)
+    for c in DEMO_CLASSES:
+        assert re.search(rf"^\| {c.name} \| {c.role} \| (0|1)\.\d\d \| (0|1)\.\d\d \| (0|1)\.\d\d \| [+-]\d\.\d\d \|$", text, re.M)
     assert "**training**: 100 iterations" in text
     # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
     for variant in VARIANTS:
@@ -50,7 +63,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert cli_main(["predict", *command]) == 0
     assert len(json.loads((Path(command[command.index("--out") + 1]) / "areas.json").read_text())) > 0
 
-    for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500)):
+    for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500), ("pretraining.png", 500)):
         with Image.open(out / name) as im:
             im.verify()
         with Image.open(out / name) as im:

@@ -21,6 +21,22 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 METRIC_COLUMNS = (("miou", "mIoU (all)"), ("miou_base", "mIoU base"), ("miou_novel", "mIoU novel"))
+BASE_TOLERANCE = 3.0  # the claim needs base mIoU of baseline and LarvSeg within this of segmentation only
+
+
+@dataclass
+class PretrainSummary:
+    """Stage 0: the classification pretraining of the backbone (its own loss and accuracy curve)."""
+
+    path: str
+    iters: int
+    batch_size: int
+    loss: str
+    lr: float
+    steps: list[int]
+    losses: list[float]
+    top1: list[float]  # % of training images (augmented crops) whose top class is their tag, per log window
+    seconds: float = 0.0
 
 
 @dataclass
@@ -182,12 +198,105 @@ def findings(summary: dict[str, dict[str, Summary]], seg_only: str, baseline: st
     return out
 
 
+def paired_differences(results: Sequence[RunResult], baseline: str, larvseg: str) -> dict[str, Summary]:
+    """Per seed LarvSeg - baseline on novel and base mIoU (seeds both variants have), summarised."""
+    by = {(r.variant, r.seed): r for r in results}
+    seeds = sorted(s for v, s in by if v == larvseg and (baseline, s) in by)
+    return {key: summarise([getattr(by[(larvseg, s)], key) - getattr(by[(baseline, s)], key) for s in seeds])
+            for key in ("miou_novel", "miou_base")}
+
+
+def claim_verdict(summary: dict[str, dict[str, Summary]], paired: dict[str, Summary], seg_only: str,
+                  baseline: str) -> str:
+    """The sentence on the paper's claim, from the numbers: it holds when LarvSeg beats the baseline on novel
+    mIoU in every seed, the mean paired difference exceeds twice its std, and both image-level variants keep
+    base mIoU within BASE_TOLERANCE of segmentation only."""
+    d = paired["miou_novel"]
+    n = len(d.values)
+    wins = sum(v > 0 for v in d.values)
+    seg_base = summary[seg_only]["miou_base"].mean if seg_only in summary else float("nan")
+    base_gaps = {v: summary[v]["miou_base"].mean - seg_base for v in summary if v != seg_only}
+    conditions = [
+        (wins == n and n > 0, f"LarvSeg > baseline on novel mIoU in {wins} of {n} seeds"),
+        (n > 1 and d.mean > 2 * d.std, f"mean paired difference {d.mean:+.2f} vs 2 x std = {2 * d.std:.2f}"),
+        (all(abs(g) <= BASE_TOLERANCE for g in base_gaps.values()) and bool(base_gaps),
+         "base mIoU vs segmentation only: " + ", ".join(f"{v} {g:+.1f}" for v, g in base_gaps.items())
+         + f" (tolerance ±{BASE_TOLERANCE:.0f})"),
+    ]
+    failed = [text for ok, text in conditions if not ok]
+    if not failed:
+        return "The paper's claim HOLDS on this run: " + "; ".join(text for _, text in conditions) + "."
+    return ("The paper's claim does NOT hold on this run; failed: " + "; ".join(failed)
+            + ("; met: " + "; ".join(t for ok, t in conditions if ok) if len(failed) < len(conditions) else "") + ".")
+
+
+def write_pretrain_curve(path: Path, pre: PretrainSummary) -> None:
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(pre.steps, pre.losses, marker=".")
+    ax[0].set(xlabel="iteration", ylabel=f"{pre.loss} CE", title="stage 0: classification loss")
+    ax[1].plot(pre.steps, pre.top1, marker=".", color="tab:green")
+    ax[1].set(xlabel="iteration", ylabel="top-1 (%)", title="stage 0: training top-1 accuracy", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: Sequence[str],
+                      class_roles: Sequence[str], larvseg: str) -> list[str]:
+    """Markdown: base patches predicted as novel per variant; per-class AUCs of the LarvSeg runs."""
+    lines = ["## Diagnostics at feature resolution", "",
+             "Base-labelled patches predicted as a novel class (%, mean over seeds), and per novel class the ratio "
+             "of predicted to ground-truth patches (1.0 = as many as in the ground truth):", "",
+             "| variant | base → novel % | " + " | ".join(n for n, r in zip(class_names, class_roles) if r == "novel") + " |",
+             "|---|---:|" + "---:|" * sum(r == "novel" for r in class_roles)]
+    novel_idx = [k for k, r in enumerate(class_roles) if r == "novel"]
+    for v in variants:
+        ds = [d for (vv, _), d in diagnostics.items() if vv == v]
+        if not ds:
+            continue
+        leak = np.nanmean([d.base_to_novel for d in ds])
+        ratios = [np.nanmean([d.pred_over_gt[k] for d in ds]) for k in novel_idx]
+        lines.append(f"| {v} | {leak:.1f} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    leaks = {v: float(np.nanmean([d.base_to_novel for (vv, _), d in diagnostics.items() if vv == v]))
+             for v in variants if any(vv == v for vv, _ in diagnostics)}
+    worst = max(leaks, key=leaks.get) if leaks else None
+    if worst is not None and leaks[worst] > 0:
+        lines += ["", f"- Up to {leaks[worst]:.1f} % of the base-labelled patches ({worst}) are predicted as a novel class: "
+                  "the image-level loss pools the logits of single-tag images whose tagged object is a minority of "
+                  "the pixels and whose background is always base classes, and so raises the tag on the background "
+                  "(the cause of the base drop at this scale; docs/BASE_COLLAPSE.md has the measurements)."]
+    cac = [d for (vv, _), d in diagnostics.items() if vv == larvseg and d.auc_bank is not None]
+    if cac:
+        lines += ["", f"ROC-AUC of three scores for \"this patch is class l\" ({larvseg} runs, mean over seeds): the bank's "
+                  "foreground score p·q̄_l, the classifier's raw score s(·, l), and the final CAC attention for an image "
+                  "tagged l. The CAC can only add information where the bank separates a class better than the "
+                  "classifier does.", "",
+                  "| class | role | AUC bank | AUC classifier | AUC attention | bank − classifier |", "|---|---|---:|---:|---:|---:|"]
+        for k, (name, role) in enumerate(zip(class_names, class_roles)):
+            b = float(np.nanmean([d.auc_bank[k] for d in cac]))
+            c = float(np.nanmean([d.auc_classifier[k] for d in cac]))
+            a = float(np.nanmean([d.auc_attention[k] for d in cac]))
+            lines.append(f"| {name} | {role} | {_fmt(b)} | {_fmt(c)} | {_fmt(a)} | {b - c:+.2f} |")
+        gaps = [float(np.nanmean([d.auc_bank[k] - d.auc_classifier[k] for d in cac])) for k in novel_idx]
+        better = sum(g > 0.02 for g in gaps)
+        lines += ["", f"- On {better} of {len(novel_idx)} novel classes the bank separates the class better than the "
+                  f"classifier by more than 0.02 AUC (mean bank − classifier over novel classes {np.mean(gaps):+.3f})."]
+    return lines + [""]
+
+
 def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class_names: Sequence[str],
                  class_roles: Sequence[str], panel_rows: Sequence[PanelRow], setup: dict[str, str],
-                 variant_roles: tuple[str, str, str], notes: Sequence[str] = ()) -> Path:
-    """Write ``report.md``, ``panel.png`` and ``per_class_iou.png`` into ``out_dir``; return the markdown path.
+                 variant_roles: tuple[str, str, str], notes: Sequence[str] = (),
+                 pretraining: PretrainSummary | None = None, diagnostics: dict | None = None) -> Path:
+    """Write ``report.md``, ``panel.png`` and ``per_class_iou.png`` (and ``pretraining.png``) into ``out_dir``;
+    return the markdown path.
 
     ``variant_roles``: the names of the (segmentation-only, baseline, LarvSeg) variants, for the findings.
+    ``pretraining``: stage 0's summary; ``diagnostics``: (variant, seed) -> FeatureDiagnostics.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +311,17 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
 
     lines = ["# LarvSeg demo: the mini benchmark", ""]
     lines += [f"- **{k}**: {v}" for k, v in setup.items()]
+    if pretraining is not None:
+        write_pretrain_curve(out / "pretraining.png", pretraining)
+        p = pretraining
+        lines += ["", "## Stage 0: classification pretraining of the backbone", "",
+                  f"`larvseg pretrain`'s code on every synset folder of the benchmark's I22K/fall11_whole: class token + "
+                  f"linear head, {p.loss} cross-entropy, AdamW lr {p.lr:g}, batch {p.batch_size}, {p.iters} iterations, "
+                  f"the project's augmentation; written as an AugReg .npz ({Path(p.path).name}) that every variant "
+                  f"below loads with `model.pretrained=` ({p.seconds:.0f} s).", "",
+                  f"- training top-1 accuracy (augmented crops) over the last logged window: **{p.top1[-1]:.1f} %** "
+                  f"(first window {p.top1[0]:.1f} %; chance {100.0 / len(class_names):.1f} %); loss {p.losses[0]:.3f} → "
+                  f"{p.losses[-1]:.3f}", "", "![pretraining curve](pretraining.png)"]
     lines += ["", f"## mIoU on the evaluation set (%, mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})", ""]
     lines.append("| variant | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |")
     lines.append("|---|" + "---:|" * len(METRIC_COLUMNS))
@@ -210,6 +330,21 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
     lines += ["", "## Findings", ""]
     lines += [f"- {s}" for s in findings(summary, *variant_roles)]
     lines += [f"- {s}" for s in notes]
+    seg_only, baseline, larvseg = variant_roles
+    if baseline in summary and larvseg in summary:
+        paired = paired_differences(results, baseline, larvseg)
+        by = {(r.variant, r.seed): r for r in results}
+        lines += ["", f"## Paired differences, {larvseg} − {baseline} (same seed)", "",
+                  "| seed | Δ novel mIoU | Δ base mIoU |", "|---:|---:|---:|"]
+        for seed in seeds:
+            if (larvseg, seed) in by and (baseline, seed) in by:
+                lv, bv = by[(larvseg, seed)], by[(baseline, seed)]
+                lines.append(f"| {seed} | {lv.miou_novel - bv.miou_novel:+.2f} | {lv.miou_base - bv.miou_base:+.2f} |")
+        lines.append(f"| mean ± std | {paired['miou_novel'].mean:+.2f} ± {paired['miou_novel'].std:.2f} | "
+                     f"{paired['miou_base'].mean:+.2f} ± {paired['miou_base'].std:.2f} |")
+        lines += ["", f"- {claim_verdict(summary, paired, seg_only, baseline)}"]
+    if diagnostics:
+        lines += [""] + diagnostics_lines(diagnostics, variants, class_names, class_roles, larvseg)
     lines += ["", "## Every run", "", "| variant | seed | mIoU (all) | mIoU base | mIoU novel | train s | eval s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -231,5 +366,5 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
     return path
 
 
-__all__ = ["PanelRow", "RunResult", "Summary", "class_palette", "findings", "summarise", "summarise_results",
-           "write_class_chart", "write_panel", "write_report"]
+__all__ = ["PanelRow", "PretrainSummary", "RunResult", "Summary", "claim_verdict", "class_palette", "findings",
+           "paired_differences", "summarise", "summarise_results", "write_class_chart", "write_panel", "write_report"]

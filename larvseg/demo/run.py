@@ -1,12 +1,25 @@
 """``larvseg demo``: the mini benchmark end to end on the CPU.
 
-    larvseg demo [--quick] [--out DIR] [--data DIR] [--seeds N]
+    larvseg demo [--quick] [--out DIR] [--data DIR] [--seeds N] [--jobs N] [key=value ...]
 
 1. generate the mini benchmark (larvseg.demo.benchmark) under ``<out>/data`` unless it is there;
-2. for every seed, train three variants with the real training loop (config ``demo``):
-   segmentation only, the baseline image-level loss (CAC off), LarvSeg (CAC on);
-3. evaluate each with the real data layer and inference on the A847-style set;
-4. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
+2. stage 0: pretrain the demo's ViT by image classification on every synset folder of the benchmark's
+   ``I22K/fall11_whole`` with ``larvseg pretrain``'s code (as the paper's backbone was pretrained on all of
+   ImageNet-21K), written as an AugReg ``.npz`` under ``<out>/pretrain``;
+3. for every seed, train three variants from that ``.npz`` (``model.pretrained=``) with the real training
+   loop (config ``demo``): segmentation only, the baseline image-level loss (CAC off), LarvSeg (CAC on);
+4. evaluate each with the real data layer and inference on the A847-style set, plus feature-resolution
+   diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of bank, classifier and attention scores;
+   base patches predicted as novel);
+5. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
+
+Runs are independent, so stages 3-4 run them as ``--jobs`` parallel processes (default: the CPUs this
+process may use), each with **one** intra-op thread, and stage 0 runs single-threaded too. Why
+(docs/PERFORMANCE.md, benchmarks/bench_demo_threads.py): as soon as anything else uses the cores, a
+2-thread step slows down by an order of magnitude (oversubscribed OpenMP threads spin and wait on each
+other: 9.5x slower than 1 thread on the shared development VM), while a 1-thread step slows down only
+by the share of CPU it loses. Each run is deterministic whatever the number of jobs (its seed and
+config alone fix it).
 
 Evaluation restricts the prediction to the benchmark's 14 classes. Ours, for the demo: the eval set is
 ADE-847-formatted (847 classes), but only 14 of them have any training data here (in the paper every
@@ -18,9 +31,12 @@ larvseg.eval.confusion.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +44,8 @@ import torch
 
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
-from larvseg.demo.report import PanelRow, RunResult, write_report
+from larvseg.demo.diagnostics import FeatureDiagnostics
+from larvseg.demo.report import PanelRow, PretrainSummary, RunResult, write_report
 from larvseg.train.checkpoint import FINAL_WEIGHTS
 
 # name -> config overrides of the variant (on top of the ``demo`` config)
@@ -44,13 +61,15 @@ VARIANT_ROLES = ("segmentation only", "baseline (CAC off)", "LarvSeg (CAC)")  # 
 class Profile:
     iters: int
     seeds: int
+    pretrain_iters: int
     panel_images: int = 4
 
 
 PROFILES: dict[str, Profile] = {
-    "full": Profile(iters=450, seeds=3),  # 22-39 s per run on 2 cores: 5.2 min in all, install included
-    "quick": Profile(iters=120, seeds=1),
+    "full": Profile(iters=450, seeds=3, pretrain_iters=500),
+    "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
 }
+THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
 
 
 def run_dir(out: Path, seed: int, variant: str) -> Path:
@@ -77,6 +96,50 @@ def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: 
     return load_config("demo", overrides + VARIANTS[variant] + list(extra or []))
 
 
+def all_synsets_file(layout: BenchmarkLayout, out: Path) -> Path:
+    """A wnid file listing every synset folder of the benchmark's ``I22K/fall11_whole`` (stage 0 sees all):
+    those of the demo's tag source first, in its order (so the head's rows follow the tag source's
+    classes), then any other folder, sorted."""
+    folders = sorted(p.name for p in layout.imagenet.iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{layout.imagenet}: no synset folders")
+    listed = layout.wnid_file.read_text().split() if layout.wnid_file.is_file() else []
+    wnids = [w for w in listed if w in set(folders)] + [w for w in folders if w not in set(listed)]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "all_synsets.txt"
+    path.write_text("".join(f"{w}\n" for w in wnids))
+    return path
+
+
+def pretrain_config(layout: BenchmarkLayout, out: Path, iters: int, extra: list[str] | None = None) -> Config:
+    """The ``demo`` config's ``pretrain`` stage over every synset folder of the benchmark."""
+    work = out / "pretrain"
+    overrides = [
+        f"data.root={layout.root.resolve()}",
+        f"data.tag_sources.0.classes={all_synsets_file(layout, work).resolve()}",
+        f"pretrain.work_dir={work.resolve()}",
+        f"pretrain.iters={iters}",
+        f"train.log_interval={max(1, iters // 20)}",
+        f"train.checkpoint_interval={max(1, iters // 4)}",
+    ]
+    return load_config("demo", overrides + list(extra or []))
+
+
+def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
+    """Stage 0 (resumes, or reuses a finished run, from its work dir) and the summary for the report."""
+    from larvseg.train.logger import read_metrics
+    from larvseg.train.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    npz = pretrain(cfg, resume="auto")
+    records = [r for r in read_metrics(Path(cfg.pretrain.work_dir) / "metrics.jsonl") if r["kind"] == "train"]
+    return npz, PretrainSummary(
+        path=str(npz), iters=cfg.pretrain.iters, batch_size=cfg.pretrain.batch_size, loss=cfg.pretrain.loss,
+        lr=cfg.pretrain.lr, steps=[r["step"] for r in records], losses=[r["loss"] for r in records],
+        top1=[100.0 * r["top1"] for r in records], seconds=time.perf_counter() - t0,
+    )
+
+
 def train_variant(cfg: Config) -> torch.nn.Module:
     """Train with the real loop (from scratch) and return the final model, loaded from its exported weights."""
     from larvseg.predict import segmenter_from_checkpoint
@@ -86,8 +149,6 @@ def train_variant(cfg: Config) -> torch.nn.Module:
     work_dir = train(cfg, resume="none")
     segmenter, _names, _cfg = segmenter_from_checkpoint(load_checkpoint(Path(work_dir) / FINAL_WEIGHTS), "cpu")
     return segmenter
-
-
 @torch.no_grad()
 def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab, panel_images: int) -> tuple[dict, list[PanelRow]]:
     """mIoU (all / base / novel) over the benchmark's classes, and the panel rows of the first images."""
@@ -120,51 +181,149 @@ def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab, panel_image
     return compute_metrics(acc.matrix, base_mask, "mmseg"), rows
 
 
-def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None) -> Path:
-    from larvseg.data.vocabulary import build_vocabulary
+def trained_bank(cfg: Config):
+    """The CAC memory bank at the end of training (in the last training checkpoint; the exported weights
+    leave it out), or None for a run without the CAC."""
+    from larvseg.models.memory_bank import MemoryBank
+    from larvseg.train.checkpoint import latest_checkpoint, load_checkpoint
 
+    if not cfg.model.cac:
+        return None
+    state = load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"]
+    slots = state["bank.slots"]
+    bank = MemoryBank(slots.shape[0], slots.shape[1], slots.shape[2])
+    bank.load_state_dict({k[len("bank."):]: v for k, v in state.items() if k.startswith("bank.")})
+    return bank
+
+
+@dataclass
+class Job:
+    variant: str
+    seed: int
+    cfg: Config
+    panel_images: int
+
+
+@dataclass
+class JobOutput:
+    result: RunResult
+    rows: list[PanelRow]
+    diagnostics: FeatureDiagnostics
+    log: str = ""
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_job(job: Job) -> JobOutput:
+    """Train, evaluate and diagnose one (variant, seed); runs in a worker process."""
+    from larvseg.data.mixing import build_eval_dataset
+    from larvseg.data.vocabulary import build_vocabulary
+    from larvseg.demo.diagnostics import feature_diagnostics
+    from larvseg.models.attentive_classifier import BackgroundRule
+
+    cfg = job.cfg
+    t0 = time.perf_counter()
+    segmenter = train_variant(cfg)
+    t1 = time.perf_counter()
+    vocab = build_vocabulary(cfg)
+    metrics, rows = evaluate_variant(cfg, segmenter, vocab, job.panel_images)
+    union_ids = np.array([vocab.index(c.name) for c in DEMO_CLASSES], dtype=np.int64)
+    base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
+    m = cfg.model
+    diag = feature_diagnostics(segmenter, build_eval_dataset(cfg, vocab), union_ids, base_mask, trained_bank(cfg),
+                               BackgroundRule(m.bg_topk, m.bg_score_thresh, m.bg_mse_thresh))
+    t2 = time.perf_counter()
+    result = RunResult(job.variant, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
+                       [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1)
+    return JobOutput(result, rows, diag)
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
+    """Every job in its own single-threaded worker, ``workers`` at a time; outputs in job order."""
+    outputs: list[JobOutput | None] = [None] * len(jobs)
+    if workers <= 1:
+        _init_worker(THREADS_PER_RUN)
+        for i, job in enumerate(jobs):
+            outputs[i] = run_job(job)
+            _say_done(i, len(jobs), outputs[i])
+        return outputs  # type: ignore[return-value]
+    # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(THREADS_PER_RUN,)) as pool:
+        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            outputs[i] = fut.result()
+            _say_done(i, len(jobs), outputs[i])
+    return outputs  # type: ignore[return-value]
+
+
+def _say_done(i: int, total: int, out: JobOutput) -> None:
+    r = out.result
+    _say(f"[{i + 1}/{total}] {r.variant}, seed {r.seed}: mIoU {r.miou:.1f}, base {r.miou_base:.1f}, "
+         f"novel {r.miou_novel:.1f} (train {r.train_seconds:.0f} s, eval {r.eval_seconds:.0f} s)")
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
+             jobs: int | None = None) -> Path:
     start = time.perf_counter()
     _say(f"mini benchmark: {data}")
     layout = ensure_benchmark(data, BenchmarkSpec(), progress=_say)
-    results: list[RunResult] = []
-    panel: list[PanelRow] = []
-    total = seeds * len(VARIANTS)
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(THREADS_PER_RUN)
+    try:
+        pcfg = pretrain_config(layout, out, profile.pretrain_iters, extra)
+        _say(f"stage 0: pretraining {pcfg.model.arch} on every synset of {layout.imagenet} "
+             f"({pcfg.pretrain.iters} iterations) -> {pcfg.pretrain.work_dir}")
+        npz, pre = run_pretraining(pcfg)
+    finally:
+        torch.set_num_threads(threads_before)
+    _say(f"stage 0: train top-1 {pre.top1[-1]:.1f} % at the end ({pre.seconds:.0f} s); backbone {npz}")
+
+    job_list = []
     for seed in range(seeds):
-        for v_index, variant in enumerate(VARIANTS):
-            k = seed * len(VARIANTS) + v_index + 1
+        for variant in VARIANTS:
             work_dir = run_dir(out, seed, variant)
-            cfg = variant_config(layout, work_dir, variant, seed, profile.iters, extra)
-            _say(f"[{k}/{total}] {variant}, seed {seed}: training {cfg.train.iters} iterations -> {work_dir}")
-            t0 = time.perf_counter()
-            segmenter = train_variant(cfg)
-            t1 = time.perf_counter()
-            vocab = build_vocabulary(cfg)
-            metrics, rows = evaluate_variant(cfg, segmenter, vocab, profile.panel_images if seed == 0 else 0)
-            t2 = time.perf_counter()
-            results.append(RunResult(variant, seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
-                                     [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1))
-            _say(f"[{k}/{total}] {variant}, seed {seed}: mIoU {metrics['mIoU']:.1f}, base {metrics['mIoU_base']:.1f}, "
-                 f"novel {metrics['mIoU_novel']:.1f} (train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s)")
-            if seed == 0:
-                if not panel:
-                    panel = [PanelRow(r.name, r.image, r.label, {}) for r in rows]
-                for row, new in zip(panel, rows):
-                    row.predictions[variant] = new.predictions[""]
+            cfg = variant_config(layout, work_dir, variant, seed, profile.iters,
+                                 [f"model.pretrained={npz.resolve()}", *(extra or [])])
+            job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0))
+    workers = max(1, min(jobs or default_jobs(), len(job_list)))
+    _say(f"training {len(job_list)} runs ({seeds} seed(s) x {len(VARIANTS)} variants, {job_list[0].cfg.train.iters} "
+         f"iterations each) in {workers} parallel single-threaded process(es)")
+    outputs = run_jobs(job_list, workers)
+
+    results = [o.result for o in outputs]
+    panel: list[PanelRow] = []
+    for o in outputs:
+        if not o.rows:
+            continue
+        if not panel:
+            panel = [PanelRow(r.name, r.image, r.label, {}) for r in o.rows]
+        for row, new in zip(panel, o.rows):
+            row.predictions[o.result.variant] = new.predictions[""]
+    cfg = job_list[-1].cfg
     elapsed = time.perf_counter() - start
     setup = {
         "benchmark": (f"{layout.root} (C171-style masks for {sum(c.role == 'base' for c in DEMO_CLASSES)} base classes, "
                       f"I22K-style folders for all {len(DEMO_CLASSES)} synsets, the only data of the "
                       f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
                       "A847-style 16-bit masks for all classes)"),
-        "model": (f"{cfg.model.arch} (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random "
-                  "initialisation**: no AugReg weights can be downloaded here, so absolute numbers are far below "
-                  "what a pretrained backbone gives"),
+        "model": (f"{cfg.model.arch} (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, initialised from "
+                  f"the stage-0 backbone (`model.pretrained={npz.name}`, loaded by the AugReg loader)"),
         "training": (f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
                      f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"),
         "evaluation": ("whole-image inference restricted to the benchmark's 14 classes (the other 833 ADE-847 "
                        "classes have no training data in the demo); mIoU in the MMSegmentation convention"),
         "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
-        "wall time": f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads",
+        "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
+                      f"parallel process(es) of {THREADS_PER_RUN} thread each"),
         "checkpoints": "; ".join(
             f"{variant}: " + ", ".join(f"`{run_dir(out, seed, variant) / FINAL_WEIGHTS}`" for seed in range(seeds))
             for variant in VARIANTS),
@@ -173,8 +332,9 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
             f"`larvseg predict {run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS} {layout.eval_images} "
             f"--out {out / 'predictions'}`"),
     }
+    diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, VARIANT_ROLES)
+                        setup, VARIANT_ROLES, pretraining=pre, diagnostics=diagnostics)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -184,7 +344,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
-    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None))
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs)
     _say(f"report: {report.resolve()}")
     _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS).resolve()}")
     return 0

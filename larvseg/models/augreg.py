@@ -1,6 +1,7 @@
 """Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/'), a timm-format state
 dict (``.safetensors`` / ``.pth`` / ``.bin``, e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k`` from
-the Hugging Face Hub, ``hf-hub:`` names resolved by larvseg.models.hub) or our own checkpoint. Every
+the Hugging Face Hub, ``hf-hub:`` names resolved by larvseg.models.hub) or our own checkpoint, and
+write a backbone (+ classification head) back in the AugReg layout (``larvseg pretrain``'s output). Every
 format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
 
 timm layout (the same network, PyTorch layout; ours differs only in ``patch_embed.proj.`` -> ``patch_embed.``):
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from larvseg.atomic import atomic_write
 from larvseg.models.vit import VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
@@ -227,3 +229,53 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
             f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)} or {HF_HUB_PREFIX}<repo>"
         )
     return loaders[suffix](model, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: the inverse of _augreg_mapping, so a backbone we pretrain loads like Google's file
+
+
+def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tensor) -> dict[str, np.ndarray]:
+    """The backbone and a linear classification head (``head_weight`` (C, D) as nn.Linear, ``head_bias``
+    (C,)) as AugReg arrays: Flax layouts (HWIO conv, (in, out) dense, (D, heads, head_dim) attention),
+    float32. The position grid is written at the model's stored grid (``pos_grid``) with the class token
+    first, as AugReg's (1, 1 + g*g, D)."""
+    d, heads = model.embed_dim, model.num_heads
+    hd = d // heads
+    a = lambda x: x.detach().to("cpu", torch.float32).contiguous().numpy().copy()  # noqa: E731
+    out = {
+        "embedding/kernel": a(model.patch_embed.weight.permute(2, 3, 1, 0)),  # OIHW -> HWIO
+        "embedding/bias": a(model.patch_embed.bias),
+        "cls": a(model.cls_token),
+        "Transformer/posembed_input/pos_embedding": a(model.pos_embed),
+        "Transformer/encoder_norm/scale": a(model.norm.weight),
+        "Transformer/encoder_norm/bias": a(model.norm.bias),
+        "head/kernel": a(head_weight.T),
+        "head/bias": a(head_bias),
+    }
+    for i, block in enumerate(model.blocks):
+        src = f"Transformer/encoderblock_{i}/"
+        attn = src + "MultiHeadDotProductAttention_1/"
+        out[src + "LayerNorm_0/scale"], out[src + "LayerNorm_0/bias"] = a(block.norm1.weight), a(block.norm1.bias)
+        out[src + "LayerNorm_2/scale"], out[src + "LayerNorm_2/bias"] = a(block.norm2.weight), a(block.norm2.bias)
+        w, b = block.attn.qkv.weight, block.attn.qkv.bias  # rows [q; k; v], head-major; (out, in)
+        for j, name in enumerate(("query", "key", "value")):
+            out[attn + f"{name}/kernel"] = a(w[j * d:(j + 1) * d].T.reshape(d, heads, hd))
+            out[attn + f"{name}/bias"] = a(b[j * d:(j + 1) * d].reshape(heads, hd))
+        out[attn + "out/kernel"] = a(block.attn.proj.weight.T.reshape(heads, hd, d))
+        out[attn + "out/bias"] = a(block.attn.proj.bias)
+        for j, fc in ((0, block.mlp.fc1), (1, block.mlp.fc2)):
+            out[src + f"MlpBlock_3/Dense_{j}/kernel"] = a(fc.weight.T)
+            out[src + f"MlpBlock_3/Dense_{j}/bias"] = a(fc.bias)
+    return out
+
+
+def save_augreg(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` as an uncompressed ``.npz`` (as Google's files), atomically (larvseg.atomic: a temp
+    file renamed over ``path``, so a crash never leaves a truncated file under the final name)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: an AugReg file must end in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append .npz to a name
+    return path

@@ -54,9 +54,9 @@ class TrainingObjective(nn.Module):
         gen = step_generator(self.seed, step, index)
         return sample_classes(pool, presence, self.cfg.num_sampled_classes, gen, vocab)
 
-    def _seg_term(self, batch: SegBatch, step: int, index: int) -> Tensor:
+    def _seg_term(self, batch: SegBatch, step: int, index: int, pool: Tensor) -> Tensor:
         device = batch.images.device
-        subset = self._subset(present_in_labels(batch.labels).to(device), batch.class_ids, step, index)
+        subset = self._subset(present_in_labels(batch.labels).to(device), pool, step, index)
         hl, wl = loss_size(tuple(batch.labels.shape[-2:]), self.cfg.loss_downsample)
         norm = float(batch.global_size * hl * wl)
         if batch.images.shape[0] == 0 or norm == 0:
@@ -96,8 +96,10 @@ class TrainingObjective(nn.Module):
     def forward(self, batch: StepBatch) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         entries: list[tuple[Tensor, Tensor]] = []
+        every_class = torch.cat([b.class_ids for b in [*batch.seg, *batch.tag]]).unique()  # sorted: same on every rank
         for index, seg in enumerate(batch.seg):
-            terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index)
+            pool = seg.class_ids if self.cfg.seg_class_pool == "source" else every_class
+            terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index, pool)
         for j, tag in enumerate(batch.tag):
             cls, cac = self._tag_terms(tag, batch.step, len(batch.seg) + j, entries)
             terms[f"cls/{tag.source}"] = cls

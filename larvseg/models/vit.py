@@ -124,7 +124,9 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def tokens(self, images: Tensor) -> Tensor:
+        """All tokens after the final norm, (B, 1 + h*w, D): the class token first (classification
+        pretraining reads it), then the patch tokens in row-major order."""
         b, _, hh, ww = images.shape
         if hh % self.patch_size or ww % self.patch_size:
             raise ValueError(f"input size {hh}x{ww} is not a multiple of the patch size {self.patch_size}")
@@ -137,8 +139,12 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x + patch_pos], dim=1)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        return x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w)
+        return self.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        x = self.tokens(images)
+        return x[:, 1:].transpose(1, 2).reshape(images.shape[0], self.embed_dim, h, w)
 
 
 VIT_BUILDERS: dict[str, Callable[..., VisionTransformer]] = {
