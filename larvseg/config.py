@@ -27,6 +27,12 @@ from larvseg.errors import UserError
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_DATA_ROOT = "/workspace/dataset"  # the original project's default
 IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "unlabeled" on disk
+# RGB pixel statistics the backbone's inputs are standardised with (ImageNet's, as the AugReg weights
+# expect). larvseg.models.segmenter.Segmenter holds them as buffers and applies them in `preprocess`;
+# the data layer only needs the mean, to pad crops with a colour that standardises to 0.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast on a CUDA device that supports it, else float32
 
 
 class ConfigError(UserError, ValueError):
@@ -335,6 +341,13 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def check_amp(amp: str, what: str = "amp", error: type[Exception] = ValueError) -> str:
+    """``amp`` if it is one of AMP_MODES, else ``error`` naming ``what`` (the key or argument)."""
+    if amp not in AMP_MODES:
+        raise error(f"{what} must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    return amp
+
+
 def validate(cfg: Config) -> None:
     """Checks that involve several keys; single keys are checked while building."""
     d = cfg.data
@@ -348,10 +361,8 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.{where}.{i}: 'format' is required")
             if s.crop_size <= 0 or s.crop_size % 16:
                 raise ConfigError(f"data.{where}.{i}.crop_size must be a positive multiple of 16, got {s.crop_size}")
-    if cfg.train.amp not in ("auto", "bf16", "off"):
-        raise ConfigError(f"train.amp must be auto, bf16 or off, got {cfg.train.amp!r}")
-    if cfg.eval.amp not in ("auto", "bf16", "off"):
-        raise ConfigError(f"eval.amp must be auto, bf16 or off, got {cfg.eval.amp!r}")
+    check_amp(cfg.train.amp, "train.amp", ConfigError)
+    check_amp(cfg.eval.amp, "eval.amp", ConfigError)
     if cfg.eval.mode not in ("slide", "whole"):
         raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
     if cfg.model.seg_class_pool not in ("source", "training"):

@@ -29,23 +29,32 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def select_device(device: str = "auto", index: int = 0) -> torch.device:
+    """``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"; ``index`` is the
+    CUDA device of a bare "cuda"/"auto" (the local rank under torchrun). Asking for CUDA without one is
+    an error, not a silent fall-back to the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", index)
+    return dev
+
+
 def init_from_env(device: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); pick the device.
 
-    ``device``: auto (cuda if available), cpu or cuda. Returns the device this rank computes on.
+    ``device``: see :func:`select_device` (a bare "cuda" means this rank's LOCAL_RANK device).
+    Returns the device this rank computes on.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = select_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+            backend="nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
         )
     return dev
 

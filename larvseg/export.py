@@ -7,8 +7,8 @@ The ONNX graph (``ExportableSegmenter``) takes ``image``: float32 (1, 3, H, W), 
 from 32 to 8192, and returns ``logits`` (1, N, ceil(H/16), ceil(W/16)) over the N exported classes and
 ``labels`` (1, H, W) int64: the index into the class list, stored as JSON in the model's metadata (``classes``)
 and in ``<model>.classes.json``. It is whole-image inference exactly as
-``larvseg.models.inference.segment_image(mode="whole")``: normalise, zero-pad bottom/right to a multiple
-of 16, backbone, cosine classifier standardised over the N classes, bilinear upsampling to the padded
+``larvseg.models.inference.segment_image`` in whole mode: standardise (the segmenter's preprocess),
+zero-pad bottom/right to a multiple of 16, backbone, cosine classifier standardised over the N classes, bilinear upsampling to the padded
 size, crop, argmax. Resizing the image (``larvseg predict`` uses short side 512) is left to the caller.
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from larvseg.models.segmenter import Segmenter
-from larvseg.predict import PIXEL_MEAN, PIXEL_STD, LarvSegPredictor, read_image
+from larvseg.predict import LarvSegPredictor, read_image
 
 PATCH = 16
 OPSET = 18
@@ -44,12 +44,13 @@ class ExportableSegmenter(nn.Module):
         self.classifier = segmenter.classifier
         with torch.no_grad():  # a constant of the graph: the vocabulary is fixed
             self.register_buffer("class_vectors", segmenter.classifier.class_vectors(class_ids).detach().clone())
-        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
+        # the segmenter's pixel statistics, applied by its own preprocess (Segmenter.preprocess below)
+        self.register_buffer("pixel_mean", segmenter.pixel_mean.detach().clone())
+        self.register_buffer("pixel_std", segmenter.pixel_std.detach().clone())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         h, w = image.shape[-2:]
-        x = (image - self.mean) / self.std
+        x = Segmenter.preprocess(self, image)  # one definition of the standardisation
         # padded size written as 16 * ceil(x / 16) so that the exporter can prove it is a multiple of 16
         x = F.pad(x, (0, (w + PATCH - 1) // PATCH * PATCH - w, 0, (h + PATCH - 1) // PATCH * PATCH - h))
         features = self.backbone(x)

@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import json
 import sys
-import unicodedata
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,19 +36,17 @@ import torch
 from PIL import Image
 
 from larvseg import atomic
-from larvseg.config import Config, EvalConfig, config_from_dict
+from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
-from larvseg.data.transforms import eval_resize, rescale_size
-from larvseg.data.vocabulary import normalize_name
+from larvseg.data.io import IMAGE_SUFFIXES
+from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
+from larvseg.data.transforms import eval_resize, rescale_size, to_chw
+from larvseg.data.vocabulary import UnknownClassError, resolve_classes
+from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
-from larvseg.models.segmenter import Segmenter, build_segmenter
+from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
 from larvseg.train.checkpoint import load_checkpoint
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# the spec's normalisation (section 4), RGB order
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class ImageReadError(UserError, ValueError):
@@ -59,76 +55,8 @@ class ImageReadError(UserError, ValueError):
     hint = "check the path, or convert the image to an 8-bit RGB JPEG or PNG"
 
 
-class UnknownClassError(UserError, KeyError):
-    """A class name given to ``--classes`` / ``classes=`` that is not in the checkpoint's vocabulary."""
-
-    hint = "check the spelling; the checkpoint's classes are listed in classes.json of any predict output"
-
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint -> segmenter (shared with larvseg eval)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
-    return torch.device(device)
-
-
-def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The segmenter's weights from a checkpoint's 'model' entry, without the CAC memory bank.
-
-    Accepts a Segmenter state dict, or one of a wrapper (DDP ``module.``, TrainingObjective
-    ``segmenter.``). The bank only matters for training; dropping it saves 1.3 GB at 21K classes.
-    """
-    for prefix in ("module.", "segmenter."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("bank.")}
-
-
-def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
-                              model_cfg: Any | None = None) -> tuple[Segmenter, list[str], Config]:
-    """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
-
-    Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
-    The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is
-    not re-initialised from ``model.pretrained`` (the checkpoint holds every weight) and no memory bank
-    is built.
-    """
-    for key in ("model", "vocab"):
-        if key not in ckpt:
-            raise KeyError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)})")
-    names = [str(n) for n in ckpt["vocab"]]
-    cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
-    model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
-    segmenter = build_segmenter(model_cfg, len(names))
-    state = _segmenter_state(ckpt["model"])
-    missing, unexpected = segmenter.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    return segmenter.to(device).eval(), names, cfg
-
-
 # ----------------------------------------------------------------------------------------------
 # Images in, label maps out
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 (3, H, W), normalised with the spec's mean/std."""
-    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)  # astype copies: input may be read-only
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def as_rgb_array(image: Any, name: str = "image") -> np.ndarray:
@@ -156,50 +84,6 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(str(exc)) from None
 
 
-def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
-                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
-    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
-    comma-separated string, or a file with one name per line. Names match after normalisation (case,
-    '-', '_', spaces); an unknown name is an UnknownClassError that says it is not in ``what``."""
-    if classes is None:
-        return None
-    if isinstance(classes, str):
-        path = Path(classes)
-        if path.is_file():
-            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        else:
-            wanted = [c.strip() for c in classes.split(",") if c.strip()]
-    else:
-        wanted = list(classes)
-    if not wanted:
-        raise UnknownClassError(f"no class names in {classes!r}")
-    index = {normalize_name(n): i for i, n in enumerate(names)}
-    unknown = [w for w in wanted if normalize_name(w) not in index]
-    if unknown:
-        raise UnknownClassError(f"classes not in {what} of {len(names)}: {unknown[:10]}")
-    return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
-
-
-@dataclass
-class Prediction:
-    label_map: np.ndarray  # (H, W) int64 union class ids, at the input image's resolution
-    class_names: list[str]  # name of every union id (class_names[label_map[y, x]])
-    areas: dict[str, float]  # fraction of the pixels per class present, largest first; sums to 1
-
-    @property
-    def present(self) -> list[int]:
-        """Union ids present in the label map, largest area first."""
-        index = {n: i for i, n in enumerate(self.class_names)}
-        return [index[n] for n in self.areas]
-
-
-def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-    counts = np.bincount(label_map.ravel(), minlength=len(names))
-    ids = np.flatnonzero(counts)
-    ids = ids[np.argsort(-counts[ids], kind="stable")]
-    return {names[i]: float(counts[i] / label_map.size) for i in ids}
-
-
 class LarvSegPredictor:
     """A trained segmenter that turns RGB images into label maps over (a subset of) its vocabulary."""
 
@@ -209,11 +93,10 @@ class LarvSegPredictor:
         self.segmenter = segmenter.eval()
         self.class_names = list(class_names)
         self.device = next(segmenter.parameters()).device
-        if amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
-        self.amp = amp  # "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
-        self.eval_cfg = eval_cfg or EvalConfig()
-        self.short_side = self.eval_cfg.short_side if short_side is None else short_side
+        # amp "auto": bf16 on a GPU that supports it (larvseg.models.inference.autocast_context)
+        e = eval_cfg or EvalConfig()
+        self.eval_cfg = dataclasses.replace(e, amp=check_amp(amp),
+                                            short_side=e.short_side if short_side is None else short_side)
         # supervised: union ids of the classes that had masks or tags in training (stored in checkpoints
         # since it exists; None = unknown, every class). The others' classifier rows never got a signal.
         self.supervised = None if supervised is None else np.unique(np.asarray(supervised, dtype=np.int64))
@@ -233,26 +116,26 @@ class LarvSegPredictor:
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
         ckpt = load_checkpoint(path)
-        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, resolve_device(device))
+        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device))
         return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
                    supervised=ckpt.get("supervised"))
 
     def windows(self, image_hw: tuple[int, int]) -> int:
         """Windows the segmentation of an image of this size runs (1 in whole mode)."""
-        if self.eval_cfg.mode != "slide":
+        e = self.eval_cfg
+        if e.mode != "slide":
             return 1
-        h, w = rescale_size(*image_hw, self.eval_cfg.max_long_side, self.short_side) if self.short_side > 0 else image_hw
-        return len(slide_windows(h, w, self.eval_cfg.crop_size, self.eval_cfg.stride))
+        h, w = rescale_size(*image_hw, e.max_long_side, e.short_side) if e.short_side > 0 else image_hw
+        return len(slide_windows(h, w, e.crop_size, e.stride))
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None) -> Prediction:
         """``progress(done, total)`` is called after every window (sliding-window mode)."""
         rgb = as_rgb_array(image)
-        resized = eval_resize(rgb, self.short_side, self.eval_cfg.max_long_side)
-        e = self.eval_cfg
+        resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
         label_map = segment_image(
-            self.segmenter, image_to_tensor(resized).to(self.device), class_ids=self.class_ids, mode=e.mode,
-            crop_size=e.crop_size, stride=e.stride, out_size=rgb.shape[:2], amp=self.amp, progress=progress,
+            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg, class_ids=self.class_ids,
+            out_size=rgb.shape[:2], progress=progress,
         ).cpu().numpy().astype(np.int64)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
 
@@ -276,45 +159,6 @@ def expand_images(items: Sequence[str]) -> list[Path]:
         else:
             raise ImageReadError(f"{path}: no such file or folder")
     return out
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 RGB colours, fixed per class id (the same in every image and run)."""
-    return np.random.default_rng(12345).integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
-
-
-def label_png_dtype(num_classes: int) -> type:
-    return np.uint8 if num_classes < 255 else np.uint16
-
-
-def _ascii(text: str) -> str:
-    """cv2's fonts draw ASCII only."""
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or "?"
-
-
-def render_overlay(image: np.ndarray, pred: Prediction, colours: np.ndarray, alpha: float = 0.5,
-                   max_legend: int = 25) -> np.ndarray:
-    """RGB image blended with the class colours, and a legend panel on the right (largest class first)."""
-    h, w = image.shape[:2]
-    blend = (image.astype(np.float32) * (1 - alpha) + colours[pred.label_map].astype(np.float32) * alpha).astype(np.uint8)
-    entries = list(pred.areas.items())
-    shown = entries[:max_legend]
-    row, pad, swatch, panel_w = 18, 6, 12, 240
-    lines = len(shown) + (1 if len(entries) > len(shown) else 0)
-    canvas = np.full((max(h, pad * 2 + row * lines), w + panel_w, 3), 255, dtype=np.uint8)
-    canvas[:h, :w] = blend
-    index = {n: i for i, n in enumerate(pred.class_names)}
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    for k, (name, area) in enumerate(shown):
-        y = pad + k * row
-        x = w + pad
-        canvas[y + 2: y + 2 + swatch, x: x + swatch] = colours[index[name]]
-        cv2.putText(canvas, f"{_ascii(name)[:26]} {100 * area:.1f}%", (x + swatch + 5, y + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    if len(entries) > len(shown):
-        cv2.putText(canvas, f"... and {len(entries) - len(shown)} more", (w + pad, pad + len(shown) * row + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    return canvas
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

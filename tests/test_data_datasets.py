@@ -12,7 +12,7 @@ from PIL import Image
 from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import file_index
 from larvseg.data import testing as T
-from larvseg.data.datasets import DATASET_BUILDERS, build_source, build_source_checked
+from larvseg.data.datasets import DATASET_BUILDERS, build_source_checked
 from larvseg.data.file_index import FolderIndex
 from larvseg.data.io import (
     AnnotationError,
@@ -23,7 +23,14 @@ from larvseg.data.io import (
     LabelValueError,
     read_label,
 )
-from larvseg.data.vocabulary import VocabularyError, build_vocabulary, imagenet_names, imagenet_subset, load_class_names
+from larvseg.data.vocabulary import (
+    CLASS_NAMES,
+    VocabularyError,
+    build_vocabulary,
+    imagenet_names,
+    imagenet_subset,
+    load_class_names,
+)
 
 WNIDS = imagenet_subset("ade847")[:3]
 
@@ -41,8 +48,13 @@ def expected_labels(raw: np.ndarray, raw_to_name: dict[int, str], vocab, ignore:
     return out
 
 
+def build(source, data_cfg, vocab, role="seg"):
+    return build_source_checked(source, data_cfg, vocab, role).dataset
+
+
 def test_builders_cover_every_format():
     assert sorted(DATASET_BUILDERS) == ["ade150", "ade847", "coco171", "custom_seg", "custom_tags", "imagenet"]
+    assert sorted(CLASS_NAMES) == sorted(DATASET_BUILDERS)  # every format has a class list and a dataset
 
 
 def test_ade150_png_values(tmp_path):
@@ -50,7 +62,7 @@ def test_ade150_png_values(tmp_path):
     cfg = T.make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
                         eval_source=SourceConfig(name="A150", format="ade150", split="training"))
     vocab = build_vocabulary(cfg)  # union ids differ from ADE-150 train ids here
-    ds = build_source(cfg.data.eval, cfg.data, vocab, "eval")
+    ds = build(cfg.data.eval, cfg.data, vocab, "eval")
     names = load_class_names("ade150")
     assert len(ds) == 2 and ds.class_names == names and ds.class_ids.tolist() == vocab.ids(names).tolist()
     for i in range(2):
@@ -67,7 +79,7 @@ def test_ade847_tif_keeps_16_bits(tmp_path):
     cfg = T.make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
                         tag=[SourceConfig(name="A847w", format="ade847")])
     vocab = build_vocabulary(cfg)
-    ds = build_source(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
+    ds = build(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
     names = load_class_names("ade847")
     for i in range(2):
         raw = tifffile.imread(ds.pairs[i][1])
@@ -90,11 +102,11 @@ def test_coco171_raw_ids_and_converted_train_ids(tmp_path):
     raw_to_name = {c["raw_id"]: c["merged_name"] for c in classes}
     unlisted = set(range(182)) - set(raw_to_name)
     assert 11 in unlisted and len(unlisted) == 11
-    ds = build_source(cfg.data.seg_sources[0], cfg.data, vocab)
+    ds = build(cfg.data.seg_sources[0], cfg.data, vocab)
     for i in range(2):
         raw = png(ds.pairs[i][1])
         assert np.array_equal(ds.load(i)["label"], expected_labels(raw, raw_to_name, vocab, unlisted | {255}))
-    conv = build_source(SourceConfig(name="C", format="coco171", split="conv"), cfg.data, vocab)
+    conv = build(SourceConfig(name="C", format="coco171", split="conv"), cfg.data, vocab)
     assert conv.pairs[0][1].name.endswith("_labelTrainIds.png")
     raw = png(conv.pairs[0][1])
     train_to_name = {c["train_id"]: c["merged_name"] for c in classes}
@@ -113,7 +125,7 @@ def test_imagenet_folders_default_root_and_tags(tmp_path):
     src = SourceConfig(name="IN3", format="imagenet", classes=str(wf))
     cfg = T.make_config(tmp_path, tag=[src])
     vocab = build_vocabulary(cfg)
-    ds = build_source(src, cfg.data, vocab, "tag")
+    ds = build(src, cfg.data, vocab, "tag")
     assert len(ds) == 6 and ds.class_names == imagenet_names(str(wf))
     for i in range(6):
         item = ds.load(i)
@@ -122,9 +134,9 @@ def test_imagenet_folders_default_root_and_tags(tmp_path):
         assert item["tags"].tolist() == [vocab.index(ds.class_names[WNIDS.index(wnid)])]
         assert item["label"] is None and item["image"].shape == (24, 32, 3)
     with pytest.raises(ValueError, match="only be a tag source"):
-        build_source(src, cfg.data, vocab, "seg")
+        build(src, cfg.data, vocab, "seg")
     with pytest.raises(DatasetRootError, match="fall11_whole"):
-        build_source(SourceConfig(name="x", format="imagenet", classes=str(wf), root="elsewhere"), cfg.data, vocab, "tag")
+        build(SourceConfig(name="x", format="imagenet", classes=str(wf), root="elsewhere"), cfg.data, vocab, "tag")
 
 
 def test_custom_segmentation_and_tag_folders(tmp_path):
@@ -134,12 +146,12 @@ def test_custom_segmentation_and_tag_folders(tmp_path):
                         tag=[SourceConfig(name="tags", format="custom_tags", root=str(tmp_path / "mytags"))])
     vocab = build_vocabulary(cfg)
     assert vocab.names[:4] == ["red thing", "blue thing", "wall", "green thing"]
-    seg = build_source(cfg.data.seg_sources[0], cfg.data, vocab)
+    seg = build(cfg.data.seg_sources[0], cfg.data, vocab)
     for i in range(2):
         raw = png(seg.pairs[i][1])
         ref = expected_labels(raw, {0: "red thing", 1: "blue thing", 2: "wall"}, vocab, {255})
         assert np.array_equal(seg.load(i)["label"], ref)
-    tags = build_source(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
+    tags = build(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
     got = [tags.load(i)["tags"].tolist() for i in range(len(tags))]
     assert got == [[vocab.index("green thing")]] * 2 + [[vocab.index("red thing")]] * 2
     # a label value beyond the class file is an error naming the file
@@ -149,7 +161,7 @@ def test_custom_segmentation_and_tag_folders(tmp_path):
     # an empty class folder
     (tmp_path / "mytags" / "empty one").mkdir()
     with pytest.raises(EmptyDatasetError, match="empty one"):
-        build_source(SourceConfig(name="tags", format="custom_tags", root="mytags"), cfg.data,
+        build(SourceConfig(name="tags", format="custom_tags", root="mytags"), cfg.data,
                      build_vocabulary(T.make_config(tmp_path, tag=[SourceConfig(format="custom_tags", root="mytags")])), "tag")
 
 
@@ -196,10 +208,10 @@ def test_the_imagenet_dataset_uses_the_index_cache(tmp_path, monkeypatch):
     src = SourceConfig(name="IN", format="imagenet", classes=str(wf))
     cfg = T.make_config(tmp_path, tag=[src], index_cache_dir=str(tmp_path / "idx"))
     vocab = build_vocabulary(cfg)
-    build_source(src, cfg.data, vocab, "tag")
+    build(src, cfg.data, vocab, "tag")
     assert list((tmp_path / "idx").glob("*.npz"))
     monkeypatch.setattr(file_index, "list_folder", lambda folder: pytest.fail(f"re-listed {folder}"))
-    assert len(build_source(src, cfg.data, vocab, "tag")) == 3
+    assert len(build(src, cfg.data, vocab, "tag")) == 3
 
 
 def test_bad_segmentation_inputs(tmp_path):
@@ -209,7 +221,7 @@ def test_bad_segmentation_inputs(tmp_path):
     vocab = build_vocabulary(cfg)
     images = sorted((tmp_path / "A847/images/training").glob("*.jpg"))
     labels = sorted((tmp_path / "A847/annotations/training").glob("*.tif"))
-    ds = build_source(src, cfg.data, vocab)
+    ds = build(src, cfg.data, vocab)
     data = images[0].read_bytes()
     images[0].write_bytes(data[: len(data) // 2])  # truncated JPEG
     with pytest.raises(CorruptImageError, match=rf"{images[0].name}.*cannot decode"):
@@ -232,9 +244,10 @@ def test_bad_segmentation_inputs(tmp_path):
     # a missing annotation: an error, or with skip_bad a counted skip
     labels[0].unlink()
     with pytest.raises(AnnotationError, match=rf"{images[0].name} is missing"):
-        build_source(src, cfg.data, vocab)
-    skipping = build_source(SourceConfig(name="A847", format="ade847", skip_bad=True), cfg.data, vocab)
-    assert len(skipping) == 4 and len(skipping.skipped) == 1 and images[0].name in skipping.skipped[0]
+        build(src, cfg.data, vocab)
+    built = build_source_checked(SourceConfig(name="A847", format="ade847", skip_bad=True), cfg.data, vocab, "seg")
+    skipping, problems = built.dataset, built.problems
+    assert len(skipping) == 4 and len(problems) == 1 and images[0].name in problems[0]
     # every problem is a DataError naming its path
     with pytest.raises(DataError) as info:
         skipping.load(0)
@@ -245,13 +258,13 @@ def test_wrong_root_and_empty_datasets(tmp_path):
     cfg = T.make_config(tmp_path, seg=[SourceConfig(format="ade150")])
     vocab = build_vocabulary(cfg)
     with pytest.raises(DatasetRootError, match=r"nowhere.*not found"):
-        build_source(SourceConfig(name="x", format="ade150", root="nowhere"), cfg.data, vocab)
+        build(SourceConfig(name="x", format="ade150", root="nowhere"), cfg.data, vocab)
     with pytest.raises(DatasetRootError, match=str(tmp_path / "A847" / "images" / "training")):
-        build_source(SourceConfig(name="x", format="ade847"), cfg.data, vocab)  # default root A847
+        build(SourceConfig(name="x", format="ade847"), cfg.data, vocab)  # default root A847
     (tmp_path / "E/images/training").mkdir(parents=True)
     (tmp_path / "E/annotations/training").mkdir(parents=True)
     with pytest.raises(EmptyDatasetError, match="no images"):
-        build_source(SourceConfig(name="e", format="ade847", root="E"), cfg.data, vocab)
+        build(SourceConfig(name="e", format="ade847", root="E"), cfg.data, vocab)
     # ImageNet: unknown wnid, an empty and a missing class folder; with skip_bad, all folders empty
     T.write_imagenet(tmp_path / "I22K", WNIDS[:1], per_class=1, size=(8, 8))
     (tmp_path / "I22K/fall11_whole" / WNIDS[1]).mkdir()
@@ -260,18 +273,19 @@ def test_wrong_root_and_empty_datasets(tmp_path):
     src = SourceConfig(name="IN", format="imagenet", classes=str(wf))
     v2 = build_vocabulary(T.make_config(tmp_path, tag=[src]))
     with pytest.raises(EmptyDatasetError, match=rf"{WNIDS[1]}.*no image"):
-        build_source(src, cfg.data, v2, "tag")
-    skipping = build_source(SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag")
-    assert len(skipping) == 1 and len(skipping.skipped) == 2
-    assert "no image" in skipping.skipped[0] and "class folder not found" in skipping.skipped[1]
+        build(src, cfg.data, v2, "tag")
+    built = build_source_checked(SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag")
+    skipping, problems = built.dataset, built.problems
+    assert len(skipping) == 1 and len(problems) == 2
+    assert "no image" in problems[0] and "class folder not found" in problems[1]
     (tmp_path / "I22K/fall11_whole" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").unlink()
     with pytest.raises(EmptyDatasetError, match="no image in any"):
-        build_source(SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag")
+        build(SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag")
     wf.write_text("n12345678\n")
     with pytest.raises(VocabularyError, match="n12345678"):
-        build_source(SourceConfig(name="IN", format="imagenet", classes=str(wf)), cfg.data, v2, "tag")
+        build(SourceConfig(name="IN", format="imagenet", classes=str(wf)), cfg.data, v2, "tag")
     with pytest.raises(ValueError, match="unknown format"):
-        build_source(SourceConfig(name="IN", format="pascal"), cfg.data, v2, "tag")
+        build(SourceConfig(name="IN", format="pascal"), cfg.data, v2, "tag")
 
 
 def test_split_folder_detected_in_either_spelling_and_an_explicit_split_wins(tmp_path):
@@ -295,18 +309,18 @@ def test_split_folder_detected_in_either_spelling_and_an_explicit_split_wins(tmp
     T.write_coco171(coco / "C171", n=3, size=(16, 16), split="train2017")
     T.write_coco171(coco / "C171", n=1, size=(16, 16), split="training")  # both spellings: COCO's is preferred
     cfg2 = T.make_config(coco, seg=[SourceConfig(name="C171", format="coco171")])
-    assert len(build_source(cfg2.data.seg_sources[0], cfg2.data, vocab)) == 3
+    assert len(build(cfg2.data.seg_sources[0], cfg2.data, vocab)) == 3
     given = build_source_checked(SourceConfig(name="C171", format="coco171", split="training"), cfg2.data, vocab, "seg")
     assert len(given.dataset) == 1 and given.split.describe() == "training (as configured)"
     # a configured split that is absent while another spelling exists: the error says which
     with pytest.raises(DatasetRootError, match="train2017") as err:
-        build_source(SourceConfig(name="C171", format="coco171", split="train2017"), cfg.data, vocab)
+        build(SourceConfig(name="C171", format="coco171", split="train2017"), cfg.data, vocab)
     assert "training" in str(err.value) and str(seed / "C171" / "images" / "train2017") in str(err.value)
     # no accepted spelling at all: the error lists them
     (tmp_path / "odd" / "C171" / "images" / "trn").mkdir(parents=True)
     cfg3 = T.make_config(tmp_path / "odd", seg=[SourceConfig(name="C171", format="coco171")])
     with pytest.raises(DatasetRootError, match="looked for train2017, training"):
-        build_source(cfg3.data.seg_sources[0], cfg3.data, vocab)
+        build(cfg3.data.seg_sources[0], cfg3.data, vocab)
     # ADE's spellings agree everywhere; an empty split finds them too
     T.write_ade150(seed / "A150", n=2, size=(16, 16), split="validation")
     cfg4 = T.make_config(seed, eval_source=SourceConfig(name="A150", format="ade150"))
@@ -320,7 +334,7 @@ def test_a847_refuses_8bit_label_maps(tmp_path):
     tifffile.imwrite(label, np.full((16, 16), 255, dtype=np.uint8))  # all "unlabeled" in 8 bits
     cfg = T.make_config(tmp_path)
     vocab = build_vocabulary(cfg)
-    ds = build_source(SourceConfig(name="A847", format="ade847", split="training"), cfg.data, vocab, "seg")
+    ds = build(SourceConfig(name="A847", format="ade847", split="training"), cfg.data, vocab, "seg")
     with pytest.raises(AnnotationError, match=r"8-bit label map, but A847 annotations are 16-bit.*class 'pier'"):
         ds.load(0)
     assert ds.load(1)["label"].dtype == np.uint16  # the 16-bit file next to it reads as before

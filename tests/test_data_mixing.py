@@ -94,6 +94,7 @@ def test_batch_contents(data_mixed_root):
     spec_index = 1
     samples = MixedLoader(cfg, vocab, 0, 1).loaders[spec_index].dataset
     index = SourceSchedule(4, 2, cfg.train.seed, 1).indices(0)
+    widths = []
     for j in range(2):
         item = samples[(int(index[j]), sample_seed(cfg.train.seed, 1, 0, j))]
         present = np.unique(item["label"])
@@ -101,7 +102,10 @@ def test_batch_contents(data_mixed_root):
         row = a847w.tags[j]
         assert row[row != TAG_PAD].tolist() == present.tolist() and len(present) > 0
         assert torch.equal(torch.from_numpy(item["image"]), a847w.images[j])
-    assert (a847w.tags[:, 1:] == TAG_PAD).any() or a847w.tags.shape[1] == max(len(np.unique(r)) for r in a847w.tags)
+        # each row: its classes first, then TAG_PAD up to the widest row's number of classes
+        assert row[: len(present)].tolist() == present.tolist() and (row[len(present):] == TAG_PAD).all()
+        widths.append(len(present))
+    assert a847w.tags.shape[1] == max(widths)
 
 
 def test_ranks_concatenate_to_one_process_and_seeds_repeat(data_mixed_root):
@@ -145,12 +149,20 @@ def test_workers_change_nothing_and_finite_runs_stop(data_mixed_root):
         assert_same(x, y)
     loader = MixedLoader(mixed_cfg(data_mixed_root), vocab, 0, 1, start_step=5, stop_step=7)
     assert [b.step for b in loader] == [5, 6]
+    # start_at (how a resumed run positions the loader it was handed) equals starting there
+    moved = MixedLoader(mixed_cfg(data_mixed_root), vocab, 1, 2)
+    moved.start_at(1)
+    assert_same(next(iter(moved)), zero[1])
 
 
-def test_pin_memory_flag_is_accepted(data_mixed_root):
+def test_pin_memory_flag_reaches_the_loaders(data_mixed_root):
     cfg = mixed_cfg(data_mixed_root, tag_batch_size=0)
-    batch = next(iter(MixedLoader(cfg, build_vocabulary(cfg), 0, 1, pin_memory=torch.cuda.is_available())))
-    assert batch.tag == [] and batch.seg[0].images.is_pinned() == torch.cuda.is_available()
+    vocab = build_vocabulary(cfg)
+    for pin in (False, True):
+        loader = MixedLoader(cfg, vocab, 0, 1, pin_memory=pin)
+        assert [dl.pin_memory for dl in loader.loaders] == [pin]
+    if torch.cuda.is_available():  # pinning itself needs an accelerator
+        assert next(iter(MixedLoader(cfg, vocab, 0, 1, pin_memory=True))).seg[0].images.is_pinned()
 
 
 def test_skip_bad_replaces_and_reports_unreadable_samples(tmp_path):

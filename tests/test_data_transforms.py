@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
 
-from larvseg.config import IGNORE_INDEX
+from larvseg.config import IGNORE_INDEX, PIXEL_MEAN
 from larvseg.data import testing as T
 from larvseg.data.transforms import (
-    MEAN,
-    STD,
     Photometric,
     TrainTransform,
     apply_photometric,
     eval_resize,
-    eval_transform,
-    normalize,
     pad_to,
     random_crop,
     random_flip,
@@ -23,6 +20,9 @@ from larvseg.data.transforms import (
     rescale_size,
     resize_label,
 )
+from larvseg.models.cosine_classifier import CosineClassifier
+from larvseg.models.segmenter import Segmenter
+from larvseg.models.vit import build_vit
 
 
 def nearest_reference(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -124,15 +124,16 @@ def test_photometric_steps_match_mmseg_formulas():
     assert not np.array_equal(a, b)
 
 
-def test_normalize_and_pad():
-    image = np.array([[[0, 128, 255]]], np.uint8)
-    out = normalize(image)
-    assert out.shape == (3, 1, 1) and out.dtype == np.float32
-    np.testing.assert_allclose(out[:, 0, 0], [(0 - 123.675) / 58.395, (128 - 116.28) / 57.12, (255 - 103.53) / 57.375], rtol=1e-6)
-    assert np.allclose(MEAN, [123.675, 116.28, 103.53]) and np.allclose(STD, [58.395, 57.12, 57.375])
+def test_pad_uses_the_colour_the_model_standardises_to_zero():
     img, lab = pad_to(np.ones((3, 5, 7), np.float32), np.full((5, 7), 300, np.uint16), 8)
-    assert img.shape == (3, 8, 8) and (img[:, 5:, :] == 0).all() and (img[:, :, 7:] == 0).all() and (img[:, :5, :7] == 1).all()
-    assert lab.dtype == np.uint16 and (lab[5:, :] == IGNORE_INDEX).all() and (lab[:5, :7] == 300).all()
+    assert img.shape == (3, 8, 8) and lab.dtype == np.uint16
+    assert (img[:, :5, :7] == 1).all() and (lab[:5, :7] == 300).all()
+    assert (lab[5:, :] == IGNORE_INDEX).all() and (lab[:, 7:] == IGNORE_INDEX).all()
+    # the padding, once the model has standardised it, is exactly 0 (MMSegmentation pads after Normalize)
+    seg = Segmenter(build_vit("vit_mini"), CosineClassifier(2, 192))
+    padded = seg.preprocess(torch.from_numpy(img))
+    assert (padded[:, 5:, :] == 0).all() and (padded[:, :, 7:] == 0).all()
+    assert not (padded[:, :5, :7] == 0).any()
 
 
 def test_train_transform_end_to_end_keeps_16_bit_labels():
@@ -150,9 +151,11 @@ def test_train_transform_end_to_end_keeps_16_bit_labels():
         img2, lab2 = tf(image, label, np.random.default_rng(seed))
         assert np.array_equal(img, img2) and np.array_equal(lab, lab2)  # a function of the seed alone
     assert {300, 846, 40000} <= seen
-    # an image smaller than the crop: padded with 0 (image) and IGNORE_INDEX (label)
+    # an image smaller than the crop: padded with the pixel mean (image) and IGNORE_INDEX (label)
     img, lab = TrainTransform(crop_size=64, scale=(32, 16), ratio_range=(1.0, 1.0))(image, label, np.random.default_rng(0))
-    assert (lab[16:, :] == IGNORE_INDEX).all() and (img[:, 16:, :] == 0).all() and (lab[:, 24:] == IGNORE_INDEX).all()
+    mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
+    assert (lab[16:, :] == IGNORE_INDEX).all() and (img[:, 16:, :] == mean).all() and (lab[:, 24:] == IGNORE_INDEX).all()
+    assert img.min() >= 0 and img.max() <= 255  # pixel values: the model standardises them
     # ImageNet-style: no label
     img, lab = TrainTransform(crop_size=32, scale=(64, 32))(image, None, np.random.default_rng(0))
     assert img.shape == (3, 32, 32) and lab is None
@@ -164,6 +167,6 @@ def test_eval_resize_short_side_with_long_side_limit():
     assert eval_resize(np.zeros((700, 500, 3), np.uint8), 512, 2048).shape == (717, 512, 3)
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert eval_resize(image, 0, 2048) is image
-    out = eval_transform(image, 20, 2048)
-    ref = normalize(cv2.resize(image, (30, 20), interpolation=cv2.INTER_LINEAR))
-    assert out.shape == (3, 20, 30) and np.array_equal(out, ref)
+    out = eval_resize(image, 20, 2048)
+    ref = cv2.resize(image, (30, 20), interpolation=cv2.INTER_LINEAR)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8 and np.array_equal(out, ref)

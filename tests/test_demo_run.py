@@ -4,6 +4,7 @@ on the generated mini benchmark (runs in 2 parallel processes), and a report who
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,8 +13,10 @@ import numpy as np
 from PIL import Image
 
 from larvseg.cli import main as cli_main
+from larvseg.config import load_config
 from larvseg.demo.benchmark import DEMO_CLASSES
-from larvseg.demo.run import VARIANTS
+from larvseg.demo.run import VARIANTS, describe_model
+from larvseg.models.segmenter import build_segmenter
 
 CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
@@ -54,6 +57,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert re.search(rf"^\| {re.escape(variant)} \| \d+\.\d \|", text, re.M)
     for c in DEMO_CLASSES:
         assert re.search(rf"^\| {c.name} \| {c.role} \| (0|1)\.\d\d \| (0|1)\.\d\d \| (0|1)\.\d\d \| [+-]\d\.\d\d \|$", text, re.M)
+    # the model line describes the model actually trained: its size and the stage-0 backbone it started from
+    assert re.search(r"^- \*\*model\*\*: vit_mini \(ViT, 192-d, 4 blocks, patch 16\) with the cosine classifier, "
+                     r"initialised from `[^`]*backbone\.npz`", text, re.M)
     assert "**training**: 100 iterations" in text
     # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
     for variant in VARIANTS:
@@ -69,3 +75,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= min_w and im.height >= 250
             assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_report_describes_the_model_trained(tmp_path):
+    weights = tmp_path / "w.npz"
+    for overrides, expected in (
+        ([], "vit_mini (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random initialisation**"),
+        (["model.arch=vit_small", f"model.pretrained={weights}"],
+         f"vit_small (ViT, 384-d, 12 blocks, patch 16) with the cosine classifier, initialised from `{weights}`"),
+    ):
+        cfg = load_config("demo", overrides)
+        model_cfg = dataclasses.replace(cfg.model, pretrained="")  # nothing to load here
+        text = describe_model(cfg, build_segmenter(model_cfg, 3))
+        assert text.startswith(expected)
+        assert ("random initialisation" in text) == (not cfg.model.pretrained)

@@ -20,7 +20,6 @@ from larvseg.cli import main as cli_main
 from larvseg.config import Config, EvalConfig, ModelConfig
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import build_segmenter
-from larvseg.predict import image_to_tensor
 from larvseg.train.checkpoint import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
@@ -64,7 +63,8 @@ def test_export_matches_pytorch_at_any_size(exported):
         logits, labels = session.run(["logits", "labels"], {"image": image.astype(np.float32).transpose(2, 0, 1)[None]})
         assert logits.shape == (1, 3, -(-h // 16), -(-w // 16)) and labels.shape == (1, h, w)
         # the same prediction as larvseg's own whole-image inference over the same classes
-        expected = segment_image(segmenter, image_to_tensor(image), class_ids=ids, mode="whole", out_size=(h, w))
+        expected = segment_image(segmenter, torch.from_numpy(image).permute(2, 0, 1), EvalConfig(mode="whole", amp="off"),
+                                 class_ids=ids, out_size=(h, w))
         agreement = (ids[torch.from_numpy(labels[0])] == expected).float().mean().item()
         assert agreement > 0.999, (h, w, agreement)
         assert len(np.unique(labels)) > 1  # a non-trivial map, or the check above proves little

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from larvseg.models.augreg import CheckpointLoadError, load_augreg, load_pretrained
-from larvseg.models.vit import VIT_BUILDERS, VisionTransformer, resize_pos_grid, vit_dim
+from larvseg.models.vit import VIT_BUILDERS, VisionTransformer, build_vit, resize_pos_grid
 
 D, HEADS, HD, DEPTH, GRID = 64, 4, 16, 2, 4
 
@@ -184,7 +184,14 @@ def test_own_checkpoint_backbone(tmp_path, suffix):
 
 
 def test_builders_dims():
-    assert {k: vit_dim(k) for k in ("vit_tiny", "vit_small", "vit_base")} == {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+    # the published ViT shapes (width, depth, heads) of the built models (ViT-B/16 by its builder's
+    # arguments: building it costs 344 MB and seconds)
+    shapes = {k: (m.embed_dim, len(m.blocks), m.num_heads) for k, m in
+              ((k, build_vit(k)) for k in ("vit_mini", "vit_tiny", "vit_small"))}
+    assert shapes == {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_mini": (192, 4, 3)}
+    assert VIT_BUILDERS["vit_base"].args == (768, 12, 12)
+    with pytest.raises(KeyError, match="vit_huge"):
+        build_vit("vit_huge")
     assert set(VIT_BUILDERS) >= {"vit_tiny", "vit_small", "vit_base"}
     tiny = VIT_BUILDERS["vit_tiny"](drop_path=0.1)
     assert len(tiny.blocks) == 12 and tiny.num_heads == 3 and tiny.pos_embed.shape == (1, 1 + 32 * 32, 192)

@@ -1,12 +1,13 @@
-"""The training loop end to end on a tiny ViT with an in-test data source (no files):
+"""The training loop end to end on a tiny ViT with synthetic data (no files):
 
 (a) torchrun --nproc_per_node=2 (gloo, CPU) gives the weights of one process with the same global batch;
 (b) a run killed (SIGKILL) between checkpoints and resumed ends with the weights of an uninterrupted run;
 (c) a NaN loss stops the run with a message naming the step and terms, keeping the last good checkpoint.
 
-The data source here follows the MixedLoader contract (deterministic per step, the global batch split
-across ranks with numpy.array_split) but makes its tensors directly, so these tests exercise the loop
-and not image decoding; tests/test_train_tools.py runs the real data layer through tools/dist_train.sh.
+The data (larvseg.data.testing.SyntheticLoader) follows the MixedLoader contract (deterministic per
+step, the global batch split across ranks with numpy.array_split) but makes its tensors directly, and
+is handed to the loop as `larvseg train`'s main() hands it the real loader: these tests exercise the
+loop, not image decoding; tests/test_train_tools.py runs the real data layer through tools/dist_train.sh.
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from larvseg.config import load_config
 from larvseg.data.batch import SegBatch, StepBatch, TagBatch
+from larvseg.data.testing import SyntheticLoader
+from larvseg.data.vocabulary import Vocabulary
+from larvseg.models.segmenter import build_segmenter
 from larvseg.train import loop
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
 
-TESTS_DIR = Path(__file__).resolve().parent
 NUM_CLASSES = 6
-SIZE = 32
+NAMES = [f"class {i}" for i in range(NUM_CLASSES)]
 
 TINY = """
 data:
@@ -45,62 +46,31 @@ train: {iters: 6, lr: 0.05, log_interval: 2, checkpoint_interval: 2, keep_last: 
 """
 
 
-class FakeVocabulary:
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
+def synthetic_build(cfg, device, loader_cls=SyntheticLoader):
+    """``loop.build`` with in-memory data: the vocabulary, a seeded segmenter and a SyntheticLoader."""
+    from larvseg import distributed
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def fake_vocabulary(cfg) -> FakeVocabulary:
-    return FakeVocabulary([f"class {i}" for i in range(NUM_CLASSES)])
+    loop.seed_everything(cfg.train.seed)
+    segmenter = build_segmenter(cfg.model, NUM_CLASSES)
+    return Vocabulary(NAMES), segmenter, loader_cls(cfg, distributed.rank(), distributed.world_size(), NUM_CLASSES)
 
 
-class FakeLoader:
-    """StepBatches of one seg and one single-tag source, a function of (seed, step) only, sharded by rank."""
-
-    def __init__(self, cfg, vocab, rank: int, world_size: int, start_step: int = 0, pin_memory: bool = False) -> None:
-        self.cfg, self.rank, self.world, self.start = cfg, rank, world_size, start_step
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            yield self.batch(step)
-            step += 1
-
-    def batch(self, step: int) -> StepBatch:
-        rng = np.random.default_rng([self.cfg.train.seed, step])
-        n_seg, n_tag = self.cfg.data.seg_batch_size, self.cfg.data.tag_batch_size
-        images = torch.from_numpy(rng.standard_normal((n_seg, 3, SIZE, SIZE)).astype(np.float32))
-        labels = torch.from_numpy(rng.integers(0, 4, (n_seg, SIZE, SIZE)))
-        labels[:, :4] = 65535  # some ignored pixels
-        tag_images = torch.from_numpy(rng.standard_normal((n_tag, 3, SIZE, SIZE)).astype(np.float32))
-        tags = torch.from_numpy(rng.integers(3, NUM_CLASSES, (n_tag, 1)))
-        mine_seg = torch.from_numpy(np.array_split(np.arange(n_seg), self.world)[self.rank])
-        mine_tag = torch.from_numpy(np.array_split(np.arange(n_tag), self.world)[self.rank])
-        seg = SegBatch("S", images[mine_seg], labels[mine_seg], torch.arange(4), n_seg)
-        tag = TagBatch("T", tag_images[mine_tag], tags[mine_tag], torch.arange(3, NUM_CLASSES), n_tag,
-                       loss_weight=0.2, cac_weight=0.1, cac_topk=2)
-        return StepBatch(step, [seg], [tag])
-
-
-def use_fake_data(target=None) -> None:
-    """Point the loop at the in-test data (``target``: a pytest monkeypatch, or None to set directly)."""
-    for name, value in (("MixedLoader", FakeLoader), ("build_vocabulary", fake_vocabulary)):
-        if target is None:
-            setattr(loop, name, value)
-        else:
-            target.setattr(loop, name, value)
-
-
+# What `larvseg train` runs, with synthetic data handed to it (no test module is imported).
 RUNNER = """
 import sys
-sys.path.insert(0, {tests!r})
-import test_train_loop
-test_train_loop.use_fake_data()
-from larvseg.cli import main
-sys.exit(main())
+from larvseg import distributed
+from larvseg.cli import build_parser
+from larvseg.data.testing import SyntheticLoader
+from larvseg.data.vocabulary import Vocabulary
+from larvseg.models.segmenter import build_segmenter
+from larvseg.train import loop
+
+def build(cfg, device):
+    loop.seed_everything(cfg.train.seed)
+    return (Vocabulary({names!r}), build_segmenter(cfg.model, {n}),
+            SyntheticLoader(cfg, distributed.rank(), distributed.world_size(), {n}))
+
+sys.exit(loop.main(build_parser().parse_args(sys.argv[1:]), build=build))
 """
 
 
@@ -125,13 +95,10 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     (root / "tiny.yaml").write_text(TINY)
-    (root / "runner.py").write_text(RUNNER.format(tests=str(TESTS_DIR)))
+    (root / "runner.py").write_text(RUNNER.format(names=NAMES, n=NUM_CLASSES))
     # The uninterrupted single-process reference, in this process.
-    mp = pytest.MonkeyPatch()
-    use_fake_data(mp)
     cfg = load_config(root / "tiny.yaml", [f"train.work_dir={root / 'ref'}"])
-    loop.train(cfg, resume="none")
-    mp.undo()
+    loop.train(cfg, *synthetic_build(cfg, "cpu"), resume="none")
     return root
 
 
@@ -139,7 +106,7 @@ def test_reference_run_outputs(setup):
     ref = setup / "ref"
     assert [s for s, _ in list_checkpoints(ref)] == [2, 4, 6]
     state = load_checkpoint(ref / "iter_00000006.pth")
-    assert state["step"] == 6 and state["vocab"] == fake_vocabulary(None).names
+    assert state["step"] == 6 and state["vocab"] == NAMES
     assert state["model"]["bank.wraps"].sum() > 0  # the memory bank is in the checkpoint
     assert (ref / "latest.pth").resolve() == (ref / "iter_00000006.pth").resolve()
     assert (ref / "config.yaml").is_file() and (ref / "training_curve.png").is_file()
@@ -193,21 +160,21 @@ def test_killed_and_resumed_matches_uninterrupted(setup):
     assert len(steps) == 3  # one record per logged step, none duplicated by the restart
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch, capsys):
-    use_fake_data(monkeypatch)
-
-    class PoisonedLoader(FakeLoader):
+def test_nan_loss_stops_and_keeps_last_checkpoint(setup, capsys):
+    class PoisonedLoader(SyntheticLoader):
         def batch(self, step):
             b = super().batch(step)
             if step == 3:
                 b.seg[0].images[0, 0, 0, 0] = float("nan")
             return b
 
-    monkeypatch.setattr(loop, "MixedLoader", PoisonedLoader)
+    def poisoned_build(cfg, device):
+        return synthetic_build(cfg, device, PoisonedLoader)
+
     work = setup / "nan"
     cfg = load_config(setup / "tiny.yaml", [f"train.work_dir={work}"])
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 3 .*seg/S=nan.*iter_00000002\.pth"):
-        loop.train(cfg, resume="none")
+        loop.train(cfg, *poisoned_build(cfg, "cpu"), resume="none")
     assert [s for s, _ in list_checkpoints(work)] == [2]
     assert not (work / "final.safetensors").exists()
     # the kept checkpoint is the reference run's step-2 state, intact
@@ -215,7 +182,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch, capsys):
 
     # through the command: exit code 2 and the message on stderr
     args = loop_args(setup / "tiny.yaml", work, resume="none")
-    assert loop.main(args) == 2
+    assert loop.main(args, build=poisoned_build) == 2
     assert "non-finite loss at step 3" in capsys.readouterr().err
 
 
@@ -272,12 +239,11 @@ def test_mark_supervised_counts_labelled_pixels_and_tags_only():
     assert seen.nonzero().flatten().tolist() == [1, 4]
 
 
-def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(setup, monkeypatch, capsys):
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(setup, capsys):
     import shutil
 
     from test_train_checkpoint import orphan_temp
 
-    use_fake_data(monkeypatch)
     work = setup / "fallback"
     work.mkdir()
     for step in (2, 4):
@@ -285,7 +251,8 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(se
     newest = work / "iter_00000004.pth"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     orphan = orphan_temp(work, "iter_00000006.pth")
-    loop.train(load_config(setup / "tiny.yaml", [f"train.work_dir={work}"]))  # resume: auto
+    cfg = load_config(setup / "tiny.yaml", [f"train.work_dir={work}"])
+    loop.train(cfg, *synthetic_build(cfg, "cpu"))  # resume: auto
     out, err = capsys.readouterr()
     assert "skipping checkpoint iter_00000004.pth for auto-resume" in err and "truncated or corrupt" in err
     assert f"resumed from {work / 'iter_00000002.pth'} at step 2" in out

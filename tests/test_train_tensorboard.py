@@ -16,7 +16,8 @@ from larvseg.cli import main as cli_main
 from larvseg.config import dump_config, load_config
 from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
 from larvseg.train.logger import MetricLogger, read_metrics
-from larvseg.train.loop import train
+from larvseg.distributed import select_device
+from larvseg.train.loop import build, train
 
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="the [tensorboard] extra is not installed")
 
@@ -47,7 +48,7 @@ def test_training_writes_scalars_curve_and_overlays(tmp_path):
     cfg = load_config("tiny_cpu", [f"data.root={data.root}", f"data.tag_sources.0.classes={data.wnid_file}",
                                    f"train.work_dir={work}", "train.iters=4", "train.eval_interval=2",
                                    "train.log_interval=1", "train.checkpoint_interval=2"])
-    train(cfg, resume="none")
+    train(cfg, *build(cfg, select_device(cfg.train.device)), resume="none")
     records = read_metrics(work / "metrics.jsonl")
     scalars, images = read_events(work)
 

@@ -20,7 +20,7 @@ class SegBatch:
     """Images with pixel masks from one segmentation source."""
 
     source: str  # SourceConfig.name
-    images: torch.Tensor  # (b, 3, H, W) float32, normalised
+    images: torch.Tensor  # (b, 3, H, W) float32 RGB pixel values (the model standardises them)
     labels: torch.Tensor  # (b, H, W) int64 union class ids, IGNORE_INDEX where unlabeled/padded
     class_ids: torch.Tensor  # (C,) int64 union ids of the source's vocabulary (pool for class sampling)
     global_size: int  # images of this source in the whole step, summed over ranks
@@ -41,7 +41,7 @@ class TagBatch:
     """Images with image-level tags from one image-level source (ImageNet-style or a tagged seg set)."""
 
     source: str
-    images: torch.Tensor  # (b, 3, H, W) float32, normalised
+    images: torch.Tensor  # (b, 3, H, W) float32 RGB pixel values (the model standardises them)
     tags: torch.Tensor  # (b, T) int64 union class ids, TAG_PAD-padded; T >= 1
     class_ids: torch.Tensor  # (C,) int64 union ids of the source's vocabulary
     global_size: int

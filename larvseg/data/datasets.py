@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,27 +44,27 @@ import torch
 from larvseg.config import IGNORE_INDEX, DataConfig, SourceConfig
 from larvseg.data.file_index import FileTable, FolderIndex, list_folder
 from larvseg.data.io import (
+    IMAGE_SUFFIXES,
     AnnotationError,
     DatasetRootError,
     EmptyDatasetError,
     LabelValueError,
     read_image,
     read_label,
+    require_dir,
+    source_root,
 )
 from larvseg.data.vocabulary import (
-    _json,
+    Vocabulary,
+    coco_stuff_classes,
+    custom_seg_names,
+    custom_tag_names,
     imagenet_names,
     imagenet_subset,
     load_class_names,
-    normalize_name,
-    read_class_file,
 )
 
-if TYPE_CHECKING:
-    from larvseg.data.vocabulary import Vocabulary
-
 INVALID = np.uint32(0xFFFFFFFF)  # LUT entry of a raw value that is neither a class nor "unlabeled"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +103,6 @@ class SourceDataset(torch.utils.data.Dataset):
         self.class_names = class_names  # this source's own classes, in its train-id order
         self.class_ids = np.asarray(class_ids, dtype=np.int64)  # their union ids (aligned with class_names;
         # several may share a union id: COCO-Stuff's wall-brick and wall-stone are both "wall")
-        self.skipped: list[str] = []  # files left out at build time with skip_bad, one line each
 
     def load(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -238,17 +237,6 @@ def resolve_split(source: SourceConfig, data_root: Path, role: str) -> ResolvedS
     return ResolvedSplit(accepted[0] if found is None else found, detected=True, accepted=accepted)
 
 
-def source_root(source: SourceConfig, data_root: Path, default: str) -> Path:
-    root = Path(source.root or default).expanduser()
-    return root if root.is_absolute() else data_root / root
-
-
-def require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise DatasetRootError(path, f"{what} not found (check data.root / the source's root)")
-    return path
-
-
 def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool,
                  problems: list[str]) -> list[tuple[Path, Path]]:
     """(image, annotation) pairs; the first matching suffix wins. A missing annotation is an error, or a
@@ -256,7 +244,7 @@ def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ..
     images = sorted(p for p in require_dir(image_dir, "image folder").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     require_dir(label_dir, "annotation folder")
     if not images:
-        raise EmptyDatasetError(image_dir, "no images (.jpg/.jpeg/.png)")
+        raise EmptyDatasetError(image_dir, f"no images ({'/'.join(IMAGE_SUFFIXES)})")
     labels = {p.name for p in label_dir.iterdir()}  # one listing instead of a stat per image
     pairs = []
     for image in images:
@@ -271,7 +259,7 @@ def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ..
     return pairs
 
 
-def _ids(vocab: "Vocabulary", names: list[str]) -> np.ndarray:
+def _ids(vocab: Vocabulary, names: list[str]) -> np.ndarray:
     return vocab.ids(names)
 
 
@@ -279,7 +267,7 @@ def _ids(vocab: "Vocabulary", names: list[str]) -> np.ndarray:
 # Builders: (source, data_cfg, vocab, problems) -> dataset; skipped files are appended to problems
 
 
-def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
     root = source_root(source, data_root, DEFAULT_ROOTS["ade150"])
     names = load_class_names("ade150")
@@ -289,7 +277,7 @@ def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary"
     return SegmentationFolder(source.name or "A150", names, ids, pairs, lut)
 
 
-def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
     root = source_root(source, data_root, DEFAULT_ROOTS["ade847"])
     names = load_class_names("ade847")
@@ -312,10 +300,10 @@ class CocoStuffFolder(SegmentationFolder):
         return self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
 
 
-def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
     root = source_root(source, data_root, DEFAULT_ROOTS["coco171"])
-    classes = sorted(_json("coco_stuff171.json")["classes"], key=lambda c: c["train_id"])
+    classes = coco_stuff_classes()
     names = [c["merged_name"] for c in classes]
     ids = _ids(vocab, names)
     raw_to_train = {c["raw_id"]: c["train_id"] for c in classes}
@@ -327,7 +315,7 @@ def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary
     return CocoStuffFolder(source.name or "C171", names, ids, pairs, raw_lut, train_id_lut=train_lut)
 
 
-def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
     root = source_root(source, data_root, "")
     names = custom_seg_names(source, data_root)
@@ -347,7 +335,7 @@ def check_class_folders(table: FileTable, skip_bad: bool, problems: list[str]) -
         if counts[k]:
             continue
         error = (DatasetRootError(table.root / folder, "class folder not found") if folder in table.missing
-                 else EmptyDatasetError(table.root / folder, "class folder holds no image (.jpg/.jpeg/.png)"))
+                 else EmptyDatasetError(table.root / folder, f"class folder holds no image ({'/'.join(IMAGE_SUFFIXES)})"))
         if not skip_bad:
             raise error
         problems.append(str(error))
@@ -361,14 +349,14 @@ def imagenet_table(source: SourceConfig, data_cfg: DataConfig, wnids: list[str],
     return table
 
 
-def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     wnids = imagenet_subset(source.classes)
     names = imagenet_names(source.classes)
     table = imagenet_table(source, data_cfg, wnids, problems)
     return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table)
 
 
-def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     root = require_dir(source_root(source, data_cfg.resolved_root(), ""), "image-level folder")
     names = custom_tag_names(source, data_cfg.resolved_root())
     # small user folders: listed directly, no cache
@@ -376,34 +364,6 @@ def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabu
     check_class_folders(table, source.skip_bad, problems)
     return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), table)
 
-
-# ----------------------------------------------------------------------------------------------
-# Class lists of each format (no image listing: used to build vocabularies)
-
-
-def custom_seg_names(source: SourceConfig, data_root: Path) -> list[str]:
-    root = source_root(source, data_root, "")
-    return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")
-
-
-def custom_tag_names(source: SourceConfig, data_root: Path) -> list[str]:
-    if source.classes:
-        return read_class_file(Path(source.classes).expanduser())
-    root = require_dir(source_root(source, data_root, ""), "image-level folder")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not names:
-        raise EmptyDatasetError(root, "no class folders")
-    return names
-
-
-CLASS_NAMES: dict[str, Callable[[SourceConfig, Path], list[str]]] = {
-    "ade150": lambda s, r: load_class_names("ade150"),
-    "ade847": lambda s, r: load_class_names("ade847"),
-    "coco171": lambda s, r: load_class_names("coco171"),
-    "imagenet": lambda s, r: imagenet_names(s.classes),
-    "custom_seg": custom_seg_names,
-    "custom_tags": custom_tag_names,
-}
 
 DATASET_BUILDERS: dict[str, Callable[..., SourceDataset]] = {
     "ade150": build_ade150,
@@ -420,11 +380,6 @@ def _check_format(source: SourceConfig) -> None:
         raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(DATASET_BUILDERS)}")
 
 
-def class_names_of(source: SourceConfig, data_root: Path) -> list[str]:
-    _check_format(source)
-    return CLASS_NAMES[source.format](source, data_root)
-
-
 @dataclass
 class BuiltSource:
     dataset: SourceDataset
@@ -432,13 +387,9 @@ class BuiltSource:
     split: ResolvedSplit | None = None  # the split folder used (None for formats without split folders)
 
 
-def build_source(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", role: str = "seg") -> SourceDataset:
-    """The dataset of one source (``role``: seg | tag | eval; a segmentation format can serve any role,
-    an image-folder format only as a tag source). Files skipped with ``skip_bad`` are in ``.skipped``."""
-    return build_source_checked(source, data_cfg, vocab, role).dataset
-
-
-def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", role: str) -> BuiltSource:
+def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, role: str) -> BuiltSource:
+    """The dataset of one source and the files it skipped (``role``: seg | tag | eval; a segmentation
+    format can serve any role, an image-folder format only as a tag source)."""
     _check_format(source)
     if role not in ("seg", "tag", "eval"):
         raise ValueError(f"role must be seg, tag or eval, got {role!r}")
@@ -448,12 +399,10 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: "Voc
     split = resolve_split(source, data_cfg.resolved_root(), role)
     if split is not None:
         source = replace(source, split=split.folder)
-    dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
-    dataset.skipped = list(problems)
-    return BuiltSource(dataset, problems, split)
+    return BuiltSource(DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems), problems, split)
 
 
 __all__ = [
-    "DATASET_BUILDERS", "SPLIT_FOLDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "build_source",
-    "build_source_checked", "class_names_of", "normalize_name",
+    "DATASET_BUILDERS", "SPLIT_FOLDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "BuiltSource",
+    "build_source_checked",
 ]

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-INDEX_VERSION = 2
+from larvseg.data.io import IMAGE_SUFFIXES
+
+INDEX_VERSION = 3  # 3: the suffixes of larvseg.data.io.IMAGE_SUFFIXES (was .jpeg .jpg .png)
 
 
 def default_cache_dir() -> Path:

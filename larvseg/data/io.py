@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -10,6 +11,12 @@ from PIL import Image, UnidentifiedImageError
 
 from larvseg.errors import UserError
 
+if TYPE_CHECKING:
+    from larvseg.config import SourceConfig
+
+# File suffixes (lower case) taken as images wherever folders are listed: dataset image folders, class
+# folders of image-level data, and the folders given to ``larvseg predict``; ``read_image`` decodes all.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 class DataError(UserError, ValueError):
     """Bad input on disk. ``path`` names the file (or folder) at fault."""
@@ -40,6 +47,18 @@ class EmptyDatasetError(DataError):
 
 class DatasetRootError(DataError):
     """A dataset root or sub-folder that does not exist."""
+
+
+def source_root(source: "SourceConfig", data_root: Path, default: str) -> Path:
+    """A source's folder: its ``root`` (or the format's ``default``), relative to ``data_root`` unless absolute."""
+    root = Path(source.root or default).expanduser()
+    return root if root.is_absolute() else data_root / root
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetRootError(path, f"{what} not found (check data.root / the source's root)")
+    return path
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -205,6 +205,13 @@ class MixedLoader:
                 persistent_workers=d.num_workers > 0,
             ))
 
+    def start_at(self, step: int) -> None:
+        """Iterate from ``step`` on (a resumed run); call before iterating. Batches are a function of the
+        step alone, so starting at t gives exactly the batches an uninterrupted run sees from t on."""
+        self.start_step = step
+        for loader in self.loaders:
+            loader.batch_sampler.start = step
+
     def __iter__(self) -> Iterator[StepBatch]:
         iterators = [iter(loader) for loader in self.loaders]
         for step in count(self.start_step):

@@ -4,6 +4,9 @@ Every writer takes a folder and a ``numpy.random.Generator`` and writes real fil
 Pillow, uint8 PNG / uint16 TIFF label maps, ``fall11_whole/<wnid>/*.JPEG`` folders. Label maps are
 blocky (a few rectangles of classes) so random crops see several classes. ``values`` are the *raw*
 on-disk values to draw from. ``make_config`` builds a Config over such a root.
+
+``SyntheticLoader`` skips the files: it makes StepBatches directly, for tests of the training loop
+(including ones launched under torchrun, which cannot import a test module).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image
 
-from larvseg.config import Config, DataConfig, SourceConfig, TrainConfig
+from larvseg.config import IGNORE_INDEX, Config, DataConfig, SourceConfig, TrainConfig
+from larvseg.data.batch import SegBatch, StepBatch, TagBatch
 
 
 def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -132,3 +137,38 @@ def make_config(root: Path, seg: Sequence[SourceConfig] = (), tag: Sequence[Sour
                         eval=eval_source or SourceConfig(name="A847", format="ade847", split="validation"), **data),
         train=TrainConfig(seed=seed),
     )
+
+
+class SyntheticLoader:
+    """StepBatches of one segmentation source "S" (classes 0..3) and one single-tag source "T" (classes
+    3..num_classes-1), random pixel values and labels that are a function of (seed, step) only, sharded
+    by rank like larvseg.data.mixing.MixedLoader (numpy.array_split of each global batch). Sizes come
+    from ``cfg.data`` (seg_batch_size, tag_batch_size) and ``size``; the seed from ``cfg.train.seed``."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, num_classes: int = 6, size: int = 32) -> None:
+        self.cfg, self.rank, self.world, self.num_classes, self.size = cfg, rank, world_size, num_classes, size
+        self.start_step = 0
+
+    def start_at(self, step: int) -> None:
+        self.start_step = step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def batch(self, step: int) -> StepBatch:
+        rng = np.random.default_rng([self.cfg.train.seed, step])
+        n_seg, n_tag, s, k = self.cfg.data.seg_batch_size, self.cfg.data.tag_batch_size, self.size, self.num_classes
+        images = torch.from_numpy(rng.uniform(0, 255, (n_seg, 3, s, s)).astype(np.float32))
+        labels = torch.from_numpy(rng.integers(0, 4, (n_seg, s, s)))
+        labels[:, :4] = IGNORE_INDEX  # some ignored pixels
+        tag_images = torch.from_numpy(rng.uniform(0, 255, (n_tag, 3, s, s)).astype(np.float32))
+        tags = torch.from_numpy(rng.integers(3, k, (n_tag, 1)))
+        mine_seg = torch.from_numpy(np.array_split(np.arange(n_seg), self.world)[self.rank])
+        mine_tag = torch.from_numpy(np.array_split(np.arange(n_tag), self.world)[self.rank])
+        seg = SegBatch("S", images[mine_seg], labels[mine_seg], torch.arange(4), n_seg)
+        tag = TagBatch("T", tag_images[mine_tag], tags[mine_tag], torch.arange(3, k), n_tag,
+                       loss_weight=0.2, cac_weight=0.1, cac_topk=2)
+        return StepBatch(step, [seg], [tag])

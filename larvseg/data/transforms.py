@@ -1,7 +1,10 @@
-"""Training augmentation and evaluation resize (spec section 4), in NumPy/OpenCV.
+"""Training augmentation and evaluation resize, in NumPy/OpenCV.
 
 The training pipeline is MMSegmentation 0.x's: Resize (random ratio of a (long, short) scale, keep
-aspect) -> RandomCrop (cat_max_ratio) -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad.
+aspect) -> RandomCrop (cat_max_ratio) -> RandomFlip -> PhotoMetricDistortion -> Pad. Images leave the
+data layer as RGB pixel values; standardising them with the pixel mean/std is the model's first step
+(larvseg.models.segmenter.Segmenter.preprocess). Padding uses the mean colour, which standardises to 0:
+the same as MMSegmentation's Pad after Normalize.
 Every random choice comes from the ``numpy.random.Generator`` passed in, so a sample's augmentation
 is a function of its seed alone. Labels are only ever resized with nearest-neighbour interpolation and
 stay uint16 (all 16 bits of ADE-847 ids survive).
@@ -14,10 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from larvseg.config import IGNORE_INDEX
-
-MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
-STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+from larvseg.config import IGNORE_INDEX, PIXEL_MEAN
 
 
 def rescale_size(h: int, w: int, long_side: float, short_side: float) -> tuple[int, int]:
@@ -128,17 +128,18 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return apply_photometric(np.ascontiguousarray(image), draw_photometric(rng))
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """RGB (H, W, 3) -> float32 (3, H, W), (x - mean) / std."""
-    return np.ascontiguousarray(((image.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1))
+def to_chw(image: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """RGB (H, W, 3) -> contiguous (3, H, W), the layout the model takes (``dtype``: default unchanged)."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=dtype)
 
 
 def pad_to(image: np.ndarray, label, size: int):
-    """Pad a normalised (3, H, W) image with 0 and its label with IGNORE_INDEX to (size, size)."""
+    """Pad a (3, H, W) image with the pixel mean and its label with IGNORE_INDEX to (size, size)."""
     _, h, w = image.shape
     if h == size and w == size:
         return image, label
-    out = np.zeros((3, size, size), dtype=image.dtype)
+    out = np.empty((3, size, size), dtype=image.dtype)
+    out[:] = np.asarray(PIXEL_MEAN, dtype=image.dtype)[:, None, None]
     out[:, :h, :w] = image
     if label is None:
         return out, None
@@ -156,12 +157,12 @@ class TrainTransform:
     flip_prob: float = 0.5
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
-        """uint8 RGB image (+ uint16 label) -> float32 (3, crop, crop) normalised image (+ uint16
+        """uint8 RGB image (+ uint16 label) -> float32 (3, crop, crop) RGB pixel values (+ uint16
         (crop, crop) label, IGNORE_INDEX in the padding). All randomness comes from ``rng``."""
         image, label = random_rescale(image, label, self.scale, self.ratio_range, rng)
         image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio, rng)
         image, label = random_flip(image, label, rng, self.flip_prob)
-        image = normalize(photometric_distortion(image, rng))
+        image = to_chw(photometric_distortion(image, rng), np.float32)  # float: the padding colour is not integral
         if label is not None:
             label = np.ascontiguousarray(label, dtype=np.uint16)
         return pad_to(image, label, self.crop_size)
@@ -170,15 +171,10 @@ class TrainTransform:
 def eval_resize(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:
     """Resize (bilinear) so the short side is ``short_side`` keeping the ratio, long side <= max_long_side
     (mmseg's test Resize(img_scale=(2048, 512), keep_ratio=True)); ``short_side <= 0`` keeps the image.
-    Returns uint8 RGB: normalisation is the model side's (larvseg.predict.image_to_tensor), so that the
-    same item can also be shown. The label is not resized: predictions are resized back to it and
-    metrics use the original resolution."""
+    Returns uint8 RGB (standardising is the model's ``preprocess``), so that the same item can also be
+    shown. The label is not resized: predictions are resized back to it and metrics use the original
+    resolution."""
     if short_side <= 0:
         return image
     hw = rescale_size(image.shape[0], image.shape[1], max_long_side, short_side)
     return image if hw == image.shape[:2] else resize_image(image, hw)
-
-
-def eval_transform(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:
-    """The whole evaluation transform: :func:`eval_resize`, then normalise -> float32 (3, H', W')."""
-    return normalize(eval_resize(image, short_side, max_long_side))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from larvseg.data.io import EmptyDatasetError, require_dir, source_root
 from larvseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,12 +50,17 @@ def _json(file_name: str) -> dict:
     return json.loads((CLASSLIST_DIR / file_name).read_text())
 
 
+def coco_stuff_classes() -> list[dict]:
+    """COCO-Stuff's 171 classes in train-id order: dicts with raw_id, train_id, name, merged_name."""
+    return sorted(_json("coco_stuff171.json")["classes"], key=lambda c: c["train_id"])
+
+
 def load_class_names(fmt: str) -> list[str]:
     """Class names of a packaged dataset format, in train-id order (COCO-Stuff: merged names)."""
     readers = {
         "ade150": lambda: list(_json("ade150.json")["classes"]),
         "ade847": lambda: [c["short_name"] for c in sorted(_json("ade847.json")["classes"], key=lambda c: c["train_id"])],
-        "coco171": lambda: [c["merged_name"] for c in sorted(_json("coco_stuff171.json")["classes"], key=lambda c: c["train_id"])],
+        "coco171": lambda: [c["merged_name"] for c in coco_stuff_classes()],
     }
     if fmt not in readers:
         raise VocabularyError(f"no packaged class list for format {fmt!r}; packaged: {sorted(readers)}")
@@ -191,11 +197,71 @@ class Vocabulary:
         return f"Vocabulary({len(self)} classes)"
 
 
-def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
-    """A source's own class list, without listing its images (cheap even for ImageNet-21K)."""
-    from larvseg.data.datasets import class_names_of  # the format's knowledge lives with its dataset
+class UnknownClassError(UserError, KeyError):
+    """A class name asked for (``--classes``, ``classes=``, ``eval.classes``) that is not among the classes at hand."""
 
-    return class_names_of(source, data_root)
+    hint = "check the spelling; the checkpoint's classes are listed in classes.json of any predict output"
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
+                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
+    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
+    comma-separated string, or a file with one name per line. Names match after normalisation (case,
+    '-', '_', spaces); an unknown name is an UnknownClassError that says it is not in ``what``."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        path = Path(classes)
+        if path.is_file():
+            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            wanted = [c.strip() for c in classes.split(",") if c.strip()]
+    else:
+        wanted = list(classes)
+    if not wanted:
+        raise UnknownClassError(f"no class names in {classes!r}")
+    index = {normalize_name(n): i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if normalize_name(w) not in index]
+    if unknown:
+        raise UnknownClassError(f"classes not in {what} of {len(names)}: {unknown[:10]}")
+    return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
+
+
+def custom_seg_names(source: "SourceConfig", data_root: Path) -> list[str]:
+    root = source_root(source, data_root, "")
+    return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")
+
+
+def custom_tag_names(source: "SourceConfig", data_root: Path) -> list[str]:
+    if source.classes:
+        return read_class_file(Path(source.classes).expanduser())
+    root = require_dir(source_root(source, data_root, ""), "image-level folder")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise EmptyDatasetError(root, "no class folders")
+    return names
+
+
+# The class list of each source format, without listing its images (cheap even for ImageNet-21K).
+# The same keys as larvseg.data.datasets.DATASET_BUILDERS (tests/test_data_datasets.py checks it).
+CLASS_NAMES: dict[str, Callable[["SourceConfig", Path], list[str]]] = {
+    "ade150": lambda s, r: load_class_names("ade150"),
+    "ade847": lambda s, r: load_class_names("ade847"),
+    "coco171": lambda s, r: load_class_names("coco171"),
+    "imagenet": lambda s, r: imagenet_names(s.classes),
+    "custom_seg": custom_seg_names,
+    "custom_tags": custom_tag_names,
+}
+
+
+def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
+    """A source's own class list, in its train-id order."""
+    if source.format not in CLASS_NAMES:
+        raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(CLASS_NAMES)}")
+    return CLASS_NAMES[source.format](source, data_root)
 
 
 def build_vocabulary(cfg: "Config") -> Vocabulary:

@@ -30,7 +30,7 @@ from larvseg.config import IGNORE_INDEX
 from larvseg.models.attentive_classifier import BackgroundRule, attention_scores
 from larvseg.models.cosine_classifier import standardize
 from larvseg.models.memory_bank import MemoryBank
-from larvseg.data.transforms import normalize
+from larvseg.data.transforms import to_chw
 
 
 @dataclass
@@ -82,10 +82,10 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
     scores, banks, atts, labels = [], [], [], []
     for i in range(len(dataset)):
         item = dataset.load(i)
-        image = torch.from_numpy(normalize(np.asarray(item["image"])))[None]
+        image = segmenter.preprocess(torch.from_numpy(to_chw(np.asarray(item["image"]))))[None]
         h, w = image.shape[-2:]
-        image = F.pad(image, (0, -w % patch, 0, -h % patch))
-        out = segmenter(image, class_ids)
+        image = F.pad(image, (0, -w % patch, 0, -h % patch))  # after standardising: pads with the mean colour
+        out = segmenter.classifier(segmenter.backbone(image), class_ids)
         gh, gw = out.scores.shape[-2:]
         lab = _patch_labels(np.asarray(item["label"]), (h, w), (gh, gw), patch).reshape(-1)
         keep = lab != IGNORE_INDEX

@@ -8,7 +8,8 @@
    ImageNet-21K), written as an AugReg ``.npz`` under ``<out>/pretrain``;
 3. for every seed, train three variants from that ``.npz`` (``model.pretrained=``) with the real training
    loop (config ``demo``): segmentation only, the baseline image-level loss (CAC off), LarvSeg (CAC on);
-4. evaluate each with the real data layer and inference on the A847-style set, plus feature-resolution
+4. evaluate each with ``larvseg.eval.evaluate.evaluate`` (the code of ``larvseg eval``) on the
+   A847-style set, plus feature-resolution
    diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of bank, classifier and attention scores;
    base patches predicted as novel);
 5. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
@@ -21,9 +22,9 @@ other: 9.5x slower than 1 thread on the shared development VM), while a 1-thread
 by the share of CPU it loses. Each run is deterministic whatever the number of jobs (its seed and
 config alone fix it).
 
-Evaluation restricts the prediction to the benchmark's 14 classes. Ours, for the demo: the eval set is
-ADE-847-formatted (847 classes), but only 14 of them have any training data here (in the paper every
-ADE-847 class has image-level data through A847w), and the other 833 classifier rows stay at their
+Evaluation is restricted to the benchmark's classes (``evaluate(..., classes=...)``): the eval set is
+ADE-847-formatted (847 classes), but only the benchmark's have any training data here (in the paper
+every ADE-847 class has image-level data through A847w), and the other classifier rows stay at their
 random initialisation; scoring them would measure noise. Metrics are the MMSegmentation convention of
 larvseg.eval.confusion.
 """
@@ -31,6 +32,7 @@ larvseg.eval.confusion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -42,11 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from larvseg import distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
 from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.report import PanelRow, PretrainSummary, RunResult, write_report
-from larvseg.train.checkpoint import FINAL_WEIGHTS
+from larvseg.eval.evaluate import evaluate
+from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.models.vit import VisionTransformer
+from larvseg.train.checkpoint import FINAL_WEIGHTS, load_checkpoint
+from larvseg.train.loop import build, train
 
 # name -> config overrides of the variant (on top of the ``demo`` config)
 VARIANTS: dict[str, list[str]] = {
@@ -54,7 +62,6 @@ VARIANTS: dict[str, list[str]] = {
     "baseline (CAC off)": ["model.cac=false"],
     "LarvSeg (CAC)": ["model.cac=true"],
 }
-VARIANT_ROLES = ("segmentation only", "baseline (CAC off)", "LarvSeg (CAC)")  # (seg-only, baseline, LarvSeg)
 
 
 @dataclass(frozen=True)
@@ -140,52 +147,53 @@ def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
     )
 
 
-def train_variant(cfg: Config) -> torch.nn.Module:
-    """Train with the real loop (from scratch) and return the final model, loaded from its exported weights."""
-    from larvseg.predict import segmenter_from_checkpoint
-    from larvseg.train.checkpoint import FINAL_WEIGHTS, load_checkpoint
-    from larvseg.train.loop import train
-
-    work_dir = train(cfg, resume="none")
+def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
+    """Train with the real loop (from scratch) and return the final model, loaded from its exported
+    weights, with the run's vocabulary."""
+    vocab, segmenter, loader = build(cfg, distributed.init_from_env(cfg.train.device))
+    work_dir = train(cfg, vocab, segmenter, loader, resume="none")
     segmenter, _names, _cfg = segmenter_from_checkpoint(load_checkpoint(Path(work_dir) / FINAL_WEIGHTS), "cpu")
-    return segmenter
-@torch.no_grad()
-def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab, panel_images: int) -> tuple[dict, list[PanelRow]]:
-    """mIoU (all / base / novel) over the benchmark's classes, and the panel rows of the first images."""
-    from larvseg.data.mixing import build_eval_dataset
-    from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
-    from larvseg.models.inference import segment_image
-    from larvseg.predict import image_to_tensor
+    return segmenter, vocab
 
-    union_ids = np.array([vocab.index(c.name) for c in DEMO_CLASSES], dtype=np.int64)
-    base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
+
+def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab: Vocabulary, panel_images: int) -> tuple[dict, list[PanelRow]]:
+    """mIoU (all / base / novel) over the benchmark's classes, per-class IoU in DEMO_CLASSES order, and
+    the panel rows of the first images (labels and predictions as indices into DEMO_CLASSES)."""
+    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES)))
+    results = evaluate(restricted, segmenter, vocab, keep_predictions=panel_images, verbose=False)
+    rows = {r["union_id"]: r for r in results["per_class"]}
+    union_ids = vocab.ids([c.name for c in DEMO_CLASSES])
+    roles = [("base" if rows[u]["base"] else "novel") for u in union_ids]
+    if roles != [c.role for c in DEMO_CLASSES]:  # the config's seg sources decide base/novel in evaluate
+        raise RuntimeError(f"base/novel split of the evaluation {roles} differs from the benchmark's")
     to_demo = np.full(len(vocab) + 1, -1, dtype=np.int64)  # union id -> demo class index (-1: none)
     to_demo[union_ids] = np.arange(len(DEMO_CLASSES))
-    dataset = build_eval_dataset(cfg, vocab)
-    acc = ConfusionAccumulator(union_ids)
-    class_ids = torch.from_numpy(union_ids)
-    rows: list[PanelRow] = []
-    segmenter.eval()
-    for i in range(len(dataset)):
-        item = dataset.load(i)
-        label = torch.from_numpy(np.asarray(item["label"]).astype(np.int64))
-        pred = segment_image(segmenter, image_to_tensor(item["image"]), class_ids=class_ids, mode=cfg.eval.mode,
-                             crop_size=cfg.eval.crop_size, stride=cfg.eval.stride, out_size=tuple(label.shape),
-                             amp="off")
-        acc.update(pred, label)
-        if i < panel_images:
-            lab = label.numpy()
-            shown = np.where(lab == IGNORE_INDEX, -1, to_demo[np.minimum(lab, len(vocab))])
-            rows.append(PanelRow(Path(str(item.get("path", i))).stem, np.asarray(item["image"]), shown,
-                                 {"": to_demo[pred.numpy()]}))
-    return compute_metrics(acc.matrix, base_mask, "mmseg"), rows
+    panel = []
+    for item in results.get("predictions", []):
+        lab = item["label"]
+        shown = np.where(lab == IGNORE_INDEX, -1, to_demo[np.minimum(lab, len(vocab))])
+        panel.append(PanelRow(Path(item["path"]).stem, item["image"], shown, {"": to_demo[item["prediction"]]}))
+    metrics = {k: results[k] for k in ("mIoU", "mIoU_base", "mIoU_novel")}
+    metrics["IoU"] = [rows[u]["IoU"] for u in union_ids]
+    return metrics, panel
+
+
+def describe_model(cfg: Config, segmenter: torch.nn.Module) -> str:
+    """The report's model line, from the config and the model actually trained."""
+    backbone: VisionTransformer = segmenter.backbone
+    init = (f"initialised from `{cfg.model.pretrained}` (`model.pretrained={Path(cfg.model.pretrained).name}`, "
+            "loaded by the AugReg loader)" if cfg.model.pretrained else
+            "**random initialisation**: no pretrained weights are used, so absolute numbers are far below "
+            "what a pretrained backbone gives")
+    return (f"{cfg.model.arch} (ViT, {backbone.embed_dim}-d, {len(backbone.blocks)} blocks, patch "
+            f"{backbone.patch_size}) with the cosine classifier, {init}")
 
 
 def trained_bank(cfg: Config):
     """The CAC memory bank at the end of training (in the last training checkpoint; the exported weights
     leave it out), or None for a run without the CAC."""
     from larvseg.models.memory_bank import MemoryBank
-    from larvseg.train.checkpoint import latest_checkpoint, load_checkpoint
+    from larvseg.train.checkpoint import latest_checkpoint
 
     if not cfg.model.cac:
         return None
@@ -219,15 +227,13 @@ def _init_worker(threads: int) -> None:
 def run_job(job: Job) -> JobOutput:
     """Train, evaluate and diagnose one (variant, seed); runs in a worker process."""
     from larvseg.data.mixing import build_eval_dataset
-    from larvseg.data.vocabulary import build_vocabulary
     from larvseg.demo.diagnostics import feature_diagnostics
     from larvseg.models.attentive_classifier import BackgroundRule
 
     cfg = job.cfg
     t0 = time.perf_counter()
-    segmenter = train_variant(cfg)
+    segmenter, vocab = train_variant(cfg)
     t1 = time.perf_counter()
-    vocab = build_vocabulary(cfg)
     metrics, rows = evaluate_variant(cfg, segmenter, vocab, job.panel_images)
     union_ids = np.array([vocab.index(c.name) for c in DEMO_CLASSES], dtype=np.int64)
     base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
@@ -315,12 +321,14 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                       f"I22K-style folders for all {len(DEMO_CLASSES)} synsets, the only data of the "
                       f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
                       "A847-style 16-bit masks for all classes)"),
-        "model": (f"{cfg.model.arch} (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, initialised from "
-                  f"the stage-0 backbone (`model.pretrained={npz.name}`, loaded by the AugReg loader)"),
+        # the model line from the config and the model actually trained (the last run's exported weights)
+        "model": describe_model(cfg, segmenter_from_checkpoint(
+            load_checkpoint(Path(cfg.work_dir()) / FINAL_WEIGHTS), "cpu")[0]),
         "training": (f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
                      f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"),
-        "evaluation": ("whole-image inference restricted to the benchmark's 14 classes (the other 833 ADE-847 "
-                       "classes have no training data in the demo); mIoU in the MMSegmentation convention"),
+        "evaluation": (f"`larvseg eval`'s code, {cfg.eval.mode} inference, restricted to the benchmark's "
+                       f"{len(DEMO_CLASSES)} classes (the other classes of the {cfg.data.eval.name}-style set have no "
+                       "training data in the demo); mIoU in the MMSegmentation convention"),
         "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
         "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
                       f"parallel process(es) of {THREADS_PER_RUN} thread each"),
@@ -329,12 +337,12 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
             for variant in VARIANTS),
         # predict defaults to the classes with training data (the benchmark's 14)
         "predict with LarvSeg (from the folder the demo ran in)": (
-            f"`larvseg predict {run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS} {layout.eval_images} "
+            f"`larvseg predict {run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS} {layout.eval_images} "
             f"--out {out / 'predictions'}`"),
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, VARIANT_ROLES, pretraining=pre, diagnostics=diagnostics)
+                        setup, tuple(VARIANTS), pretraining=pre, diagnostics=diagnostics)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -349,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs)
     _say(f"report: {report.resolve()}")
-    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, VARIANT_ROLES[2]) / FINAL_WEIGHTS).resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS).resolve()}")
     return 0
 
 

@@ -14,7 +14,7 @@ vocabulary), and :func:`compute_metrics` refuses a matrix where it is not.
 
 Metric conventions (IoU and Acc per class, then means):
 
-* ``mmseg`` (MMSegmentation 0.x, what the paper reports; spec section 4): IoU = TP / (GT + Pred - TP)
+* ``mmseg`` (MMSegmentation 0.x, what the paper reports; docs/METHOD.md section 5): IoU = TP / (GT + Pred - TP)
   accumulated over the whole set; a class with union 0 is NaN and left out of the mean, so a class
   predicted somewhere but absent from the ground truth counts as IoU 0. Acc = TP / GT, NaN where GT = 0.
 * ``detectron2``: every class absent from the ground truth is left out (IoU and Acc NaN), even if it

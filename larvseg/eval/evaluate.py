@@ -37,15 +37,21 @@ import torch
 from tqdm import tqdm
 
 from larvseg import distributed
-from larvseg.config import Config, load_config
+from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.io import DataError
+from larvseg.data.mixing import build_eval_dataset
+from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
+from larvseg.data.transforms import to_chw
+from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, resolve_classes
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
-from larvseg.predict import image_to_tensor, resolve_classes, segmenter_from_checkpoint
+from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.train.checkpoint import load_checkpoint
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
 GROUPS = ("", "_base", "_novel")
+OVERLAY_IMAGES = 3  # evaluation images drawn as overlays for TensorBoard
 
 
 class _EvalItems(torch.utils.data.Dataset):
@@ -68,7 +74,7 @@ class _EvalItems(torch.utils.data.Dataset):
         if item.get("label") is None:
             raise ValueError(f"{item.get('path', self.indices[k])}: evaluation image without a label map")
         label = torch.from_numpy(np.asarray(item["label"]).astype(np.int64))
-        return image_to_tensor(item["image"]), label, str(item.get("path", ""))
+        return torch.from_numpy(to_chw(item["image"])), label, str(item.get("path", ""))
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
@@ -84,8 +90,6 @@ def _model_class_ids(eval_ids: np.ndarray, num_model_classes: int) -> np.ndarray
 
 def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
     """Union ids of the evaluation classes and their base mask, restricted to ``eval.classes`` when set."""
-    from larvseg.data.vocabulary import base_novel_split
-
     eval_ids, base_mask = base_novel_split(vocab, cfg)
     eval_ids = np.asarray(eval_ids, dtype=np.int64)
     if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
@@ -96,17 +100,19 @@ def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
-             max_images: int = 0) -> dict[str, Any]:
+             max_images: int = 0, keep_predictions: int = 0, verbose: bool = True) -> dict[str, Any]:
     """Evaluate ``segmenter`` (on its device) on ``cfg.data.eval``; call on every rank.
 
     Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
     ``_base`` / ``_novel``, the same under ``detectron2/``), ``num_images`` and ``per_class`` (a list of
     dicts: class, union_id, base, IoU, Acc, detectron2_IoU, gt_pixels, pred_pixels; NaN = left out).
-    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only. With
-    ``out_dir``, rank 0 prints the table and writes JSON, CSV and the matrix there.
+    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only.
+    ``cfg.eval.classes`` restricts prediction and metrics to these evaluation classes; ground-truth pixels
+    of the other classes then count as unlabeled. ``keep_predictions`` > 0 also returns, under
+    ``predictions``, this rank's first ``keep_predictions`` items as dicts (path, image uint8 HxWx3,
+    label and prediction as int64 union ids). Rank 0 shows progress and prints the table unless
+    ``verbose`` is False; with ``out_dir`` it writes JSON, CSV and the matrix there.
     """
-    from larvseg.data.mixing import build_eval_dataset
-
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
     eval_ids, base_mask = scored_classes(cfg, vocab)
@@ -120,20 +126,27 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     num_model_classes = getattr(segmenter, "num_classes", len(vocab))
     class_ids = torch.from_numpy(_model_class_ids(eval_ids, num_model_classes)).to(device)
     acc = ConfusionAccumulator(eval_ids, device=device)
+    restrict = torch.from_numpy(eval_ids).to(device) if cfg.eval.classes else None
+    kept: list[dict[str, Any]] = []
     was_training = segmenter.training
     segmenter.eval()
     start = time.perf_counter()
-    e = cfg.eval
     skipped: list[str] = []
     for image, label, path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
-                                   disable=not distributed.is_main_process()):
+                                   disable=not (verbose and distributed.is_main_process())):
         if image is None:  # unreadable, data.eval.skip_bad
             skipped.append(path)
             print(f"warning: skipped an evaluation image (data.eval.skip_bad): {path}", file=sys.stderr, flush=True)
             continue
-        pred = segment_image(segmenter, image.to(device, non_blocking=True), class_ids=class_ids, mode=e.mode,
-                             crop_size=e.crop_size, stride=e.stride, out_size=tuple(label.shape[-2:]), amp=e.amp)
-        acc.update(pred, label.to(device, non_blocking=True))
+        pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
+                             out_size=tuple(label.shape[-2:]))
+        label = label.to(device, non_blocking=True)
+        if restrict is not None:  # pixels of the classes left out count as unlabeled
+            label = torch.where(torch.isin(label, restrict), label, IGNORE_INDEX)
+        acc.update(pred, label)
+        if len(kept) < keep_predictions:
+            kept.append({"path": path, "image": image.permute(1, 2, 0).numpy(), "label": label.cpu().numpy(),
+                         "prediction": pred.cpu().numpy()})
     segmenter.train(was_training)
     matrix = acc.reduce().cpu()
     num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)).item())
@@ -143,11 +156,37 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     results["num_images"] = n - num_skipped
     results["skipped_images"] = num_skipped
     results["seconds"] = time.perf_counter() - start
+    if keep_predictions:
+        results["predictions"] = kept
     if distributed.is_main_process():
-        print(format_table(results), flush=True)
+        if verbose:
+            print(format_table(results), flush=True)
         if out_dir is not None:
             save_results(results, matrix, Path(out_dir))
     return results
+
+
+def eval_overlays(cfg: Config, segmenter: torch.nn.Module, vocab: Any,
+                  count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
+    """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
+    evaluation images, predicted over the evaluation classes as ``larvseg eval`` does."""
+    dataset = build_eval_dataset(cfg, vocab)
+    eval_ids, _ = scored_classes(cfg, vocab)
+    eval_ids = _model_class_ids(eval_ids, segmenter.num_classes)  # as larvseg eval predicts
+    device = next(segmenter.parameters()).device
+    class_ids = torch.as_tensor(eval_ids, device=device)
+    names = list(vocab.names)
+    colours = palette(len(names))
+    was_training = segmenter.training
+    segmenter.eval()
+    overlays = []
+    with torch.no_grad():
+        for i in range(min(count, len(dataset))):
+            image = np.asarray(dataset.load(i)["image"])
+            labels = segment_image(segmenter, torch.from_numpy(to_chw(image)), cfg.eval, class_ids=class_ids).cpu().numpy()
+            overlays.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
+    segmenter.train(was_training)
+    return overlays
 
 
 def summarise(matrix: torch.Tensor, eval_ids: np.ndarray, base_mask: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -223,9 +262,6 @@ def save_results(results: dict[str, Any], matrix: torch.Tensor, out_dir: Path) -
 
 
 def main(args: argparse.Namespace) -> int:
-    from larvseg.data.vocabulary import Vocabulary, build_vocabulary
-    from larvseg.train.checkpoint import load_checkpoint
-
     unsupported = [m for m in args.metrics if m not in SUPPORTED_METRICS]
     if unsupported:
         raise SystemExit(f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}")
@@ -245,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
         results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
-            from larvseg.train.tensorboard import eval_overlays, log_evaluation
+            from larvseg.train.tensorboard import log_evaluation
 
             log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")

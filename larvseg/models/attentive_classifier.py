@@ -1,4 +1,4 @@
-"""Category-wise Attentive Classifier (CAC, spec section 3), vectorised over the images of a batch.
+"""Category-wise Attentive Classifier (CAC, docs/METHOD.md section 3), vectorised over the images of a batch.
 
 For every (image b, tag l) pair, with p the image's detached, L2-normalised pixel features and q̄_c the
 mean of class c's bank features (= mean over its M*K stored pixels, see memory_bank.py):
@@ -21,7 +21,7 @@ One batch may mix both kinds of pair (tag-source crops with one or several class
 rule is a masked tensor op over all pairs, the top-k rule runs batched on the rows of the single-tag
 images (index selection), and neither loops over images or tags.
 
-Our choices, where the spec leaves room or we differ:
+Our choices, where the method leaves room or we differ from the original:
 - "Attend before enqueue" holds at *batch* granularity: all attentions of a step (every tag source)
   use the bank as it was at the start of the step; all pairs are enqueued afterwards (the original
   enqueues image by image, so a later image of the same step could already see an earlier one).
@@ -137,7 +137,7 @@ def candidates(scores: Tensor, rule: BackgroundRule) -> Tensor:
 
 def bank_entries(features: Tensor, scores: Tensor, img: Tensor, tag_sub: Tensor, topk: int) -> Tensor:
     """(P, D) mean of p over the K pixels with the highest raw score s(., l) of each pair."""
-    k = min(topk, scores.shape[-1])
+    k = min(int(topk), scores.shape[-1])
     idx = scores[img, tag_sub].topk(k, dim=-1).indices  # (P, K)
     return features.transpose(1, 2)[img[:, None], idx].mean(1)  # (P, K, D) picked rows -> (P, D)
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from larvseg.atomic import atomic_write
+from larvseg.models.hub import HF_HUB_PREFIX, CheckpointLoadError, resolve_hf_hub
 from larvseg.models.vit import VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 # classification head of the ImageNet fine-tune (AugReg '/' keys, timm '.' keys)
 EXPECTED_UNUSED_PREFIXES = ("head/", "pre_logits/", "head.", "fc_norm.", "pre_logits.")
 TIMM_RENAMES = {"patch_embed.proj.": "patch_embed."}  # timm name prefix -> ours
-
-
-class CheckpointLoadError(RuntimeError):
-    """A pretrained file that cannot be read or does not fit the backbone; the message names the file."""
 
 
 @dataclass
@@ -217,8 +214,6 @@ def _timm_to_ours(name: str) -> str:
 def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
     """Dispatch on the name: ``hf-hub:<repo>`` (timm weights from the Hugging Face Hub cache, downloaded when
     online), AugReg ``.npz``, or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict (ours or timm's)."""
-    from larvseg.models.hub import HF_HUB_PREFIX, resolve_hf_hub
-
     if str(path).startswith(HF_HUB_PREFIX):
         path = resolve_hf_hub(str(path))
     suffix = Path(path).suffix

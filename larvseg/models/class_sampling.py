@@ -1,11 +1,11 @@
-"""Per-step class subsets for large vocabularies (spec section 2, "Class sampling").
+"""Per-step class subsets for large vocabularies (docs/METHOD.md, section 2, "Class sampling").
 
 Each step and source the classifier scores the classes present in the *global* batch (all ranks) plus
 ``num_sampled`` random classes of the source's vocabulary, and labels/tags are remapped to subset
 indices. The random draw uses a torch Generator seeded from (seed, step, source index) only, so every
 rank (and any number of processes) uses the same subset.
 
-Our choices (spec: "100 randomly chosen classes of the source's vocabulary ∪ the classes present"):
+Our choices (the method: 100 randomly chosen classes of the source's vocabulary ∪ the classes present):
 - the random classes are drawn from the source's vocabulary *minus* the present classes, so the subset
   always has exactly |present| + min(num_sampled, |pool \\ present|) classes (a stable size; the
   difference to drawing from the whole pool is at most a few classes per step);

@@ -1,4 +1,4 @@
-"""Cosine classifier over a vocabulary of any size (spec section 1, "Head").
+"""Cosine classifier over a vocabulary of any size (docs/METHOD.md, section 1, "Head").
 
     p = normalize(x W_p)            per pixel, (B, hw, D)
     c = normalize(E[ids] W_c)       per class of the current subset, (N, D)

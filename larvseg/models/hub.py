@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from larvseg.models.augreg import CheckpointLoadError
+
+class CheckpointLoadError(RuntimeError):
+    """A pretrained file that cannot be read or does not fit the backbone; the message names the file."""
+
 
 HF_HUB_PREFIX = "hf-hub:"
 AUGREG_HUB_NAME = "hf-hub:timm/vit_base_patch16_384.augreg_in21k_ft_in1k"

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from larvseg.config import EvalConfig, check_amp
 from larvseg.models.bilinear import bilinear_resize_hwc
 from larvseg.models.cosine_classifier import STANDARDIZE_EPS
 
@@ -56,8 +57,7 @@ def autocast_context(amp: str, device: torch.device):
     "auto" stays off on CPU: on this project's CPU (2-vCPU Xeon with avx512_bf16 but no AMX) bf16
     autocast made a ViT-B/16 forward at 512x512 *slower* (0.58x the images/s of float32;
     benchmarks/bench_inference.py, docs/PERFORMANCE.md). Ask for "bf16" explicitly on a CPU with AMX."""
-    if amp not in ("off", "bf16", "auto"):
-        raise ValueError(f"amp must be off, bf16 or auto, got {amp!r}")
+    check_amp(amp)
     use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if not use:
         return contextlib.nullcontext()
@@ -216,7 +216,7 @@ def segment_image_detailed(
     if mode not in modes:
         raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
     device = next(segmenter.parameters()).device
-    image = image.to(device, torch.float32)
+    image = segmenter.preprocess(image.to(device))  # before windowing: padding is 0 = the mean colour
     hh, ww = image.shape[-2:]
     out_hw = tuple(out_size) if out_size is not None else (hh, ww)
     classes = (
@@ -267,24 +267,24 @@ def segment_image_detailed(
 def segment_image(
     segmenter,
     image: Tensor,
+    eval_cfg: EvalConfig | None = None,
     *,
     class_ids: Tensor | None = None,
-    mode: str = "slide",
-    crop_size: int = 512,
-    stride: int = 512,
     out_size: tuple[int, int] | None = None,
-    amp: str = "off",
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
-    """Predicted union class ids (H_out, W_out) int64 for a normalised (3, H, W) image.
+    """Predicted union class ids (H_out, W_out) int64 for an RGB (3, H, W) image (pixel values 0..255,
+    uint8 or float; the segmenter's ``preprocess`` standardises them).
 
-    ``class_ids`` restricts the prediction (and the classifier's standardisation, as in training with a
-    class subset) to these union ids. ``mode``: "slide" (MMSegmentation semantics) or "whole".
-    ``out_size``: output size (default: the image size). ``amp``: see ``autocast_context``.
-    ``progress(done, total)`` is called after each window's backbone pass (progress bars for large images).
+    ``eval_cfg`` (default ``EvalConfig()``) gives ``mode`` ("slide", MMSegmentation semantics, or
+    "whole"), ``crop_size``, ``stride`` and ``amp`` (see ``autocast_context``). ``class_ids`` restricts
+    the prediction (and the classifier's standardisation, as in training with a class subset) to these
+    union ids. ``out_size``: output size (default: the image size). ``progress(done, total)`` is called
+    after each window's backbone pass (progress bars for large images).
     """
+    e = eval_cfg or EvalConfig()
     pred, _ = segment_image_detailed(
-        segmenter, image, class_ids=class_ids, mode=mode, crop_size=crop_size, stride=stride,
-        out_size=out_size, amp=amp, progress=progress,
+        segmenter, image, class_ids=class_ids, mode=e.mode, crop_size=e.crop_size, stride=e.stride,
+        out_size=out_size, amp=e.amp, progress=progress,
     )
     return pred

@@ -1,4 +1,4 @@
-"""Losses of the baseline (spec section 2). They return *sums*; the objective divides by global counts.
+"""Losses of the baseline (docs/METHOD.md, section 2). They return *sums*; the objective divides by global counts.
 
 - pixel CE: logits bilinearly resized to 1/loss_downsample of the label resolution, labels nearest-resized;
   summed over all pixels (ignored ones contribute 0) -> divide by global_images * Hl * Wl. Computed in

@@ -1,4 +1,4 @@
-"""Per-class FIFO memory bank of the CAC (spec section 3), storing per-slot MEAN features.
+"""Per-class FIFO memory bank of the CAC (docs/METHOD.md, section 3), storing per-slot MEAN features.
 
 The original keeps, per class, M slots x K features (the K top-scoring pixels of one image tagged with
 the class) and scores a pixel by the mean of its dot products with all M*K features. Since

@@ -1,12 +1,19 @@
-"""The LarvSeg segmenter: ViT backbone + cosine classifier (no decoder) + the CAC memory bank."""
+"""The LarvSeg segmenter: ViT backbone + cosine classifier (no decoder) + the CAC memory bank.
+
+``build_segmenter`` makes one from a model config (for training); ``segmenter_from_checkpoint`` makes
+one from a loaded checkpoint (for evaluation, prediction and the demo).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from larvseg.config import ModelConfig
+from larvseg.config import PIXEL_MEAN, PIXEL_STD, Config, ModelConfig, config_from_dict
 from larvseg.models.augreg import load_pretrained
 from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
@@ -15,22 +22,42 @@ from larvseg.models.vit import VisionTransformer, build_vit
 log = logging.getLogger(__name__)
 
 
+def register_pixel_stats(module: nn.Module) -> None:
+    """Give ``module`` the method's pixel mean/std as buffers (``pixel_mean``, ``pixel_std``), not
+    persistent: constants of the method, not learned, and checkpoints stay as they were."""
+    module.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
+    module.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
+
+
+def standardize_pixels(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """RGB pixel values (..., 3, H, W), uint8 or float in 0..255 -> float32 (x - mean) / std."""
+    return (images.to(mean.device, torch.float32) - mean) / std
+
+
 class Segmenter(nn.Module):
+    """Takes RGB pixel values (0..255, any dtype) and standardises them itself (``preprocess``), so
+    every caller (training, evaluation, prediction) hands it the same thing: images as decoded."""
+
     def __init__(self, backbone: VisionTransformer, classifier: CosineClassifier, bank: MemoryBank | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
         self.bank = bank
+        register_pixel_stats(self)
 
     @property
     def num_classes(self) -> int:
         return self.classifier.num_classes
 
+    def preprocess(self, images: Tensor) -> Tensor:
+        """RGB pixel values (..., 3, H, W), uint8 or float in 0..255 -> float32 (x - mean) / std."""
+        return standardize_pixels(images, self.pixel_mean, self.pixel_std)
+
     def forward(self, images: Tensor, class_ids: Tensor | None = None) -> ClassifierOutput:
-        """images (B, 3, H, W) normalised, H and W multiples of 16; class_ids (N,) union ids or None = all.
+        """images (B, 3, H, W) RGB pixel values, H and W multiples of 16; class_ids (N,) union ids or None = all.
 
         Returns logits (B, N, H/16, W/16), raw scores (detached) and L2-normalised features (detached)."""
-        return self.classifier(self.backbone(images), class_ids)
+        return self.classifier(self.backbone(self.preprocess(images)), class_ids)
 
 
 def build_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
@@ -42,3 +69,42 @@ def build_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
     classifier = CosineClassifier(num_classes, backbone.embed_dim)
     bank = MemoryBank(num_classes, model_cfg.memory_bank_size, backbone.embed_dim) if model_cfg.cac else None
     return Segmenter(backbone, classifier, bank)
+
+
+def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The segmenter's weights from a checkpoint's 'model' entry, without the CAC memory bank.
+
+    Accepts a Segmenter state dict, or one of a wrapper (DDP ``module.``, TrainingObjective
+    ``segmenter.``). The bank only matters for training; dropping it saves 1.3 GB at 21K classes.
+    """
+    for prefix in ("module.", "segmenter."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("bank.")}
+
+
+def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
+                              model_cfg: ModelConfig | None = None) -> tuple[Segmenter, list[str], Config]:
+    """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
+
+    Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
+    The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is
+    not re-initialised from ``model.pretrained`` (the checkpoint holds every weight) and no memory bank
+    is built.
+    """
+    for key in ("model", "vocab"):
+        if key not in ckpt:
+            raise KeyError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)})")
+    names = [str(n) for n in ckpt["vocab"]]
+    cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
+    model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
+    segmenter = build_segmenter(model_cfg, len(names))
+    state = _segmenter_state(ckpt["model"])
+    missing, unexpected = segmenter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return segmenter.to(device).eval(), names, cfg

@@ -153,14 +153,6 @@ VIT_BUILDERS: dict[str, Callable[..., VisionTransformer]] = {
     "vit_base": partial(VisionTransformer, 768, 12, 12),
     "vit_mini": partial(VisionTransformer, 192, 4, 3),  # vit_tiny with 4 blocks: `larvseg demo` on 2 CPU cores
 }
-_DIMS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_mini": 192}
-
-
-def vit_dim(arch: str) -> int:
-    """Feature dimension D of a ``VIT_BUILDERS`` architecture, without building it."""
-    if arch not in _DIMS:
-        raise KeyError(f"unknown ViT arch {arch!r}; choose one of {sorted(VIT_BUILDERS)}")
-    return _DIMS[arch]
 
 
 def build_vit(arch: str, drop_path: float = 0.0, pos_grid: int = DEFAULT_POS_GRID) -> VisionTransformer:

@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,12 @@ from larvseg import distributed
 from larvseg.config import Config, dump_config, load_config
 from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
-from larvseg.data.vocabulary import build_vocabulary
+from larvseg.data.vocabulary import Vocabulary, build_vocabulary
 from larvseg.demo.benchmark import ensure_smoke_data
-from larvseg.eval.evaluate import evaluate
+from larvseg.eval.evaluate import eval_overlays, evaluate
 from larvseg.models.inference import autocast_context
 from larvseg.models.objective import TrainingObjective
-from larvseg.models.segmenter import build_segmenter
+from larvseg.models.segmenter import Segmenter, build_segmenter
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     FINAL_WEIGHTS,
@@ -60,7 +61,6 @@ from larvseg.train.checkpoint import (
     update_latest_link,
 )
 from larvseg.train.logger import MetricLogger
-from larvseg.train.tensorboard import eval_overlays
 from larvseg.train.schedule import poly_lr, set_lr
 
 
@@ -105,6 +105,19 @@ def data_parallel(objective: torch.nn.Module, device: torch.device) -> Distribut
         )
 
 
+def build(cfg: Config, device: torch.device) -> tuple[Vocabulary, Segmenter, MixedLoader]:
+    """What ``train`` is handed for ``cfg``: the union vocabulary, a fresh segmenter (seeded, so every
+    rank builds the same initial weights) and this rank's loader of the mixed per-step batches."""
+    if distributed.is_main_process():
+        ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): a generated benchmark, before any listing
+    distributed.barrier()
+    seed_everything(cfg.train.seed)
+    vocab = build_vocabulary(cfg)
+    segmenter = build_segmenter(cfg.model, len(vocab))
+    loader = MixedLoader(cfg, vocab, distributed.rank(), distributed.world_size(), pin_memory=device.type == "cuda")
+    return vocab, segmenter, loader
+
+
 def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
     """Set ``seen[c]`` for every union class with a labelled pixel or a tag in ``batch`` (vectorised)."""
     n = seen.numel()
@@ -116,17 +129,19 @@ def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
         seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Train ``cfg`` (in this process, or as one rank under torchrun); returns the work dir.
+def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoader, resume: str | None = None) -> Path:
+    """Train ``segmenter`` on the batches of ``loader`` (in this process, or as one rank under torchrun);
+    returns the work dir.
 
-    ``resume``: None = ``cfg.train.resume`` ("" = auto: newest checkpoint in the work dir), "auto",
-    "none" (start fresh) or a checkpoint path."""
+    ``vocab``: the union vocabulary (its names go into checkpoints); ``loader``: an iterable of
+    StepBatch for this rank with ``start_at(step)`` (larvseg.data.mixing.MixedLoader; ``build`` makes
+    all three from ``cfg``). ``resume``: None = ``cfg.train.resume`` ("" = auto: newest checkpoint in
+    the work dir), "auto", "none" (start fresh) or a checkpoint path."""
     device = distributed.init_from_env(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
     work_dir = cfg.work_dir()
     if is_main:
-        ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): a generated benchmark, before any listing
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "config.yaml").write_text(dump_config(cfg))
         for p in remove_stale_temps(work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
@@ -134,9 +149,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     distributed.barrier()
     t = cfg.train
 
-    seed_everything(t.seed)
-    vocab = build_vocabulary(cfg)
-    segmenter = build_segmenter(cfg.model, len(vocab)).to(device)
+    segmenter = segmenter.to(device)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
         model = data_parallel(objective, device)
@@ -169,7 +182,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
 
-    loader = MixedLoader(cfg, vocab, rank, world, start_step=start_step, pin_memory=device.type == "cuda")
+    loader.start_at(start_step)
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
     logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
                           tensorboard=t.tensorboard)
@@ -250,12 +263,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     return work_dir
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, build: Callable[[Config, torch.device], tuple] = build) -> int:
+    """``larvseg train``; ``build`` makes what ``train`` is handed (tests hand in synthetic data this way)."""
     cfg = load_config(args.config, args.overrides)
     if args.work_dir:
         cfg.train.work_dir = args.work_dir
+    device = distributed.init_from_env(cfg.train.device)
+    vocab, segmenter, loader = build(cfg, device)
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, vocab, segmenter, loader, resume=args.resume)
     except NonFiniteLossError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone; every rank raised the same
             print(f"larvseg train: {exc}", file=sys.stderr, flush=True)

@@ -45,6 +45,7 @@ from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, source_class_names
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
 from larvseg.models.inference import autocast_context
+from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.atomic import remove_stale_temps
 from larvseg.train.checkpoint import (
@@ -78,9 +79,12 @@ class ImageClassifier(nn.Module):
         # sigmoid: start every class near probability 1/C instead of 1/2, so the C-1 negatives of an image
         # do not swamp the first steps (zero for softmax, where a constant bias changes nothing)
         nn.init.constant_(self.head.bias, -math.log(num_classes) if loss == "sigmoid" else 0.0)
+        register_pixel_stats(self)  # the data layer hands RGB pixel values, as to the Segmenter
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.backbone.tokens(images)[:, 0])
+        """images (B, 3, H, W) RGB pixel values -> class logits (B, C)."""
+        x = standardize_pixels(images, self.pixel_mean, self.pixel_std)
+        return self.head(self.backbone.tokens(x)[:, 0])
 
 
 def pretrain_vocabulary(cfg: Config) -> Vocabulary:

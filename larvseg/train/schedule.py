@@ -1,4 +1,4 @@
-"""The poly learning-rate schedule of the spec (section 4), a pure function of the iteration.
+"""The poly learning-rate schedule (docs/METHOD.md, section 4), a pure function of the iteration.
 
     lr(t) = (base_lr - min_lr) * (1 - t / max_iters) ** power + min_lr
 

@@ -10,7 +10,7 @@ on by default when installed (``train.tensorboard=false`` turns it off). Tags:
     train/lr, train/images_per_s
     eval/<metric>      mIoU, mIoU_base, mIoU_novel, mAcc, aAcc, ... (the JSONL eval record)
     curve              the training-curve PNG, each time it is redrawn
-    eval/prediction_<k>  overlays of the first ``OVERLAY_IMAGES`` evaluation images with a legend
+    eval/prediction_<k>  overlays of the first evaluation images with a legend (larvseg.eval.evaluate.eval_overlays)
 
 ``larvseg eval`` writes the same eval/ scalars and overlays, at the checkpoint's step, into its output folder.
 
@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
-OVERLAY_IMAGES = 3
 
 
 def tensorboard_available() -> bool:
@@ -54,37 +52,6 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def eval_overlays(cfg: Any, segmenter: Any, vocab: Any, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
-    """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
-    evaluation images, predicted over the evaluation classes as ``larvseg eval`` does."""
-    import torch
-
-    from larvseg.data.mixing import build_eval_dataset
-    from larvseg.eval.evaluate import _model_class_ids, scored_classes
-    from larvseg.models.inference import segment_image
-    from larvseg.predict import Prediction, class_areas, image_to_tensor, palette, render_overlay
-
-    dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, _ = scored_classes(cfg, vocab)
-    eval_ids = _model_class_ids(eval_ids, segmenter.num_classes)  # as larvseg eval predicts
-    device = next(segmenter.parameters()).device
-    class_ids = torch.as_tensor(eval_ids, device=device)
-    names = list(vocab.names)
-    colours = palette(len(names))
-    was_training = segmenter.training
-    segmenter.eval()
-    overlays = []
-    e = cfg.eval
-    with torch.no_grad():
-        for i in range(min(count, len(dataset))):
-            image = np.asarray(dataset.load(i)["image"])
-            labels = segment_image(segmenter, image_to_tensor(image).to(device), class_ids=class_ids, mode=e.mode,
-                                   crop_size=e.crop_size, stride=e.stride, amp=e.amp).cpu().numpy()
-            overlays.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
-    segmenter.train(was_training)
-    return overlays
 
 
 def log_images(log: TensorBoardLog, tag: str, step: int, images: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]) -> None:
