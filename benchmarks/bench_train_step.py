@@ -5,9 +5,9 @@ side with float32, and the achieved FLOP/s as MFU against the GPU's bf16 peak (-
 fraction of the float32 matmul peak measured in the same run (CPU).
 
 Full step = TrainingObjective on a StepBatch of 2 segmentation images at 512x512 (C171-like source,
-160 classes) and 2 image-level images at 320x320 (A847w-like multi-tag source), 913-class union
-vocabulary, class sampling (100 + present), pixel CE, image-level CE and the CAC (bank warmed up), then
-backward. Plain = backbone(seg).sum() + backbone(tag).sum(), backward. Also reports the achieved
+160 classes) and 2 image-level images at 320x320 (A847w-like source; ``--tags 3,1``: one crop with 3
+classes, one with a single class, so the CAC runs both background rules), 913-class union vocabulary,
+class sampling (100 + present), pixel CE, image-level CE and the CAC (bank warmed up), then backward. Plain = backbone(seg).sum() + backbone(tag).sum(), backward. Also reports the achieved
 GFLOP/s of the full step (backbone FLOPs counted analytically, x3 for forward+backward) against a
 fp32 matmul peak measured in the same run.
 
@@ -31,6 +31,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--arch", default="vit_base")
     p.add_argument("--vocab", type=int, default=913)
+    p.add_argument("--tags", default="3,1", help="tags of each image-level image (comma-separated)")
     args = p.parse_args()
     device = setup(args)
     seg_size, tag_size, vocab, repeats = 512, 320, args.vocab, args.repeats
@@ -48,14 +49,17 @@ def main() -> None:
     feats = torch.nn.functional.normalize(torch.randn(ids.numel(), d, generator=g), dim=-1)
     model.bank.enqueue(ids.to(device), feats.to(device), gather=False)
     labels = seg_pool[torch.randint(0, seg_pool.numel(), (2, seg_size, seg_size), generator=g)]
-    tags = torch.full((2, 3), TAG_PAD, dtype=torch.long)
-    tags[0, :3] = tag_pool[:3]
-    tags[1, :2] = tag_pool[3:5]
+    counts = [int(c) for c in args.tags.split(",")]
+    if len(counts) != 2 or min(counts) < 1:
+        raise SystemExit(f"--tags: two positive counts, got {args.tags!r}")
+    tags = torch.full((2, max(counts)), TAG_PAD, dtype=torch.long)
+    tags[0, : counts[0]] = tag_pool[: counts[0]]
+    tags[1, : counts[1]] = tag_pool[counts[0]: counts[0] + counts[1]]
     batch = StepBatch(
         step=0,
         seg=[SegBatch("C171", torch.randn(2, 3, seg_size, seg_size, generator=g), labels, seg_pool, global_size=2)],
         tag=[TagBatch("A847w", torch.randn(2, 3, tag_size, tag_size, generator=g), tags, tag_pool, global_size=2,
-                      single_tag=False, loss_weight=0.2, cac_weight=0.1, cac_topk=20)],
+                      loss_weight=0.2, cac_weight=0.1, cac_topk=20)],
     ).to(device)
     params = [q for q in model.parameters() if q.requires_grad]
 
@@ -81,6 +85,7 @@ def main() -> None:
         "train_step",
         arch=args.arch,
         vocab=vocab,
+        tags=args.tags.replace(",", "+"),
         full_s=t["full"],
         plain_s=t["plain"],
         ratio=t["full"] / t["plain"],

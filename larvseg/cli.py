@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (required)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--amp", default="auto", help="auto (bf16 on a GPU that supports it) | bf16 | off")
-    p.add_argument("--short-side", type=int, default=512, help="resize so the short side has this length (0 = keep)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
+                        "so predictions match `larvseg eval`")
     p.set_defaults(handler="larvseg.predict:main")
 
     p = _sub(sub, "serve", "a local web page: upload an image, pick a vocabulary, see the segmentation")
@@ -141,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
     s.add_argument("--format", required=True, choices=["imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg"],
                    help="the folder's layout, as in configs (required)")
-    s.add_argument("--split", default="training", help="split sub-folder of segmentation formats")
+    s.add_argument("--split", default="",
+                   help="split sub-folder of segmentation formats (default: detected, the training split in either "
+                        "spelling, e.g. train2017 or training)")
     s.add_argument("--classes", default=None,
                    help="imagenet (required): ade150 | ade847 | all | wnid file; custom formats: class file "
                         "(default: custom_seg <folder>/classes.txt, custom_tags every class folder)")

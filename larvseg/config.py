@@ -87,7 +87,7 @@ class SourceConfig:
     name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
     format: str = ""  # key of larvseg.data.datasets.DATASET_BUILDERS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
     root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
-    split: str = "training"  # sub-folder of images/ and annotations/ for segmentation formats
+    split: str = ""  # sub-folder of images/ and annotations/; "" = detect the training (data.eval: validation) split's folder
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
     share: float = 1.0  # tag sources: relative share of the image-level batch
     crop_size: int = 512  # training crop (512 for segmentation sets, 320 for ImageNet)
@@ -113,7 +113,7 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
     demo_benchmark: bool = False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
-    eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150", split="validation"))
+    eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150"))  # split detected: validation
 
     def resolved_root(self) -> Path:
         return Path(self.root or os.environ.get("LARVSEG_DATA") or DEFAULT_DATA_ROOT).expanduser()

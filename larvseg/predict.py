@@ -13,9 +13,11 @@ when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.p
 image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
 (fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
 
-Images are resized like the evaluation images (short side ``short_side``, long side at most
-``max_long_side``), segmented with ``segment_image`` (sliding window by default; memory-bounded, so
-the 21K vocabulary works), and the label map is produced at the image's own resolution.
+Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
+``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``
+overrides the short side), segmented with ``segment_image`` and the same ``eval`` mode, crop and
+stride (memory-bounded, so the 21K vocabulary works), and the label map is produced at the image's own
+resolution: on the evaluation images, the label maps ``larvseg eval`` scores.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ def test_every_benchmark_is_listed_in_performance_doc():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_runs_tiny(script):
+    # the repository root too: the scripts must import this checkout's larvseg, not an installed copy
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(BENCH), str(BENCH.parent)]))
     proc = subprocess.run([sys.executable, str(BENCH / script), "--tiny"], capture_output=True, text=True,
                           env=env, timeout=240, cwd=BENCH)

@@ -66,6 +66,27 @@ def test_data_check_wrong_root(tmp_path, capsys):
     assert out.count("not found") >= 4 and "4 sources, 4 problem(s)" in out
 
 
+def test_packaged_config_on_the_seed_readme_layout(tmp_path, capsys):
+    """The original README's layout (C171/images/{training,validation}, A847, I22K) passes `data check`
+    with a packaged config and no split override; the detected folder is printed."""
+    T.write_coco171(tmp_path / "C171", n=2, size=(16, 16), split="training", values=[0, 2])
+    T.write_coco171(tmp_path / "C171", n=1, size=(16, 16), split="validation", values=[0])
+    T.write_ade847(tmp_path / "A847", n=2, size=(16, 16), values=[300, 846], split="training")
+    T.write_ade847(tmp_path / "A847", n=2, size=(16, 16), values=[300], split="validation")
+    T.write_imagenet(tmp_path / "I22K", imagenet_subset("ade847"), per_class=1, size=(8, 8))
+    args = ["data", "check", "c171_a847w_in585", f"data.root={tmp_path}", f"data.index_cache_dir={tmp_path / 'cache'}"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "[seg] C171 (coco171): 2 images, classes 2/160, ok\n    split folder: training (detected; looked for train2017, training)" in out
+    assert "[tag] A847w (ade847): 2 images, classes 2/847, ok\n    split folder: training (as configured)" in out
+    assert "[tag] IN585 (imagenet): 585 images, classes 585/585, ok\n[eval]" in out  # no split line: no split folders
+    assert "4 sources, 0 problem(s)" in out
+    # an explicit split still wins: train2017 is not there, and the error says what is
+    assert cli_main(args + ["data.seg_sources.0.split=train2017"]) == 1
+    out = capsys.readouterr().out
+    assert "[seg] C171 (coco171): 0 images" in out and "split folder not found" in out and "training, validation" in out
+
+
 def test_data_check_reports_an_8bit_a847_tiff(tmp_path, capsys):
     T.write_coco171(tmp_path / "C171", n=2, size=(24, 24), values=[0, 2])
     T.write_imagenet(tmp_path / "I22K", WNIDS, per_class=1, size=(16, 16))

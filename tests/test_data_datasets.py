@@ -126,7 +126,7 @@ def test_imagenet_folders_default_root_and_tags(tmp_path):
     cfg = T.make_config(tmp_path, tag=[src])
     vocab = build_vocabulary(cfg)
     ds = build(src, cfg.data, vocab, "tag")
-    assert len(ds) == 6 and ds.single_tag and ds.class_names == imagenet_names(str(wf))
+    assert len(ds) == 6 and ds.class_names == imagenet_names(str(wf))
     for i in range(6):
         item = ds.load(i)
         wnid = os.path.basename(os.path.dirname(item["path"]))
@@ -286,6 +286,46 @@ def test_wrong_root_and_empty_datasets(tmp_path):
         build(SourceConfig(name="IN", format="imagenet", classes=str(wf)), cfg.data, v2, "tag")
     with pytest.raises(ValueError, match="unknown format"):
         build(SourceConfig(name="IN", format="pascal"), cfg.data, v2, "tag")
+
+
+def test_split_folder_detected_in_either_spelling_and_an_explicit_split_wins(tmp_path):
+    """COCO-Stuff as the original README lays it out (images/{training,validation}) and as COCO names it
+    (train2017/val2017): with split left empty the existing folder is found, per role; a set split is
+    used as given."""
+    seed = tmp_path / "seed"
+    T.write_coco171(seed / "C171", n=2, size=(16, 16), split="training")
+    T.write_coco171(seed / "C171", n=1, size=(16, 16), split="validation")
+    cfg = T.make_config(seed, seg=[SourceConfig(name="C171", format="coco171")])
+    vocab = build_vocabulary(cfg)
+    src = cfg.data.seg_sources[0]
+    built = build_source_checked(src, cfg.data, vocab, "seg")
+    assert built.split.folder == "training" and built.split.detected and len(built.dataset) == 2
+    assert {p.parent.name for pair in built.dataset.pairs for p in pair} == {"training"}
+    assert "training (detected; looked for train2017, training)" == built.split.describe()
+    evaluated = build_source_checked(src, cfg.data, vocab, "eval")  # the evaluation source: validation split
+    assert evaluated.split.folder == "validation" and len(evaluated.dataset) == 1
+
+    coco = tmp_path / "coco"
+    T.write_coco171(coco / "C171", n=3, size=(16, 16), split="train2017")
+    T.write_coco171(coco / "C171", n=1, size=(16, 16), split="training")  # both spellings: COCO's is preferred
+    cfg2 = T.make_config(coco, seg=[SourceConfig(name="C171", format="coco171")])
+    assert len(build(cfg2.data.seg_sources[0], cfg2.data, vocab)) == 3
+    given = build_source_checked(SourceConfig(name="C171", format="coco171", split="training"), cfg2.data, vocab, "seg")
+    assert len(given.dataset) == 1 and given.split.describe() == "training (as configured)"
+    # a configured split that is absent while another spelling exists: the error says which
+    with pytest.raises(DatasetRootError, match="train2017") as err:
+        build(SourceConfig(name="C171", format="coco171", split="train2017"), cfg.data, vocab)
+    assert "training" in str(err.value) and str(seed / "C171" / "images" / "train2017") in str(err.value)
+    # no accepted spelling at all: the error lists them
+    (tmp_path / "odd" / "C171" / "images" / "trn").mkdir(parents=True)
+    cfg3 = T.make_config(tmp_path / "odd", seg=[SourceConfig(name="C171", format="coco171")])
+    with pytest.raises(DatasetRootError, match="looked for train2017, training"):
+        build(cfg3.data.seg_sources[0], cfg3.data, vocab)
+    # ADE's spellings agree everywhere; an empty split finds them too
+    T.write_ade150(seed / "A150", n=2, size=(16, 16), split="validation")
+    cfg4 = T.make_config(seed, eval_source=SourceConfig(name="A150", format="ade150"))
+    ade = build_source_checked(cfg4.data.eval, cfg4.data, build_vocabulary(cfg4), "eval")
+    assert ade.split.folder == "validation" and len(ade.dataset) == 2
 
 
 def test_a847_refuses_8bit_label_maps(tmp_path):

@@ -86,7 +86,6 @@ def test_batch_contents(data_mixed_root):
     assert seg.images.shape == (4, 3, 32, 32) and seg.images.dtype == torch.float32
     assert seg.labels.shape == (4, 32, 32) and seg.labels.dtype == torch.int64 and seg.global_size == 4
     assert [len(a847w.images), len(inet.images)] == [2, 1]  # shares 2:1 of 3
-    assert (a847w.single_tag, inet.single_tag) == (False, True)
     assert (a847w.loss_weight, a847w.cac_topk, inet.cac_topk, inet.cac_weight) == (0.2, 40, 7, 0.3)
     assert inet.images.shape == (1, 3, 16, 16) and inet.tags.shape == (1, 1)
     wnid = inet.paths[0].split("/")[-2]

@@ -15,8 +15,8 @@ from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.losses import (
     image_level_ce_sum,
     pixel_ce_sum,
+    attended_mean_weights,
     upsampled_mean_weights,
-    upsampled_product_gram,
 )
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.objective import TrainingObjective
@@ -168,21 +168,22 @@ def test_build_segmenter_forward_shapes():
 
 @pytest.mark.parametrize("feat_hw,loss_hw", [((4, 4), (8, 8)), ((5, 7), (13, 11)), ((20, 20), (160, 160)), ((6, 6), (6, 6)), ((8, 6), (4, 3))])
 def test_pooling_at_feature_resolution_equals_upsampled_pooling(feat_hw, loss_hw):
-    """mean over loss pixels of up(z) and of up(z) * up(a), computed at feature resolution: same values, same grads."""
+    """mean over loss pixels of up(z) and of up(z) * sigmoid(up(s)) (the CAC's attention: sigmoid AFTER the
+    upsampling), computed at feature resolution: same values, same grads."""
     torch.manual_seed(1)
-    z = torch.randn(2, 5, *feat_hw, dtype=torch.float64, requires_grad=True)
-    a = torch.rand(2, 3, *feat_hw, dtype=torch.float64)
-    up = lambda x: F.interpolate(x, size=loss_hw, mode="bilinear", align_corners=False)  # noqa: E731
+    z = torch.randn(2, 5, *feat_hw, requires_grad=True)
+    s = 2 * torch.randn(2, 3, *feat_hw)
+    up = lambda x: F.interpolate(x.double(), size=loss_hw, mode="bilinear", align_corners=False)  # noqa: E731
     ref_mean = up(z).mean((2, 3))
-    ref_prod = torch.einsum("bnij,btij->bnt", up(z), up(a)) / (loss_hw[0] * loss_hw[1])
-    w = upsampled_mean_weights(feat_hw, loss_hw, z.device).double()
-    g = upsampled_product_gram(feat_hw, loss_hw, z.device).double()
+    ref_prod = torch.einsum("bnij,btij->bnt", up(z), torch.sigmoid(up(s))) / (loss_hw[0] * loss_hw[1])
+    w = upsampled_mean_weights(feat_hw, loss_hw, z.device)
+    a = attended_mean_weights(s.flatten(0, 1), loss_hw).view(2, 3, -1)  # (b, T, hw)
     ours_mean = z.flatten(2) @ w
-    ours_prod = torch.bmm(z.flatten(2), (a.flatten(2) @ g).transpose(1, 2))
-    torch.testing.assert_close(ours_mean, ref_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours_prod, ref_prod, rtol=1e-5, atol=1e-6)
-    coef = torch.randn_like(ref_prod)
-    (g_ref,) = torch.autograd.grad((ref_prod * coef).sum() + ref_mean.sum(), z)
+    ours_prod = torch.bmm(z.flatten(2), a.transpose(1, 2))
+    torch.testing.assert_close(ours_mean, ref_mean.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_prod, ref_prod.float(), rtol=1e-5, atol=1e-6)
+    coef = torch.randn_like(ours_prod)
+    (g_ref,) = torch.autograd.grad((ref_prod * coef.double()).sum() + ref_mean.sum(), z)
     (g_ours,) = torch.autograd.grad((ours_prod * coef).sum() + ours_mean.sum(), z)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
 

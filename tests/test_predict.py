@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from larvseg.cli import build_parser
-from larvseg.config import Config, EvalConfig, ModelConfig
+from larvseg.config import Config, EvalConfig, ModelConfig, SourceConfig
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import build_segmenter
 from larvseg.predict import (
@@ -145,6 +145,53 @@ def test_cli_unreadable_image_names_the_file(small, tmp_path, capsys):
     args = build_parser().parse_args(["predict", str(path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
     with pytest.raises(ImageReadError, match="missing.png"):
         main(args)
+
+
+def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_scores(tmp_path, monkeypatch, capsys):
+    """`larvseg predict` without --short-side resizes like `larvseg eval` (the checkpoint's eval.short_side,
+    here 40, not 512): on the evaluation images it writes exactly the label maps that eval scores."""
+    import larvseg.eval.evaluate as evaluate_mod
+    from larvseg.cli import main as cli_main
+    from larvseg.config import dump_config
+    from larvseg.data import testing as T
+    from larvseg.data.vocabulary import build_vocabulary
+
+    names = ["sky", "tree", "road", "person"]
+    T.write_custom_seg(tmp_path / "myseg", names, n=3, size=(48, 70))
+    seg = SourceConfig(name="mine", format="custom_seg", root="myseg")
+    cfg = T.make_config(tmp_path, seg=[seg], eval_source=SourceConfig(name="mine", format="custom_seg", root="myseg"))
+    cfg.model = ModelConfig(arch="vit_tiny", drop_path=0.0, cac=False)
+    cfg.eval = EvalConfig(mode="slide", crop_size=48, stride=32, short_side=40, amp="off")
+    (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
+    vocab = build_vocabulary(cfg)
+    torch.manual_seed(0)
+    segmenter = build_segmenter(cfg.model, len(vocab))
+    ckpt = tmp_path / "ckpt.pth"
+    save_checkpoint(ckpt, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names)})
+
+    scored = []
+    real = evaluate_mod.segment_image
+
+    def recording(*args, **kwargs):
+        pred = real(*args, **kwargs)
+        if kwargs.get("out_size") is not None:  # the scored maps (eval's overlays are drawn at model size)
+            scored.append(pred.clone())
+        return pred
+
+    monkeypatch.setattr(evaluate_mod, "segment_image", recording)
+    assert cli_main(["eval", str(tmp_path / "cfg.yaml"), str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    assert len(scored) == 3
+    out = tmp_path / "pred"
+    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(out), "--device", "cpu"]) == 0
+    for i, expected in enumerate(scored):
+        labels = cv2.imread(str(out / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED)
+        assert labels.shape == (48, 70)
+        np.testing.assert_array_equal(labels, expected.numpy())
+    # the flag still overrides: another size gives other maps
+    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(tmp_path / "p64"),
+                     "--device", "cpu", "--short-side", "64"]) == 0
+    other = [cv2.imread(str(tmp_path / "p64" / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED) for i in range(3)]
+    assert any(not np.array_equal(o, e.numpy()) for o, e in zip(other, scored))
 
 
 def _one_error_line(err: str) -> str:

@@ -193,12 +193,48 @@ def loop_args(config: Path, work: Path, resume: str | None = None):
     return build_parser().parse_args(argv)
 
 
+def test_ddp_wrapper_uses_the_argument_every_supported_torch_has(tmp_path, monkeypatch):
+    """broadcast_buffers=False (torch >= 2.1), not forward_sync_buffers (only torch >= 2.13)."""
+    import inspect
+    import warnings
+
+    import torch.distributed as dist
+
+    from larvseg.config import ModelConfig
+    from larvseg.models.objective import TrainingObjective
+    from larvseg.models.segmenter import build_segmenter
+
+    objective = TrainingObjective(build_segmenter(ModelConfig(arch="vit_mini", memory_bank_size=2), 4), ModelConfig(), 0)
+    calls = []
+
+    def ddp_2_1(module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, process_group=None,
+                bucket_cap_mb=25, find_unused_parameters=False, check_reduction=False, gradient_as_bucket_view=False,
+                static_graph=False):  # torch 2.1's DistributedDataParallel signature
+        calls.append(broadcast_buffers)
+        return module
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "DistributedDataParallel", ddp_2_1)
+        assert loop.data_parallel(objective, torch.device("cpu")) is objective
+    assert calls == [False]
+    # and with this torch's real DDP (a one-process gloo group): no buffer sync per forward, no warning
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = loop.data_parallel(objective, torch.device("cpu"))
+        new_name = "forward_sync_buffers" in inspect.signature(type(model).__init__).parameters  # torch >= 2.13
+        assert getattr(model, "forward_sync_buffers" if new_name else "broadcast_buffers") is False
+    finally:
+        dist.destroy_process_group()
+
+
 def test_mark_supervised_counts_labelled_pixels_and_tags_only():
     seen = torch.zeros(6, dtype=torch.bool)
     labels = torch.full((1, 4, 4), 65535)
     labels[0, 0, :2] = 1
     seg = SegBatch("S", torch.zeros(1, 3, 4, 4), labels, torch.arange(4), 1)
-    tag = TagBatch("T", torch.zeros(2, 3, 4, 4), torch.tensor([[4, -1], [4, -1]]), torch.arange(6), 2, single_tag=False)
+    tag = TagBatch("T", torch.zeros(2, 3, 4, 4), torch.tensor([[4, -1], [4, -1]]), torch.arange(6), 2)
     loop.mark_supervised(seen, StepBatch(0, [seg], [tag]))
     assert seen.nonzero().flatten().tolist() == [1, 4]
 

@@ -45,7 +45,6 @@ class TagBatch:
     tags: torch.Tensor  # (b, T) int64 union class ids, TAG_PAD-padded; T >= 1
     class_ids: torch.Tensor  # (C,) int64 union ids of the source's vocabulary
     global_size: int
-    single_tag: bool  # True for ImageNet-style sources: CAC background from the top-k score rule
     loss_weight: float = 0.1  # lambda_cls
     cac_weight: float = 0.1  # lambda_cac
     cac_topk: int = 20  # K

@@ -2,8 +2,8 @@
 
 For each source (segmentation, image-level, evaluation) it lists the files, decodes every image and
 label map (or the first ``--max-images``), and prints the number of images, the class coverage (classes
-with at least one labelled pixel or tagged image, out of the source's vocabulary) and every problem found,
-each naming its file. The exit code is 1 when anything is wrong, 0 otherwise.
+with at least one labelled pixel or tagged image, out of the source's vocabulary), the split folder used
+(as configured, or detected when ``split`` is empty) and every problem found, each naming its file. The exit code is 1 when anything is wrong, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class SourceReport:
     checked: int = 0
     classes_seen: int = 0
     classes_total: int = 0
+    split: str = ""  # the split folder used and how it was chosen; "" for formats without split folders
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -37,7 +38,7 @@ class SourceReport:
                 + (f", {self.checked} decoded" if self.checked != self.images else "")
                 + f", classes {self.classes_seen}/{self.classes_total}"
                 + (f", {len(self.problems)} problem(s)" if self.problems else ", ok"))
-        return [head] + [f"    - {p}" for p in self.problems]
+        return [head] + ([f"    split folder: {self.split}"] if self.split else []) + [f"    - {p}" for p in self.problems]
 
 
 def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images: int = 0) -> SourceReport:
@@ -49,6 +50,7 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
         report.problems.append(str(exc))
         return report
     dataset = built.dataset
+    report.split = built.split.describe() if built.split else ""
     report.problems.extend(built.problems)
     report.images = len(dataset)
     # coverage over distinct union classes (COCO-Stuff's 171 train ids are 160 names of the union)

@@ -23,6 +23,12 @@ webdataset <root>/shard-*.tar + index.json (or a brace    any of the above writt
          pattern, URLs, ``pipe:`` commands; ``index``)    labels/tags as stored there (larvseg.data.shards)
 ======== ================================================ ==================================================
 
+``<split>`` is the source's ``split``. Left empty (the default) it is detected: the training split for
+training sources, the validation split for the evaluation source, under whichever of its spellings
+exists on disk (``SPLIT_FOLDERS``: COCO-Stuff's ``train2017``/``val2017`` as COCO names them, or
+``training``/``validation`` as the original project's README lays C171 out). A ``split`` that is set
+is used as given. ``larvseg data check`` prints the folder each source used.
+
 Raw label values are mapped to union ids with one lookup table per source. A value that is neither a
 class nor the unlabeled value raises :class:`LabelValueError` naming the file: never a silent label.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +103,6 @@ class SourceDataset(torch.utils.data.Dataset):
     """Samples of one source. ``load(i)`` returns a dict: image (uint8 HxWx3 RGB), label (uint16 HxW union
     ids, IGNORE_INDEX = unlabeled) or None, tags (int64 union ids) or None, path."""
 
-    single_tag = False  # image-folder sources: one tag per image (the CAC's single-tag background rule)
-
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray) -> None:
         self.name = name
         self.class_names = class_names  # this source's own classes, in its train-id order
@@ -151,8 +155,6 @@ class ImageTagFolder(SourceDataset):
     """Images tagged with one class each: the class folder they are in (``table.folders[k]`` is the
     folder of class k)."""
 
-    single_tag = True
-
     def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable) -> None:
         super().__init__(name, class_names, class_ids)
         if len(table) == 0:
@@ -179,7 +181,6 @@ class ShardSource(SourceDataset):
         index = shards.index
         super().__init__(name, list(index["class_names"]), class_ids)
         self.shards, self.kind = shards, index["kind"]
-        self.single_tag = self.kind == "tag"
         self.luts = [wds.label_lut(c, self.class_ids, INVALID, IGNORE_INDEX) for c in index.get("label_codings", [])]
         self.counts = shards.counts
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
@@ -279,6 +280,73 @@ class ShardStream(ShardSource):
 # Layout helpers
 
 
+# Default folder of each format under data.root (a source's ``root`` overrides it).
+DEFAULT_ROOTS: dict[str, str] = {"ade150": "A150", "ade847": "A847", "coco171": "C171", "imagenet": "I22K",
+                                 "custom_seg": "", "custom_tags": ""}
+
+
+@dataclass(frozen=True)
+class SplitFolders:
+    """Accepted spellings of a format's training / validation split folders (images/<split>,
+    annotations/<split>), in order of preference when several exist."""
+
+    training: tuple[str, ...]
+    validation: tuple[str, ...]
+    optional: bool = False  # the files may also lie directly in images/ and annotations/
+
+    def accepted(self, role: str) -> tuple[str, ...]:
+        return self.validation if role == "eval" else self.training
+
+
+SPLIT_FOLDERS: dict[str, SplitFolders] = {
+    "ade150": SplitFolders(("training",), ("validation",)),
+    "ade847": SplitFolders(("training",), ("validation",)),
+    # COCO's own names (our packaged configs) and the original project's README layout
+    "coco171": SplitFolders(("train2017", "training"), ("val2017", "validation")),
+    "custom_seg": SplitFolders(("training",), ("validation",), optional=True),
+}
+
+
+@dataclass
+class ResolvedSplit:
+    folder: str  # the split folder used ("" = none: a flat custom_seg folder)
+    detected: bool  # True when ``split`` was left empty and the folder was looked up on disk
+    accepted: tuple[str, ...] = ()  # the spellings looked for when detecting
+
+    def describe(self) -> str:
+        if not self.detected:
+            return f"{self.folder} (as configured)"
+        return f"{self.folder or '(none: files directly in images/)'} (detected; looked for {', '.join(self.accepted)})"
+
+
+def resolve_split(source: SourceConfig, data_root: Path, role: str) -> ResolvedSplit | None:
+    """The split folder a source uses (None for formats without split folders): ``source.split`` when
+    set, else the first accepted spelling of the role's split (validation for "eval", else training)
+    that exists on disk. A configured split whose folder is missing while another accepted spelling
+    exists is an error that says so."""
+    layout = SPLIT_FOLDERS.get(source.format)
+    if layout is None:
+        return None
+    images = source_root(source, data_root, DEFAULT_ROOTS[source.format]) / "images"
+    if source.split:
+        if not layout.optional and images.is_dir() and not (images / source.split).is_dir():
+            present = [f for f in layout.training + layout.validation if (images / f).is_dir()]
+            if present:
+                raise DatasetRootError(images / source.split, f"split folder not found; {images} holds "
+                                       f"{', '.join(present)}: set the source's split to one of them, or leave "
+                                       "split empty to detect it")
+        return ResolvedSplit(source.split, detected=False)
+    accepted = layout.accepted(role)
+    found = next((f for f in accepted if (images / f).is_dir()), None)
+    if found is None and layout.optional:
+        found = ""  # no split sub-folders: images/ and annotations/ hold the files
+    if found is None and images.is_dir():
+        raise DatasetRootError(images, f"no {'validation' if role == 'eval' else 'training'} split folder: "
+                               f"looked for {', '.join(accepted)} (or set the source's split)")
+    # (a missing images/ folder is reported by the builder, naming it)
+    return ResolvedSplit(accepted[0] if found is None else found, detected=True, accepted=accepted)
+
+
 def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool,
                  problems: list[str]) -> list[tuple[Path, Path]]:
     """(image, annotation) pairs; the first matching suffix wins. A missing annotation is an error, or a
@@ -311,7 +379,7 @@ def _ids(vocab: Vocabulary, names: list[str]) -> np.ndarray:
 
 def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, "A150")
+    root = source_root(source, data_root, DEFAULT_ROOTS["ade150"])
     names = load_class_names("ade150")
     ids = _ids(vocab, names)
     lut = make_lut({v + 1: v for v in range(len(names))}, ids, ignore_values=(0,))
@@ -321,7 +389,7 @@ def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, 
 
 def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, "A847")
+    root = source_root(source, data_root, DEFAULT_ROOTS["ade847"])
     names = load_class_names("ade847")
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
@@ -344,7 +412,7 @@ class CocoStuffFolder(SegmentationFolder):
 
 def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, "C171")
+    root = source_root(source, data_root, DEFAULT_ROOTS["coco171"])
     classes = coco_stuff_classes()
     names = [c["merged_name"] for c in classes]
     ids = _ids(vocab, names)
@@ -364,7 +432,7 @@ def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabula
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(255, 65535) if len(names) < 255 else (65535,))
     image_dir, label_dir = root / "images", root / "annotations"
-    if (image_dir / source.split).is_dir():
+    if source.split and (image_dir / source.split).is_dir():
         image_dir, label_dir = image_dir / source.split, label_dir / source.split
     pairs = pair_by_stem(image_dir, label_dir, (".png",), source.skip_bad, problems)
     return SegmentationFolder(source.name or root.name, names, ids, pairs, lut)
@@ -384,7 +452,7 @@ def check_class_folders(table: FileTable, skip_bad: bool, problems: list[str]) -
 
 
 def imagenet_table(source: SourceConfig, data_cfg: DataConfig, wnids: list[str], problems: list[str]) -> FileTable:
-    root = require_dir(source_root(source, data_cfg.resolved_root(), "I22K") / "fall11_whole", "ImageNet folder fall11_whole")
+    root = require_dir(source_root(source, data_cfg.resolved_root(), DEFAULT_ROOTS["imagenet"]) / "fall11_whole", "ImageNet folder fall11_whole")
     cache_dir = Path(data_cfg.index_cache_dir).expanduser() if data_cfg.index_cache_dir else None
     table = FolderIndex(root, cache_dir).table(wnids)
     check_class_folders(table, source.skip_bad, problems)
@@ -436,6 +504,7 @@ def _check_format(source: SourceConfig) -> None:
 class BuiltSource:
     dataset: SourceDataset
     problems: list[str]  # skipped files (only with skip_bad), one line each
+    split: ResolvedSplit | None = None  # the split folder used (None for formats without split folders)
 
 
 def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, role: str) -> BuiltSource:
@@ -447,15 +516,18 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: Voca
     if role != "tag" and source.format in ("imagenet", "custom_tags"):
         raise ValueError(f"source {source.name}: format {source.format} has no masks; it can only be a tag source")
     problems: list[str] = []
+    split = resolve_split(source, data_cfg.resolved_root(), role)
+    if split is not None:
+        source = replace(source, split=split.folder)
     dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
     if role != "tag" and getattr(dataset, "kind", "seg") == "tag":
         raise ValueError(f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source")
     if role == "eval" and getattr(dataset, "streamed", False):
         raise ValueError(f"source {source.name}: evaluation reads images by index; use local shards without stream: true")
-    return BuiltSource(dataset, problems)
+    return BuiltSource(dataset, problems, split)
 
 
 __all__ = [
-    "DATASET_BUILDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "BuiltSource",
+    "DATASET_BUILDERS", "SPLIT_FOLDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "BuiltSource",
     "build_source_checked",
 ]

@@ -227,8 +227,8 @@ def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
     cfg, class_ids = spec.config, torch.from_numpy(spec.dataset.class_ids)
     if spec.role == "seg":
         return SegBatch(cfg.name, data["images"], data["labels"], class_ids, spec.per_step, cfg.loss_weight, data["paths"])
-    return TagBatch(cfg.name, data["images"], data["tags"], class_ids, spec.per_step, spec.dataset.single_tag,
-                    cfg.loss_weight, cfg.cac_weight, cfg.cac_topk, data["paths"])
+    return TagBatch(cfg.name, data["images"], data["tags"], class_ids, spec.per_step, cfg.loss_weight,
+                    cfg.cac_weight, cfg.cac_topk, data["paths"])
 
 
 def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) -> list[_SourceSpec]:

@@ -170,5 +170,5 @@ class SyntheticLoader:
         mine_tag = torch.from_numpy(np.array_split(np.arange(n_tag), self.world)[self.rank])
         seg = SegBatch("S", images[mine_seg], labels[mine_seg], torch.arange(4), n_seg)
         tag = TagBatch("T", tag_images[mine_tag], tags[mine_tag], torch.arange(3, k), n_tag,
-                       single_tag=True, loss_weight=0.2, cac_weight=0.1, cac_topk=2)
+                       loss_weight=0.2, cac_weight=0.1, cac_topk=2)
         return StepBatch(step, [seg], [tag])

@@ -78,7 +78,7 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
     n = len(union_ids)
     to_eval = np.full(int(union_ids.max()) + 2, -1, dtype=np.int64)
     to_eval[union_ids] = np.arange(n)
-    all_slots = torch.arange(n)[None]  # every class as the image's single tag
+    single = torch.arange(n)[:, None]  # every class as the single tag of its own copy of the image
     scores, banks, atts, labels = [], [], [], []
     for i in range(len(dataset)):
         item = dataset.load(i)
@@ -97,8 +97,9 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
         if bank is not None:
             p = out.features.flatten(2)
             banks.append((bank.class_means(class_ids) @ p[0]).T[keep].numpy())
-            score = attention_scores(p, s, all_slots, -1, class_ids, bank, True, rule)
-            atts.append(torch.sigmoid(standardize(score, dim=-1))[0].T[keep].numpy())
+            # the CAC picks the background rule from the image's tag count: n one-tag copies (views)
+            score = attention_scores(p.expand(n, -1, -1), s.expand(n, -1, -1), single, -1, class_ids, bank, rule)
+            atts.append(torch.sigmoid(standardize(score[:, 0], dim=-1)).T[keep].numpy())
     s_all, lab_all = np.concatenate(scores), np.concatenate(labels)
     auc = lambda m: [roc_auc(m[:, k], lab_all == k) for k in range(n)]  # noqa: E731
     pred = s_all.argmax(1)

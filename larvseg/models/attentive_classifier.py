@@ -3,28 +3,41 @@
 For every (image b, tag l) pair, with p the image's detached, L2-normalised pixel features and q̄_c the
 mean of class c's bank features (= mean over its M*K stored pixels, see memory_bank.py):
   f(i)   = p_i . q̄_l                                        foreground score
-  b(i)   = mean over kept background classes c of p_i . q̄_c  background score
-           multi-tag sources: c = the image's other tags;
-           single-tag sources: c with mean(top-5 raw scores s(., c)) > 0.35, c != l, kept only if
+  b(i)   = mean over kept background classes c of p_i . q̄_c  background score, rule chosen per PAIR:
+           the image has other tags: c = those other tags;
+           l is the image's only tag (every ImageNet image, and a tag-source crop holding one class):
+           c with mean(top-5 raw scores s(., c)) > 0.35, c != l, kept only if
            mean_i (z(f)_i - z(b_c)_i)^2 > 2.0 (z: over pixels, unbiased std, no epsilon)
   score  = f - b, or f - (1 - f) when no background class is kept
-  a      = sigmoid(standardize_over_pixels(score)), bilinearly upsampled to the loss resolution
+  a      = sigmoid(up(standardize_over_pixels(score))): standardized at feature resolution, bilinearly
+           upsampled to the loss resolution, *then* the sigmoid (the original's order)
   loss   = co-tag-masked CE of mean_i(a(i) * logits_i) over the loss-resolution pixels (logits
-           bilinearly upsampled too), counted only when l's ring has warmed up. Both upsamplings are
-           linear, so this mean is computed at feature resolution as z . (U^T U a) / L (losses.py):
-           the same value and gradient without an N x Hl x Wl tensor per image.
+           bilinearly upsampled too), counted only when l's ring has warmed up. The logits' upsampling is
+           linear (U), so this mean is z . U^T a / L, computed at feature resolution through the adjoint
+           (losses.attended_mean_weights): the same value and gradient without an N x Hl x Wl tensor per
+           image; only the (Hl, Wl) attention map of each pair is built at the loss resolution.
 The bank is then updated for every pair with the mean of p at the K pixels of highest s(., l).
+One batch may mix both kinds of pair (tag-source crops with one or several classes): the other-tags
+rule is a masked tensor op over all pairs, the top-k rule runs batched on the rows of the single-tag
+images (index selection), and neither loops over images or tags.
 
 Our choices, where the method leaves room or we differ from the original:
 - "Attend before enqueue" holds at *batch* granularity: all attentions of a step (every tag source)
   use the bank as it was at the start of the step; all pairs are enqueued afterwards (the original
   enqueues image by image, so a later image of the same step could already see an earlier one).
 - Background banks are used regardless of warm-up, averaging their *filled* slots; a background class
-  whose bank is still empty is left out (it carries no information; the original's zero-initialised
-  bank would give it b_c = 0).
+  whose ring has never been filled is left out. The original initialises every ring with L2-normalised
+  random vectors, so such a class's map there is p . (mean of M*K random unit vectors): noise of
+  std ~ 1/sqrt(D*M*K) (0.002 at D=768, M=K=20) that says nothing about the class and depends on the
+  random initialisation. Averaged in as another tag's background it only dilutes b towards 0; as a
+  single-tag candidate its standardized map is uncorrelated with f, so the > 2.0 filter keeps it about
+  half the time, by chance. Leaving it out makes the score depend only on observed features.
 - standardize_over_pixels for the attention uses the classifier's definition (biased var + 1e-5);
   the single-tag filter's z uses the unbiased std without epsilon as in the original (a constant map
   gives NaN there, which never passes the > 2.0 test, so such a candidate is dropped).
+- The filter's mean squared difference is expanded as mean(z_f^2) + mean(z_c^2) - 2 mean(z_f z_c), one
+  batched matmul instead of a (pairs x candidates x pixels) tensor; it equals the direct form up to
+  float rounding (a candidate within ~1e-6 of the 2.0 threshold could fall on either side).
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import torch
 from torch import Tensor
 
 from larvseg.models.cosine_classifier import standardize
-from larvseg.models.losses import pooled_tag_ce, tag_pairs, upsampled_product_gram
+from larvseg.models.losses import attended_mean_weights, pooled_tag_ce, tag_pairs
 from larvseg.models.memory_bank import MemoryBank
 
 
@@ -66,13 +79,13 @@ def attention_scores(
     pad: int,
     class_ids: Tensor,
     bank: MemoryBank,
-    single_tag: bool,
     rule: BackgroundRule,
 ) -> Tensor:
     """score = f - b (or f - (1 - f)) for every (image, tag slot): (b, T, hw).
 
     features (b, D, hw) detached normalised p; scores (b, N, hw) raw cosine scores of the subset;
     tags (b, T) subset indices padded with ``pad``; class_ids (N,) union ids of the subset.
+    The background rule of each pair follows from its image's tag count (see the module docstring).
     Padded slots get a meaningless row; callers only read valid pairs.
     """
     b, d, hw = features.shape
@@ -80,38 +93,53 @@ def attention_scores(
     valid = tags != pad
     tag_union = class_ids[tags.clamp(min=0)]  # (b, T)
     f = torch.bmm(bank.class_means(tag_union.reshape(-1)).view(b, t, d), features)  # (b, T, hw)
-    if not single_tag:
-        usable = valid & (bank.num_filled(tag_union) > 0)  # (b, T')
-        others = ~torch.eye(t, dtype=torch.bool, device=tags.device)
-        keep = usable[:, None, :] & others[None]  # (b, T, T'): the other tags of the image
-        bg_maps = f
-    else:
-        k = min(rule.bg_topk, hw)
-        cand = scores.topk(k, dim=-1).values.mean(-1) > rule.score_thresh  # (b, N)
-        cand_idx = cand.any(0).nonzero().squeeze(1)  # subset indices that are a candidate somewhere (C,)
+
+    # Rule of images with several tags: the other tags (for an image with one tag this mask is empty).
+    usable = valid & (bank.num_filled(tag_union) > 0)  # (b, T')
+    others = ~torch.eye(t, dtype=torch.bool, device=tags.device)
+    keep = usable[:, None, :] & others[None]  # (b, T, T')
+    n_bg = keep.sum(-1, keepdim=True)  # (b, T, 1)
+    bg = torch.bmm(keep.to(f.dtype), f)  # (b, T, hw) sum of the kept maps
+
+    # Rule of images with a single tag, computed on those images only (b' of them; their rows above are 0).
+    lone = (valid.sum(1) == 1).nonzero().squeeze(1)  # (b',)
+    cand = candidates(scores[lone], rule)  # (b', N)
+    cand_idx = cand.any(0).nonzero().squeeze(1)  # subset indices that are a candidate somewhere (C,)
+    if cand_idx.numel() > 0:
         cand_union = class_ids[cand_idx]
-        bg_maps = torch.einsum("cd,bdx->bcx", bank.class_means(cand_union), features)  # (b, C, hw)
-        if cand_idx.numel() > 0:
-            mse = (zscore_unbiased(f)[:, :, None, :] - zscore_unbiased(bg_maps)[:, None, :, :]).pow(2).mean(-1)
-        else:
-            mse = f.new_zeros(b, t, 0)
-        keep = (
+        maps = torch.einsum("cd,bdx->bcx", bank.class_means(cand_union), features[lone])  # (b', C, hw)
+        zf, zc = zscore_unbiased(f[lone]), zscore_unbiased(maps)
+        mse = (zf.pow(2).mean(-1)[:, :, None] + zc.pow(2).mean(-1)[:, None, :]
+               - 2.0 / hw * torch.bmm(zf, zc.transpose(1, 2)))  # (b', T, C) = mean_i (zf_i - zc_i)^2
+        keep_cand = (
             cand[:, cand_idx][:, None, :]  # candidate in this image
             & (bank.num_filled(cand_union) > 0)[None, None, :]
-            & (cand_idx[None, None, :] != tags[:, :, None])  # minus l
-            & (mse > rule.mse_thresh)  # (b, T, C); NaN compares False
+            & (cand_idx[None, None, :] != tags[lone][:, :, None])  # minus l
+            & (mse > rule.mse_thresh)  # NaN compares False
         )
-    n_bg = keep.sum(-1, keepdim=True)  # (b, T, 1)
-    bg = torch.bmm(keep.to(f.dtype), bg_maps) / n_bg.clamp(min=1)
+        n_bg[lone] = keep_cand.sum(-1, keepdim=True)
+        bg[lone] = torch.bmm(keep_cand.to(f.dtype), maps)
+    bg = bg / n_bg.clamp(min=1)
     return torch.where(n_bg > 0, f - bg, f - (1.0 - f))
+
+
+def candidates(scores: Tensor, rule: BackgroundRule) -> Tensor:
+    """(b, N) bool: mean of the top-k raw scores over the pixels > score_thresh, for scores (b, N, hw).
+
+    The top-k runs only on the (image, class) rows whose maximum exceeds the threshold: a row below it
+    cannot pass (its top-k mean is at most its maximum), and on a trained model most of N are below."""
+    k = min(rule.bg_topk, scores.shape[-1])
+    out = scores.amax(-1) > rule.score_thresh  # necessary condition
+    rows = out.nonzero(as_tuple=True)
+    out[rows] = scores[rows].topk(k, dim=-1).values.mean(-1) > rule.score_thresh
+    return out
 
 
 def bank_entries(features: Tensor, scores: Tensor, img: Tensor, tag_sub: Tensor, topk: int) -> Tensor:
     """(P, D) mean of p over the K pixels with the highest raw score s(., l) of each pair."""
-    k = min(topk, scores.shape[-1])
+    k = min(int(topk), scores.shape[-1])
     idx = scores[img, tag_sub].topk(k, dim=-1).indices  # (P, K)
-    picked = features[img].gather(2, idx[:, None, :].expand(-1, features.shape[1], -1))  # (P, D, K)
-    return picked.mean(-1)
+    return features.transpose(1, 2)[img[:, None], idx].mean(1)  # (P, K, D) picked rows -> (P, D)
 
 
 def cac_loss(
@@ -124,7 +152,6 @@ def cac_loss(
     bank: MemoryBank,
     *,
     loss_hw: tuple[int, int],
-    single_tag: bool,
     topk: int,
     warm_up: int,
     rule: BackgroundRule,
@@ -135,15 +162,16 @@ def cac_loss(
     attention are (conceptually) upsampled to; scores (b, N, h, w) and features (b, D, h, w) detached;
     tags (b, T) subset indices; class_ids (N,) union ids.
     """
-    h, w = scores.shape[-2:]
+    b, _, h, w = scores.shape
     if tuple(logits.shape[-2:]) != (h, w):
         raise ValueError(f"cac_loss: logits {tuple(logits.shape)} must be at the feature resolution {(h, w)}")
     feats, s = features.flatten(2).float(), scores.flatten(2).float()
-    score = attention_scores(feats, s, tags, pad, class_ids, bank, single_tag, rule)
-    att = torch.sigmoid(standardize(score, dim=-1))  # (b, T, hw) at feature resolution
-    gram = upsampled_product_gram((h, w), tuple(loss_hw), logits.device)  # (hw, hw) = U^T U / L
-    pooled = torch.bmm(logits.float().flatten(2), (att @ gram).transpose(1, 2))  # (b, N, T)
+    score = attention_scores(feats, s, tags, pad, class_ids, bank, rule)
     img, slot = tag_pairs(tags, pad)
+    z = standardize(score[img, slot], dim=-1).view(-1, h, w)  # (P, h, w), feature resolution
+    weights = feats.new_zeros(b, tags.shape[1], h * w)  # float32 (score may be bf16 under autocast); padded slots pool nothing
+    weights[img, slot] = attended_mean_weights(z, tuple(loss_hw))  # U^T sigmoid(U z) / L
+    pooled = torch.bmm(logits.float().flatten(2), weights.transpose(1, 2))  # (b, N, T)
     tag_sub = tags[img, slot]
     pair_classes = class_ids[tag_sub]
     warmed = bank.warmed_up(pair_classes, warm_up)

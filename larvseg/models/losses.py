@@ -9,16 +9,15 @@
   -> divide by the global pair count.
 
 Pooling without upsampling: bilinear resizing is a linear map U (loss pixels x feature pixels), so the
-mean over loss pixels of (U z) * (U a) equals z . (U^T U a) / L and the plain mean of U z equals
-z . (U^T 1) / L. ``upsampled_mean_weights`` / ``upsampled_product_gram`` build those small
-(feature-resolution) operators once per size pair; the image-level losses then never materialise
-logits at the loss resolution (N x Hl x Wl per image), with the same value and the same gradient up to
-float rounding. This is what makes the CAC and the baseline loss cheap at 913 or 21K classes.
+plain mean of U z over the L loss pixels equals z . (U^T 1) / L, and the mean of (U z) * a for any
+loss-resolution map a (the CAC's a = sigmoid(U s)) equals z . (U^T a) / L.
+``upsampled_mean_weights`` / ``attended_mean_weights`` build those feature-resolution weights; the
+image-level losses then never materialise logits at the loss resolution (N x Hl x Wl per image), with
+the same value and the same gradient up to float rounding. This is what makes the CAC and the baseline
+loss cheap at 913 or 21K classes.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +31,28 @@ def loss_size(label_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
     return (label_hw[0] // downsample, label_hw[1] // downsample)
 
 
-def _resize_pair_f64(feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """The (Hl, h) and (Wl, w) resize matrices, float64 for building the pooled operators below."""
-    return (resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64),
-            resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64))
+def attended_mean_weights(z: Tensor, loss_hw: tuple[int, int]) -> Tensor:
+    """(P, h, w) attention logits at feature resolution -> (P, h*w) weights W = U^T sigmoid(U z) / L.
 
-
-@lru_cache(maxsize=32)
-def _gram_cpu(feat_hw: tuple[int, int], loss_hw: tuple[int, int]) -> Tensor:
-    uh, uw = _resize_pair_f64(feat_hw, loss_hw)
-    return torch.kron(uh.T @ uh, uw.T @ uw).float()
-
-
-def upsampled_product_gram(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:
-    """(hw, hw) G = U^T U / L, so that mean_loss_pixels((U z) * (U a)) = z . (G a)."""
-    g = _gram_cpu(tuple(feat_hw), tuple(loss_hw))
-    return (g / float(loss_hw[0] * loss_hw[1])).to(device)
+    So that mean_loss_pixels((U x) * sigmoid(U z)) = x . W for any feature-resolution map x: the
+    attention is upsampled *before* its sigmoid (the original's order), and the product with the
+    upsampled logits is pooled through the adjoint U^T. Only the (P, Hl, Wl) attention maps exist at the
+    loss resolution, never the (N, Hl, Wl) logits. Four small matmuls, in float32 (autocast off).
+    """
+    p, h, w = z.shape
+    big_h, big_w = loss_hw
+    uh = resize_matrix(h, big_h, z.device, torch.float32)
+    uw = resize_matrix(w, big_w, z.device, torch.float32)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        att = torch.sigmoid(torch.matmul(torch.matmul(uh, z.float()), uw.T))  # (P, Hl, Wl)
+        pooled = torch.matmul(torch.matmul(uh.T, att), uw)  # (P, h, w) = U^T a
+    return pooled.reshape(p, h * w) / float(big_h * big_w)
 
 
 def upsampled_mean_weights(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:
     """(hw,) w = U^T 1 / L, so that mean_loss_pixels(U z) = z . w."""
-    uh, uw = _resize_pair_f64(feat_hw, loss_hw)
+    uh = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64)  # float64: summed over many rows
+    uw = resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
     w = torch.outer(uh.sum(0), uw.sum(0)).flatten() / float(loss_hw[0] * loss_hw[1])
     return w.float().to(device)
 

@@ -89,7 +89,7 @@ class TrainingObjective(nn.Module):
             return cls, out.logits.sum() * 0.0
         res = cac_loss(
             out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
-            loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), single_tag=batch.single_tag, topk=batch.cac_topk,
+            loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), topk=batch.cac_topk,
             warm_up=self.cfg.warm_up, rule=self.rule,
         )
         entries.append((res.pair_classes, res.pair_features))

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,6 +91,23 @@ def reduce_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
+def data_parallel(objective: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP around the objective, without buffer broadcasts.
+
+    The buffers are the memory bank, which the objective keeps identical on all ranks itself (gathered
+    enqueue; every rank starts from the same empty bank or the same checkpoint); broadcasting rank 0's
+    copy every forward would only cost time. ``broadcast_buffers=False`` is the argument every supported
+    torch release has (``forward_sync_buffers`` exists only from 2.13 on). 2.13 deprecates it with a
+    FutureWarning on every run, which we silence: its one behavioural difference (no buffer sync at
+    construction either) does not matter for identical banks.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+
 def build(cfg: Config, device: torch.device) -> tuple[Vocabulary, Segmenter, MixedLoader]:
     """What ``train`` is handed for ``cfg``: the union vocabulary, a fresh segmenter (seeded, so every
     rank builds the same initial weights) and this rank's loader of the mixed per-step batches."""
@@ -141,13 +159,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         print(f"larvseg: {describe(t.amp, device)}", flush=True)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
-        # Buffers are the memory bank, which the objective keeps identical on all ranks itself (gathered
-        # enqueue); broadcasting rank 0's copy every forward would only cost time. forward_sync_buffers=False
-        # is torch 2.13's name for broadcast_buffers=False (the one sync at construction copies rank 0's
-        # bank, which is identical anyway).
-        model = DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
-        )
+        model = data_parallel(objective, device)
     else:
         model = objective
     optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
