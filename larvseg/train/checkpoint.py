@@ -196,6 +196,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
+def restore_training_state(state: dict[str, Any], path: str | os.PathLike, class_names: list[str],
+                           model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Resume from a loaded checkpoint: check that it was trained on ``class_names`` (else a
+    CheckpointError naming ``path``), load model, optimizer and RNG states; returns its step."""
+    if list(state["vocab"]) != list(class_names):
+        raise CheckpointError(f"{path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
+                              f"({len(class_names)}): resume with the config it was trained with, or start fresh "
+                              "with --resume none")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Export for predict / eval: safetensors weights + a JSON of config and vocabulary
 

@@ -51,16 +51,15 @@ from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     FINAL_WEIGHTS,
-    CheckpointError,
     checkpoint_name,
     export_weights,
     load_checkpoint,
     load_resume,
     prune_checkpoints,
     remove_stale_temps,
+    restore_training_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
     update_latest_link,
 )
 from larvseg.train.logger import MetricLogger
@@ -178,13 +177,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     if resume_path is not None:
         if state is None:
             state = load_checkpoint(resume_path)
-        if list(state["vocab"]) != list(vocab.names):
-            raise CheckpointError(f"{resume_path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
-                                  f"({len(vocab)}): resume with the config it was trained with, or start fresh with --resume none")
-        segmenter.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
+        start_step = restore_training_state(state, resume_path, vocab.names, segmenter, optimizer)
         supervised[torch.as_tensor(state.get("supervised", []), dtype=torch.long)] = True
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
@@ -246,12 +239,12 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         terms["loss"].backward()
         optimizer.step()
 
-        done = step + 1
-        logger.update(done, lr, values)
-        if done % t.checkpoint_interval == 0 or done == t.iters:
-            last_good = save(done)
-        if t.eval_interval > 0 and done % t.eval_interval == 0 and done != t.iters:
-            run_eval(done)
+        steps_done = step + 1
+        logger.update(steps_done, lr, values)
+        if steps_done % t.checkpoint_interval == 0 or steps_done == t.iters:
+            last_good = save(steps_done)
+        if t.eval_interval > 0 and steps_done % t.eval_interval == 0 and steps_done != t.iters:
+            run_eval(steps_done)
 
     if t.eval_interval >= 0 and start_step < t.iters:
         run_eval(t.iters)

@@ -55,9 +55,9 @@ from larvseg.train.checkpoint import (
     load_resume,
     prune_checkpoints,
     resolve_resume,
+    restore_training_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
     update_latest_link,
 )
 from larvseg.train.logger import MetricLogger
@@ -176,13 +176,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if resume_path is not None:
         if state.get("kind") != "pretrain":
             raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
-        if list(state["vocab"]) != list(vocab.names):
-            raise CheckpointError(f"{resume_path}: its classes ({len(state['vocab'])}) differ from the config's "
-                                  f"({len(vocab)}): resume with the config it was trained with, or --resume none")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
+        start_step = restore_training_state(state, resume_path, vocab.names, model, optimizer)
         print(f"resumed from {resume_path} at step {start_step}", flush=True)
 
     loader = MixedLoader(loader_config(cfg), vocab, 0, 1, start_step=start_step, pin_memory=device.type == "cuda")
@@ -214,10 +208,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        done = step + 1
-        logger.update(done, lr, values)
-        if done % t.checkpoint_interval == 0 or done == p.iters:
-            save(done)
+        steps_done = step + 1
+        logger.update(steps_done, lr, values)
+        if steps_done % t.checkpoint_interval == 0 or steps_done == p.iters:
+            save(steps_done)
     logger.plot()
     logger.close()
 
