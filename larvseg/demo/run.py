@@ -132,6 +132,7 @@ def pretrain_config(layout: BenchmarkLayout, out: Path, iters: int, extra: list[
         # one worker process decodes and augments the next batches on the otherwise idle second core
         # while the model runs single-threaded (the stage is one process; docs/PERFORMANCE.md)
         f"data.num_workers={PRETRAIN_DATA_WORKERS}",
+        f"train.threads={THREADS_PER_RUN}",
         # no colour jitter while classifying: a class of this benchmark *is* a colour and a pattern (colours
         # are shared on purpose), and a hue shift of up to 36 degrees turns red into yellow, so jittered crops
         # carry wrong labels (train top-1 36 % with it, 67 % without; docs/BASE_COLLAPSE.md). The segmentation
