@@ -28,6 +28,7 @@ for one 512 x 512 window at 21,843 classes), R and C, and chunks of ``CHUNK_ELEM
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor
 from larvseg.config import EvalConfig
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
+from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
 from larvseg.precision import autocast_context, use_bf16
 
 DENSE_MAX_ELEMS = 1 << 26  # output pixels x classes up to which the dense argmax is used (512^2 x 256)
@@ -87,7 +89,26 @@ def _pipeline_matrices(height: int, width: int, boxes, out_hw: tuple[int, int]) 
     return _axis_matrix(height, out_hw[0], row_boxes), _axis_matrix(width, out_hw[1], col_boxes)
 
 
-def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str,
+# per classifier: (key, CenteredClasses) of the last class set scored. The class vectors of 21,843
+# classes cost a (N, D) x (D, D) GEMM and their covariance another: per model and class set, not per image.
+_CLASS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
+    """``CenteredClasses`` of the classifier's current weights for ``classes`` (union ids), cached
+    until the weights change (in-place updates bump the tensors' version counters) or another class
+    set is asked for."""
+    key = (clf.class_embed._version, clf.class_embed.data_ptr(), clf.proj_class._version, clf.proj_class.data_ptr(),
+           str(classes.device))
+    hit = _CLASS_CACHE.get(clf)
+    if hit is not None and hit[0] == key and torch.equal(hit[1], classes):
+        return hit[2]
+    prepared = CenteredClasses.of(clf.class_vectors(classes).float())
+    _CLASS_CACHE[clf] = (key, classes.clone(), prepared)
+    return prepared
+
+
+def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, amp: str,
                     progress: Callable[[int, int], None] | None = None) -> Tensor:
     """(H_f, W_f, N) float32 logits of every window on the global feature grid (classifier in float32)."""
     clf = segmenter.classifier
@@ -98,7 +119,7 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
     ws = [-(-(x2 - x1) // 16) for x1, x2 in col_boxes]
     r0 = [sum(hs[:i]) for i in range(len(hs))]
     c0 = [sum(ws[:j]) for j in range(len(ws))]
-    out = torch.empty(sum(hs), sum(ws), class_vecs.shape[0], device=image.device)
+    out = None if len(boxes) == 1 else torch.empty(sum(hs), sum(ws), classes.centered.shape[0], device=image.device)
     for done, (y1, y2, x1, x2) in enumerate(boxes, 1):  # loop over windows
         crop = image[:, y1:y2, x1:x2]
         ph, pw = -(-crop.shape[1] // 16) * 16, -(-crop.shape[2] // 16) * 16
@@ -106,9 +127,12 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
         with autocast_context(amp, image.device):
             x = segmenter.backbone(crop[None])
         p = clf.pixel_vectors(x.float())[0]  # (hw, D); the classifier stage in float32
-        logits = clf.logits_from_scores(p @ class_vecs.T, dim=-1)  # the classifier's own arithmetic
-        i, j = row_at[(y1, y2)], col_at[(x1, x2)]
-        out[r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits.view(ph // 16, pw // 16, -1)
+        logits = clf.logits_one_gemm(p, classes).view(ph // 16, pw // 16, -1)  # gamma * standardize(s) + beta
+        if out is None:  # one window is the whole grid: no copy
+            out = logits
+        else:
+            i, j = row_at[(y1, y2)], col_at[(x1, x2)]
+            out[r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits
         if progress is not None:  # the backbone pass per window is the cost: report each
             progress(done, len(boxes))
     return out
@@ -167,7 +191,7 @@ def segment_image_detailed(
     was_training = segmenter.training
     segmenter.eval()
     try:
-        logits = _feature_logits(segmenter, image, boxes, segmenter.classifier.class_vectors(classes).float(), amp,
+        logits = _feature_logits(segmenter, image, boxes, centered_classes(segmenter.classifier, classes), amp,
                                  progress)
     finally:
         segmenter.train(was_training)
