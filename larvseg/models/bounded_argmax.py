@@ -137,7 +137,7 @@ def _corner_grid(logits: Tensor, rows: Axis, cols: Axis, ry: Tensor, cx: Tensor,
     """(n, 3, 3) values of classes ``cls`` at pixels ry (n, 3) x cx (n, 3), each of a run whose support is
     that of its first index. Broadcast multiply-adds: identical classes give identical values."""
     sr, sc = rows.support[ry[:, 0]], cols.support[cx[:, 0]]  # (n, P)
-    m = logits[sr[:, :, None], sc[:, None, :], cls[:, None, None]]  # (n, Pr, Pc)
+    m = logits[cls[:, None, None], sr[:, :, None], sc[:, None, :]]  # (n, Pr, Pc)
     wr, wc = rows.weights[ry], cols.weights[cx]  # (n, 3, P)
     t = (m[:, None, :, :] * wc[:, :, None, :]).sum(-1)  # (n, 3 cols, Pr)
     return (wr[:, :, None, :] * t[:, None, :, :]).sum(-1)  # (n, 3 rows, 3 cols)
@@ -222,7 +222,7 @@ def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor,
     Values are broadcast multiply-adds, so identical classes get identical values."""
     n_cnodes = cols.a.numel()
     slot, _ = _groups(rn * n_cnodes + cn, rows.a.numel() * n_cnodes)
-    order = torch.argsort(slot * logits.shape[-1] + cls)  # by sub-cell, then class
+    order = torch.argsort(slot * logits.shape[0] + cls)  # by sub-cell, then class
     slot, cls = slot[order], cls[order]
     _, slot = torch.unique_consecutive(slot, return_inverse=True)  # 0..S-1, in order
     count = torch.bincount(slot)
@@ -256,7 +256,7 @@ def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor,
         ry = torch.minimum(r_a[:, None] + ar_h[None], r_b[:, None])  # (S, hmax) output rows (repeat the last)
         cx = torch.minimum(c_a[:, None] + ar_w[None], c_b[:, None])
         sr, sc = rows.support[r_a], cols.support[c_a]  # (S, P): the sub-cell's support
-        m = logits[sr[:, :, None, None], sc[:, None, :, None], kcls[:, None, None, :]]  # (S, Pr, Pc, k)
+        m = logits[kcls[:, None, None, :], sr[:, :, None, None], sc[:, None, :, None]]  # (S, Pr, Pc, k)
         wr, wc = rows.weights[ry], cols.weights[cx]  # (S, hmax, Pr), (S, wmax, Pc)
         # separate multiplies and adds (no fused or blocked kernels): identical classes, identical values
         t = wc[:, None, :, 0, None] * m[:, :, None, 0, :]  # (S, Pr, wmax, k)
@@ -275,10 +275,10 @@ def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor,
 def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[str, float]]:
     """argmax over classes of R L_c C^T at every output pixel: (H_out, W_out) int64 class positions.
 
-    ``logits`` (H_f, W_f, N) float32; ``r`` (H_out, H_f) and ``c`` (W_out, W_f) float64, non-negative,
+    ``logits`` (N, H_f, W_f) float32; ``r`` (H_out, H_f) and ``c`` (W_out, W_f) float64, non-negative,
     rows summing to 1. Also returns counters (cells, level-0 pairs, refinement pairs)."""
     device = logits.device
-    hf, wf, n = logits.shape
+    n, hf, wf = logits.shape
     rows, cols = _axis_to(build_axis(r), device), _axis_to(build_axis(c), device)
     gr, gc = rows.roots, cols.roots
     cell_r, cell_c = torch.meshgrid(torch.arange(gr, device=device), torch.arange(gc, device=device), indexing="ij")
@@ -291,30 +291,34 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     #    are seeds: the best classes near the cell's centre). Padding repeats a support pixel in the sum;
     #    seeds only tighten the threshold, any seed gives a valid one.
     k = min(SEED_TOPK, n)
-    chunk = max(1, CLASS_CHUNK_ELEMS // (gr * max(wf, gc)))
-    ubs, top_val, top_idx = [], [], []
+    chunk = max(1, CLASS_CHUNK_ELEMS // (hf * wf + gr * gc))
+    ubs, top_val, top_idx, px_val, px_idx = [], [], [], [], []
     for a in range(0, n, chunk):
-        blk = logits[:, :, a : a + chunk]
-        r_max = blk.index_select(0, sup_r[:, 0])  # (Gr, W_f, n) over each group's support rows
+        # classes last for this chunk (a transposed copy that stays in cache): the pooling below then
+        # copies contiguous runs of classes, and top-k runs along the contiguous dim
+        blk = logits[a : a + chunk].permute(1, 2, 0).contiguous()  # (H_f, W_f, k) for k classes
+        r_max = blk.index_select(0, sup_r[:, 0])  # (Gr, W_f, k) over each group's support rows
         r_sum = r_max.clone()
         for i in range(1, sup_r.shape[1]):
             x = blk.index_select(0, sup_r[:, i])
             torch.maximum(r_max, x, out=r_max)
             r_sum += x
-        ub = r_max.index_select(1, sup_c[:, 0])  # (Gr, Gc, n) over the columns too
+        ub = r_max.index_select(1, sup_c[:, 0])  # (Gr, Gc, k) over the columns too
         c_sum = r_sum.index_select(1, sup_c[:, 0])
         for j in range(1, sup_c.shape[1]):
             torch.maximum(ub, r_max.index_select(1, sup_c[:, j]), out=ub)
             c_sum += r_sum.index_select(1, sup_c[:, j])
         ubs.append(ub.view(gr * gc, -1))
-        v, i_ = c_sum.view(gr * gc, -1).topk(min(k, c_sum.shape[-1]), dim=-1)
+        kk = min(k, blk.shape[-1])
+        v, i_ = c_sum.view(gr * gc, -1).topk(kk, dim=-1)  # per cell
         top_val.append(v), top_idx.append(i_ + a)
-    del r_max, r_sum, c_sum
-    top_val, top_idx = torch.cat(top_val, 1), torch.cat(top_idx, 1)
-    mean_seeds = top_idx.gather(1, top_val.topk(k, dim=-1).indices)
+        v, i_ = blk.view(hf * wf, -1).topk(kk, dim=-1)  # per feature pixel
+        px_val.append(v), px_idx.append(i_ + a)
+    del blk, r_max, r_sum, c_sum
+    top_idx = torch.cat(top_idx, 1).gather(1, torch.cat(top_val, 1).topk(k, dim=-1).indices)  # (cells, k)
+    top_px = torch.cat(px_idx, 1).gather(1, torch.cat(px_val, 1).topk(k, dim=-1).indices).view(hf, wf, k)
     # 2. thresholds: seeds are these and the top classes of every support feature pixel
-    top_px = logits.topk(k, dim=-1).indices  # (H_f, W_f, k)
-    seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), mean_seeds], 1)
+    seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), top_idx], 1)
     seeds = seeds.sort(1).values
     seeds = torch.where(torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1),
                         seeds, -1)  # duplicates of a cell marked -1
@@ -328,11 +332,11 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     painter = _Painter((r.shape[0], c.shape[0]), n, device)
     found = []
     for a, ub in zip(range(0, n, chunk), ubs):
-        hit = (ub >= t_cell[:, None]).nonzero()
+        hit = (ub >= t_cell[:, None]).nonzero()  # (cell, class in chunk)
         hit[:, 1] += a
         found.append(hit)
     del ubs
-    found = torch.cat(found)
+    found = torch.cat(found)  # (cell, class)
     stats["level0_pairs"] = float(found.shape[0])
     # 4. refinement down to decided rectangles, small sub-cells evaluated at every pixel
     _refine(logits, rows, cols, (cell_r[found[:, 0]], cell_c[found[:, 0]], found[:, 1], found[:, 0]), painter, None, stats)
