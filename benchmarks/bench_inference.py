@@ -89,7 +89,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor, classes: int) -> tuple[float, fl
     return float(inter.sum() / conf.sum()), float((inter[present] / union[present]).mean())
 
 
-def checkpoint_agreement(path: str, data_root: str, device: torch.device) -> None:
+def checkpoint_agreement(path: str, data_root: str, classes: str, device: torch.device) -> None:
     """bf16 vs fp32 label maps of a trained checkpoint on its evaluation set (see the module doc)."""
     import dataclasses
 
@@ -101,6 +101,7 @@ def checkpoint_agreement(path: str, data_root: str, device: torch.device) -> Non
     segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), device)
     if data_root:
         cfg.data.root = data_root
+    cfg.eval.classes = classes or cfg.eval.classes  # e.g. the demo's 14 benchmark classes, as its report
     vocab = Vocabulary.union(names, build_vocabulary(cfg).names)  # as larvseg eval builds it
     runs = {}
     for amp in ("off", "bf16"):
@@ -110,6 +111,7 @@ def checkpoint_agreement(path: str, data_root: str, device: torch.device) -> Non
     bf16 = torch.cat([torch.from_numpy(p["prediction"]).reshape(-1) for p in runs["bf16"]["predictions"]])
     pixel, miou = agreement(bf16, fp32, len(vocab))
     report("inference_checkpoint", images=runs["off"]["num_images"], classes=len(names),
+           eval_classes=len(runs["off"]["per_class"]),
            bf16_pixel_agreement=pixel, bf16_miou_vs_fp32=miou, fp32_mIoU=runs["off"]["mIoU"],
            bf16_mIoU=runs["bf16"]["mIoU"], fp32_mIoU_novel=runs["off"]["mIoU_novel"],
            bf16_mIoU_novel=runs["bf16"]["mIoU_novel"], fp32_eval_s=runs["off"]["seconds"],
@@ -137,10 +139,11 @@ def main() -> None:
     p.add_argument("--photo", default="4000x3000", help="WxH of the predict case")
     p.add_argument("--checkpoint", default="", help="only bf16 vs fp32 labels of this trained checkpoint")
     p.add_argument("--data-root", default="", help="with --checkpoint: data.root of its eval set")
+    p.add_argument("--eval-classes", default="", help="with --checkpoint: eval.classes (comma-separated names)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.checkpoint:
-        checkpoint_agreement(args.checkpoint, args.data_root, setup(args))
+        checkpoint_agreement(args.checkpoint, args.data_root, args.eval_classes, setup(args))
         return
     photo_w, photo_h = (int(v) for v in args.photo.split("x"))
     photo_classes = 909
