@@ -111,6 +111,9 @@ class DataConfig:
     scale: list[int] = field(default_factory=lambda: [2048, 512])  # random rescale target (long, short)
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75
+    # MMSegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue); off where colour
+    # defines the classes (the demo's benchmark: docs/BASE_COLLAPSE.md)
+    photometric: bool = True
     index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
     demo_benchmark: bool = False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
     eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150"))  # split detected: validation

@@ -33,6 +33,12 @@ class UserError(Exception):
     hint = ""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read (missing, truncated, corrupt, or of the wrong kind); names the file."""
+
+    hint = "pass a complete checkpoint written by larvseg train (iter_*.pth, or final.safetensors with its .json)"
+
+
 class OutputWriteError(UserError, OSError):
     """An output file that could not be written (full disk, read-only folder); names the file."""
 

@@ -117,7 +117,7 @@ class LarvSegPredictor:
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
         ckpt = load_checkpoint(path)
-        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device))
+        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device), source=str(path))
         return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
                    supervised=ckpt.get("supervised"))
 

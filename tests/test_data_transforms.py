@@ -170,3 +170,21 @@ def test_eval_resize_short_side_with_long_side_limit():
     out = eval_resize(image, 20, 2048)
     ref = cv2.resize(image, (30, 20), interpolation=cv2.INTER_LINEAR)
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8 and np.array_equal(out, ref)
+
+
+def test_train_transform_without_photometric_keeps_the_colours():
+    # data.photometric=false: the crop holds the source pixels unchanged (up to the flip); with it on,
+    # the same seeds change some of them (colour jitter)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    changed = 0
+    for seed in range(8):
+        kept, _ = TrainTransform(crop_size=32, scale=(48, 48), ratio_range=(1.0, 1.0), photometric=False)(
+            image, None, np.random.default_rng(seed))
+        patches = {np.ascontiguousarray(image[y:y + 32, x:x + 32]).tobytes() for y in range(17) for x in range(17)}
+        patches |= {np.ascontiguousarray(image[y:y + 32, x:x + 32][:, ::-1]).tobytes() for y in range(17) for x in range(17)}
+        assert kept.transpose(1, 2, 0).astype(np.uint8).tobytes() in patches
+        jittered, _ = TrainTransform(crop_size=32, scale=(48, 48), ratio_range=(1.0, 1.0))(
+            image, None, np.random.default_rng(seed))
+        changed += not np.array_equal(jittered, kept)
+    assert changed > 0

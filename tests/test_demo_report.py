@@ -111,8 +111,12 @@ def test_diagnostics_lines_report_leak_and_auc_gap():
     d = {("cac", 0): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 12.5, [1.0, 2.0]),
          ("cac", 1): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 7.5, [1.0, 4.0]),
          ("seg", 0): FeatureDiagnostics([0.5, 0.6], None, None, 0.0, [1.0, 0.0])}
-    text = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac"))
+    text = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac", {"cac": -4.5}))
     assert "| cac | 10.0 | 3.00 |" in text and "| seg | 0.0 | 0.00 |" in text  # means over seeds
-    assert "Up to 10.0 % of the base-labelled patches (cac)" in text
+    # a base drop beyond the tolerance is explained (with the leak); one within it is called kept
+    assert "Base mIoU drops with image-level data (cac: -4.5 vs segmentation only; 10.0 % of the base" in text
+    assert "Cause: the image-level loss pools the logits" in text
+    kept = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac", {"cac": -2.5}))
+    assert "Base mIoU is kept with image-level data: cac -2.5 vs segmentation only" in kept and "Cause:" not in kept
     assert "| y | novel | 0.70 | 0.60 | 0.60 | +0.10 |" in text
     assert "On 1 of 1 novel classes the bank separates" in text

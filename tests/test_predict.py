@@ -307,3 +307,24 @@ def test_a_one_pixel_high_strip_is_segmented(tmp_path):
     args = build_parser().parse_args(["predict", str(path), str(tmp_path / "strip.png"), "--out", str(tmp_path / "o")])
     assert main(args) == 0
     assert cv2.imread(str(tmp_path / "o" / "strip_labels.png"), cv2.IMREAD_UNCHANGED).shape == (1, 2000)
+
+
+def test_checkpoint_without_weights_or_of_another_arch_is_one_line(small, tmp_path, capsys):
+    from larvseg.cli import main as cli_main
+
+    path, names, segmenter, cfg = small
+    src = tmp_path / "x.png"
+    Image.fromarray(_image(30, 30, 5)).save(src)
+    no_model = tmp_path / "no_model.pth"
+    save_checkpoint(no_model, {"config": cfg.to_dict(), "vocab": list(names)})
+    assert cli_main(["predict", str(no_model), str(src), "--out", str(tmp_path / "o1")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no_model.pth: no 'model' entry" in line
+    # the config says vit_small, the weights are vit_tiny's: shapes differ
+    other = cfg.to_dict()
+    other["model"]["arch"] = "vit_small"
+    wrong = tmp_path / "wrong_arch.pth"
+    save_checkpoint(wrong, {"model": segmenter.state_dict(), "config": other, "vocab": list(names)})
+    assert cli_main(["predict", str(wrong), str(src), "--out", str(tmp_path / "o2")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "wrong_arch.pth: weights do not fit model.arch='vit_small'" in line and "other shape" in line

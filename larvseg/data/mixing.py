@@ -265,7 +265,8 @@ class MixedLoader:
         d = cfg.data
         self.loaders = []
         for spec in self.specs:
-            transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio)
+            transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio,
+                                       photometric=d.photometric)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
                 if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs

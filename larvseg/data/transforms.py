@@ -155,6 +155,7 @@ class TrainTransform:
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
+    photometric: bool = True
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
         """uint8 RGB image (+ uint16 label) -> float32 (3, crop, crop) RGB pixel values (+ uint16
@@ -162,7 +163,9 @@ class TrainTransform:
         image, label = random_rescale(image, label, self.scale, self.ratio_range, rng)
         image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio, rng)
         image, label = random_flip(image, label, rng, self.flip_prob)
-        image = to_chw(photometric_distortion(image, rng), np.float32)  # float: the padding colour is not integral
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        image = to_chw(image, np.float32)  # float: the padding colour is not integral
         if label is not None:
             label = np.ascontiguousarray(label, dtype=np.uint16)
         return pad_to(image, label, self.crop_size)

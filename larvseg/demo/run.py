@@ -76,6 +76,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(iters=450, seeds=3, pretrain_iters=500),
     "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
 }
+PRETRAIN_DATA_WORKERS = 1
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
 
 
@@ -128,6 +129,15 @@ def pretrain_config(layout: BenchmarkLayout, out: Path, iters: int, extra: list[
         f"pretrain.iters={iters}",
         f"train.log_interval={max(1, iters // 20)}",
         f"train.checkpoint_interval={max(1, iters // 4)}",
+        # one worker process decodes and augments the next batches on the otherwise idle second core
+        # while the model runs single-threaded (the stage is one process; docs/PERFORMANCE.md)
+        f"data.num_workers={PRETRAIN_DATA_WORKERS}",
+        f"train.threads={THREADS_PER_RUN}",
+        # no colour jitter while classifying: a class of this benchmark *is* a colour and a pattern (colours
+        # are shared on purpose), and a hue shift of up to 36 degrees turns red into yellow, so jittered crops
+        # carry wrong labels (train top-1 36 % with it, 67 % without; docs/BASE_COLLAPSE.md). The segmentation
+        # runs keep it.
+        "data.photometric=false",
     ]
     return load_config("demo", overrides + list(extra or []))
 
@@ -143,7 +153,7 @@ def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
     return npz, PretrainSummary(
         path=str(npz), iters=cfg.pretrain.iters, batch_size=cfg.pretrain.batch_size, loss=cfg.pretrain.loss,
         lr=cfg.pretrain.lr, steps=[r["step"] for r in records], losses=[r["loss"] for r in records],
-        top1=[100.0 * r["top1"] for r in records], seconds=time.perf_counter() - t0,
+        top1=[100.0 * r["top1"] for r in records], seconds=time.perf_counter() - t0, photometric=cfg.data.photometric,
     )
 
 

@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
         # The checkpoint's architecture and vocabulary order define the model; the command's config
         # defines what to evaluate on. Eval classes missing from the checkpoint's vocabulary are appended
         # (the model cannot predict them).
-        segmenter, names, _ = segmenter_from_checkpoint(ckpt, device)
+        segmenter, names, _ = segmenter_from_checkpoint(ckpt, device, source=str(args.checkpoint))
         if device.type == "cpu":
             configure_threads(segmenter, cfg.eval.threads or cfg.train.threads, verbose=distributed.is_main_process())
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)

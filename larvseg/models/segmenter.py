@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from larvseg.config import PIXEL_MEAN, PIXEL_STD, Config, ModelConfig, config_from_dict
+from larvseg.errors import CheckpointError
 from larvseg.models.augreg import load_pretrained
 from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
@@ -84,27 +85,35 @@ def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
-                              model_cfg: ModelConfig | None = None) -> tuple[Segmenter, list[str], Config]:
+                              model_cfg: ModelConfig | None = None,
+                              source: str = "checkpoint") -> tuple[Segmenter, list[str], Config]:
     """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
 
     Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
     The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is
     not re-initialised from ``model.pretrained`` (the checkpoint holds every weight) and no memory bank
-    is built.
+    is built. ``source`` (the file) names the checkpoint in a :class:`CheckpointError` when the entries
+    or the weights do not fit.
     """
     for key in ("model", "vocab"):
         if key not in ckpt:
-            raise KeyError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)})")
+            raise CheckpointError(f"{source}: no {key!r} entry (entries: {sorted(ckpt)}); not a larvseg train checkpoint")
     names = [str(n) for n in ckpt["vocab"]]
     cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
     model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
     segmenter = build_segmenter(model_cfg, len(names))
     state = _segmenter_state(ckpt["model"])
-    missing, unexpected = segmenter.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
+    own = segmenter.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(
+            f"{source}: weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"other shape {reshaped[:3]}{'...' if len(reshaped) > 3 else ''}"
         )
+    segmenter.load_state_dict(state)
     return segmenter.to(device).eval(), names, cfg

@@ -40,18 +40,12 @@ import safetensors.torch
 import torch
 
 from larvseg.atomic import atomic_write, remove_stale_temps, temp_path
-from larvseg.errors import UserError
+from larvseg.errors import CheckpointError  # defined there so the model layer can raise it too
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 LATEST_LINK = "latest.pth"
 FINAL_WEIGHTS = "final.safetensors"
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read (missing, truncated, corrupt, or of the wrong kind); names the file."""
-
-    hint = "pass a complete checkpoint written by larvseg train (iter_*.pth, or final.safetensors with its .json)"
 
 
 def checkpoint_name(step: int) -> str:

@@ -48,6 +48,7 @@ from larvseg.precision import autocast_context
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.atomic import remove_stale_temps
+from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -168,6 +169,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if cfg.model.pretrained:
         load_pretrained(backbone, cfg.model.pretrained)
     model = ImageClassifier(backbone, len(vocab), p.loss).to(device)
+    if device.type == "cpu":
+        configure_threads(model, t.threads)  # train.threads, else LARVSEG_THREADS / OMP_NUM_THREADS, else by size
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
