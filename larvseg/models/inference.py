@@ -22,8 +22,13 @@ summing to 1 (upsampling, cropping, averaging and the final resize multiplied ou
   one possible class is painted without evaluating its pixels. Same labels, cost about cells x classes
   plus the contested pixels.
 
+The logits come from one GEMM per window (``CosineClassifier.logits_one_gemm``: the standardisation
+over classes folded in), classes first; the centred class vectors and their covariance are cached per
+classifier and class set (``centered_classes``), so only the first image of a class set pays for them.
+
 Memory besides the backbone: the feature-resolution logits of every window ((N, h, w) float32: 90 MB
-for one 512 x 512 window at 21,843 classes), R and C, and chunks of ``CHUNK_ELEMS``.
+for one 512 x 512 window at 21,843 classes), the cached class vectors (N x D: 67 MB), the bounded
+path's per-cell maxima (cells x N: 95 MB at 512 px), R and C, and chunks of ``CHUNK_ELEMS``.
 """
 
 from __future__ import annotations
