@@ -19,6 +19,14 @@ No trained checkpoint can be downloaded here, so the classifiers sit on a random
   stand-in for a trained segmenter, not a measurement of one.
 
     python benchmarks/bench_inference.py [--device cuda]
+
+With ``--checkpoint`` (a trained checkpoint, e.g. the demo's ``final.safetensors``) it measures only
+what bf16 does to a trained model's labels: ``larvseg eval``'s evaluation of the checkpoint's eval set
+(``--data-root`` replaces the checkpoint config's ``data.root``) run with ``eval.amp`` off and bf16;
+prints the pixel agreement of the two label maps, the mIoU of the bf16 labels against the fp32 ones,
+both mIoUs against the ground truth, and both evaluation times:
+
+    python benchmarks/bench_inference.py --checkpoint runs/seed0/larvseg/final.safetensors --data-root DATA
 """
 
 from __future__ import annotations
@@ -81,6 +89,35 @@ def agreement(a: torch.Tensor, b: torch.Tensor, classes: int) -> tuple[float, fl
     return float(inter.sum() / conf.sum()), float((inter[present] / union[present]).mean())
 
 
+def checkpoint_agreement(path: str, data_root: str, classes: str, device: torch.device) -> None:
+    """bf16 vs fp32 label maps of a trained checkpoint on its evaluation set (see the module doc)."""
+    import dataclasses
+
+    from larvseg.data.vocabulary import Vocabulary, build_vocabulary
+    from larvseg.eval.evaluate import evaluate
+    from larvseg.models.segmenter import segmenter_from_checkpoint
+    from larvseg.train.checkpoint import load_checkpoint
+
+    segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), device)
+    if data_root:
+        cfg.data.root = data_root
+    cfg.eval.classes = classes or cfg.eval.classes  # e.g. the demo's 14 benchmark classes, as its report
+    vocab = Vocabulary.union(names, build_vocabulary(cfg).names)  # as larvseg eval builds it
+    runs = {}
+    for amp in ("off", "bf16"):
+        run_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, amp=amp))
+        runs[amp] = evaluate(run_cfg, segmenter, vocab, keep_predictions=1 << 30, verbose=False)
+    fp32 = torch.cat([torch.from_numpy(p["prediction"]).reshape(-1) for p in runs["off"]["predictions"]])
+    bf16 = torch.cat([torch.from_numpy(p["prediction"]).reshape(-1) for p in runs["bf16"]["predictions"]])
+    pixel, miou = agreement(bf16, fp32, len(vocab))
+    report("inference_checkpoint", images=runs["off"]["num_images"], classes=len(names),
+           eval_classes=len(runs["off"]["per_class"]),
+           bf16_pixel_agreement=pixel, bf16_miou_vs_fp32=miou, fp32_mIoU=runs["off"]["mIoU"],
+           bf16_mIoU=runs["bf16"]["mIoU"], fp32_mIoU_novel=runs["off"]["mIoU_novel"],
+           bf16_mIoU_novel=runs["bf16"]["mIoU_novel"], fp32_eval_s=runs["off"]["seconds"],
+           bf16_eval_s=runs["bf16"]["seconds"])
+
+
 def child(arch: str, size: int, classes: int, device: str) -> None:
     """Run one large-vocabulary prediction in this (fresh) process and print JSON with peak RSS."""
     model = build(arch, classes, device)
@@ -100,8 +137,14 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=21843)
     p.add_argument("--agreement-images", type=int, default=4)
     p.add_argument("--photo", default="4000x3000", help="WxH of the predict case")
+    p.add_argument("--checkpoint", default="", help="only bf16 vs fp32 labels of this trained checkpoint")
+    p.add_argument("--data-root", default="", help="with --checkpoint: data.root of its eval set")
+    p.add_argument("--eval-classes", default="", help="with --checkpoint: eval.classes (comma-separated names)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.checkpoint:
+        checkpoint_agreement(args.checkpoint, args.data_root, args.eval_classes, setup(args))
+        return
     photo_w, photo_h = (int(v) for v in args.photo.split("x"))
     photo_classes = 909
     if args.tiny:

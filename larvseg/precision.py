@@ -6,7 +6,8 @@ device, "auto" = bf16 where it is the faster choice, float32 elsewhere:
 - CUDA: bf16 when the GPU supports it (``torch.cuda.is_bf16_supported()``, Ampere and newer);
 - CPU: bf16 only with AMX tiles for bf16 (Sapphire Rapids and newer Xeons). Without AMX, bf16 matmuls
   are emulated or run on AVX-512-BF16 dot products that are no faster than float32 FMA, plus the casts:
-  measured 0.58x (avx512_bf16, no AMX) and slower still on AVX2-only CPUs (docs/PERFORMANCE.md).
+  measured 0.58x (avx512_bf16, no AMX) and slower still on AVX2-only CPUs: ViT-B/16 inference 0.18x,
+  the full training step (forward + backward) 0.03x (docs/PERFORMANCE.md, rows 1b and 4a).
   AMX is read from torch's own CPU capability query (``torch.cpu._is_amx_tile_supported``, which
   asks cpuinfo), falling back to the ``amx_bf16`` / ``amx_tile`` flags of /proc/cpuinfo.
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from larvseg.config import EvalConfig
-from larvseg.models.cosine_classifier import CosineClassifier
+from larvseg.models import bounded_argmax as bounded_argmax_module
+from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
-from larvseg.models.inference import segment_image, segment_image_detailed, slide_windows
+from larvseg.models.inference import centered_classes, segment_image, segment_image_detailed, slide_windows
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import VisionTransformer
 
@@ -117,13 +118,13 @@ def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
 
 def test_bounded_argmax_ties_and_constant_logits():
     r, c = resize_matrix(4, 37, dtype=torch.float64), resize_matrix(5, 29, dtype=torch.float64)
-    logits = torch.zeros(4, 5, 6)
+    logits = torch.zeros(6, 4, 5)  # (classes, feature rows, feature columns)
     pred, _ = bounded_argmax(logits, r, c)
     assert torch.equal(pred, torch.zeros(37, 29, dtype=torch.long))  # all tied: the first class
-    logits = torch.randn(4, 5, 50, generator=torch.Generator().manual_seed(1))
-    logits[..., 30] = logits[..., 7]  # an exact duplicate after the class it copies
-    logits[..., 3] = logits[..., 41]  # ... and one before
-    dense = torch.einsum("ya,abn,xb->yxn", r.float(), logits, c.float()).argmax(-1)
+    logits = torch.randn(50, 4, 5, generator=torch.Generator().manual_seed(1))
+    logits[30] = logits[7]  # an exact duplicate after the class it copies
+    logits[3] = logits[41]  # ... and one before
+    dense = torch.einsum("ya,nab,xb->nyx", r.float(), logits, c.float()).argmax(0)
     pred, _ = bounded_argmax(logits, r, c)
     assert torch.equal(pred, dense)
     assert not (pred == 30).any() and not (pred == 41).any()
@@ -167,3 +168,52 @@ def test_uniform_image_is_one_class_without_pixel_work():
         ref = seg(image[None, :, :, :32]).logits[0, :, 0, 0].argmax()
     assert torch.equal(pred, torch.full((32, 48), int(ref)))
     assert info["level0_pairs"] == info["cells"]  # one class survives per cell: painted, no pixel evaluated
+
+
+def test_one_gemm_logits_equal_classifier_arithmetic():
+    """gamma * standardize(p c^T) + beta from the class covariance equals the classifier's own formula,
+    also when the class vectors share a large common direction (no cancellation: vectors are centred)."""
+    clf = CosineClassifier(500, 32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        clf.gamma.fill_(-4.0), clf.beta.fill_(0.7)  # a negative scale is allowed by the formula too
+        p = F.normalize(torch.randn(64, 32, generator=g), dim=-1)
+        for shift in (0.0, 3.0):
+            c = F.normalize(torch.randn(500, 32, generator=g) + shift * torch.ones(32), dim=-1)
+            ref = clf.logits_from_scores(p @ c.T)
+            got = clf.logits_one_gemm(p, CenteredClasses.of(c))
+            assert got.shape == (500, 64)
+            assert torch.allclose(got.T, ref, atol=2e-5 * ref.abs().max(), rtol=0)
+
+
+def test_class_cache_follows_weights_and_class_sets():
+    seg = _segmenter(60, dim=8)
+    image = torch.rand(3, 32, 48) * 255
+    whole = EvalConfig(mode="whole", amp="off")
+    clf, all_ids, sub = seg.classifier, torch.arange(60), torch.tensor([5, 1, 40])
+    first = centered_classes(clf, all_ids)
+    assert centered_classes(clf, sub) is not first
+    assert centered_classes(clf, torch.arange(60)) is first  # equal ids, another tensor: a hit
+    assert torch.equal(segment_image(seg, image, whole), _reference_slide(seg, image, 512, 512, (32, 48)))
+    with torch.no_grad():
+        clf.class_embed[7:20] = clf.class_embed[30:43].flip(0) * 2  # in place: a new version of the weights
+    assert centered_classes(clf, all_ids) is not first
+    assert torch.equal(segment_image(seg, image, whole), _reference_slide(seg, image, 512, 512, (32, 48)))
+    clf.proj_class.data = torch.eye(8)  # a new tensor: another address
+    assert torch.equal(segment_image(seg, image, whole, class_ids=sub),
+                       _reference_slide(seg, image, 512, 512, (32, 48), class_ids=sub))
+
+
+@pytest.mark.parametrize("dense_pixels", [1, 12, 1 << 20])
+def test_bounded_argmax_quadtree_and_dense_stage_agree(monkeypatch, dense_pixels):
+    """Sub-cells go down the corner quadtree until they hold at most DENSE_PIXELS pixels, then every
+    candidate is evaluated at every pixel: any split point gives the dense argmax, ties to the lowest class."""
+    monkeypatch.setattr(bounded_argmax_module, "DENSE_PIXELS", dense_pixels)
+    monkeypatch.setattr(bounded_argmax_module, "DENSE_ELEMS", 1 << 12)  # several blocks of sub-cells
+    r, c = resize_matrix(5, 61, dtype=torch.float64), resize_matrix(6, 47, dtype=torch.float64)
+    logits = torch.randn(400, 5, 6, generator=torch.Generator().manual_seed(2))
+    logits[200:] = logits[:200]  # every class twice: the first copy must win
+    dense = torch.einsum("ya,nab,xb->nyx", r.float(), logits, c.float()).argmax(0)
+    pred, stats = bounded_argmax(logits, r, c)
+    assert torch.equal(pred, dense) and int(pred.max()) < 200
+    assert stats["dense_values"] > 0  # contested pixels were evaluated (single pixels, at the latest)

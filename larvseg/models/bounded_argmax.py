@@ -16,20 +16,29 @@ group that is not such a segment is split into single rows. Columns alike. On a 
 column run) out_c(Y, X) = r^T M_c s with r, s moving along segments: a bilinear function of two
 parameters, so its max and its min over the sub-cell are attained at the 4 corner pixels.
 
-Algorithm (all steps vectorised over (sub-cell, class) pairs; loops only over refinement levels):
-1. Thresholds. Seeds of a cell (group x group) are the top classes of its support feature pixels and of
-   their mean. A quadtree over the seeds gives, per leaf, t = max over seeds of their min over the
-   leaf's corners: a lower bound of the best value at every pixel of the leaf; t_cell = min over leaves.
-2. Level 0: a class whose max over the cell's support feature pixels (an upper bound, every pixel being
-   a convex combination of them) is below t_cell cannot win in the cell. One pooled pass over classes.
-3. Refinement: each surviving (sub-cell, class) pair is split in 2 x 2; per child, UB = max and LB = min
-   over its 4 corners; t_child = max over the pairs of LB; pairs with UB < t_child are dropped. A child
-   with one surviving class is painted with it; single-pixel children take the argmax of their
-   survivors (ties: the lowest class position, as torch.argmax).
+Algorithm (all steps vectorised over (sub-cell, class) pairs; loops only over refinement levels and
+blocks of classes or sub-cells). ``logits`` are (N, H_f, W_f), classes first, as the classifier's GEMM
+writes them fastest.
+1. One pass over the classes in blocks of ``CLASS_CHUNK_ELEMS`` (each block transposed to classes-last
+   while it is in cache): per cell (group x group) and class, the max over the cell's support feature
+   pixels (an upper bound: every pixel is a convex combination of them; kept for step 3), the sum over
+   them (its top classes are seeds: the best near the cell's centre), and the top classes of every
+   feature pixel (seeds too).
+2. Thresholds. A quadtree over each cell's seeds gives, per leaf, t = max over seeds of their min over
+   the leaf's corners: a lower bound of the best value at every pixel of the leaf; t_cell = min over
+   leaves.
+3. Level 0: a class whose upper bound from step 1 is below t_cell cannot win in the cell.
+4. Refinement: a surviving (sub-cell, class) pair of a sub-cell larger than ``DENSE_PIXELS`` is split in
+   2 x 2; per child, UB = max and LB = min over its 4 corners; t_child = max over the pairs of LB; pairs
+   with UB < t_child are dropped. A sub-cell with one surviving class is painted with it; a sub-cell of
+   at most ``DENSE_PIXELS`` pixels evaluates its candidates at every pixel (one block of broadcast
+   multiply-adds) and takes their first maximum in class order: ties go to the lowest class position,
+   as torch.argmax.
 
 Exact up to float rounding (a relative margin ``MARGIN`` keeps near-ties among the candidates). The
-work is one pass over classes at feature resolution plus the pairs: for a trained model a few classes
-per cell, for a random classifier about 2 % of the classes per cell at level 0, shrinking with depth.
+work is one pass over classes at feature resolution plus the candidates: for a trained model a few
+classes per cell, for a random classifier about 2 % of the classes per cell at level 0, each evaluated
+at the cell's pixels (16 x 16 at 512 px: cheaper than more corner levels).
 """
 
 from __future__ import annotations
@@ -40,11 +49,13 @@ import torch
 from torch import Tensor
 
 MARGIN = 1e-5  # relative slack of every pruning test: float rounding never drops a near-tied class
-SEED_TOPK = 2  # seeds per support feature pixel (and of their mean) for the thresholds
+SEED_TOPK = 2  # seeds per support feature pixel (and of their sum) for the thresholds
 SEED_DEPTH = 3  # quadtree levels over the seeds (8 x 8 leaves per cell)
 PAIR_CHUNK = 1 << 18  # (sub-cell, class) pairs per vectorised block
+DENSE_PIXELS = 256  # sub-cells of at most this many pixels evaluate their candidates at every pixel
+DENSE_ELEMS = 1 << 21  # (sub-cell, candidate, pixel, support) values per block of that evaluation
 DENSE_KEYS = 1 << 22  # sub-cell keys below this are reduced in a dense array, above it via unique
-CLASS_CHUNK_ELEMS = 1 << 23  # cells x classes per block of the pooled level-0 pass
+CLASS_CHUNK_ELEMS = 1 << 20  # (feature pixels + cells) x classes per block of step 1 (fits in cache)
 
 
 @dataclass
@@ -135,7 +146,7 @@ def _corner_grid(logits: Tensor, rows: Axis, cols: Axis, ry: Tensor, cx: Tensor,
     """(n, 3, 3) values of classes ``cls`` at pixels ry (n, 3) x cx (n, 3), each of a run whose support is
     that of its first index. Broadcast multiply-adds: identical classes give identical values."""
     sr, sc = rows.support[ry[:, 0]], cols.support[cx[:, 0]]  # (n, P)
-    m = logits[sr[:, :, None], sc[:, None, :], cls[:, None, None]]  # (n, Pr, Pc)
+    m = logits[cls[:, None, None], sr[:, :, None], sc[:, None, :]]  # (n, Pr, Pc)
     wr, wc = rows.weights[ry], cols.weights[cx]  # (n, 3, P)
     t = (m[:, None, :, :] * wc[:, :, None, :]).sum(-1)  # (n, 3 cols, Pr)
     return (wr[:, :, None, :] * t[:, None, :, :]).sum(-1)  # (n, 3 rows, 3 cols)
@@ -174,8 +185,14 @@ def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor,
     rn, cn, cls, cell = pairs
     n_cnodes = cols.a.numel()
     level = 0
-    big = torch.iinfo(torch.long).max
     while cls.numel():
+        if painter is not None:  # small sub-cells: every candidate at every pixel, no more corner levels
+            small = (rows.b[rn] - rows.a[rn] + 1) * (cols.b[cn] - cols.a[cn] + 1) <= DENSE_PIXELS
+            if bool(small.any()):
+                _paint_dense(logits, rows, cols, rn[small], cn[small], cls[small], painter, stats)
+                rn, cn, cls, cell = rn[~small], cn[~small], cls[~small], cell[~small]
+                if cls.numel() == 0:
+                    break
         parts: list[tuple[Tensor, ...]] = []
         for s in range(0, cls.numel(), PAIR_CHUNK):  # bounded memory per block of pairs
             r_, c_, k_, e_ = rn[s : s + PAIR_CHUNK], cn[s : s + PAIR_CHUNK], cls[s : s + PAIR_CHUNK], cell[s : s + PAIR_CHUNK]
@@ -195,44 +212,82 @@ def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor,
         rn, cn, cls, cell, slot, t = rn[keep], cn[keep], cls[keep], cell[keep], slot[keep], t[keep]
         level += 1
         stats["pairs"] = stats.get("pairs", 0.0) + float(cls.numel())
-        pixel = (rows.a[rn] == rows.b[rn]) & (cols.a[cn] == cols.b[cn])
         if painter is None:
-            if level == depth or bool(pixel.all()):
+            if level == depth or bool(((rows.a[rn] == rows.b[rn]) & (cols.a[cn] == cols.b[cn])).all()):
                 return cell, t
             continue
         single = torch.bincount(slot, minlength=n_slots)[slot] == 1
-        pixel &= ~single
-        if bool(pixel.any()):  # single pixels: exact argmax over the survivors (the value at corner 0, 0)
-            pr, pc, pk, ps = rn[pixel], cn[pixel], cls[pixel], slot[pixel]
-            val = _corner_grid(logits, rows, cols, rows.corners[pr][:, :1].expand(-1, 3),
-                               cols.corners[pc][:, :1].expand(-1, 3), pk)[:, 0, 0]
-            top = torch.full((n_slots,), float("-inf"), device=val.device).scatter_reduce(0, ps, val, "amax")
-            win = torch.where(val == top[ps], pk, big)
-            best = torch.full((n_slots,), big, device=val.device).scatter_reduce(0, ps, win, "amin")
-            w = pk == best[ps]
-            painter.paint(rows.a[pr[w]], rows.b[pr[w]], cols.a[pc[w]], cols.b[pc[w]], pk[w])
         painter.paint(rows.a[rn[single]], rows.b[rn[single]], cols.a[cn[single]], cols.b[cn[single]], cls[single])
-        rest = ~(single | pixel)
+        rest = ~single  # sub-cells with several candidates: split again (or evaluated densely when small)
         rn, cn, cls, cell = rn[rest], cn[rest], cls[rest], cell[rest]
     return None
 
 
-def _averaging(ax: Axis, groups: int, n_feat: int) -> Tensor:
-    """(groups, n_feat) float32: row g averages the support of group g (padding counted once)."""
-    sup = ax.support[ax.a[:groups]].cpu()
-    weights = torch.zeros(groups, n_feat)
-    weights.scatter_(1, sup, 1.0)
-    return weights / weights.sum(1, keepdim=True)
+def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor, cls: Tensor, painter: _Painter,
+                 stats: dict[str, float]) -> None:
+    """Paint sub-cells (row node rn x column node cn) with the argmax over their candidate classes
+    ``cls`` (one (rn, cn, cls) triple per candidate), every pixel evaluated. Candidates are sorted by
+    class inside each sub-cell and the first maximum is taken: ties go to the lowest class position.
+    Values are broadcast multiply-adds, so identical classes get identical values."""
+    n_cnodes = cols.a.numel()
+    slot, _ = _groups(rn * n_cnodes + cn, rows.a.numel() * n_cnodes)
+    order = torch.argsort(slot * logits.shape[0] + cls)  # by sub-cell, then class
+    slot, cls = slot[order], cls[order]
+    _, slot = torch.unique_consecutive(slot, return_inverse=True)  # 0..S-1, in order
+    count = torch.bincount(slot)
+    start = torch.cumsum(count, 0) - count
+    first = start  # a candidate of each sub-cell: its nodes
+    srn, scn = rn[order][first], cn[order][first]
+    one = count == 1  # a single candidate: the whole sub-cell is that class
+    painter.paint(rows.a[srn[one]], rows.b[srn[one]], cols.a[scn[one]], cols.b[scn[one]], cls[first[one]])
+    multi = (~one).nonzero().squeeze(1)
+    if multi.numel() == 0:
+        return
+    multi = multi[torch.argsort(count[multi], descending=True)]  # blocks of similar candidate counts
+    hmax = int((rows.b[srn[multi]] - rows.a[srn[multi]]).max()) + 1
+    wmax = int((cols.b[scn[multi]] - cols.a[scn[multi]]).max()) + 1
+    p_r, p_c = rows.support.shape[1], cols.support.shape[1]
+    stats["dense_values"] = stats.get("dense_values", 0.0) + float(count[multi].sum()) * hmax * wmax
+    ar_h, ar_w = torch.arange(hmax, device=cls.device), torch.arange(wmax, device=cls.device)
+    counts = count[multi].tolist()
+    s0 = 0
+    while s0 < multi.numel():  # blocks of sub-cells, each padded to its first (largest) count: bounded memory
+        k = counts[s0]
+        step = max(1, DENSE_ELEMS // (k * hmax * wmax * max(p_r, p_c)))
+        sub = multi[s0 : s0 + step]
+        s0 += step
+        pos = torch.arange(k, device=cls.device)
+        valid = pos[None] < count[sub][:, None]  # (S, k)
+        idx = (start[sub][:, None] + pos[None]).clamp_max(cls.numel() - 1)
+        # padding repeats the sub-cell's first (lowest) class: equal values after it, so never the first maximum
+        kcls = torch.where(valid, cls[idx], cls[start[sub]][:, None])  # (S, k)
+        r_a, r_b, c_a, c_b = rows.a[srn[sub]], rows.b[srn[sub]], cols.a[scn[sub]], cols.b[scn[sub]]
+        ry = torch.minimum(r_a[:, None] + ar_h[None], r_b[:, None])  # (S, hmax) output rows (repeat the last)
+        cx = torch.minimum(c_a[:, None] + ar_w[None], c_b[:, None])
+        sr, sc = rows.support[r_a], cols.support[c_a]  # (S, P): the sub-cell's support
+        m = logits[kcls[:, None, None, :], sr[:, :, None, None], sc[:, None, :, None]]  # (S, Pr, Pc, k)
+        wr, wc = rows.weights[ry], cols.weights[cx]  # (S, hmax, Pr), (S, wmax, Pc)
+        # separate multiplies and adds (no fused or blocked kernels): identical classes, identical values
+        t = wc[:, None, :, 0, None] * m[:, :, None, 0, :]  # (S, Pr, wmax, k)
+        for j in range(1, p_c):  # support width (2 for upsampling)
+            t += wc[:, None, :, j, None] * m[:, :, None, j, :]
+        val = wr[:, :, 0, None, None] * t[:, None, 0]  # (S, hmax, wmax, k)
+        for i in range(1, p_r):
+            val += wr[:, :, i, None, None] * t[:, None, i]
+        best = kcls.gather(1, val.argmax(-1).flatten(1)).view(val.shape[:3])  # first maximum: lowest class
+        inside = ((r_a[:, None] + ar_h[None]) <= r_b[:, None])[:, :, None] & ((c_a[:, None] + ar_w[None]) <= c_b[:, None])[:, None, :]
+        yy, xx = ry[:, :, None].expand_as(best), cx[:, None, :].expand_as(best)
+        painter.label[yy[inside], xx[inside]] = best[inside]
 
 
 @torch.no_grad()
 def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[str, float]]:
     """argmax over classes of R L_c C^T at every output pixel: (H_out, W_out) int64 class positions.
 
-    ``logits`` (H_f, W_f, N) float32; ``r`` (H_out, H_f) and ``c`` (W_out, W_f) float64, non-negative,
+    ``logits`` (N, H_f, W_f) float32; ``r`` (H_out, H_f) and ``c`` (W_out, W_f) float64, non-negative,
     rows summing to 1. Also returns counters (cells, level-0 pairs, refinement pairs)."""
     device = logits.device
-    hf, wf, n = logits.shape
+    n, hf, wf = logits.shape
     rows, cols = _axis_to(build_axis(r), device), _axis_to(build_axis(c), device)
     gr, gc = rows.roots, cols.roots
     cell_r, cell_c = torch.meshgrid(torch.arange(gr, device=device), torch.arange(gc, device=device), indexing="ij")
@@ -240,17 +295,40 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     sup_r, sup_c = rows.support[rows.a[:gr]], cols.support[cols.a[:gc]]  # (G, P) per group
     stats: dict[str, float] = {"cells": float(gr * gc)}
 
-    # 1. seeds: top classes of every feature pixel of a cell's support, and of their mean (two GEMMs
-    #    with averaging matrices: no gathered copies of the logits)
+    # 1. one pass over the classes in chunks: per cell and class, the max over the cell's support
+    #    feature pixels (the level-0 upper bound, kept for step 3) and the sum over them (its top classes
+    #    are seeds: the best classes near the cell's centre). Padding repeats a support pixel in the sum;
+    #    seeds only tighten the threshold, any seed gives a valid one.
     k = min(SEED_TOPK, n)
-    top_px = logits.topk(k, dim=-1).indices  # (H_f, W_f, k)
-    seeds = [top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1)]
-    avg_r = _averaging(rows, gr, hf).to(device)
-    avg_c = _averaging(cols, gc, wf).to(device)
-    mean = torch.matmul(avg_c, (avg_r @ logits.reshape(hf, -1)).view(gr, wf, n))  # (Gr, Gc, N)
-    seeds.append(mean.view(gr * gc, n).topk(k, dim=-1).indices)
-    del mean
-    seeds = torch.cat(seeds, 1).sort(1).values
+    chunk = max(1, CLASS_CHUNK_ELEMS // (hf * wf + gr * gc))
+    ubs, top_val, top_idx, px_val, px_idx = [], [], [], [], []
+    for a in range(0, n, chunk):
+        # classes last for this chunk (a transposed copy that stays in cache): the pooling below then
+        # copies contiguous runs of classes, and top-k runs along the contiguous dim
+        blk = logits[a : a + chunk].permute(1, 2, 0).contiguous()  # (H_f, W_f, k) for k classes
+        r_max = blk.index_select(0, sup_r[:, 0])  # (Gr, W_f, k) over each group's support rows
+        r_sum = r_max.clone()
+        for i in range(1, sup_r.shape[1]):
+            x = blk.index_select(0, sup_r[:, i])
+            torch.maximum(r_max, x, out=r_max)
+            r_sum += x
+        ub = r_max.index_select(1, sup_c[:, 0])  # (Gr, Gc, k) over the columns too
+        c_sum = r_sum.index_select(1, sup_c[:, 0])
+        for j in range(1, sup_c.shape[1]):
+            torch.maximum(ub, r_max.index_select(1, sup_c[:, j]), out=ub)
+            c_sum += r_sum.index_select(1, sup_c[:, j])
+        ubs.append(ub.view(gr * gc, -1))
+        kk = min(k, blk.shape[-1])
+        v, i_ = c_sum.view(gr * gc, -1).topk(kk, dim=-1)  # per cell
+        top_val.append(v), top_idx.append(i_ + a)
+        v, i_ = blk.view(hf * wf, -1).topk(kk, dim=-1)  # per feature pixel
+        px_val.append(v), px_idx.append(i_ + a)
+    del blk, r_max, r_sum, c_sum
+    top_idx = torch.cat(top_idx, 1).gather(1, torch.cat(top_val, 1).topk(k, dim=-1).indices)  # (cells, k)
+    top_px = torch.cat(px_idx, 1).gather(1, torch.cat(px_val, 1).topk(k, dim=-1).indices).view(hf, wf, k)
+    # 2. thresholds: seeds are these and the top classes of every support feature pixel
+    seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), top_idx], 1)
+    seeds = seeds.sort(1).values
     seeds = torch.where(torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1),
                         seeds, -1)  # duplicates of a cell marked -1
     cell_id, which = (seeds >= 0).nonzero(as_tuple=True)
@@ -259,24 +337,17 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     t_cell = torch.full((gr * gc,), float("inf"), device=device).scatter_reduce(0, leaf_cell, leaf_t, "amin")
     t_cell = t_cell - MARGIN * (1 + t_cell.abs())
 
-    # 2. level 0: max over the cell's support feature pixels against t_cell, classes in chunks
+    # 3. level 0: the classes whose upper bound reaches the cell's threshold
     painter = _Painter((r.shape[0], c.shape[0]), n, device)
-    chunk = max(1, CLASS_CHUNK_ELEMS // (gr * max(wf, gc)))
     found = []
-    for a in range(0, n, chunk):
-        blk = logits[:, :, a : a + chunk]
-        ub_rows = blk.index_select(0, sup_r[:, 0])  # (Gr, W_f, n): max over each group's support rows
-        for i in range(1, sup_r.shape[1]):
-            ub_rows = torch.maximum(ub_rows, blk.index_select(0, sup_r[:, i]))
-        ub = ub_rows.index_select(1, sup_c[:, 0])  # (Gr, Gc, n)
-        for j in range(1, sup_c.shape[1]):
-            ub = torch.maximum(ub, ub_rows.index_select(1, sup_c[:, j]))
-        hit = (ub.view(gr * gc, -1) >= t_cell[:, None]).nonzero()
+    for a, ub in zip(range(0, n, chunk), ubs):
+        hit = (ub >= t_cell[:, None]).nonzero()  # (cell, class in chunk)
         hit[:, 1] += a
         found.append(hit)
-    found = torch.cat(found)
+    del ubs
+    found = torch.cat(found)  # (cell, class)
     stats["level0_pairs"] = float(found.shape[0])
-    # 3. refinement down to decided rectangles and pixels
+    # 4. refinement down to decided rectangles, small sub-cells evaluated at every pixel
     _refine(logits, rows, cols, (cell_r[found[:, 0]], cell_c[found[:, 0]], found[:, 1], found[:, 0]), painter, None, stats)
     return painter.label, stats
 

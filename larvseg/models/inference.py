@@ -15,19 +15,25 @@ summing to 1 (upsampling, cropping, averaging and the final resize multiplied ou
 ``_pipeline_matrices`` builds them; then
 
 - small problems (output pixels x classes <= ``dense_max_elems``) take the dense argmax of R L C^T in
-  class chunks, as two matmuls per chunk, channels-last;
+  class chunks, as two batched matmuls per chunk;
 - larger ones (large vocabularies, large outputs such as 12 MP photos) use
   ``larvseg.models.bounded_argmax``: per cell of feature pixels, only the classes that can still win
   there after upsampling are evaluated (a bound proven from the corners of each cell), and a cell with
   one possible class is painted without evaluating its pixels. Same labels, cost about cells x classes
   plus the contested pixels.
 
-Memory besides the backbone: the feature-resolution logits of every window (4 * h * w * N bytes: 90 MB
-for one 512 x 512 window at 21,843 classes), R and C, and chunks of ``CHUNK_ELEMS``.
+The logits come from one GEMM per window (``CosineClassifier.logits_one_gemm``: the standardisation
+over classes folded in), classes first; the centred class vectors and their covariance are cached per
+classifier and class set (``centered_classes``), so only the first image of a class set pays for them.
+
+Memory besides the backbone: the feature-resolution logits of every window ((N, h, w) float32: 90 MB
+for one 512 x 512 window at 21,843 classes), the cached class vectors (N x D: 67 MB), the bounded
+path's per-cell maxima (cells x N: 95 MB at 512 px), R and C, and chunks of ``CHUNK_ELEMS``.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -37,6 +43,7 @@ from torch import Tensor
 from larvseg.config import EvalConfig
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
+from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
 from larvseg.precision import autocast_context, use_bf16
 
 DENSE_MAX_ELEMS = 1 << 26  # output pixels x classes up to which the dense argmax is used (512^2 x 256)
@@ -87,9 +94,33 @@ def _pipeline_matrices(height: int, width: int, boxes, out_hw: tuple[int, int]) 
     return _axis_matrix(height, out_hw[0], row_boxes), _axis_matrix(width, out_hw[1], col_boxes)
 
 
-def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: str,
+# per classifier: its last few class sets' CenteredClasses (most recent last). The class vectors of
+# 21,843 classes cost a (N, D) x (D, D) GEMM and their covariance another: per model and class set,
+# not per image (an evaluation or a benchmark alternating two class sets hits this every time).
+_CLASS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CLASS_CACHE_SETS = 4
+
+
+@torch.no_grad()
+def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
+    """``CenteredClasses`` of the classifier's current weights for ``classes`` (union ids), cached
+    until the weights change (in-place updates bump the tensors' version counters, a new tensor has
+    another address)."""
+    weights = (clf.class_embed._version, clf.class_embed.data_ptr(), clf.proj_class._version,
+               clf.proj_class.data_ptr(), str(classes.device))
+    entries = [e for e in _CLASS_CACHE.get(clf, []) if e[0] == weights]  # stale weights: dropped
+    for i, e in enumerate(entries):
+        if e[1].shape == classes.shape and torch.equal(e[1], classes):
+            _CLASS_CACHE[clf] = entries[:i] + entries[i + 1 :] + [e]
+            return e[2]
+    prepared = CenteredClasses.of(clf.class_vectors(classes).float())
+    _CLASS_CACHE[clf] = (entries + [(weights, classes.clone(), prepared)])[-CLASS_CACHE_SETS:]
+    return prepared
+
+
+def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, amp: str,
                     progress: Callable[[int, int], None] | None = None) -> Tensor:
-    """(H_f, W_f, N) float32 logits of every window on the global feature grid (classifier in float32)."""
+    """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
     clf = segmenter.classifier
     row_boxes, col_boxes = _boxes_grid(boxes)
     row_at = {b: i for i, b in enumerate(row_boxes)}
@@ -98,7 +129,7 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
     ws = [-(-(x2 - x1) // 16) for x1, x2 in col_boxes]
     r0 = [sum(hs[:i]) for i in range(len(hs))]
     c0 = [sum(ws[:j]) for j in range(len(ws))]
-    out = torch.empty(sum(hs), sum(ws), class_vecs.shape[0], device=image.device)
+    out = None if len(boxes) == 1 else torch.empty(classes.centered.shape[0], sum(hs), sum(ws), device=image.device)
     for done, (y1, y2, x1, x2) in enumerate(boxes, 1):  # loop over windows
         crop = image[:, y1:y2, x1:x2]
         ph, pw = -(-crop.shape[1] // 16) * 16, -(-crop.shape[2] // 16) * 16
@@ -106,18 +137,22 @@ def _feature_logits(segmenter, image: Tensor, boxes, class_vecs: Tensor, amp: st
         with autocast_context(amp, image.device):
             x = segmenter.backbone(crop[None])
         p = clf.pixel_vectors(x.float())[0]  # (hw, D); the classifier stage in float32
-        logits = clf.logits_from_scores(p @ class_vecs.T, dim=-1)  # the classifier's own arithmetic
-        i, j = row_at[(y1, y2)], col_at[(x1, x2)]
-        out[r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits.view(ph // 16, pw // 16, -1)
+        logits = clf.logits_one_gemm(p, classes).view(-1, ph // 16, pw // 16)  # gamma * standardize(s) + beta
+        if out is None:  # one window is the whole grid: no copy
+            out = logits
+        else:
+            i, j = row_at[(y1, y2)], col_at[(x1, x2)]
+            out[:, r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits
         if progress is not None:  # the backbone pass per window is the cost: report each
             progress(done, len(boxes))
     return out
 
 
 def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_ELEMS) -> Tensor:
-    """argmax over classes of R L_c C^T, all classes at all pixels, in class chunks (channels-last
-    matmuls; the reduction runs over the contiguous last dim). Ties: the lowest class position."""
-    hf, wf, n = logits.shape
+    """argmax over classes of R L_c C^T for (N, H_f, W_f) logits, all classes at all pixels, in class
+    chunks (two batched matmuls per chunk, one per class: identical classes get identical values).
+    Ties: the lowest class position."""
+    n, hf, wf = logits.shape
     r32, c32 = r.to(logits.device, torch.float32), c.to(logits.device, torch.float32)
     out_hw = (r.shape[0], c.shape[0])
     chunk = max(1, chunk_elems // (out_hw[0] * max(out_hw[1], wf)))
@@ -125,8 +160,7 @@ def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_
     best_idx = torch.zeros(out_hw, dtype=torch.long, device=logits.device)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        z = (r32 @ logits[:, :, a:b].reshape(hf, wf * (b - a))).view(out_hw[0], wf, b - a)
-        val, arg = torch.matmul(c32, z).max(-1)  # (W_out, W_f) @ (H_out, W_f, n) -> (H_out, W_out, n)
+        val, arg = torch.matmul(torch.matmul(r32, logits[a:b]), c32.T).max(0)  # (k, H_out, W_out) -> first max
         better = val > best_val  # strict: earlier (lower) class positions win ties, like argmax
         best_val = torch.where(better, val, best_val)
         best_idx = torch.where(better, arg + a, best_idx)
@@ -167,7 +201,7 @@ def segment_image_detailed(
     was_training = segmenter.training
     segmenter.eval()
     try:
-        logits = _feature_logits(segmenter, image, boxes, segmenter.classifier.class_vectors(classes).float(), amp,
+        logits = _feature_logits(segmenter, image, boxes, centered_classes(segmenter.classifier, classes), amp,
                                  progress)
     finally:
         segmenter.train(was_training)
