@@ -84,7 +84,7 @@ def cac_reference(logits, scores, feats, tags, full, rule: BackgroundRule, loss_
             for c in image_tags:
                 if c != l:
                     pooled[c] = float("-inf")
-            total = total + F.cross_entropy(pooled[None], torch.tensor([l]))
+            total = total + F.cross_entropy(pooled[None], torch.tensor([l], device=pooled.device))
     return total / max(pairs, 1)
 
 

@@ -51,7 +51,8 @@ def _image(h, w, seed):
 
 def test_api_numpy_and_pil_match_direct_segmentation(small):
     path, names, segmenter, cfg = small
-    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu")
+    # amp off: the expectation below is float32 ("auto" is bf16 on CPUs with AMX)
+    predictor = LarvSegPredictor.from_checkpoint(path, device="cpu", amp="off")
     image = _image(50, 70, 0)
     result = predictor(image)
     assert result.label_map.shape == (50, 70)
@@ -72,7 +73,7 @@ def test_api_numpy_and_pil_match_direct_segmentation(small):
     np.testing.assert_array_equal(from_pil.label_map, result.label_map)
     # the safetensors export (no memory bank) predicts the same
     exported = export_weights(path.parent / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1)
-    np.testing.assert_array_equal(LarvSegPredictor.from_checkpoint(exported, device="cpu")(image).label_map,
+    np.testing.assert_array_equal(LarvSegPredictor.from_checkpoint(exported, device="cpu", amp="off")(image).label_map,
                                   result.label_map)
 
     restricted = LarvSegPredictor.from_checkpoint(path, classes="Road, person", device="cpu")(image)
@@ -162,6 +163,7 @@ def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_score
     cfg = T.make_config(tmp_path, seg=[seg], eval_source=SourceConfig(name="mine", format="custom_seg", root="myseg"))
     cfg.model = ModelConfig(arch="vit_tiny", drop_path=0.0, cac=False)
     cfg.eval = EvalConfig(mode="slide", crop_size=48, stride=32, short_side=40, amp="off")
+    cfg.train.device = "cpu"  # eval on the CPU like predict --device cpu, also where a GPU is visible
     (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
     vocab = build_vocabulary(cfg)
     torch.manual_seed(0)
@@ -175,21 +177,22 @@ def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_score
     def recording(*args, **kwargs):
         pred = real(*args, **kwargs)
         if kwargs.get("out_size") is not None:  # the scored maps (eval's overlays are drawn at model size)
-            scored.append(pred.clone())
+            scored.append(pred.cpu().clone())
         return pred
 
     monkeypatch.setattr(evaluate_mod, "segment_image", recording)
     assert cli_main(["eval", str(tmp_path / "cfg.yaml"), str(ckpt), "--out", str(tmp_path / "ev")]) == 0
     assert len(scored) == 3
     out = tmp_path / "pred"
-    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(out), "--device", "cpu"]) == 0
+    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(out), "--device", "cpu",
+                     "--amp", "off"]) == 0  # as eval.amp here ("auto" is bf16 on CPUs with AMX)
     for i, expected in enumerate(scored):
         labels = cv2.imread(str(out / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED)
         assert labels.shape == (48, 70)
         np.testing.assert_array_equal(labels, expected.numpy())
     # the flag still overrides: another size gives other maps
     assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(tmp_path / "p64"),
-                     "--device", "cpu", "--short-side", "64"]) == 0
+                     "--device", "cpu", "--amp", "off", "--short-side", "64"]) == 0
     other = [cv2.imread(str(tmp_path / "p64" / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED) for i in range(3)]
     assert any(not np.array_equal(o, e.numpy()) for o, e in zip(other, scored))
 

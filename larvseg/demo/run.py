@@ -73,7 +73,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "full": Profile(iters=360, seeds=3, pretrain_iters=400),
+    "full": Profile(iters=360, seeds=3, pretrain_iters=500),
     "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
 }
 PRETRAIN_DATA_WORKERS = 1
