@@ -207,6 +207,12 @@ def paired_differences(results: Sequence[RunResult], baseline: str, larvseg: str
             for key in ("miou_novel", "miou_base")}
 
 
+def base_gaps(summary: dict[str, dict[str, Summary]], seg_only: str) -> dict[str, float]:
+    """Mean base mIoU of every other variant minus segmentation only's (NaN where that is missing)."""
+    seg_base = summary[seg_only]["miou_base"].mean if seg_only in summary else float("nan")
+    return {v: summary[v]["miou_base"].mean - seg_base for v in summary if v != seg_only}
+
+
 def claim_verdict(summary: dict[str, dict[str, Summary]], paired: dict[str, Summary], seg_only: str,
                   baseline: str) -> str:
     """The sentence on the paper's claim, from the numbers: it holds when LarvSeg beats the baseline on novel
@@ -215,13 +221,12 @@ def claim_verdict(summary: dict[str, dict[str, Summary]], paired: dict[str, Summ
     d = paired["miou_novel"]
     n = len(d.values)
     wins = sum(v > 0 for v in d.values)
-    seg_base = summary[seg_only]["miou_base"].mean if seg_only in summary else float("nan")
-    base_gaps = {v: summary[v]["miou_base"].mean - seg_base for v in summary if v != seg_only}
+    gaps = base_gaps(summary, seg_only)
     conditions = [
         (wins == n and n > 0, f"LarvSeg > baseline on novel mIoU in {wins} of {n} seeds"),
         (n > 1 and d.mean > 2 * d.std, f"mean paired difference {d.mean:+.2f} vs 2 x std = {2 * d.std:.2f}"),
-        (all(abs(g) <= BASE_TOLERANCE for g in base_gaps.values()) and bool(base_gaps),
-         "base mIoU vs segmentation only: " + ", ".join(f"{v} {g:+.1f}" for v, g in base_gaps.items())
+        (all(abs(g) <= BASE_TOLERANCE for g in gaps.values()) and bool(gaps),
+         "base mIoU vs segmentation only: " + ", ".join(f"{v} {g:+.1f}" for v, g in gaps.items())
          + f" (tolerance ±{BASE_TOLERANCE:.0f})"),
     ]
     failed = [text for ok, text in conditions if not ok]
@@ -247,9 +252,9 @@ def _fmt(x: float) -> str:
 
 
 def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: Sequence[str],
-                      class_roles: Sequence[str], larvseg: str, base_gaps: dict[str, float] | None = None) -> list[str]:
+                      class_roles: Sequence[str], larvseg: str, gaps: dict[str, float] | None = None) -> list[str]:
     """Markdown: base patches predicted as novel per variant; per-class AUCs of the LarvSeg runs.
-    ``base_gaps``: base mIoU of each image-level variant minus segmentation only (explains any drop)."""
+    ``gaps``: base mIoU of each image-level variant minus segmentation only (explains any drop)."""
     lines = ["## Diagnostics at feature resolution", "",
              "Base-labelled patches predicted as a novel class (%, mean over seeds), and per novel class the ratio "
              "of predicted to ground-truth patches (1.0 = as many as in the ground truth):", "",
@@ -265,7 +270,7 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
         lines.append(f"| {v} | {leak:.1f} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
     leaks = {v: float(np.nanmean([d.base_to_novel for (vv, _), d in diagnostics.items() if vv == v]))
              for v in variants if any(vv == v for vv, _ in diagnostics)}
-    dropped = {v: g for v, g in (base_gaps or {}).items() if g < -BASE_TOLERANCE}
+    dropped = {v: g for v, g in (gaps or {}).items() if g < -BASE_TOLERANCE}
     if dropped:
         worst = min(dropped, key=dropped.get)
         lines += ["", f"- Base mIoU drops with image-level data ({worst}: {dropped[worst]:+.1f} vs segmentation only; "
@@ -273,9 +278,9 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
                   "the image-level loss pools the logits of single-tag images whose tagged object is a minority of "
                   "the pixels and whose background is always base classes, and so raises the tag on the background; "
                   "a weakly pretrained backbone cannot resist it (docs/BASE_COLLAPSE.md has the measurements)."]
-    elif base_gaps:
+    elif gaps:
         lines += ["", "- Base mIoU is kept with image-level data: " + ", ".join(
-            f"{v} {g:+.1f}" for v, g in base_gaps.items()) + f" vs segmentation only (tolerance ±{BASE_TOLERANCE:.0f}); "
+            f"{v} {g:+.1f}" for v, g in gaps.items()) + f" vs segmentation only (tolerance ±{BASE_TOLERANCE:.0f}); "
             "the base → novel share above still counts base patches now predicted as a novel class, a cost that "
             "stays within the tolerance (docs/BASE_COLLAPSE.md)."]
     cac = [d for (vv, _), d in diagnostics.items() if vv == larvseg and d.auc_bank is not None]
@@ -290,10 +295,10 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
             c = float(np.nanmean([d.auc_classifier[k] for d in cac]))
             a = float(np.nanmean([d.auc_attention[k] for d in cac]))
             lines.append(f"| {name} | {role} | {_fmt(b)} | {_fmt(c)} | {_fmt(a)} | {b - c:+.2f} |")
-        gaps = [float(np.nanmean([d.auc_bank[k] - d.auc_classifier[k] for d in cac])) for k in novel_idx]
-        better = sum(g > 0.02 for g in gaps)
+        auc_gaps = [float(np.nanmean([d.auc_bank[k] - d.auc_classifier[k] for d in cac])) for k in novel_idx]
+        better = sum(g > 0.02 for g in auc_gaps)
         lines += ["", f"- On {better} of {len(novel_idx)} novel classes the bank separates the class better than the "
-                  f"classifier by more than 0.02 AUC (mean bank − classifier over novel classes {np.mean(gaps):+.3f})."]
+                  f"classifier by more than 0.02 AUC (mean bank − classifier over novel classes {np.mean(auc_gaps):+.3f})."]
     return lines + [""]
 
 
@@ -353,8 +358,7 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
                      f"{paired['miou_base'].mean:+.2f} ± {paired['miou_base'].std:.2f} |")
         lines += ["", f"- {claim_verdict(summary, paired, seg_only, baseline)}"]
     if diagnostics:
-        gaps = ({v: summary[v]["miou_base"].mean - summary[seg_only]["miou_base"].mean
-                 for v in (baseline, larvseg) if v in summary} if seg_only in summary else {})
+        gaps = base_gaps(summary, seg_only) if seg_only in summary else {}
         lines += [""] + diagnostics_lines(diagnostics, variants, class_names, class_roles, larvseg, gaps)
     lines += ["", "## Every run", "", "| variant | seed | mIoU (all) | mIoU base | mIoU novel | train s | eval s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -377,5 +381,5 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
     return path
 
 
-__all__ = ["PanelRow", "PretrainSummary", "RunResult", "Summary", "claim_verdict", "class_palette", "findings",
+__all__ = ["PanelRow", "PretrainSummary", "RunResult", "Summary", "base_gaps", "claim_verdict", "class_palette", "findings",
            "paired_differences", "summarise", "summarise_results", "write_class_chart", "write_panel", "write_report"]
