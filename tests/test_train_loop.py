@@ -12,11 +12,9 @@ loop, not image decoding; tests/test_train_tools.py runs the real data layer thr
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from larvseg.data.vocabulary import Vocabulary
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train import loop
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
+from subprocesses import clean_env, kill_when_written
 
 NUM_CLASSES = 6
 NAMES = [f"class {i}" for i in range(NUM_CLASSES)]
@@ -72,13 +71,6 @@ def build(cfg, device):
 
 sys.exit(loop.main(build_parser().parse_args(sys.argv[1:]), build=build))
 """
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +117,7 @@ def test_two_processes_match_one(setup):
     work = setup / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(setup / "runner.py"), "train", str(setup / "tiny.yaml"), "--work-dir", str(work)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done:") == 1  # rank 0 reports
     _assert_same(_weights(work / "iter_00000006.pth"), _weights(setup / "ref" / "iter_00000006.pth"), 1e-5)
@@ -134,21 +126,13 @@ def test_two_processes_match_one(setup):
 def test_killed_and_resumed_matches_uninterrupted(setup):
     work = setup / "killed"
     cmd = [sys.executable, str(setup / "runner.py"), "train", str(setup / "tiny.yaml"), "--work-dir", str(work)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while not (work / "iter_00000002.pth").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 90 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc = kill_when_written(cmd, work / "iter_00000002.pth", timeout=90)
     assert proc.returncode == -signal.SIGKILL
     assert not (work / "final.safetensors").exists()  # it really was interrupted
     assert [s for s, _ in list_checkpoints(work)][-1] < 6
 
     # auto-resume from the newest checkpoint in the work dir
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     ref = load_checkpoint(setup / "ref" / "iter_00000006.pth")

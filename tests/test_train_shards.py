@@ -12,13 +12,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from larvseg.data import testing as T
 from larvseg.data.vocabulary import imagenet_names, imagenet_subset
 from larvseg.train import loop
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
+from subprocesses import clean_env, kill_when_written
 
 REPO = Path(__file__).resolve().parent.parent
 WNIDS = imagenet_subset("ade847")[:3]
@@ -54,13 +52,6 @@ model: {{arch: vit_mini, drop_path: 0.0, memory_bank_size: 2, num_sampled_classe
 train: {{iters: {iters}, lr: 0.05, log_interval: 2, checkpoint_interval: 2, keep_last: 5, eval_interval: -1,
         amp: "off", device: cpu, seed: 3}}
 """
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PORT", "NNODES", "NODE_RANK"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +124,11 @@ def test_train_from_shards_killed_and_resumed_matches_uninterrupted(shards):
 
     work = root / "killed"
     cmd = [sys.executable, "-m", "larvseg.cli", "train", str(config), "--work-dir", str(work)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (work / "iter_00000002.pth").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when_written(cmd, work / "iter_00000002.pth", timeout=120)
     assert not (work / "final.safetensors").exists()  # it really was interrupted
     assert [s for s, _ in list_checkpoints(work)][-1] < 6
 
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     got = load_checkpoint(work / "iter_00000006.pth")
@@ -165,7 +148,7 @@ def test_two_nodes_of_two_processes_match_one_process(shards):
     config = _config(root, "offsets", streamed=False, seg=3, iters=2)  # 3 seg images over 4 ranks: one gets 0
     cfg = load_config(config, [f"train.work_dir={root / 'one'}"])
     loop.train(cfg, *loop.build(cfg, torch.device("cpu")), resume="none")
-    env = dict(_env(), NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(clean_env(), NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     nodes = [subprocess.Popen(["bash", str(REPO / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(root / "multi")],
                               env=dict(env, NODE_RANK=str(node)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)

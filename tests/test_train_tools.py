@@ -4,9 +4,7 @@ layer, on a few images of the `larvseg demo` mini benchmark in its on-disk layou
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,10 @@ import pytest
 
 from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
+from subprocesses import clean_env
 from larvseg.train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PORT", "NNODES"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def experiment(tmp_path_factory):
 def test_dist_train_then_dist_test(experiment):
     root, config = experiment
     work = root / "work"
-    train = subprocess.run(["bash", str(REPO / "tools" / "dist_train.sh"), str(config)], cwd=root, env=_env(),
+    train = subprocess.run(["bash", str(REPO / "tools" / "dist_train.sh"), str(config)], cwd=root, env=clean_env(),
                            capture_output=True, text=True, timeout=180)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(work)] == [2]
@@ -61,7 +53,7 @@ def test_dist_train_then_dist_test(experiment):
     # overrides after --eval mIoU, the order of the script's own usage line ("unsupported --eval metric" before)
     test = subprocess.run(["bash", str(REPO / "tools" / "dist_test.sh"), str(config), str(ckpt), "1", "--eval", "mIoU",
                            "data.num_workers=0", "eval.max_images=0"],
-                          cwd=root, env=_env(), capture_output=True, text=True, timeout=180)
+                          cwd=root, env=clean_env(), capture_output=True, text=True, timeout=180)
     assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-3000:]
     results = json.loads((work / "eval_iter_00000002" / "eval_results.json").read_text())
     # the checkpoint evaluated by the script scores exactly what the loop measured on the same weights
@@ -69,7 +61,7 @@ def test_dist_train_then_dist_test(experiment):
 
     # 2-process evaluation (gloo on CPU): each rank scores its shard, the matrices are summed across ranks
     test2 = subprocess.run(["bash", str(REPO / "tools" / "dist_test.sh"), str(config), str(ckpt), "2", "--eval", "mIoU",
-                            "--out", str(root / "eval_2proc")], cwd=root, env=_env(), capture_output=True, text=True,
+                            "--out", str(root / "eval_2proc")], cwd=root, env=clean_env(), capture_output=True, text=True,
                            timeout=180)
     assert test2.returncode == 0, test2.stdout[-2000:] + test2.stderr[-3000:]
     one = np.load(work / "eval_iter_00000002" / "confusion.npy")
