@@ -37,7 +37,7 @@ from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.data.datasets import ShardStream, SourceDataset, build_source_checked
 from larvseg.data.io import DataError
 from larvseg.data.shard_stream import StreamPlan
-from larvseg.data.transforms import TrainTransform, eval_resize
+from larvseg.data.transforms import TrainTransform, eval_resize, train_transform
 from larvseg.data.vocabulary import Vocabulary
 
 
@@ -265,8 +265,7 @@ class MixedLoader:
         d = cfg.data
         self.loaders = []
         for spec in self.specs:
-            transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio,
-                                       photometric=d.photometric)
+            transform = train_transform(spec.config, d)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
                 if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs
