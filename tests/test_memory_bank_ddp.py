@@ -5,6 +5,7 @@ the same class in one step (the entries are enqueued source by source, each in b
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 
@@ -50,16 +51,17 @@ def _banks(path, n: int) -> list[dict[str, torch.Tensor]]:
     return [torch.load(path / f"bank{r}.pt", weights_only=True) for r in range(n)]
 
 
-def test_two_processes_hold_the_bank_of_one_process_with_the_combined_batch(tmp_path):
+def test_two_processes_hold_the_bank_of_one_process_with_the_combined_batch(tmp_path, monkeypatch):
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    for out, launch in ((one, [sys.executable]),
-                        (two, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        proc = subprocess.run([*launch, str(runner), str(out)], env=clean_env(), capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner), str(two)]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(runner), str(one)])
+    with torch.random.fork_rng():  # the reference: the same script in this process (no process group)
+        runpy.run_path(str(runner), run_name="__main__")
     (ref,) = _banks(one, 1)
     # class 3: 3 + 4 entries in step 0 alone, from both sources and both ranks; 3 steps wrap its 8 slots
     assert ref["ptr"][3] + 8 * ref["wraps"][3] == 21 and ref["wraps"][3] == 2
