@@ -50,8 +50,8 @@ def pipeline_line(source: SourceConfig, role: str, cfg: Config, labelled: bool) 
     """What training does to this source's images (evaluation: how the eval set is resized and windowed)."""
     d, e = cfg.data, cfg.eval
     if role == "eval":
-        return (f"evaluation: resize to short side {e.short_side} (long side <= {e.max_long_side}), "
-                f"{e.mode} windows {e.crop_size} / stride {e.stride}")
+        windows = "the whole image at once" if e.mode == "whole" else f"slide windows {e.crop_size} / stride {e.stride}"
+        return f"evaluation: resize to short side {e.short_side} (long side <= {e.max_long_side}), {windows}"
     long, short = source_scale(source, d)
     own = "its own scale" if source.scale else "data.scale"
     if not labelled:
