@@ -91,6 +91,9 @@ class SourceConfig:
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
     share: float = 1.0  # tag sources: relative share of the image-level batch
     crop_size: int = 512  # training crop (512 for segmentation sets, 320 for ImageNet)
+    # random rescale target (long, short) of this source's training images, as data.scale; [] = data.scale.
+    # The original rescales ImageNet to (320, 320): a whole photo fits its 320 crop at ratio 1.
+    scale: list[int] = field(default_factory=list)
     loss_weight: float = 1.0  # seg sources: pixel CE weight; tag sources: lambda_cls of the image-level loss
     cac_weight: float = 0.1  # tag sources: lambda_cac of the attentive-classifier loss
     cac_topk: int = 20  # tag sources: K, pixels per memory-bank slot (40 for ADE-150 tags, 20 for ADE-847/ImageNet)
@@ -369,6 +372,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.{where}.{i}: 'format' is required")
             if s.crop_size <= 0 or s.crop_size % 16:
                 raise ConfigError(f"data.{where}.{i}.crop_size must be a positive multiple of 16, got {s.crop_size}")
+            if s.scale and (len(s.scale) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in s.scale)):
+                raise ConfigError(f"data.{where}.{i}.scale must be [] (data.scale) or two positive integers [long, short], "
+                                  f"got {s.scale}")
     check_amp(cfg.train.amp, "train.amp", ConfigError)
     check_amp(cfg.eval.amp, "eval.amp", ConfigError)
     if cfg.eval.mode not in ("slide", "whole"):

@@ -79,7 +79,12 @@ def test_packaged_config_on_the_seed_readme_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[seg] C171 (coco171): 2 images, classes 2/160, ok\n    split folder: training (detected; looked for train2017, training)" in out
     assert "[tag] A847w (ade847): 2 images, classes 2/847, ok\n    split folder: training (as configured)" in out
-    assert "[tag] IN585 (imagenet): 585 images, classes 585/585, ok\n[eval]" in out  # no split line: no split folders
+    # no split line (no split folders); the training pipeline of each source: ImageNet its own (320, 320)
+    assert ("[tag] IN585 (imagenet): 585 images, classes 585/585, ok\n    training: rescale to fit (320, 320) "
+            "(its own scale) x ratio 0.5-2, crop 320 (not retried: no label map), pad to 320\n[eval]") in out
+    assert ("training: rescale to fit (2048, 512) (data.scale) x ratio 0.5-2, crop 512 (retried while one class "
+            "covers >= 0.75), pad to 512") in out
+    assert "evaluation: resize to short side 512 (long side <= 2048), slide windows 512 / stride 512" in out
     assert "4 sources, 0 problem(s)" in out
     # an explicit split still wins: train2017 is not there, and the error says what is
     assert cli_main(args + ["data.seg_sources.0.split=train2017"]) == 1

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
-from larvseg.config import IGNORE_INDEX, PIXEL_MEAN
+from larvseg.config import IGNORE_INDEX, PIXEL_MEAN, ConfigError, SourceConfig, load_config
 from larvseg.data import testing as T
+from larvseg.data.io import read_image
+from larvseg.data.mixing import MixedLoader
 from larvseg.data.transforms import (
     Photometric,
     TrainTransform,
@@ -19,7 +22,10 @@ from larvseg.data.transforms import (
     random_rescale,
     rescale_size,
     resize_label,
+    source_scale,
+    train_transform,
 )
+from larvseg.data.vocabulary import build_vocabulary, imagenet_subset
 from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import build_vit
@@ -188,3 +194,43 @@ def test_train_transform_without_photometric_keeps_the_colours():
             image, None, np.random.default_rng(seed))
         changed += not np.array_equal(jittered, kept)
     assert changed > 0
+
+
+def test_per_source_scale_fits_a_whole_imagenet_photo_in_its_crop(tmp_path):
+    # the original rescales ImageNet to (320, 320) (its own Resize, not the segmentation sets' (2048, 512)):
+    # at ratio 1 a 500x375 photo becomes 320x240 and the 320 crop holds all of it, plus padding below
+    wnid = imagenet_subset("ade150")[0]
+    (photo_path,) = T.write_imagenet(tmp_path / "I22K", [wnid], per_class=1, size=(375, 500))
+    (tmp_path / "wnids.txt").write_text(wnid + "\n")
+    photo = read_image(photo_path)
+    mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
+
+    def crop(scale):
+        source = SourceConfig(name="IN", format="imagenet", classes=str(tmp_path / "wnids.txt"), crop_size=320, scale=scale)
+        cfg = T.make_config(tmp_path, tag=[source], seg_batch_size=0, tag_batch_size=1, scale=[2048, 512],
+                            ratio_range=[1.0, 1.0], photometric=False)
+        batch = next(iter(MixedLoader(cfg, build_vocabulary(cfg), 0, 1)))
+        assert batch.tag[0].paths == [str(photo_path)]
+        return batch.tag[0].images[0].numpy()
+
+    img = crop([320, 320])
+    assert img.shape == (3, 320, 320)
+    whole = np.ascontiguousarray(cv2.resize(photo, (320, 240), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+    # the whole photo (maybe flipped), then 80 rows of the padding colour
+    assert np.array_equal(img[:, :240], whole) or np.array_equal(img[:, :240], whole[:, :, ::-1])
+    assert (img[:, 240:] == mean).all()
+    # the global data.scale (2048, 512): short side 512 (683x512), so the crop is all photo, 29 % of it
+    img = crop([])
+    assert not (img == mean).all(axis=0).any()
+    assert 0.28 < 320 * 320 / (683 * 512) < 0.30
+    # the packaged configs: ImageNet sources (320, 320), segmentation sets data.scale
+    cfg = load_config("c171_a150w_in124")
+    assert [source_scale(s, cfg.data) for s in cfg.data.seg_sources + cfg.data.tag_sources] == [(2048, 512), (2048, 512), (320, 320)]
+    assert train_transform(cfg.data.tag_sources[1], cfg.data).scale == (320, 320)
+    assert load_config("c171_a150w_in124", ["data.tag_sources.1.scale=[640, 160]"]).data.tag_sources[1].scale == [640, 160]
+
+
+def test_per_source_scale_is_checked():
+    for bad in ("[320]", "[320, 0]", "[320, 1.5]"):
+        with pytest.raises(ConfigError, match=r"data\.tag_sources\.1\.scale must be"):
+            load_config("c171_a150w_in124", [f"data.tag_sources.1.scale={bad}"])

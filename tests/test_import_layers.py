@@ -34,6 +34,7 @@ LAYERS = {
     "larvseg.serve": 4,
     "larvseg.export": 4,
     "larvseg.cli": 4,
+    "larvseg.reproductions": 4,  # the original-configs table: reads configs through the data layer
 }
 # (importer prefix, imported prefix) allowed inside a layer besides a package importing itself
 SAME_LAYER = {

@@ -3,7 +3,9 @@
 For each source (segmentation, image-level, evaluation) it lists the files, decodes every image and
 label map (or the first ``--max-images``), and prints the number of images, the class coverage (classes
 with at least one labelled pixel or tagged image, out of the source's vocabulary), the split folder used
-(as configured, or detected when ``split`` is empty) and every problem found, each naming its file. The exit code is 1 when anything is wrong, 0 otherwise.
+(as configured, or detected when ``split`` is empty), the resize and crop that training (or evaluation)
+will apply to it, and every problem found, each naming its file. The exit code is 1 when anything is
+wrong, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from larvseg.config import Config, SourceConfig, load_config
 from larvseg.data.datasets import ImageTagFolder, build_source_checked
 from larvseg.data.io import DataError
+from larvseg.data.transforms import source_scale
 from larvseg.data.vocabulary import VocabularyError, build_vocabulary
 
 
@@ -31,6 +34,7 @@ class SourceReport:
     classes_seen: int = 0
     classes_total: int = 0
     split: str = ""  # the split folder used and how it was chosen; "" for formats without split folders
+    pipeline: str = ""  # the rescale and crop training applies (evaluation: the resize and windows)
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -38,7 +42,26 @@ class SourceReport:
                 + (f", {self.checked} decoded" if self.checked != self.images else "")
                 + f", classes {self.classes_seen}/{self.classes_total}"
                 + (f", {len(self.problems)} problem(s)" if self.problems else ", ok"))
-        return [head] + ([f"    split folder: {self.split}"] if self.split else []) + [f"    - {p}" for p in self.problems]
+        return ([head] + ([f"    split folder: {self.split}"] if self.split else [])
+                + ([f"    {self.pipeline}"] if self.pipeline else []) + [f"    - {p}" for p in self.problems])
+
+
+def pipeline_line(source: SourceConfig, role: str, cfg: Config, labelled: bool) -> str:
+    """What training does to this source's images (evaluation: how the eval set is resized and windowed)."""
+    d, e = cfg.data, cfg.eval
+    if role == "eval":
+        windows = "the whole image at once" if e.mode == "whole" else f"slide windows {e.crop_size} / stride {e.stride}"
+        return f"evaluation: resize to short side {e.short_side} (long side <= {e.max_long_side}), {windows}"
+    long, short = source_scale(source, d)
+    own = "its own scale" if source.scale else "data.scale"
+    if not labelled:
+        retry = "not retried: no label map"
+    elif d.cat_max_ratio < 1:
+        retry = f"retried while one class covers >= {d.cat_max_ratio:g}"
+    else:
+        retry = "not retried: data.cat_max_ratio >= 1"
+    return (f"training: rescale to fit ({long}, {short}) ({own}) x ratio {d.ratio_range[0]:g}-{d.ratio_range[1]:g}, "
+            f"crop {source.crop_size} ({retry}), pad to {source.crop_size}")
 
 
 def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images: int = 0) -> SourceReport:
@@ -51,6 +74,8 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
         return report
     dataset = built.dataset
     report.split = built.split.describe() if built.split else ""
+    labelled = not isinstance(dataset, ImageTagFolder) and getattr(dataset, "kind", "seg") != "tag"
+    report.pipeline = pipeline_line(source, role, cfg, labelled)
     report.problems.extend(built.problems)
     report.images = len(dataset)
     # coverage over distinct union classes (COCO-Stuff's 171 train ids are 160 names of the union)

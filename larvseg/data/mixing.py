@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from larvseg.config import IGNORE_INDEX, Config, SourceConfig
+from larvseg.config import IGNORE_INDEX, Config, DataConfig, SourceConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.data.datasets import ShardStream, SourceDataset, build_source_checked
 from larvseg.data.io import DataError
 from larvseg.data.shard_stream import StreamPlan
-from larvseg.data.transforms import TrainTransform, eval_resize
+from larvseg.data.transforms import TrainTransform, eval_resize, train_transform
 from larvseg.data.vocabulary import Vocabulary
 
 
@@ -231,14 +231,20 @@ def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
                     cfg.cac_weight, cfg.cac_topk, data["paths"])
 
 
+def source_batches(d: DataConfig) -> list[tuple[SourceConfig, str, int]]:
+    """(source, role "seg" | "tag", images per step summed over ranks) of every training source, in
+    source-index order: data.seg_batch_size split evenly over the segmentation sources,
+    data.tag_batch_size over the image-level ones by their ``share``."""
+    seg_counts = split_counts(d.seg_batch_size, [1.0] * len(d.seg_sources))
+    tag_counts = split_counts(d.tag_batch_size, [s.share for s in d.tag_sources])
+    return [(s, "seg", n) for s, n in zip(d.seg_sources, seg_counts)] + [(s, "tag", n) for s, n in zip(d.tag_sources, tag_counts)]
+
+
 def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) -> list[_SourceSpec]:
     """The datasets of every training source with their per-step global counts (sources with 0 dropped)."""
     d = cfg.data
-    seg_counts = split_counts(d.seg_batch_size, [1.0] * len(d.seg_sources))
-    tag_counts = split_counts(d.tag_batch_size, [s.share for s in d.tag_sources])
     specs = []
-    entries = [(s, "seg", n) for s, n in zip(d.seg_sources, seg_counts)] + [(s, "tag", n) for s, n in zip(d.tag_sources, tag_counts)]
-    for index, (source, role, n) in enumerate(entries):
+    for index, (source, role, n) in enumerate(source_batches(d)):
         if n == 0:
             continue
         built = build_source_checked(source, d, vocab, role)
@@ -265,8 +271,7 @@ class MixedLoader:
         d = cfg.data
         self.loaders = []
         for spec in self.specs:
-            transform = TrainTransform(spec.config.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio,
-                                       photometric=d.photometric)
+            transform = train_transform(spec.config, d)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
                 if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from larvseg.config import IGNORE_INDEX, PIXEL_MEAN
+from larvseg.config import IGNORE_INDEX, PIXEL_MEAN, DataConfig, SourceConfig
 
 
 def rescale_size(h: int, w: int, long_side: float, short_side: float) -> tuple[int, int]:
@@ -169,6 +169,18 @@ class TrainTransform:
         if label is not None:
             label = np.ascontiguousarray(label, dtype=np.uint16)
         return pad_to(image, label, self.crop_size)
+
+
+def source_scale(source: SourceConfig, data: DataConfig) -> tuple[int, int]:
+    """The (long, short) rescale target of ``source``'s training images: its own ``scale``, else ``data.scale``."""
+    return tuple(source.scale or data.scale)  # type: ignore[return-value]
+
+
+def train_transform(source: SourceConfig, data: DataConfig) -> TrainTransform:
+    """The training pipeline of one source: its crop and rescale, the data section's ratio range,
+    cat_max_ratio and photometric switch."""
+    return TrainTransform(source.crop_size, source_scale(source, data), tuple(data.ratio_range), data.cat_max_ratio,
+                          photometric=data.photometric)
 
 
 def eval_resize(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:

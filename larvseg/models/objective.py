@@ -109,10 +109,15 @@ class TrainingObjective(nn.Module):
                 terms[f"cac/{tag.source}"] = cac
         if self.use_cac and entries:
             # Attend before enqueue, at step granularity: every attention above used the bank as it was at
-            # the start of the step. One gathered enqueue for all sources (all ranks, rank order).
-            classes = torch.cat([c for c, _ in entries])
-            feats = torch.cat([f for _, f in entries])
-            self.segmenter.bank.enqueue(classes, feats, gather=True)
+            # the start of the step. One gathered enqueue for all sources, in the order one process with the
+            # whole batch enqueues: source by source, each source's entries in rank order (its batch order),
+            # so that a class tagged in two sources fills the same slots with any number of processes.
+            # The source index rides in the class id (one gather for ids, one for features).
+            vocab = self.segmenter.bank.num_classes
+            keyed = distributed.all_gather_cat(torch.cat([c + j * vocab for j, (c, _) in enumerate(entries)]))
+            feats = distributed.all_gather_cat(torch.cat([f for _, f in entries]).contiguous())
+            order = torch.sort(torch.div(keyed, vocab, rounding_mode="floor"), stable=True).indices
+            self.segmenter.bank.enqueue(keyed[order] % vocab, feats[order], gather=False)
         if not terms:
             raise ValueError(f"step {batch.step}: the StepBatch holds no source")
         terms = {"loss": sum(terms.values()), **terms}
