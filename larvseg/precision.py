@@ -6,7 +6,7 @@ device, "auto" = bf16 only where it was *measured* faster on this machine for th
 Why measure instead of reading CPU flags: bf16 speed depends on the part and on the workload, and no
 flag table predicts it. Measured with ViT-B/16 (docs/PERFORMANCE.md): AVX2-only EPYC inference 0.18x,
 training step 0.03x; a Xeon with AVX-512-BF16 and no AMX inference 0.58x; a Zen 4 EPYC with AVX-512-BF16
-and no AMX inference 2.62x but training 0.99x; AMX Xeons 1.8-3.5x for both; CUDA GPUs 1.45-1.55x.
+and no AMX inference 2.62x but training 0.99x; AMX Xeons 1.8-3.3x for both; CUDA GPUs 1.45-1.55x.
 
 How: on the first use of a (machine, software, workload) key, ``Workload.build(device)`` makes one
 representative pass (for the ViT, a copy of one of the model's own blocks on a 512 x 512 crop's 1,025

@@ -22,8 +22,9 @@ summing to 1 (upsampling, cropping, averaging and the final resize multiplied ou
   one possible class is painted without evaluating its pixels. Same labels, cost about cells x classes
   plus the contested pixels;
 - on a GPU, ``larvseg.models.chunked_argmax``: every class at every pixel in class chunks x pixel
-  tiles, bf16 GEMMs with float32 accumulation, no host sync inside the loop, and an exact float32
-  re-check of the pixels whose best two classes are within bf16's error bound. Same labels.
+  tiles, split (hi + lo) bf16 GEMMs with float32 accumulation, no host sync inside the loop, and an
+  exact float32 re-check of the pixels whose best two classes are within the split's error bound.
+  Same labels.
 
 The logits come from one GEMM per window (``CosineClassifier.logits_one_gemm``: the standardisation
 over classes folded in), classes first; the centred class vectors and their covariance are cached per
