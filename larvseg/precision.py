@@ -13,8 +13,10 @@ representative pass (for the ViT, a copy of one of the model's own blocks on a 5
 tokens: forward for inference, forward + backward for training; ``larvseg.models.amp_workload``), and
 ``measure`` times it in float32 and under bf16 autocast, interleaved: a warm-up of each, then
 ``CALIBRATION_ROUNDS`` rounds, the fastest time of each. bf16 is chosen only if float32 / bf16 >=
-``MIN_SPEEDUP``. A bf16 warm-up ``EARLY_STOP_SLOWDOWN`` x slower than the float32 one ends the
-calibration at once (CPUs without bf16 arithmetic: a ViT-B backward pass would take minutes).
+``MIN_SPEEDUP``. A small probe of the same pass (65 tokens) runs first: bf16 ``EARLY_STOP_SLOWDOWN`` x
+slower than float32 there (if its bf16 pass took over ``PROBE_MIN_SECONDS``) or in the full pass's
+warm-up ends the calibration at once (CPUs without bf16 arithmetic, where one bf16 ViT-B forward +
+backward of the full size takes ~30 s).
 
 The decision is cached in ``amp_calibration.json`` under the cache folder (``$XDG_CACHE_HOME/larvseg``,
 default ``~/.cache/larvseg``), one entry per key: device (CPU model and its vector/matrix flags, or the
@@ -52,6 +54,8 @@ from larvseg.config import check_amp
 MIN_SPEEDUP = 1.10  # bf16 must be at least this much faster: it costs some accuracy, noise must not pick it
 CALIBRATION_ROUNDS = 3  # timed rounds (float32, bf16 interleaved) after one warm-up of each
 EARLY_STOP_SLOWDOWN = 4.0  # a bf16 warm-up this many times slower than the float32 one ends the calibration
+PROBE_MIN_SECONDS = 0.05  # the probe decides only when its bf16 pass took this long: below, bf16's fixed
+# costs (casting the weights at every call) dominate a small model's probe and say nothing of the full pass
 CALIBRATION_VERSION = 1  # bump when the measurement changes: old cache entries are then ignored
 CACHE_NAME = "amp_calibration.json"
 CALIBRATION_ENV = "LARVSEG_AMP_CALIBRATION"  # "off" / "0": amp=auto is float32 without measuring
@@ -66,6 +70,9 @@ class Workload:
     kind: str
     shape: str
     build: Callable[[torch.device], Callable[[bool], object]]
+    # the same pass at a fraction of the size: run first, so that a bf16 far slower than float32 (CPUs
+    # without bf16 arithmetic) is seen in well under a second instead of after one full bf16 pass
+    build_probe: Callable[[torch.device], Callable[[bool], object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,18 +143,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(workload: Workload, device: torch.device) -> Timing:
-    """Time ``workload``'s pass in float32 and in bf16, interleaved (see the module doc)."""
-    start = time.perf_counter()
-    run = workload.build(device)
-
+def _timer(run: Callable[[bool], object], device: torch.device) -> Callable[[bool], float]:
     def timed(bf16: bool) -> float:
         _sync(device)
         t0 = time.perf_counter()
         run(bf16)
         _sync(device)
         return time.perf_counter() - t0
+    return timed
 
+
+def measure(workload: Workload, device: torch.device) -> Timing:
+    """Time ``workload``'s pass in float32 and in bf16, interleaved (see the module doc). The probe (if
+    any), then the pass itself, stop early where bf16 is EARLY_STOP_SLOWDOWN x slower after a warm-up."""
+    start = time.perf_counter()
+    if workload.build_probe is not None:
+        probe = _timer(workload.build_probe(device), device)
+        probe(False), probe(True)  # warm-ups
+        fp32_s, bf16_s = probe(False), probe(True)
+        if bf16_s > max(EARLY_STOP_SLOWDOWN * fp32_s, PROBE_MIN_SECONDS):
+            return Timing(fp32_s, bf16_s, time.perf_counter() - start, True)
+    timed = _timer(workload.build(device), device)
     fp32, bf16 = [timed(False)], [timed(True)]  # warm-ups: first-call costs (allocation, kernel choice)
     if bf16[0] > EARLY_STOP_SLOWDOWN * fp32[0]:
         return Timing(fp32[0], bf16[0], time.perf_counter() - start, True)

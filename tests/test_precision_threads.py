@@ -133,10 +133,25 @@ def test_measure_times_the_real_block_and_stops_early(monkeypatch):
     assert all(p.grad is None for p in backbone.parameters())  # the model itself is untouched
 
     def build(device):
-        return lambda bf16: time.sleep(0.05 if bf16 else 0.001)
+        return lambda bf16: time.sleep(0.06 if bf16 else 0.001)
 
-    timing = precision.measure(precision.Workload("training", "sleep", build), CPU)
+    timing = precision.measure(precision.Workload("training", "sleep", build), CPU)  # stopped after the warm-up
     assert timing.early_stop and timing.bf16_s > 4 * timing.fp32_s and not precision.decide(timing)
+
+    def never(device):
+        raise AssertionError("the probe decided: the full pass must not run")
+
+    timing = precision.measure(precision.Workload("training", "sleep", never, build_probe=build), CPU)
+    assert timing.early_stop and not precision.decide(timing)
+    def tiny_probe(device):  # bf16 10x slower, but in a probe too short to tell (fixed costs)
+        return lambda bf16: time.sleep(0.01 if bf16 else 0.001)
+
+    def faster_in_bf16(device):
+        return lambda bf16: time.sleep(0.002 if bf16 else 0.006)
+
+    for probe in (lambda d: lambda bf16: time.sleep(0.001), tiny_probe):  # parity, or too short to tell
+        timing = precision.measure(precision.Workload("training", "sleep", faster_in_bf16, build_probe=probe), CPU)
+        assert not timing.early_stop and precision.decide(timing)  # the full pass decides
 
 
 def test_cpu_flags_parsing(tmp_path):
