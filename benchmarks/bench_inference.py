@@ -4,7 +4,8 @@
   side, and how far bf16 moves the labels: pixel agreement and mIoU of the bf16 label maps against the
   fp32 ones (a trained-like classifier, see "confident", on ``--agreement-images`` random smooth images);
 - time of a 21,843-class prediction vs a 150-class prediction of the same image (ratio), for a random
-  and a confident classifier, and the peak RSS of a fresh process doing the 21,843-class random case
+  and a confident classifier (argmax path: ``--argmax``, default the bounded path on the CPU and the
+  chunked bf16 path on CUDA; the chunked path also reports its near-tie pixels re-checked in float32), and the peak RSS of a fresh process doing the 21,843-class random case
   (ru_maxrss; includes the model and torch);
 - ``larvseg predict`` on a 4000x3000 photo (resized to short side 512 for the model, labels at 12 MP)
   with a ViT-Tiny and 909 classes vs 14 classes (confident classifier);
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="", help="only bf16 vs fp32 labels of this trained checkpoint")
     p.add_argument("--data-root", default="", help="with --checkpoint: data.root of its eval set")
     p.add_argument("--eval-classes", default="", help="with --checkpoint: eval.classes (comma-separated names)")
+    p.add_argument("--argmax", default="auto", help="argmax path of the 21K cases: auto (bounded on the CPU, "
+                   "chunked on CUDA) | bounded | chunked")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.checkpoint:
@@ -164,7 +167,8 @@ def main() -> None:
     def run(net, name: str, amp: str, class_ids, img=image):
         def fn():
             _, paths[name] = segment_image_detailed(net, img, class_ids=class_ids, mode="whole", crop_size=args.size,
-                                                    stride=args.size, amp=amp)
+                                                    stride=args.size, amp=amp,
+                                                    argmax="auto" if class_ids is not None else args.argmax)
         return fn
 
     t = time_side_by_side(
@@ -224,6 +228,8 @@ def main() -> None:
         random_path_all=paths["fp32_all"]["path"],
         confident_ratio_all_vs_150=t["conf_all"] / t["conf_150"],
         confident_path_all=paths["conf_all"]["path"],
+        **{f"{k}_near_ties": paths[n]["near_ties"] for k, n in (("random", "fp32_all"), ("confident", "conf_all"))
+           if "near_ties" in paths[n]},  # the chunked path's pixels re-checked in float32
         peak_rss_GB=child_out["peak_rss"] / 1e9,
         photo=f"{photo_w}x{photo_h}",
         photo_s_14=tp["photo_14"],

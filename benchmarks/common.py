@@ -90,9 +90,9 @@ GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100"
 
 def interesting_cpu_flags() -> list[str]:
     """The vector / matrix extensions of this CPU that decide bf16 speed (from /proc/cpuinfo)."""
-    from larvseg.precision import cpu_flags
+    from larvseg.precision import speed_flags
 
-    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    return speed_flags()
 
 
 def peak_gflops(device: torch.device, tiny: bool = False) -> tuple[float, str]:

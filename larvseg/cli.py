@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the classes that had training data, masks or tags)")
     p.add_argument("--out", required=True, help="output folder (required)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on a GPU that supports it) | bf16 | off")
+    p.add_argument("--amp", default="auto", help="auto (bf16 where measured faster on this machine, cached) | bf16 | off")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
                         "so predictions match `larvseg eval`")

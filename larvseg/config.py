@@ -32,7 +32,7 @@ IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "
 # the data layer only needs the mean, to pad crops with a colour that standardises to 0.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast on CUDA with bf16 and on CPUs with AMX (larvseg.precision)
+AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast where measured faster here (larvseg.precision)
 
 
 class ConfigError(UserError, ValueError):
@@ -154,7 +154,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     poly_power: float = 0.9
     min_lr: float = 1e-5
-    amp: str = "auto"  # auto (bf16 on CUDA with bf16 and on CPUs with AMX) | bf16 | off
+    amp: str = "auto"  # auto (bf16 where measured faster on this machine, cached) | bf16 | off
     threads: int = 0  # intra-op threads; 0 = $LARVSEG_THREADS, $OMP_NUM_THREADS or a default from the model size
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 50
@@ -188,7 +188,7 @@ class EvalConfig:
     stride: int = 512
     short_side: int = 512
     max_long_side: int = 2048
-    amp: str = "auto"  # auto (bf16 on CUDA with bf16 and on CPUs with AMX) | bf16 | off
+    amp: str = "auto"  # auto (bf16 where measured faster on this machine, cached) | bf16 | off
     threads: int = 0  # intra-op threads of eval / predict; 0 = as train.threads
     max_images: int = 0  # 0 = the whole set
     classes: str = ""  # predict and score only these eval classes: comma-separated names or a file; "" = all

@@ -18,6 +18,7 @@ LAYERS = {
     "larvseg": 0,  # larvseg/__init__.py
     "larvseg.errors": 0,
     "larvseg.atomic": 0,
+    "larvseg.cache_dir": 0,
     "larvseg.config": 0,
     "larvseg.distributed": 0,
     "larvseg.precision": 0,  # amp choice: imports only torch and config

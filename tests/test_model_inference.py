@@ -11,7 +11,9 @@ from larvseg.models import bounded_argmax as bounded_argmax_module
 from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
-from larvseg.models.inference import centered_classes, segment_image, segment_image_detailed, slide_windows
+from larvseg.models import chunked_argmax as chunked_argmax_module
+from larvseg.models.chunked_argmax import chunked_argmax
+from larvseg.models.inference import argmax_path, centered_classes, segment_image, segment_image_detailed, slide_windows
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import VisionTransformer
 
@@ -90,8 +92,9 @@ def _trained_like(seg, image, clusters):
 @pytest.mark.parametrize("kind", ["random", "trained", "ties"])
 @pytest.mark.parametrize("mode,out_size", [("whole", (24, 20)), ("whole", (70, 90)), ("slide", (40, 70)), ("slide", (13, 21))])
 def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
-    """The bounded path (forced) gives the naive dense argmax of the upsampled logits: random and
-    trained-like classifiers, up- and down-sampled outputs, and exact ties between duplicated classes."""
+    """The bounded and the chunked path (forced) give the naive dense argmax of the upsampled logits:
+    random and trained-like classifiers, up- and down-sampled outputs, and exact ties between duplicated
+    classes."""
     seg = _segmenter(300, dim=8)
     image = torch.randn(3, 48, 80)
     if kind == "trained":
@@ -110,10 +113,14 @@ def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
                                         dense_max_elems=0)
     assert info["path"] == "bounded"
     assert torch.equal(pred, ref)
+    chunked, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size,
+                                           argmax="chunked")  # the GPU path, forced on the CPU
+    assert info["path"] == "chunked" and torch.equal(chunked, ref)
     dense, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size)
     assert info["path"] == "dense" and torch.equal(dense, ref)
     if kind == "ties":
         assert (pred % 2 == 0).all()  # of two identical classes the first wins, as torch.argmax
+        assert (chunked % 2 == 0).all()
 
 
 def test_bounded_argmax_ties_and_constant_logits():
@@ -217,3 +224,90 @@ def test_bounded_argmax_quadtree_and_dense_stage_agree(monkeypatch, dense_pixels
     pred, stats = bounded_argmax(logits, r, c)
     assert torch.equal(pred, dense) and int(pred.max()) < 200
     assert stats["dense_values"] > 0  # contested pixels were evaluated (single pixels, at the latest)
+
+
+def _near_tied_logits(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(300, 5, 6) logits where every odd class is its even twin plus 2-3e-5 at every feature pixel
+    (so it wins wherever the pair does, by less than one bf16 GEMM can resolve: ~1e-2 at these values),
+    and classes 250.. exact duplicates of 0..49; and the axes' resize matrices (up-sampling)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = 3 * torch.randn(150, 5, 6, generator=gen)
+    twin = base + 2e-5 * (1 + 0.5 * torch.rand(150, 5, 6, generator=gen))
+    logits = torch.stack([base, twin], 1).reshape(300, 5, 6)
+    logits[250:] = logits[:50]  # exact duplicates: the first copy must win
+    return logits, resize_matrix(5, 61, dtype=torch.float64), resize_matrix(6, 47, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("class_chunk,tile_elems", [(256, 1 << 26), (7, 1000)])
+def test_chunked_argmax_rechecks_near_ties_exactly(monkeypatch, class_chunk, tile_elems):
+    """Split bf16 GEMMs cannot order classes closer than their error bound; those pixels are re-checked in
+    float32, so the labels equal the dense float32 argmax (ties to the lowest class), whatever the class
+    chunks (7: twins in different chunks) and row tiles."""
+    logits, r, c = _near_tied_logits()
+    dense = torch.einsum("ya,nab,xb->nyx", r.float(), logits, c.float()).argmax(0)
+    pred, stats = chunked_argmax(logits, r, c, class_chunk=class_chunk, tile_elems=tile_elems)
+    assert torch.equal(pred, dense)
+    assert (pred % 2 == 1).all() and int(pred.max()) < 250  # the better twin, never a later duplicate
+    assert stats["near_ties"] > 0.5 * pred.numel()  # the near-ties are most pixels here: all re-checked
+    fp32, stats = chunked_argmax(logits, r, c, compute_dtype=torch.float32, class_chunk=class_chunk,
+                                 tile_elems=tile_elems)
+    assert torch.equal(fp32, dense) and stats["near_ties"] == 0  # float32 tiles: the reference itself
+    # the re-check decides those pixels: without it (class 0 instead) they are wrong
+    monkeypatch.setattr(chunked_argmax_module, "exact_values_argmax", lambda logits, r, c, ys, xs: torch.zeros_like(ys))
+    unchecked, _ = chunked_argmax(logits, r, c, class_chunk=class_chunk, tile_elems=tile_elems)
+    assert (unchecked != dense).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("out_w", [96, 47, 5])  # x16 up-sampling (C exact in bf16), other sizes (C split too)
+def test_chunked_argmax_error_bound_holds(out_w):
+    """The bf16 split values stay within error_bound of the exact (float64) values: the premise of the
+    re-check. Large logits, so that the bound is far above float32 noise."""
+    gen = torch.Generator().manual_seed(5)
+    logits = 50 * torch.randn(64, 5, 6, generator=gen)
+    r, c = resize_matrix(5, 61, dtype=torch.float64), resize_matrix(6, out_w, dtype=torch.float64)
+    c_hi, c_lo = chunked_argmax_module.split_c(c.float())
+    assert (c_lo is None) == (out_w == 96)
+    approx = chunked_argmax_module.split_values(torch.matmul(r.float(), logits), c_hi, c_lo)
+    exact = torch.einsum("ya,nab,xb->nyx", r, logits.double(), c)
+    bound = float(chunked_argmax_module.error_bound(logits))
+    worst = float((approx.double() - exact).abs().max())
+    assert 0 < worst <= bound
+    one_term = torch.matmul(torch.matmul(r.float(), logits).bfloat16(), c_hi)  # a single bf16 GEMM
+    assert float((one_term.double() - exact).abs().max()) > 20 * bound  # what the split buys
+
+
+def test_chunked_argmax_ties_and_constant_logits():
+    r, c = resize_matrix(4, 37, dtype=torch.float64), resize_matrix(5, 29, dtype=torch.float64)
+    pred, stats = chunked_argmax(torch.zeros(6, 4, 5), r, c)
+    assert torch.equal(pred, torch.zeros(37, 29, dtype=torch.long)) and stats["near_ties"] == 37 * 29
+    pred, _ = chunked_argmax(torch.randn(1, 4, 5), r, c)  # one class
+    assert torch.equal(pred, torch.zeros(37, 29, dtype=torch.long))
+
+
+def test_argmax_path_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert argmax_path(cpu, 100, 1000) == argmax_path(cuda, 100, 1000) == "dense"
+    assert argmax_path(cpu, 10_000, 1000) == "bounded" and argmax_path(cuda, 10_000, 1000) == "chunked"
+    with pytest.raises(ValueError, match="argmax"):
+        segment_image_detailed(_segmenter(3), torch.rand(3, 16, 16), argmax="fast")
+
+
+def test_chunked_argmax_loop_makes_no_host_sync_calls(monkeypatch):
+    """The chunk x tile loop reads nothing back to the host (on a GPU every kernel is queued without
+    waiting); the bf16 path reads back only outside it: whether bf16 holds C exactly (before) and the
+    near-tie pixels (after)."""
+    logits, r, c = _near_tied_logits()
+    calls = []
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    pred, _ = chunked_argmax(logits, r, c, compute_dtype=torch.float32, class_chunk=7, tile_elems=1000)
+    loop_calls = list(calls)
+    chunked_argmax(logits, r, c, class_chunk=7, tile_elems=1000)  # bf16: the re-check reads back
+    monkeypatch.undo()
+    assert loop_calls == [] and "nonzero" in calls

@@ -22,13 +22,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from larvseg.cache_dir import default_cache_dir
 from larvseg.data.io import IMAGE_SUFFIXES
 
 INDEX_VERSION = 3  # 3: the suffixes of larvseg.data.io.IMAGE_SUFFIXES (was .jpeg .jpg .png)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "larvseg"
 
 
 def cache_file(root: Path, cache_dir: Path) -> Path:

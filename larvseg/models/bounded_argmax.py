@@ -76,6 +76,18 @@ class Axis:
     roots: int  # nodes 0..roots-1 are the groups
 
 
+def row_support(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of a non-negative (n_out, n_feat) matrix: its non-zero columns in order, (n_out, P) with
+    P the widest row (padding repeats the first column), and their weights (padding: weight 0), in the
+    matrix's dtype and device."""
+    nz = matrix > 0
+    width = int(nz.sum(1).max())
+    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :width]  # support first, in order
+    pad = torch.arange(width, device=matrix.device)[None] >= nz.sum(1)[:, None]
+    support = torch.where(pad, order[:, :1], order)
+    return support, torch.where(pad, 0.0, matrix.gather(1, support))
+
+
 def build_axis(matrix: Tensor) -> Axis:
     """Groups and run tree of one axis from its (n_out, n_feat) float64 resize matrix (exact support and
     collinearity tests)."""
@@ -83,11 +95,7 @@ def build_axis(matrix: Tensor) -> Axis:
         raise TypeError("build_axis needs the float64 matrix (support and collinearity are tested exactly)")
     m = matrix.cpu()
     nz = m > 0
-    width = int(nz.sum(1).max())
-    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :width]  # support first, in order
-    pad = torch.arange(width)[None] >= nz.sum(1)[:, None]
-    support = torch.where(pad, order[:, :1], order)
-    weights = torch.where(pad, 0.0, m.gather(1, support))
+    support, weights = row_support(m)
     new = torch.ones(m.shape[0], dtype=torch.bool)
     new[1:] = (nz[1:] != nz[:-1]).any(1)
     starts = new.nonzero().squeeze(1).tolist() + [m.shape[0]]

@@ -16,11 +16,15 @@ summing to 1 (upsampling, cropping, averaging and the final resize multiplied ou
 
 - small problems (output pixels x classes <= ``dense_max_elems``) take the dense argmax of R L C^T in
   class chunks, as two batched matmuls per chunk;
-- larger ones (large vocabularies, large outputs such as 12 MP photos) use
+- larger ones (large vocabularies, large outputs such as 12 MP photos) on a CPU use
   ``larvseg.models.bounded_argmax``: per cell of feature pixels, only the classes that can still win
   there after upsampling are evaluated (a bound proven from the corners of each cell), and a cell with
   one possible class is painted without evaluating its pixels. Same labels, cost about cells x classes
-  plus the contested pixels.
+  plus the contested pixels;
+- on a GPU, ``larvseg.models.chunked_argmax``: every class at every pixel in class chunks x pixel
+  tiles, split (hi + lo) bf16 GEMMs with float32 accumulation, no host sync inside the loop, and an
+  exact float32 re-check of the pixels whose best two classes are within the split's error bound.
+  Same labels.
 
 The logits come from one GEMM per window (``CosineClassifier.logits_one_gemm``: the standardisation
 over classes folded in), classes first; the centred class vectors and their covariance are cached per
@@ -41,10 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from larvseg.config import EvalConfig
+from larvseg.models.amp_workload import vit_workload
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
+from larvseg.models.chunked_argmax import chunked_argmax
 from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
-from larvseg.precision import autocast_context, use_bf16
+from larvseg.precision import bf16_autocast, choose
 
 DENSE_MAX_ELEMS = 1 << 26  # output pixels x classes up to which the dense argmax is used (512^2 x 256)
 CHUNK_ELEMS = 1 << 22  # bound on output pixels x classes per chunk of the dense argmax
@@ -118,7 +124,7 @@ def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
     return prepared
 
 
-def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, amp: str,
+def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, bf16: bool,
                     progress: Callable[[int, int], None] | None = None) -> Tensor:
     """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
     clf = segmenter.classifier
@@ -134,7 +140,7 @@ def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, a
         crop = image[:, y1:y2, x1:x2]
         ph, pw = -(-crop.shape[1] // 16) * 16, -(-crop.shape[2] // 16) * 16
         crop = F.pad(crop, (0, pw - crop.shape[2], 0, ph - crop.shape[1]))
-        with autocast_context(amp, image.device):
+        with bf16_autocast(bf16, image.device):
             x = segmenter.backbone(crop[None])
         p = clf.pixel_vectors(x.float())[0]  # (hw, D); the classifier stage in float32
         logits = clf.logits_one_gemm(p, classes).view(-1, ph // 16, pw // 16)  # gamma * standardize(s) + beta
@@ -167,6 +173,19 @@ def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_
     return best_idx
 
 
+# the large-problem argmax paths (both exact): fewest values on CPUs, dense bf16 GEMMs on GPUs
+ARGMAX_PATHS = {"bounded": bounded_argmax, "chunked": chunked_argmax}
+
+
+def argmax_path(device: torch.device, elems: int, dense_max_elems: int = DENSE_MAX_ELEMS) -> str:
+    """"dense" for small problems (output pixels x classes <= dense_max_elems), else "chunked" on a GPU
+    (its tensor cores evaluate every class faster than the bounded path's small kernels and host
+    bookkeeping) and "bounded" on a CPU (cost about cells x classes instead of pixels x classes)."""
+    if elems <= dense_max_elems:
+        return "dense"
+    return "chunked" if device.type == "cuda" else "bounded"
+
+
 @torch.no_grad()
 def segment_image_detailed(
     segmenter,
@@ -179,16 +198,21 @@ def segment_image_detailed(
     out_size: tuple[int, int] | None = None,
     amp: str = "off",
     dense_max_elems: int = DENSE_MAX_ELEMS,
+    argmax: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, dict[str, float | str]]:
-    """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded", counters...}."""
+    """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded" | "chunked",
+    counters...}. ``argmax``: "auto" (``argmax_path``) or one of the paths, forced (tests, benchmarks)."""
+    if argmax != "auto" and argmax != "dense" and argmax not in ARGMAX_PATHS:
+        raise ValueError(f"argmax must be 'auto', 'dense' or one of {sorted(ARGMAX_PATHS)}, got {argmax!r}")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
     modes = {"whole": lambda h, w: [(0, h, 0, w)], "slide": lambda h, w: slide_windows(h, w, crop_size, stride)}
     if mode not in modes:
         raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
-    use_bf16(amp, image.device)  # validates amp before the backbone runs
     device = next(segmenter.parameters()).device
+    # before the backbone runs: validates amp; "auto" is measured once per machine (larvseg.precision)
+    bf16 = choose(amp, device, vit_workload(segmenter.backbone, "inference"), announce=True).bf16
     image = segmenter.preprocess(image.to(device))  # before windowing: padding is 0 = the mean colour
     hh, ww = image.shape[-2:]
     out_hw = tuple(out_size) if out_size is not None else (hh, ww)
@@ -201,15 +225,16 @@ def segment_image_detailed(
     was_training = segmenter.training
     segmenter.eval()
     try:
-        logits = _feature_logits(segmenter, image, boxes, centered_classes(segmenter.classifier, classes), amp,
+        logits = _feature_logits(segmenter, image, boxes, centered_classes(segmenter.classifier, classes), bf16,
                                  progress)
     finally:
         segmenter.train(was_training)
     r, c = _pipeline_matrices(hh, ww, boxes, out_hw)
-    if out_hw[0] * out_hw[1] * classes.numel() <= dense_max_elems:
+    path = argmax if argmax != "auto" else argmax_path(device, out_hw[0] * out_hw[1] * classes.numel(), dense_max_elems)
+    if path == "dense":
         return classes[dense_argmax(logits, r.to(device), c.to(device))], {"path": "dense"}
-    idx, stats = bounded_argmax(logits, r.to(device), c.to(device))
-    return classes[idx], {"path": "bounded", **stats}
+    idx, stats = ARGMAX_PATHS[path](logits, r.to(device), c.to(device))
+    return classes[idx], {"path": path, **stats}
 
 
 def segment_image(

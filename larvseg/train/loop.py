@@ -15,8 +15,9 @@ the loss terms (for logging and so that every rank agrees on a NaN/inf stop *bef
 backward, SGD step, log; checkpoint every ``train.checkpoint_interval`` steps and at the end; evaluate
 every ``train.eval_interval`` steps.
 
-``train.amp``: "auto" = bf16 autocast on CUDA devices with bf16 support and on CPUs with AMX, float32
-elsewhere (larvseg.precision); "bf16" forces it; "off" = float32. The losses run in float32 either way.
+``train.amp``: "auto" = bf16 autocast where a forward + backward pass was measured faster in bf16 on this
+machine (once, cached; larvseg.precision), float32 elsewhere; "bf16" forces it; "off" = float32. The
+losses run in float32 either way.
 ``train.threads``: intra-op threads (0 = LARVSEG_THREADS, OMP_NUM_THREADS or a default from the model
 size; larvseg.threads), printed at the start.
 ``train.eval_interval``: > 0 every N steps and at the end, 0 only at the end, < 0 never.
@@ -46,7 +47,8 @@ from larvseg.demo.benchmark import ensure_smoke_data
 from larvseg.eval.evaluate import eval_overlays, evaluate
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
-from larvseg.precision import autocast_context, describe
+from larvseg.models.amp_workload import vit_workload
+from larvseg.precision import bf16_autocast, choose
 from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -154,14 +156,20 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     segmenter = segmenter.to(device)
     if device.type == "cpu":
         configure_threads(segmenter, t.threads, verbose=is_main)
+    # amp: rank 0 decides ("auto" is measured once per machine, larvseg.precision), every rank follows it
+    amp = choose(t.amp, device, vit_workload(segmenter.backbone, "training")) if is_main else None
+    if world > 1:
+        amp = distributed.broadcast_object(amp)
     if is_main:
-        print(f"larvseg: {describe(t.amp, device)}", flush=True)
+        print(f"larvseg: {amp.line}", flush=True)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
         model = data_parallel(objective, device)
     else:
         model = objective
-    optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on a GPU
+    optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                **fused)
 
     # Resume: rank 0 picks the file (auto-resume must not race with a save; an unreadable newest one is
     # skipped with a message), every rank loads it.
@@ -222,7 +230,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         lr = poly_lr(step, t.iters, t.lr, t.poly_power, t.min_lr)
         set_lr(optimizer, lr)
 
-        with autocast_context(t.amp, device):
+        with bf16_autocast(amp.bf16, device):
             terms = model(batch.to(device))
         values = reduce_terms(terms)
         if not all(math.isfinite(v) for v in values.values()):

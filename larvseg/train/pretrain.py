@@ -44,7 +44,8 @@ from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, source_class_names
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
-from larvseg.precision import autocast_context
+from larvseg.models.amp_workload import vit_workload
+from larvseg.precision import bf16_autocast, choose
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.atomic import remove_stale_temps
@@ -171,6 +172,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     model = ImageClassifier(backbone, len(vocab), p.loss).to(device)
     if device.type == "cpu":
         configure_threads(model, t.threads)  # train.threads, else LARVSEG_THREADS / OMP_NUM_THREADS, else by size
+    amp = choose(t.amp, device, vit_workload(backbone, "training"))  # "auto": measured once per machine
+    print(f"larvseg: {amp.line}", flush=True)
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
@@ -201,7 +204,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         torch.manual_seed(step_seed(t.seed, step, 0))  # drop-path: a function of (seed, step), exact on resume
         lr = lr_at(step, cfg)
         set_lr(optimizer, lr)
-        with autocast_context(t.amp, device):
+        with bf16_autocast(amp.bf16, device):
             terms = step_terms(model, batch.to(device).tag, len(vocab), p.loss)
         values = {k: float(v.detach()) for k, v in terms.items()}
         if not math.isfinite(values["loss"]):
