@@ -45,9 +45,9 @@ from larvseg.data.vocabulary import UnknownClassError, resolve_classes
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
-from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
+from larvseg.models.io import load_segmenter
+from larvseg.models.segmenter import Segmenter
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import load_checkpoint
 
 
 class ImageReadError(UserError, ValueError):
@@ -116,10 +116,9 @@ class LarvSegPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
-        ckpt = load_checkpoint(path)
-        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device), source=str(path))
-        return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
-                   supervised=ckpt.get("supervised"))
+        loaded = load_segmenter(path, select_device(device))
+        return cls(loaded.segmenter, loaded.class_names, classes=classes, eval_cfg=loaded.config.eval, amp=amp,
+                   short_side=short_side, supervised=loaded.supervised)
 
     def windows(self, image_hw: tuple[int, int]) -> int:
         """Windows the segmentation of an image of this size runs (1 in whole mode)."""

@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from larvseg.data import shards as wds
 from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut, build_source_checked
 from larvseg.data.io import DataError, read_label
 from larvseg.data.vocabulary import source_class_names
+from larvseg.domains import SIZE_PATTERN
 
 TAG_FORMATS = ("imagenet", "custom_tags")
 
@@ -47,7 +47,7 @@ class _OwnClasses:
 
 def parse_size(text: str) -> int:
     """'512MB', '1GB', '100k', '4096' -> bytes (powers of 1000; KiB/MiB/GiB are powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    m = SIZE_PATTERN.fullmatch(text.lower())
     if not m:
         raise ConfigError(f"--shard-size {text!r}: expected a size such as 512MB, 1GB or 1GiB")
     value, unit, binary = float(m.group(1)), m.group(2), m.group(3)

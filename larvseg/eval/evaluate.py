@@ -45,9 +45,8 @@ from larvseg.data.transforms import to_chw
 from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, resolve_classes
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
-from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.models.io import load_segmenter
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import load_checkpoint
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
@@ -271,11 +270,11 @@ def main(args: argparse.Namespace) -> int:
         cfg.eval.classes = args.classes
     device = distributed.init_from_env(cfg.train.device)
     try:
-        ckpt = load_checkpoint(args.checkpoint)
         # The checkpoint's architecture and vocabulary order define the model; the command's config
         # defines what to evaluate on. Eval classes missing from the checkpoint's vocabulary are appended
         # (the model cannot predict them).
-        segmenter, names, _ = segmenter_from_checkpoint(ckpt, device, source=str(args.checkpoint))
+        loaded = load_segmenter(args.checkpoint, device)
+        segmenter, names = loaded.segmenter, loaded.class_names
         if device.type == "cpu":
             configure_threads(segmenter, cfg.eval.threads or cfg.train.threads, verbose=distributed.is_main_process())
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
@@ -286,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
         if distributed.is_main_process():
             from larvseg.train.tensorboard import log_evaluation
 
-            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
+            log_evaluation(cfg, out_dir, loaded.step, results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()
