@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 from larvseg.domains import (
     CLASSES, DEVICE, EXISTING_FILE, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
@@ -210,6 +211,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for a command: one line with the message, not the source line that warned."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:
+        print(f"larvseg {command}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -217,14 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     if debug_requested(getattr(args, "debug", False)):
         return int(func(args) or 0)
-    try:
-        return int(func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
-        line = describe(exc)
-        if line is None:
-            raise
-        print(f"larvseg {args.command}: error: {line} [{DEBUG_NOTE}]", file=sys.stderr, flush=True)
-        return 1
+    with warnings.catch_warnings():  # restored on return: in-process callers (tests) keep their own
+        warnings.showwarning = _one_line_warnings(args.command)
+        try:
+            return int(func(args) or 0)
+        except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
+            line = describe(exc)
+            if line is None:
+                raise
+            print(f"larvseg {args.command}: error: {line} [{DEBUG_NOTE}]", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

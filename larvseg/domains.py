@@ -188,6 +188,15 @@ def writable_problem(value: Any, is_file: bool = False) -> str | None:
     return None
 
 
+def require_writable(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if the folder can be written (or created), else DomainError naming ``what``: checked
+    before the long work of a command, not after it."""
+    why = writable_problem(str(path))
+    if why is not None:
+        raise DomainError(f"{what} {path}: {why}")
+    return Path(path)
+
+
 OUTPUT_DIR = Domain("a folder that exists or can be created, and is writable", str,
                     wrong=("/proc/version/out", ""), explain=writable_problem)
 OUTPUT_FILE = Domain("a file path in a writable folder", str, wrong=("/proc/version/model.onnx", "/"),

@@ -23,6 +23,7 @@ resolution: on the evaluation images, the label maps ``larvseg eval`` scores.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -47,6 +48,7 @@ from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
 from larvseg.models.io import load_segmenter
 from larvseg.models.segmenter import Segmenter
+from larvseg.progress import progress_bar
 from larvseg.threads import configure_threads
 
 
@@ -128,13 +130,21 @@ class LarvSegPredictor:
         h, w = rescale_size(*image_hw, e.max_long_side, e.short_side) if e.short_side > 0 else image_hw
         return len(slide_windows(h, w, e.crop_size, e.stride))
 
+    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None,
+                 classes: str | Sequence[str] | None = None) -> Prediction:
+        """``progress(done, total)`` is called after every window (sliding-window mode). ``classes``: this
+        call's vocabulary (names, comma-separated or a file, as the constructor's); None = the predictor's."""
+        ids = self.class_ids if classes is None else torch.from_numpy(resolve_classes(classes, self.class_names))
+        return self.segment(as_rgb_array(image), ids, progress)
+
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """``progress(done, total)`` is called after every window (sliding-window mode)."""
-        rgb = as_rgb_array(image)
+    def segment(self, rgb: np.ndarray, class_ids: torch.Tensor | None,
+                progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class)."""
         resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
         label_map = segment_image(
-            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg, class_ids=self.class_ids,
+            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg,
+            class_ids=None if class_ids is None else class_ids.to(self.device),
             out_size=rgb.shape[:2], progress=progress,
         ).cpu().numpy().astype(np.int64)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
@@ -180,8 +190,6 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 def main(args: argparse.Namespace) -> int:
     """Segment every image; an unreadable one is reported and skipped, the others are written, and the
     exit code is 1 if any was skipped (the list is printed at the end). Outputs are written atomically."""
-    from tqdm import tqdm
-
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
     predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
                                                  amp=args.amp, short_side=args.short_side)
@@ -196,23 +204,26 @@ def main(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {}
     failed: list[str] = []
     used: set[str] = set()
-    bar = tqdm(paths, desc="predict", unit="img", dynamic_ncols=True)
+    given: collections.Counter[str] = collections.Counter()
+    bar = progress_bar(paths, desc="predict", unit="img", dynamic_ncols=True)
     for path in bar:
         bar.set_postfix_str(path.name)
         try:
             image = read_image(path)
         except ImageReadError as exc:
             failed.append(str(exc))
-            tqdm.write(f"skipped: {exc}", file=sys.stderr)
+            progress_bar.write(f"skipped: {exc}", file=sys.stderr)
             continue
         windows = predictor.windows(image.shape[:2])
-        with tqdm(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
+        with progress_bar(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
                   disable=windows < 2) as window_bar:  # large images: progress inside the image too
             pred = predictor(image, progress=lambda done, total: window_bar.update(done - window_bar.n))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
         _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
-        summary[str(path)] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
+        given[str(path)] += 1  # the same file given twice: a second entry, "<path> (#2)", for its second outputs
+        key = str(path) if given[str(path)] == 1 else f"{path} (#{given[str(path)]})"
+        summary[key] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
     atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
     if failed:

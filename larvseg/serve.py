@@ -52,6 +52,7 @@ from larvseg.predict import (
     palette,
     resolve_classes,
 )
+from larvseg.threads import configure_threads
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_JOBS = 20
@@ -272,17 +273,13 @@ class SegmentationService:
             job.stage = f"segmenting: window {done + 1} of {total}" if done < total else "combining windows"
 
         job.state, job.stage, job.progress = "running", f"segmenting: window 1 of {total}", 0.05
-        saved = predictor.class_ids
         try:
-            predictor.class_ids = torch.from_numpy(class_ids).to(predictor.device)
-            pred = predictor(rgb, progress=window_done)
+            pred = predictor.segment(rgb, torch.from_numpy(class_ids), progress=window_done)
             job.stage, job.progress = "drawing the overlay", 0.92
             job.result, job.files = self._render(rgb, pred, class_ids)
             job.state, job.stage, job.progress = "done", "done", 1.0
         except Exception as exc:  # noqa: BLE001 - any failure is shown on the page, not lost in a thread
             job.state, job.error, job.stage = "error", f"{job.name}: segmentation failed: {type(exc).__name__}: {exc}", "failed"
-        finally:
-            predictor.class_ids = saved
 
     def _render(self, rgb: np.ndarray, pred: Prediction, class_ids: np.ndarray) -> tuple[dict, dict]:
         colours = self.colours
@@ -377,6 +374,8 @@ def create_app(service: SegmentationService):
 def build_service(checkpoint: str, device: str = "auto", max_upload_mb: float = 20.0,
                   max_megapixels: float = 25.0) -> SegmentationService:
     predictor = LarvSegPredictor.from_checkpoint(checkpoint, device=device)
+    if predictor.device.type == "cpu":
+        configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     return SegmentationService(predictor, str(checkpoint), max_upload_mb, max_megapixels)
 
 

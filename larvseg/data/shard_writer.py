@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
 from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
@@ -169,7 +169,7 @@ class ShardWriter:
         wds.write_json_atomic(self.out / wds.INDEX_NAME, index)
         return index
 
-    def _write_shard(self, k: int, first: int, bar: tqdm) -> tuple[dict[str, Any], int]:
+    def _write_shard(self, k: int, first: int, bar: Any) -> tuple[dict[str, Any], int]:
         """Shard k from position ``first`` of the order; returns its index entry and the next position."""
         name = wds.shard_name(k)
         tmp = self.out / f"{name}.tmp{os.getpid()}"
@@ -243,7 +243,7 @@ class ShardWriter:
         shards = self._finished()
         pos = shards[-1]["end"] if shards else 0
         self._write_index(shards, complete=False)
-        with tqdm(total=len(self.order), initial=pos, desc=f"sharding {self.plan['name']}", unit="img",
+        with progress_bar(total=len(self.order), initial=pos, desc=f"sharding {self.plan['name']}", unit="img",
                   disable=not self.progress) as bar:
             while pos < len(self.order):
                 entry, pos = self._write_shard(len(shards), pos, bar)
