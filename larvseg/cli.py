@@ -222,7 +222,10 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, argv)
+    try:
+        args = parse_args(parser, argv)
+    except SystemExit as exc:  # --help (0), or a wrong command line: its one line is printed already (1)
+        return exc.code if isinstance(exc.code, int) else 1
     module_name, func_name = args.handler.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     if debug_requested(getattr(args, "debug", False)):

@@ -42,6 +42,8 @@ AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast on CUDA with bf16 and
 VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
 DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
 EVAL_MODES = ("slide", "whole")
+SOURCE_FORMAT = Domain(f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)", str,
+                       lambda v: v in ("", *DATASET_FORMATS), ("nonsense",))
 SOURCES: Domain = Domain("a list of sources (mappings with name, format, root, ...)", list,
                          lambda v: isinstance(v, list))
 
@@ -111,7 +113,7 @@ class SourceConfig:
     stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "name": TEXT, "format": one_of(*DATASET_FORMATS), "root": TEXT, "split": TEXT, "classes": TEXT,
+        "name": TEXT, "format": SOURCE_FORMAT, "root": TEXT, "split": TEXT, "classes": TEXT,
         "share": POSITIVE, "crop_size": MULTIPLE_OF_16, "loss_weight": NON_NEGATIVE, "cac_weight": NON_NEGATIVE,
         "cac_topk": POSITIVE_INT, "skip_bad": BOOL, "index": TEXT, "stream": BOOL,
     }
@@ -421,6 +423,10 @@ def check_amp(amp: str, what: str = "amp", error: type[Exception] = ValueError) 
 def validate(cfg: Config) -> None:
     """Checks that involve several keys; single keys are checked against their domains while building."""
     d = cfg.data
+    for where, sources in (("seg_sources", d.seg_sources), ("tag_sources", d.tag_sources)):
+        for i, s in enumerate(sources):
+            if not s.format:
+                raise ConfigError(f"data.{where}.{i}.format is required: one of {', '.join(DATASET_FORMATS)}")
     for key, sources, size in (("seg", d.seg_sources, d.seg_batch_size), ("tag", d.tag_sources, d.tag_batch_size)):
         if sources and size == 0:
             raise ConfigError(f"data.{key}_batch_size=0 but data.{key}_sources lists {len(sources)} source(s): they "

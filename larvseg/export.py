@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -84,7 +85,10 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
     tmp = path.with_name(f".tmp.{path.name}")
     # the exporter warns, once per op, that torchvision (which larvseg never uses) is missing
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own exporter calls an API it deprecates (torch 2.9+): nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         # Shape checks in Python (the ViT's multiple-of-16 test, the position grid's "same size?" shortcut)
         # become runtime asserts instead of guards that would pin the size to the example's.
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
