@@ -40,7 +40,7 @@ from larvseg import atomic
 from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
 from larvseg.data.io import IMAGE_SUFFIXES
-from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
+from larvseg.data.overlay import Prediction, class_areas, colours_by_area, label_png_dtype, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
 from larvseg.data.vocabulary import UnknownClassError, resolve_classes
 from larvseg.distributed import select_device
@@ -198,7 +198,6 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
-    colours = palette(len(names))
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
     summary: dict[str, Any] = {}
@@ -220,7 +219,8 @@ def main(args: argparse.Namespace) -> int:
             pred = predictor(image, progress=lambda done, total: window_bar.update(done - window_bar.n))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
-        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
+        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours_by_area(pred)),
+                                                             cv2.COLOR_RGB2BGR))
         given[str(path)] += 1  # the same file given twice: a second entry, "<path> (#2)", for its second outputs
         key = str(path) if given[str(path)] == 1 else f"{path} (#{given[str(path)]})"
         summary[key] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
