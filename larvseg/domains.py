@@ -154,8 +154,13 @@ def classes_problem(value: Any) -> str | None:
     if not isinstance(value, str):
         return "expected comma-separated class names or a file of them"
     text = value.strip()
-    looks_like_path = "," not in text and (os.sep in text or text.lower().endswith(CLASS_FILE_SUFFIXES))
-    if looks_like_path and not Path(text).expanduser().is_file():
+    # a file suffix, or a path whose folder exists or that starts like one ("read/write head" is an
+    # ImageNet class name, not a path)
+    path = Path(text).expanduser()
+    looks_like_path = "," not in text and (
+        text.lower().endswith(CLASS_FILE_SUFFIXES)
+        or (os.sep in text and (text.startswith(("/", "./", "../", "~")) or path.parent.is_dir())))
+    if looks_like_path and not path.is_file():
         return ("looks like a file of class names, but there is no such file (give an existing file, "
                 "or class names separated by commas)")
     return None

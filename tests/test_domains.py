@@ -207,7 +207,9 @@ def test_classes_that_look_like_a_missing_file_are_an_error(tmp_path):
     from larvseg.domains import CLASSES
 
     assert CLASSES.problem("sky, tree") is None and CLASSES.problem("sky") is None
-    assert "no such file" in CLASSES.problem("names.txt") and "no such file" in CLASSES.problem("lists/mine")
+    assert "no such file" in CLASSES.problem("names.txt") and "no such file" in CLASSES.problem("./lists/mine")
+    assert "no such file" in CLASSES.problem(str(tmp_path / "missing"))  # its folder exists
+    assert CLASSES.problem("read/write head") is None  # an ImageNet-21K class name
     with pytest.raises(UnknownClassError, match="names.txt.*no such file"):
         resolve_classes("names.txt", ["sky", "names.txt"])
     (tmp_path / "names.txt").write_text("sky\n")
