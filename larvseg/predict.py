@@ -10,8 +10,9 @@ as ``supervised``); naming a class without any warns. The command shows progress
 window of large images, reports and skips unreadable images (exit code 1 at the end, with the list),
 and writes every file atomically. It writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit
 when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the
-image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
-(fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
+image, perceptually distinct ones for the classes present, largest first, with a legend) and, for all
+images, ``areas.json`` (fraction of pixels per class name; an image given twice gets a second entry
+"<path> (#2)") and ``classes.json`` (the class name of every label value).
 
 Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
 ``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``

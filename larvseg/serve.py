@@ -13,14 +13,18 @@ others' classifier rows never got a signal; typing one is allowed, with a notice
 HTTP API (FastAPI, served by uvicorn; optional dependency ``pip install "larvseg[web]"``):
     GET  /api/info                     checkpoint, vocabulary presets, upload limits
     GET  /api/classes                  names of the classes the checkpoint was trained on (autocompletion)
-    POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"}
+    POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"};
+                                       503 + Retry-After when --max-queue uploads are waiting or running
     GET  /api/jobs/{id}                state, progress 0..1, stage text, and the result when done
-    GET  /api/jobs/{id}/overlay.png | labels.png | classes.json
+    GET  /api/jobs/{id}/overlay.png | labels.png | classes.json | image.jpg | colors.png
+                                       (the page layers image.jpg and colors.png under an opacity slider)
 
 Uploads are checked before anything runs: empty, too large (bytes or pixels), not an image, or an
 unsupported pixel format give a message that names the file and the problem. CMYK images are converted
 to RGB and 16-bit images reduced to 8 bits per channel, each with a visible notice. Jobs run one at a
-time on a single worker thread (one model in memory); the last ``MAX_JOBS`` results are kept.
+time on a single worker thread (one model in memory); at most ``max_queue`` wait or run (each holds its
+decoded image), so memory stays bounded under many uploads; the last ``MAX_JOBS`` results are kept.
+The classes of each result get perceptually distinct colours, largest area first (data/overlay.py).
 """
 
 # No "from __future__ import annotations": FastAPI reads the route signatures (Request is imported locally).
