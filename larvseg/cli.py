@@ -25,12 +25,11 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    CLASSES, DEVICE, EXISTING_FILE, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
+    AMP, CLASSES, DEVICE, EXISTING_FILE, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
     SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
 
-AMP = one_of("auto", "bf16", "off")  # larvseg.config.AMP_MODES (config is not imported here: --help stays instant)
 METRIC = one_of("mIoU")
 SHARD_FORMAT = one_of("imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg")
 
@@ -62,7 +61,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _sub(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
-    assert isinstance(p, _Parser)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help=f"show the full traceback of an error (or set {DEBUG_ENV}=1) (default: off)")
     return p

@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 
 import yaml
 
-from larvseg.domains import (
-    BOOL, CLASSES, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE, NON_NEGATIVE_INT, NUMBER, POSITIVE,
-    POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
+from larvseg.domains import (  # AMP_MODES is part of config's interface too
+    AMP, AMP_MODES, BOOL, CLASSES, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE, NON_NEGATIVE_INT,
+    NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
 )
 from larvseg.errors import UserError
 
@@ -36,7 +36,6 @@ IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "
 # the data layer only needs the mean, to pad crops with a colour that standardises to 0.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast on CUDA with bf16 and on CPUs with AMX (larvseg.precision)
 # the keys of larvseg.models.vit.VIT_BUILDERS and larvseg.data.datasets.DATASET_BUILDERS (tests check
 # that they agree): listed here so that a config is checked when it is loaded, not when a model is built
 VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
@@ -197,7 +196,7 @@ class TrainConfig:
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "work_dir": TEXT, "seed": NON_NEGATIVE_INT, "iters": POSITIVE_INT, "lr": POSITIVE,
         "momentum": PROBABILITY_BELOW_1, "weight_decay": NON_NEGATIVE, "poly_power": NON_NEGATIVE,
-        "min_lr": NON_NEGATIVE, "amp": one_of(*AMP_MODES), "threads": NON_NEGATIVE_INT, "device": DEVICE,
+        "min_lr": NON_NEGATIVE, "amp": AMP, "threads": NON_NEGATIVE_INT, "device": DEVICE,
         "log_interval": POSITIVE_INT, "checkpoint_interval": POSITIVE_INT, "keep_last": NON_NEGATIVE_INT,
         "eval_interval": INTEGER, "resume": TEXT, "tensorboard": BOOL,
     }
@@ -238,7 +237,7 @@ class EvalConfig:
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "mode": one_of(*EVAL_MODES), "crop_size": POSITIVE_INT, "stride": POSITIVE_INT,
-        "short_side": NON_NEGATIVE_INT, "max_long_side": POSITIVE_INT, "amp": one_of(*AMP_MODES),
+        "short_side": NON_NEGATIVE_INT, "max_long_side": POSITIVE_INT, "amp": AMP,
         "threads": NON_NEGATIVE_INT, "max_images": NON_NEGATIVE_INT, "classes": CLASSES,
     }
 

@@ -105,6 +105,7 @@ NON_NEGATIVE = Domain("a number >= 0", float, lambda v: _finite(v) and v >= 0, (
 FRACTION = Domain("a number from 0 to 1 (0 excluded)", float, lambda v: _finite(v) and 0 < v <= 1, ("0", "1.5", "nan"))
 PROBABILITY_BELOW_1 = Domain("a number >= 0 and < 1", float, lambda v: _finite(v) and 0 <= v < 1, ("1", "-0.1", "nan"))
 MULTIPLE_OF_16 = Domain("a positive multiple of 16", int, lambda v: _integer(v) and v > 0 and v % 16 == 0, ("0", "-16", "50"))
+AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast on CUDA with bf16 and on CPUs with AMX (larvseg.precision)
 PORT = Domain("a port from 1 to 65535", int, lambda v: _integer(v) and 1 <= v <= 65535, ("0", "70000", "http"))
 SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)  # 512MB, 1GB, 1GiB, 4096
 SIZE = Domain("a size such as 512MB, 1GB or 1GiB", str, lambda v: isinstance(v, str) and SIZE_PATTERN.fullmatch(v) is not None,
@@ -142,6 +143,8 @@ def device_problem(value: Any) -> str | None:
         return f"this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
     return None
 
+
+AMP = one_of(*AMP_MODES)
 
 DEVICE = Domain("auto, cpu, cuda or cuda:N (a device of this machine)", str, wrong=("tpu", "cuda:99", "gpu"),
                 machine=True, explain=device_problem)
