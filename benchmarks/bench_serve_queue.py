@@ -8,16 +8,18 @@ process reports how many were taken, how many got 503, and its peak RSS. What th
 number of decoded images held while they wait (73.5 MB each at 24.5 MP, uint8 RGB) and the per-job
 buffers while they run.
 
-    python benchmarks/bench_serve_queue.py [--queues 2 4 100]
+    python benchmarks/bench_serve_queue.py [--queues 2 100] [--tiny]
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from common import interesting_cpu_flags, machine, parser, report
 
 CHILD = r"""
 import io, json, resource, sys, tempfile, threading, time
@@ -63,24 +65,31 @@ service.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queues", type=int, nargs="+", default=[2, 4, 100])
-    args = parser.parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--queues", type=int, nargs=2, default=[2, 100], metavar=("CAPPED", "UNCAPPED"),
+                   help="--max-queue of the two runs")
+    args = p.parse_args()
     import cv2
     import numpy as np
-    from common import interesting_cpu_flags, machine
     from PIL import Image
 
+    h, w = (300, 400) if args.tiny else (4288, 5712)
     rng = np.random.default_rng(0)
-    photo = cv2.resize(rng.integers(0, 256, (43, 57, 3), dtype=np.uint8), (5712, 4288), interpolation=cv2.INTER_CUBIC)
+    photo = cv2.resize(rng.integers(0, 256, (43, 57, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    print(f"# {machine()}; cpu flags: {' '.join(interesting_cpu_flags()) or 'unknown'}", flush=True)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "photo.png"
         Image.fromarray(photo).save(png, compress_level=1)
-        print(f"machine: {machine()}; CPU flags: {' '.join(interesting_cpu_flags())}")
-        print(f"upload: {png.stat().st_size / 2**20:.1f} MB PNG, 5712x4288 = {5712 * 4288 / 1e6:.1f} MP, 8 at once")
+        print(f"# upload: {png.stat().st_size / 2**20:.1f} MB PNG, {w}x{h} = {w * h / 1e6:.1f} MP, 8 at once")
         for q in args.queues:
             out = subprocess.run([sys.executable, "-c", CHILD, str(q), str(png)], capture_output=True, text=True, check=True)
-            print(out.stdout.strip().splitlines()[-1])
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print("#", json.dumps(runs[-1]), flush=True)
+    capped, uncapped = runs
+    report("serve_queue", megapixels=round(w * h / 1e6, 1), capped_queue=capped["max_queue"], capped_taken=capped["taken"],
+           capped_503=capped["refused_503"], capped_peak_rss_mb=capped["peak_rss_mb"], uncapped_taken=uncapped["taken"],
+           uncapped_peak_rss_mb=uncapped["peak_rss_mb"], wall_ratio=uncapped["seconds"] / max(capped["seconds"], 1e-9))
 
 
 if __name__ == "__main__":

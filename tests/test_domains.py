@@ -97,7 +97,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the wrong value was accepted")
 
-    monkeypatch.setattr(loop, "build", refuse)
+    monkeypatch.setattr(loop.main, "__defaults__", (refuse,))  # main(args, build=build)
     monkeypatch.delenv("LARVSEG_DEBUG", raising=False)
 
 

@@ -114,7 +114,7 @@ def test_eval_checks_its_output_folder_before_evaluating(ckpt, tmp_path, capsys,
 def test_train_checks_its_work_dir_before_building(tmp_path, capsys, monkeypatch):
     import larvseg.train.loop as loop
 
-    monkeypatch.setattr(loop, "build", lambda *a: (_ for _ in ()).throw(AssertionError("built before the check")))
+    monkeypatch.setattr(loop.main, "__defaults__", (lambda *a: (_ for _ in ()).throw(AssertionError("built before the check")),))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     line = _one_line(capsys, ["train", "tiny_cpu", f"train.work_dir={blocker}/run"])
@@ -190,3 +190,35 @@ def test_serve_prints_its_threads(ckpt, monkeypatch, capsys):
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: None)
     assert main(["serve", str(ckpt), "--device", "cpu"]) == 0
     assert "intra-op thread" in capsys.readouterr().out
+
+
+def test_a_training_error_starts_its_own_line_after_the_progress_bar(tmp_path, monkeypatch, capsys):
+    """On a terminal the bar's line is ended before the error propagates (it used to print on the bar's line)."""
+    import larvseg.progress
+    import larvseg.train.loop as loop
+    from larvseg.data.io import DataError
+    from larvseg.data.testing import SyntheticLoader
+    from larvseg.data.vocabulary import Vocabulary
+
+    monkeypatch.setattr(larvseg.progress, "_is_terminal", lambda stream: True)
+
+    class FailingLoader(SyntheticLoader):
+        def batch(self, step):
+            if step == 1:
+                raise DataError("train/x.png: cannot be decoded")
+            return super().batch(step)
+
+    (tmp_path / "tiny.yaml").write_text("""
+data: {seg_sources: [{name: S, format: custom_seg, crop_size: 32}], seg_batch_size: 1, tag_batch_size: 0, num_workers: 0}
+model: {arch: vit_mini, drop_path: 0.0, cac: false, num_sampled_classes: 2}
+train: {iters: 3, checkpoint_interval: 5, eval_interval: -1, amp: "off", device: cpu, tensorboard: false}
+""")
+    def build(cfg, device):
+        loop.seed_everything(0)
+        return Vocabulary([f"c{i}" for i in range(6)]), build_segmenter(cfg.model, 6), FailingLoader(cfg, 0, 1, 6)
+
+    monkeypatch.setattr(loop.main, "__defaults__", (build,))  # main(args, build=build): what the command builds
+    assert main(["train", str(tmp_path / "tiny.yaml"), "--work-dir", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "\rtrain:" in err  # the bar was drawn
+    assert "\nlarvseg train: error: train/x.png: cannot be decoded" in err, repr(err[-300:])
