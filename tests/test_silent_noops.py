@@ -222,3 +222,11 @@ train: {iters: 3, checkpoint_interval: 5, eval_interval: -1, amp: "off", device:
     err = capsys.readouterr().err
     assert "\rtrain:" in err  # the bar was drawn
     assert "\nlarvseg train: error: train/x.png: cannot be decoded" in err, repr(err[-300:])
+
+
+def test_an_unreadable_pretrained_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tiny_cpu generates its data under the working folder
+    (tmp_path / "bad.npz").write_text("not a numpy archive")
+    for value, says in ((tmp_path / "missing.npz", "pretrained file not found"), (tmp_path / "bad.npz", "bad.npz")):
+        line = _one_line(capsys, ["train", "tiny_cpu", f"model.pretrained={value}", f"train.work_dir={tmp_path / 'w'}"])
+        assert says in line and "model.pretrained" in line, line
