@@ -230,3 +230,10 @@ def test_an_unreadable_pretrained_file_is_one_line(tmp_path, capsys, monkeypatch
     for value, says in ((tmp_path / "missing.npz", "pretrained file not found"), (tmp_path / "bad.npz", "bad.npz")):
         line = _one_line(capsys, ["train", "tiny_cpu", f"model.pretrained={value}", f"train.work_dir={tmp_path / 'w'}"])
         assert says in line and "model.pretrained" in line, line
+
+
+def test_a_wrong_thread_count_in_the_environment_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LARVSEG_THREADS", "many")
+    line = _one_line(capsys, ["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"),
+                              "--device", "cpu"])
+    assert "LARVSEG_THREADS='many'" in line
