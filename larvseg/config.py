@@ -3,7 +3,10 @@
 A config file is a YAML mapping with the sections of :class:`Config`. It may name another file in
 ``_base_`` (a path relative to itself, or the name of a packaged config); the file's own keys are
 merged over the base. Every key is checked against the dataclasses: an unknown or misspelled key is
-an error that names it and suggests the closest valid one.
+an error that names it and suggests the closest valid one. Every value is checked against its domain
+(the ``DOMAINS`` table written next to each dataclass's fields; larvseg.domains): a value outside it is
+one line naming the key, the value and what is allowed. A new field needs an entry there
+(tests/test_domains.py names the fields that lack one).
 
 Overrides on the command line use dotted paths, e.g. ``train.iters=1000``, ``model.cac=false``,
 ``data.tag_sources.1.share=0.25``; values are parsed as YAML scalars. Numbers are read as Python reads
