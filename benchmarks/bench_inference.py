@@ -96,10 +96,10 @@ def checkpoint_agreement(path: str, data_root: str, classes: str, device: torch.
 
     from larvseg.data.vocabulary import Vocabulary, build_vocabulary
     from larvseg.eval.evaluate import evaluate
-    from larvseg.models.segmenter import segmenter_from_checkpoint
-    from larvseg.train.checkpoint import load_checkpoint
+    from larvseg.models.io import load_segmenter
 
-    segmenter, names, cfg = segmenter_from_checkpoint(load_checkpoint(path), device)
+    loaded = load_segmenter(path, device)
+    segmenter, names, cfg = loaded.segmenter, loaded.class_names, loaded.config
     if data_root:
         cfg.data.root = data_root
     cfg.eval.classes = classes or cfg.eval.classes  # e.g. the demo's 14 benchmark classes, as its report

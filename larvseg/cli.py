@@ -21,9 +21,33 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any
+import warnings
+from typing import Any, Callable
 
+from larvseg.domains import (
+    AMP, CLASSES, DEVICE, EXISTING_FILE, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
+    SIZE, TEXT, one_of,
+)
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
+
+METRIC = one_of("mIoU")
+SHARD_FORMAT = one_of("imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A wrong command line is one line on stderr (what is wrong, where the help is) and exit code 1,
+    like every other error a user can fix; argparse's default is the usage block and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _metric(text: str) -> str:
+    """--eval's type: a metric, or an override that landed in its list (moved out by parse_args)."""
+    return text if "=" in text else METRIC.option()(text)
+
+
+_metric.domain = METRIC  # type: ignore[attr-defined]
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,7 +76,7 @@ def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="larvseg", description="Large-vocabulary semantic segmentation.",
+    parser = _Parser(prog="larvseg", description="Large-vocabulary semantic segmentation.",
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
@@ -61,16 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "train", "train a segmenter (run under torchrun for several processes)")
     _add_config_args(p)
-    p.add_argument("--work-dir", default=None, help="output folder (default: train.work_dir or work_dirs/<config>)")
-    p.add_argument("--resume", default=None,
+    p.add_argument("--work-dir", type=OUTPUT_DIR.option(), default=None,
+                   help="output folder (default: train.work_dir or work_dirs/<config>)")
+    p.add_argument("--resume", type=RESUME.option(), default=None,
                    help="checkpoint to resume from; 'auto' = newest readable one in the work dir, 'none' = start "
                         "fresh (default: train.resume, whose default is auto)")
     p.set_defaults(handler="larvseg.train.loop:main")
 
     p = _sub(sub, "pretrain", "pretrain the backbone by image classification on the tag sources; writes an AugReg .npz")
     _add_config_args(p)
-    p.add_argument("--work-dir", default=None, help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)")
-    p.add_argument("--resume", default=None,
+    p.add_argument("--work-dir", type=OUTPUT_DIR.option(), default=None,
+                   help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)")
+    p.add_argument("--resume", type=RESUME.option(), default=None,
                    help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
     p.set_defaults(handler="larvseg.train.pretrain:main")
 
@@ -78,54 +104,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config file or packaged config name: its data.eval is the evaluation set")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json)")
     _add_overrides(p, "config overrides, e.g. eval.mode=whole; allowed anywhere on the line")
-    p.add_argument("--eval", dest="metrics", nargs="*", default=["mIoU"],
+    p.add_argument("--eval", dest="metrics", nargs="*", type=_metric, default=["mIoU"],
                    help="metrics to compute (mIoU, which brings mAcc and aAcc; accepted for the original's scripts)")
-    p.add_argument("--classes", default=None,
+    p.add_argument("--classes", type=CLASSES.option(), default=None,
                    help="predict and score only these classes: comma-separated names or a file with one per line "
                         "(default: eval.classes, whose default '' = every class of the evaluation set)")
-    p.add_argument("--out", default=None, help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)")
+    p.add_argument("--out", type=OUTPUT_DIR.option(), default=None,
+                   help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)")
     p.set_defaults(handler="larvseg.eval.evaluate:main")
 
     p = _sub(sub, "predict", "segment images with a trained checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
     p.add_argument("images", nargs="+", help="image files or folders (every image file in a folder, not recursive)")
-    p.add_argument("--classes", default=None,
+    p.add_argument("--classes", type=CLASSES.option(), default=None,
                    help="restrict to these class names: comma-separated, or a file with one name per line "
                         "(default: the classes that had training data, masks or tags)")
-    p.add_argument("--out", required=True, help="output folder (required)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
-    p.add_argument("--amp", default="auto", help="auto (bf16 where measured faster on this machine, cached) | bf16 | off")
-    p.add_argument("--short-side", type=int, default=None,
+    p.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder (required)")
+    p.add_argument("--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--amp", type=AMP.option(), default="auto",
+                   help="auto (bf16 where measured faster on this machine, cached) | bf16 | off")
+    p.add_argument("--short-side", type=NON_NEGATIVE_INT.option(), default=None,
                    help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
                         "so predictions match `larvseg eval`")
     p.set_defaults(handler="larvseg.predict:main")
 
     p = _sub(sub, "serve", "a local web page: upload an image, pick a vocabulary, see the segmentation")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = reachable from other machines)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
-    p.add_argument("--max-megapixels", type=float, default=25.0, help="largest accepted image")
+    p.add_argument("--host", type=TEXT.option(), default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 = reachable from other machines)")
+    p.add_argument("--port", type=PORT.option(), default=8000, help="port to listen on (1-65535)")
+    p.add_argument("--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--max-upload-mb", type=POSITIVE.option(), default=20.0, help="largest accepted upload")
+    p.add_argument("--max-megapixels", type=POSITIVE.option(), default=25.0, help="largest accepted image")
+    p.add_argument("--max-queue", type=POSITIVE_INT.option(), default=4,
+                   help="uploads waiting or running at once; more are answered 503 with Retry-After")
     p.set_defaults(handler="larvseg.serve:main")
 
     p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
-    p.add_argument("--onnx", required=True, help="output .onnx file (required)")
-    p.add_argument("--classes", default=None,
+    p.add_argument("--onnx", type=OUTPUT_FILE.option(), required=True, help="output .onnx file (required)")
+    p.add_argument("--classes", type=CLASSES.option(), default=None,
                    help="the fixed vocabulary: comma-separated names or a file with one per line "
                         "(default: the classes that had training data, as larvseg predict)")
-    p.add_argument("--check-images", nargs="*", default=None, metavar="IMAGE",
+    p.add_argument("--check-images", type=EXISTING_FILE.option(), nargs="*", default=None, metavar="IMAGE",
                    help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted max abs logit difference")
+    p.add_argument("--tolerance", type=POSITIVE.option(), default=1e-3, help="largest accepted max abs logit difference")
     p.set_defaults(handler="larvseg.export:main")
 
     p = _sub(sub, "demo", "generate the mini benchmark, train the three variants, write a report")
     p.add_argument("--quick", action="store_true", help="1-2 minute smoke version (one seed, fewer iterations)")
-    p.add_argument("--out", default="work_dirs/demo", help="report and run folder")
-    p.add_argument("--data", default=None, help="where the mini benchmark is generated (default: <out>/data)")
-    p.add_argument("--seeds", type=int, default=None, help="training seeds per variant (default: 3, quick: 1)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--out", type=OUTPUT_DIR.option(), default="work_dirs/demo", help="report and run folder")
+    p.add_argument("--data", type=OUTPUT_DIR.option(), default=None,
+                   help="where the mini benchmark is generated (default: <out>/data)")
+    p.add_argument("--seeds", type=POSITIVE_INT.option(), default=None, help="training seeds per variant (default: 3, quick: 1)")
+    p.add_argument("--jobs", type=POSITIVE_INT.option(), default=None,
                    help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
     _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.run:main")
@@ -136,26 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      "source as tar shards")
     c = _sub(data_sub, "check", "validate every source of a config against the disk")
     _add_config_args(c)
-    c.add_argument("--max-images", type=int, default=0, help="decode at most this many images per source (0 = all)")
+    c.add_argument("--max-images", type=NON_NEGATIVE_INT.option(), default=0, help="decode at most this many images per source (0 = all)")
     c.set_defaults(handler="larvseg.data.check:main")
     s = _sub(data_sub, "shard", "write a folder source as WebDataset tar shards (resumable: run it again)")
     s.add_argument("source", help="the source's folder (for --format imagenet: the folder holding fall11_whole)")
-    s.add_argument("--out", required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
-    s.add_argument("--format", required=True, choices=["imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg"],
+    s.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
+    s.add_argument("--format", type=SHARD_FORMAT.option(), required=True,
                    help="the folder's layout, as in configs (required)")
-    s.add_argument("--split", default="",
+    s.add_argument("--split", type=TEXT.option(), default="",
                    help="split sub-folder of segmentation formats (default: detected, the training split in either "
                         "spelling, e.g. train2017 or training)")
-    s.add_argument("--classes", default=None,
+    s.add_argument("--classes", type=CLASSES.option(), default=None,
                    help="imagenet (required): ade150 | ade847 | all | wnid file; custom formats: class file "
                         "(default: custom_seg <folder>/classes.txt, custom_tags every class folder)")
-    s.add_argument("--name", default=None, help="source name stored in the index (default: the format's)")
-    s.add_argument("--shard-size", default="1GB", help="maximum bytes per shard, e.g. 512MB, 1GB")
-    s.add_argument("--shard-samples", type=int, default=0, help="maximum samples per shard (0 = no limit)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random sample order")
+    s.add_argument("--name", type=TEXT.option(), default=None, help="source name stored in the index (default: the format's)")
+    s.add_argument("--shard-size", type=SIZE.option(), default="1GB", help="maximum bytes per shard, e.g. 512MB, 1GB")
+    s.add_argument("--shard-samples", type=NON_NEGATIVE_INT.option(), default=0, help="maximum samples per shard (0 = no limit)")
+    s.add_argument("--seed", type=NON_NEGATIVE_INT.option(), default=0, help="seed of the random sample order")
     s.add_argument("--no-shuffle", action="store_true", help="keep the folder order (shards then hold few classes each)")
     s.add_argument("--skip-bad", action="store_true", help="leave out (and list in index.json) samples with bad annotations")
-    s.add_argument("--index-cache-dir", default=None, help="where the ImageNet file list is cached (default: ~/.cache/larvseg)")
+    s.add_argument("--index-cache-dir", type=OUTPUT_DIR.option(), default=None, help="where the ImageNet file list is cached (default: ~/.cache/larvseg)")
     s.set_defaults(handler="larvseg.data.shard_writer:main")
     return parser
 
@@ -177,21 +209,35 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for a command: one line with the message, not the source line that warned."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:
+        print(f"larvseg {command}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, argv)
+    try:
+        args = parse_args(parser, argv)
+    except SystemExit as exc:  # --help (0), or a wrong command line: its one line is printed already (1)
+        return exc.code if isinstance(exc.code, int) else 1
     module_name, func_name = args.handler.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     if debug_requested(getattr(args, "debug", False)):
         return int(func(args) or 0)
-    try:
-        return int(func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
-        line = describe(exc)
-        if line is None:
-            raise
-        print(f"larvseg {args.command}: error: {line} [{DEBUG_NOTE}]", file=sys.stderr, flush=True)
-        return 1
+    with warnings.catch_warnings():  # restored on return: in-process callers (tests) keep their own
+        warnings.showwarning = _one_line_warnings(args.command)
+        try:
+            return int(func(args) or 0)
+        except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
+            line = describe(exc)
+            if line is None:
+                raise
+            print(f"larvseg {args.command}: error: {line} [{DEBUG_NOTE}]", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 A config file is a YAML mapping with the sections of :class:`Config`. It may name another file in
 ``_base_`` (a path relative to itself, or the name of a packaged config); the file's own keys are
 merged over the base. Every key is checked against the dataclasses: an unknown or misspelled key is
-an error that names it and suggests the closest valid one.
+an error that names it and suggests the closest valid one. Every value is checked against its domain
+(the ``DOMAINS`` table written next to each dataclass's fields; larvseg.domains): a value outside it is
+one line naming the key, the value and what is allowed. A new field needs an entry there
+(tests/test_domains.py names the fields that lack one).
 
 Overrides on the command line use dotted paths, e.g. ``train.iters=1000``, ``model.cac=false``,
 ``data.tag_sources.1.share=0.25``; values are parsed as YAML scalars. Numbers are read as Python reads
@@ -18,10 +21,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from larvseg.domains import (  # AMP_MODES is part of config's interface too
+    AMP, AMP_MODES, BOOL, CLASSES, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE, NON_NEGATIVE_INT,
+    NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
+)
 from larvseg.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -32,10 +39,22 @@ IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "
 # the data layer only needs the mean, to pad crops with a colour that standardises to 0.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast where measured faster here (larvseg.precision)
+# the keys of larvseg.models.vit.VIT_BUILDERS and larvseg.data.datasets.DATASET_BUILDERS (tests check
+# that they agree): listed here so that a config is checked when it is loaded, not when a model is built
+VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
+DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
+EVAL_MODES = ("slide", "whole")
+SOURCE_FORMAT = Domain(f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)", str,
+                       lambda v: v in ("", *DATASET_FORMATS), ("nonsense",))
+_SCALE_PAIR = pair(POSITIVE_INT)
+# a source's own rescale target, or [] for data.scale
+SOURCE_SCALE = Domain(f"[] (= data.scale) or {_SCALE_PAIR.allowed} [long, short]", list,
+                      lambda v: v == [] or _SCALE_PAIR.test(v), _SCALE_PAIR.wrong)
+SOURCES: Domain = Domain("a list of sources (mappings with name, format, root, ...)", list,
+                         lambda v: isinstance(v, list))
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(DomainError):
     """A config file or override that does not fit the schema."""
 
     hint = "fix the config file or the key=value override"
@@ -102,6 +121,12 @@ class SourceConfig:
     index: str = ""  # webdataset: the shards' index.json (path, URL or pipe:); "" = next to the shards
     stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "name": TEXT, "format": SOURCE_FORMAT, "root": TEXT, "split": TEXT, "classes": TEXT,
+        "share": POSITIVE, "crop_size": MULTIPLE_OF_16, "loss_weight": NON_NEGATIVE, "cac_weight": NON_NEGATIVE,
+        "cac_topk": POSITIVE_INT, "skip_bad": BOOL, "index": TEXT, "stream": BOOL, "scale": SOURCE_SCALE,
+    }
+
 
 @dataclass
 class DataConfig:
@@ -120,6 +145,13 @@ class DataConfig:
     index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
     demo_benchmark: bool = False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
     eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150"))  # split detected: validation
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "root": TEXT, "seg_sources": SOURCES, "tag_sources": SOURCES, "seg_batch_size": NON_NEGATIVE_INT,
+        "tag_batch_size": NON_NEGATIVE_INT, "num_workers": NON_NEGATIVE_INT, "scale": pair(POSITIVE_INT),
+        "ratio_range": pair(POSITIVE, ordered=True), "cat_max_ratio": FRACTION, "photometric": BOOL,
+        "index_cache_dir": TEXT, "demo_benchmark": BOOL,
+    }  # eval: a SourceConfig, checked by its own table
 
     def resolved_root(self) -> Path:
         return Path(self.root or os.environ.get("LARVSEG_DATA") or DEFAULT_DATA_ROOT).expanduser()
@@ -143,6 +175,13 @@ class ModelConfig:
     bg_score_thresh: float = 0.35  # ... above this makes a class a background candidate
     bg_mse_thresh: float = 2.0  # keep a candidate if its standardised map differs from f by more than this
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "arch": one_of(*VIT_ARCHES), "pretrained": TEXT, "drop_path": PROBABILITY_BELOW_1,
+        "num_sampled_classes": NON_NEGATIVE_INT, "seg_class_pool": one_of("source", "training"),
+        "loss_downsample": POSITIVE_INT, "cac": BOOL, "memory_bank_size": POSITIVE_INT, "warm_up": NON_NEGATIVE_INT,
+        "bg_topk": POSITIVE_INT, "bg_score_thresh": NUMBER, "bg_mse_thresh": NON_NEGATIVE,
+    }
+
 
 @dataclass
 class TrainConfig:
@@ -164,6 +203,14 @@ class TrainConfig:
     resume: str = ""  # checkpoint to resume from; "" = the newest one in work_dir, if any ("auto")
     tensorboard: bool = True  # TensorBoard event files in the work dir (when tensorboardX is installed)
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "work_dir": TEXT, "seed": NON_NEGATIVE_INT, "iters": POSITIVE_INT, "lr": POSITIVE,
+        "momentum": PROBABILITY_BELOW_1, "weight_decay": NON_NEGATIVE, "poly_power": NON_NEGATIVE,
+        "min_lr": NON_NEGATIVE, "amp": AMP, "threads": NON_NEGATIVE_INT, "device": DEVICE,
+        "log_interval": POSITIVE_INT, "checkpoint_interval": POSITIVE_INT, "keep_last": NON_NEGATIVE_INT,
+        "eval_interval": INTEGER, "resume": TEXT, "tensorboard": BOOL,
+    }
+
 
 @dataclass
 class PretrainConfig:
@@ -180,6 +227,11 @@ class PretrainConfig:
     warmup_iters: int = 0  # linear warm-up to lr, then poly decay
     out: str = ""  # the backbone .npz; "" = <work_dir>/backbone.npz
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "work_dir": TEXT, "iters": POSITIVE_INT, "batch_size": POSITIVE_INT, "loss": one_of("softmax", "sigmoid"),
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE_INT, "out": TEXT,
+    }
+
 
 @dataclass
 class EvalConfig:
@@ -193,6 +245,12 @@ class EvalConfig:
     max_images: int = 0  # 0 = the whole set
     classes: str = ""  # predict and score only these eval classes: comma-separated names or a file; "" = all
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "mode": one_of(*EVAL_MODES), "crop_size": POSITIVE_INT, "stride": POSITIVE_INT,
+        "short_side": NON_NEGATIVE_INT, "max_long_side": POSITIVE_INT, "amp": AMP,
+        "threads": NON_NEGATIVE_INT, "max_images": NON_NEGATIVE_INT, "classes": CLASSES,
+    }
+
 
 @dataclass
 class Config:
@@ -202,6 +260,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {"name": TEXT}  # the sections are checked by their own tables
 
     def work_dir(self) -> Path:
         return Path(self.train.work_dir or f"work_dirs/{self.name or 'default'}")
@@ -255,8 +315,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, tree: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a plain tree, checking every key and type."""
+def _build(cls: type, tree: Any, where: str, here: bool = True) -> Any:
+    """Instantiate dataclass ``cls`` from a plain tree, checking every key, its type and its domain
+    (``cls.DOMAINS``; ``here=False`` skips the domains that depend on this machine, for configs stored
+    in checkpoints)."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {tree!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -266,19 +328,26 @@ def _build(cls: type, tree: Any, where: str) -> Any:
             hint = difflib.get_close_matches(str(key), fields, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {sorted(fields)}"
             raise ConfigError(f"unknown config key {where + '.' if where else ''}{key}{suggestion}")
-        kwargs[key] = _convert(fields[key], value, f"{where + '.' if where else ''}{key}")
-    return cls(**kwargs)
+        kwargs[key] = _convert(fields[key], value, f"{where + '.' if where else ''}{key}", here)
+    instance = cls(**kwargs)
+    for name, domain in getattr(cls, "DOMAINS", {}).items():
+        if domain.machine and not here:
+            continue
+        why = domain.problem(getattr(instance, name))
+        if why is not None:
+            raise ConfigError(f"{where + '.' if where else ''}{name}={getattr(instance, name)!r}: {why}")
+    return instance
 
 
-def _convert(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _convert(f: dataclasses.Field, value: Any, where: str, here: bool = True) -> Any:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
     if dataclasses.is_dataclass(default):
-        return _build(type(default), value, where)
+        return _build(type(default), value, where, here)
     if isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         if f.name.endswith("sources"):
-            return [_build(SourceConfig, item, f"{where}.{i}") for i, item in enumerate(value)]
+            return [_build(SourceConfig, item, f"{where}.{i}", here) for i, item in enumerate(value)]
         return list(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -346,8 +415,9 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | None = N
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
-    cfg = _build(Config, tree, "")
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint; the domains that
+    depend on the machine, such as train.device=cuda of a run trained on a GPU, are not checked)."""
+    cfg = _build(Config, tree, "", here=False)
     validate(cfg)
     return cfg
 
@@ -360,31 +430,16 @@ def check_amp(amp: str, what: str = "amp", error: type[Exception] = ValueError) 
 
 
 def validate(cfg: Config) -> None:
-    """Checks that involve several keys; single keys are checked while building."""
+    """Checks that involve several keys; single keys are checked against their domains while building."""
     d = cfg.data
-    if d.seg_batch_size < 0 or d.tag_batch_size < 0:
-        raise ConfigError("data.seg_batch_size and data.tag_batch_size must be >= 0")
-    if d.tag_sources and any(s.share <= 0 for s in d.tag_sources):
-        raise ConfigError("every data.tag_sources[*].share must be > 0")
     for where, sources in (("seg_sources", d.seg_sources), ("tag_sources", d.tag_sources)):
         for i, s in enumerate(sources):
             if not s.format:
-                raise ConfigError(f"data.{where}.{i}: 'format' is required")
-            if s.crop_size <= 0 or s.crop_size % 16:
-                raise ConfigError(f"data.{where}.{i}.crop_size must be a positive multiple of 16, got {s.crop_size}")
-            if s.scale and (len(s.scale) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in s.scale)):
-                raise ConfigError(f"data.{where}.{i}.scale must be [] (data.scale) or two positive integers [long, short], "
-                                  f"got {s.scale}")
-    check_amp(cfg.train.amp, "train.amp", ConfigError)
-    check_amp(cfg.eval.amp, "eval.amp", ConfigError)
-    if cfg.eval.mode not in ("slide", "whole"):
-        raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
-    if cfg.model.seg_class_pool not in ("source", "training"):
-        raise ConfigError(f"model.seg_class_pool must be source or training, got {cfg.model.seg_class_pool!r}")
-    if cfg.pretrain.loss not in ("softmax", "sigmoid"):
-        raise ConfigError(f"pretrain.loss must be softmax or sigmoid, got {cfg.pretrain.loss!r}")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+                raise ConfigError(f"data.{where}.{i}.format is required: one of {', '.join(DATASET_FORMATS)}")
+    for key, sources, size in (("seg", d.seg_sources, d.seg_batch_size), ("tag", d.tag_sources, d.tag_batch_size)):
+        if sources and size == 0:
+            raise ConfigError(f"data.{key}_batch_size=0 but data.{key}_sources lists {len(sources)} source(s): they "
+                              f"would never be used; give data.{key}_batch_size >= 1 or remove the sources")
 
 
 def dump_config(cfg: Config) -> str:

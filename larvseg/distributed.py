@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from larvseg.domains import DEVICE
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -32,11 +34,10 @@ def is_main_process() -> bool:
 def select_device(device: str = "auto", index: int = 0) -> torch.device:
     """``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"; ``index`` is the
     CUDA device of a bare "cuda"/"auto" (the local rank under torchrun). Asking for CUDA without one is
-    an error, not a silent fall-back to the CPU."""
+    an error (larvseg.domains.DomainError), not a silent fall-back to the CPU."""
+    DEVICE.check(device, "device")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", index)

@@ -19,8 +19,9 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from larvseg.models.segmenter import Segmenter
+from larvseg import atomic
+from larvseg.errors import UserError
 from larvseg.predict import LarvSegPredictor, read_image
+from larvseg.threads import configure_threads
+
+
+class OnnxMismatchError(UserError, RuntimeError):
+    """The exported model's outputs differ from PyTorch's beyond the tolerance; nothing was written."""
+
+    hint = "raise --tolerance if the difference is acceptable, or report it with the versions of torch and onnxruntime"
 
 PATCH = 16
 OPSET = 18
@@ -62,8 +72,11 @@ class ExportableSegmenter(nn.Module):
 
 
 def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequence[str],
-                example_hw: tuple[int, int] = (70, 90)) -> Path:
-    """Write ``module`` to ``path`` (temp file + os.replace): batch 1, dynamic height and width (>= 32 px)."""
+                example_hw: tuple[int, int] = (70, 90),
+                check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``module`` to ``path`` (temp file + os.replace): batch 1, dynamic height and width (>= 32 px).
+    ``check(temp_path)`` runs on the written temp file before it is renamed: when it raises, the temp
+    file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # an example that needs padding (not a multiple of 16), so the traced graph keeps the pad
@@ -72,7 +85,10 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
     tmp = path.with_name(f".tmp.{path.name}")
     # the exporter warns, once per op, that torchvision (which larvseg never uses) is missing
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own exporter calls an API it deprecates (torch 2.9+): nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         # Shape checks in Python (the ViT's multiple-of-16 test, the position grid's "same size?" shortcut)
         # become runtime asserts instead of guards that would pin the size to the example's.
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
@@ -80,7 +96,13 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
         program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
                                     output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
     program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
-    program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+    try:
+        program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+        if check is not None:
+            check(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
@@ -119,22 +141,27 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         print(f'larvseg export needs {", ".join(missing)}: pip install "larvseg[onnx]"')
         return 2
+    images = _check_images(args.check_images or [])  # before the export: an unreadable one fails fast
     predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device="cpu")
+    configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     names = predictor.class_names
     ids = np.arange(len(names)) if predictor.class_ids is None else predictor.class_ids.numpy()
     class_names = [names[i] for i in ids]
     module = ExportableSegmenter(predictor.segmenter, torch.from_numpy(ids)).eval()
-    path = export_onnx(module, args.onnx, class_names)
+
+    def check(candidate: Path) -> None:  # on the temp file: the .onnx appears only once this passes
+        worst_diff, worst_agree = 0.0, 1.0
+        for r in check_onnx(module, candidate, images):
+            print(f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
+                  f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels")
+            worst_diff, worst_agree = max(worst_diff, r["max_abs_logit_diff"]), min(worst_agree, r["label_agreement"])
+        if worst_diff > args.tolerance or worst_agree < 0.999:
+            raise OnnxMismatchError(
+                f"{args.onnx}: not written: the ONNX model differs from PyTorch (max abs logit diff {worst_diff:.2e} "
+                f"> --tolerance {args.tolerance:g} or label agreement {100 * worst_agree:.3f}% < 99.9%)")
+
+    path = export_onnx(module, args.onnx, class_names, check=check)
     sidecar = path.with_suffix(".classes.json")
-    sidecar.write_text(json.dumps(class_names, indent=0, ensure_ascii=False))
+    atomic.write_text(sidecar, json.dumps(class_names, indent=0, ensure_ascii=False))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {len(class_names)} classes; list also in {sidecar})")
-    worst_diff, worst_agree = 0.0, 1.0
-    for r in check_onnx(module, path, _check_images(args.check_images or [])):
-        print(f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
-              f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels")
-        worst_diff, worst_agree = max(worst_diff, r["max_abs_logit_diff"]), min(worst_agree, r["label_agreement"])
-    if worst_diff > args.tolerance or worst_agree < 0.999:
-        print(f"larvseg export: the ONNX model differs from PyTorch (max abs logit diff {worst_diff:.2e} > "
-              f"{args.tolerance:g} or agreement {100 * worst_agree:.3f}% < 99.9%)")
-        return 1
     return 0

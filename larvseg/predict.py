@@ -10,8 +10,9 @@ as ``supervised``); naming a class without any warns. The command shows progress
 window of large images, reports and skips unreadable images (exit code 1 at the end, with the list),
 and writes every file atomically. It writes, per image, ``<stem>_labels.png`` (union class ids; 8-bit
 when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.png`` (colours over the
-image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
-(fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
+image, perceptually distinct ones for the classes present, largest first, with a legend) and, for all
+images, ``areas.json`` (fraction of pixels per class name; an image given twice gets a second entry
+"<path> (#2)") and ``classes.json`` (the class name of every label value).
 
 Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
 ``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``
@@ -23,6 +24,7 @@ resolution: on the evaluation images, the label maps ``larvseg eval`` scores.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -39,15 +41,16 @@ from larvseg import atomic
 from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
 from larvseg.data.io import IMAGE_SUFFIXES
-from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
+from larvseg.data.overlay import Prediction, class_areas, colours_by_area, label_png_dtype, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
 from larvseg.data.vocabulary import UnknownClassError, resolve_classes
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
-from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
+from larvseg.models.io import load_segmenter
+from larvseg.models.segmenter import Segmenter
+from larvseg.progress import progress_bar
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import load_checkpoint
 
 
 class ImageReadError(UserError, ValueError):
@@ -116,10 +119,9 @@ class LarvSegPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
-        ckpt = load_checkpoint(path)
-        segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device), source=str(path))
-        return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
-                   supervised=ckpt.get("supervised"))
+        loaded = load_segmenter(path, select_device(device))
+        return cls(loaded.segmenter, loaded.class_names, classes=classes, eval_cfg=loaded.config.eval, amp=amp,
+                   short_side=short_side, supervised=loaded.supervised)
 
     def windows(self, image_hw: tuple[int, int]) -> int:
         """Windows the segmentation of an image of this size runs (1 in whole mode)."""
@@ -129,13 +131,21 @@ class LarvSegPredictor:
         h, w = rescale_size(*image_hw, e.max_long_side, e.short_side) if e.short_side > 0 else image_hw
         return len(slide_windows(h, w, e.crop_size, e.stride))
 
+    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None,
+                 classes: str | Sequence[str] | None = None) -> Prediction:
+        """``progress(done, total)`` is called after every window (sliding-window mode). ``classes``: this
+        call's vocabulary (names, comma-separated or a file, as the constructor's); None = the predictor's."""
+        ids = self.class_ids if classes is None else torch.from_numpy(resolve_classes(classes, self.class_names))
+        return self.segment(as_rgb_array(image), ids, progress)
+
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """``progress(done, total)`` is called after every window (sliding-window mode)."""
-        rgb = as_rgb_array(image)
+    def segment(self, rgb: np.ndarray, class_ids: torch.Tensor | None,
+                progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class)."""
         resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
         label_map = segment_image(
-            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg, class_ids=self.class_ids,
+            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg,
+            class_ids=None if class_ids is None else class_ids.to(self.device),
             out_size=rgb.shape[:2], progress=progress,
         ).cpu().numpy().astype(np.int64)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
@@ -181,8 +191,6 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 def main(args: argparse.Namespace) -> int:
     """Segment every image; an unreadable one is reported and skipped, the others are written, and the
     exit code is 1 if any was skipped (the list is printed at the end). Outputs are written atomically."""
-    from tqdm import tqdm
-
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
     predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
                                                  amp=args.amp, short_side=args.short_side)
@@ -191,29 +199,32 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
-    colours = palette(len(names))
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
     summary: dict[str, Any] = {}
     failed: list[str] = []
     used: set[str] = set()
-    bar = tqdm(paths, desc="predict", unit="img", dynamic_ncols=True)
+    given: collections.Counter[str] = collections.Counter()
+    bar = progress_bar(paths, desc="predict", unit="img", dynamic_ncols=True)
     for path in bar:
         bar.set_postfix_str(path.name)
         try:
             image = read_image(path)
         except ImageReadError as exc:
             failed.append(str(exc))
-            tqdm.write(f"skipped: {exc}", file=sys.stderr)
+            progress_bar.write(f"skipped: {exc}", file=sys.stderr)
             continue
         windows = predictor.windows(image.shape[:2])
-        with tqdm(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
+        with progress_bar(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
                   disable=windows < 2) as window_bar:  # large images: progress inside the image too
             pred = predictor(image, progress=lambda done, total: window_bar.update(done - window_bar.n))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
-        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
-        summary[str(path)] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
+        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours_by_area(pred)),
+                                                             cv2.COLOR_RGB2BGR))
+        given[str(path)] += 1  # the same file given twice: a second entry, "<path> (#2)", for its second outputs
+        key = str(path) if given[str(path)] == 1 else f"{path} (#{given[str(path)]})"
+        summary[key] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
     atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
     if failed:

@@ -13,14 +13,18 @@ others' classifier rows never got a signal; typing one is allowed, with a notice
 HTTP API (FastAPI, served by uvicorn; optional dependency ``pip install "larvseg[web]"``):
     GET  /api/info                     checkpoint, vocabulary presets, upload limits
     GET  /api/classes                  names of the classes the checkpoint was trained on (autocompletion)
-    POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"}
+    POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"};
+                                       503 + Retry-After when --max-queue uploads are waiting or running
     GET  /api/jobs/{id}                state, progress 0..1, stage text, and the result when done
-    GET  /api/jobs/{id}/overlay.png | labels.png | classes.json
+    GET  /api/jobs/{id}/overlay.png | labels.png | classes.json | image.jpg | colors.png
+                                       (the page layers image.jpg and colors.png under an opacity slider)
 
 Uploads are checked before anything runs: empty, too large (bytes or pixels), not an image, or an
 unsupported pixel format give a message that names the file and the problem. CMYK images are converted
 to RGB and 16-bit images reduced to 8 bits per channel, each with a visible notice. Jobs run one at a
-time on a single worker thread (one model in memory); the last ``MAX_JOBS`` results are kept.
+time on a single worker thread (one model in memory); at most ``max_queue`` wait or run (each holds its
+decoded image), so memory stays bounded under many uploads; the last ``MAX_JOBS`` results are kept.
+The classes of each result get perceptually distinct colours, largest area first (data/overlay.py).
 """
 
 # No "from __future__ import annotations": FastAPI reads the route signatures (Request is imported locally).
@@ -33,6 +37,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,27 +48,34 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from larvseg.data.overlay import colours_by_area
 from larvseg.data.vocabulary import imagenet_class_names, load_class_names, normalize_name
 from larvseg.predict import (
     LarvSegPredictor,
     Prediction,
     UnknownClassError,
     label_png_dtype,
-    palette,
     resolve_classes,
 )
+from larvseg.threads import configure_threads
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_JOBS = 20
+MAX_QUEUE = 4  # uploads waiting or running at once (larvseg serve --max-queue); each holds its decoded image
 POLL_HINT_S = 0.25
+# The service checks the pixel count itself (--max-megapixels) right after reading the header, before
+# decoding; Pillow's own warning for images above 89 megapixels would only repeat it on the console.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class UploadError(ValueError):
-    """A request the page can explain to its user: ``status`` is the HTTP status, the message says why."""
+    """A request the page can explain to its user: ``status`` is the HTTP status, the message says why;
+    ``retry_after`` (seconds) goes into a Retry-After header (503: the queue is full)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +128,10 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # hundreds of megapixels: refused by Pillow before decoding
-        raise UploadError(f"{name}: {exc}", 413) from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "hundreds of megapixels"
+        raise UploadError(f"{name}: the image is {size}; the limit is {max_pixels / 1e6:.0f} megapixels "
+                          "(larvseg serve --max-megapixels)", 413) from None
     except UnidentifiedImageError:  # its message names only an in-memory buffer
         raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF)", 415) from None
     except OSError as exc:
@@ -153,6 +168,13 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
     return rgb, notices
 
 
+def _jpeg_bytes(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", array)
     if not ok:
@@ -178,6 +200,7 @@ class Job:
     error: str | None = None
     result: dict[str, Any] | None = None
     files: dict[str, bytes] = field(default_factory=dict)
+    seconds: float = 0.0  # from upload to done or error (the Retry-After estimate)
 
     def status(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "state": self.state, "stage": self.stage,
@@ -190,7 +213,7 @@ class SegmentationService:
     """The model, the vocabularies and the jobs behind the page; usable without any web framework."""
 
     def __init__(self, predictor: LarvSegPredictor, checkpoint: str, max_upload_mb: float = 20.0,
-                 max_megapixels: float = 25.0) -> None:
+                 max_megapixels: float = 25.0, max_queue: int = MAX_QUEUE) -> None:
         self.predictor = predictor
         self.checkpoint = checkpoint
         self.names = predictor.class_names
@@ -200,7 +223,7 @@ class SegmentationService:
         self.trained = np.arange(len(self.names)) if default is None else default.cpu().numpy()
         self.index = {normalize_name(self.names[i]): int(i) for i in self.trained}
         self.all_trained = len(self.trained) == len(self.names)
-        self.colours = palette(len(self.names))
+        self.max_queue = max_queue
         self.max_bytes = int(max_upload_mb * 2**20)
         self.max_pixels = int(max_megapixels * 1e6)
         self.presets = {p.key: p for p in PRESETS}
@@ -218,7 +241,22 @@ class SegmentationService:
             presets.append({"key": p.key, "label": f"{p.label}: {len(ids)} of {len(names)} in this model",
                             "known": int(len(ids)), "total": len(names)})
         return {"checkpoint": self.checkpoint, "num_classes": len(self.names), "trained_classes": len(self.trained),
-                "presets": presets, "max_upload_mb": self.max_bytes / 2**20, "max_megapixels": self.max_pixels / 1e6}
+                "presets": presets, "max_upload_mb": self.max_bytes / 2**20, "max_megapixels": self.max_pixels / 1e6,
+                "max_queue": self.max_queue}
+
+    def pending(self) -> int:
+        """Jobs waiting or running."""
+        return sum(job.state in ("queued", "running") for job in list(self.jobs.values()))
+
+    def check_capacity(self) -> None:
+        """UploadError 503 with a Retry-After estimate when ``max_queue`` jobs are waiting or running."""
+        pending = self.pending()
+        if pending >= self.max_queue:
+            done = [j.seconds for j in self.jobs.values() if j.seconds]
+            per_job = sum(done) / len(done) if done else 5.0
+            raise UploadError(f"the server is busy: {pending} uploads are waiting or running, the most it takes is "
+                              f"{self.max_queue} (larvseg serve --max-queue); try again in a few seconds", 503,
+                              retry_after=max(1, round(per_job * (pending - self.max_queue + 1))))
 
     def class_names(self) -> list[str]:
         """Names worth typing: the trained classes."""
@@ -253,11 +291,14 @@ class SegmentationService:
     def submit(self, data: bytes, name: str, preset: str, classes: str) -> Job:
         """Check the upload and the vocabulary now (UploadError), segment in the background."""
         class_ids, vocab_notices = self.vocabulary(preset, classes)
+        self.check_capacity()  # before decoding: a full queue must not cost the memory of another image
         rgb, notices = decode_upload(data, name, self.max_bytes, self.max_pixels)
         job = Job(uuid.uuid4().hex[:12], name, notices=notices + vocab_notices)
-        with self._lock:
+        with self._lock:  # checked again under the lock: uploads decoded concurrently may have filled it
+            self.check_capacity()
             self.jobs[job.id] = job
-            for old in list(self.jobs)[:-MAX_JOBS]:
+            finished = [k for k, j in self.jobs.items() if j.state in ("done", "error")]
+            for old in finished[: max(0, len(self.jobs) - MAX_JOBS)]:  # never drop a job still in the queue
                 del self.jobs[old]
         self._worker.submit(self._run, job, rgb, class_ids)
         return job
@@ -272,21 +313,20 @@ class SegmentationService:
             job.stage = f"segmenting: window {done + 1} of {total}" if done < total else "combining windows"
 
         job.state, job.stage, job.progress = "running", f"segmenting: window 1 of {total}", 0.05
-        saved = predictor.class_ids
         try:
-            predictor.class_ids = torch.from_numpy(class_ids).to(predictor.device)
-            pred = predictor(rgb, progress=window_done)
+            pred = predictor.segment(rgb, torch.from_numpy(class_ids), progress=window_done)
             job.stage, job.progress = "drawing the overlay", 0.92
             job.result, job.files = self._render(rgb, pred, class_ids)
             job.state, job.stage, job.progress = "done", "done", 1.0
         except Exception as exc:  # noqa: BLE001 - any failure is shown on the page, not lost in a thread
             job.state, job.error, job.stage = "error", f"{job.name}: segmentation failed: {type(exc).__name__}: {exc}", "failed"
         finally:
-            predictor.class_ids = saved
+            job.seconds = time.perf_counter() - job.started
 
     def _render(self, rgb: np.ndarray, pred: Prediction, class_ids: np.ndarray) -> tuple[dict, dict]:
-        colours = self.colours
-        overlay = (rgb.astype(np.float32) * 0.5 + colours[pred.label_map].astype(np.float32) * 0.5).astype(np.uint8)
+        colours = colours_by_area(pred)  # the classes of this image, in perceptually distinct colours
+        painted = colours[pred.label_map]
+        overlay = cv2.addWeighted(rgb, 0.5, painted, 0.5, 0.0)  # uint8 throughout: no float copies of a 25 MP image
         counts = np.bincount(pred.label_map.ravel(), minlength=len(self.names))
         present = pred.present
         rows = [{"id": int(i), "name": self.names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
@@ -294,6 +334,9 @@ class SegmentationService:
         scored = len(class_ids)
         files = {
             "overlay.png": _png_bytes(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)),
+            # the page layers these two with an opacity slider
+            "image.jpg": _jpeg_bytes(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)),
+            "colors.png": _png_bytes(cv2.cvtColor(painted, cv2.COLOR_RGB2BGR)),
             "labels.png": _png_bytes(pred.label_map.astype(label_png_dtype(len(self.names)))),
             "classes.json": json.dumps(self.names, ensure_ascii=False).encode(),
         }
@@ -318,8 +361,9 @@ def create_app(service: SegmentationService):
     app = FastAPI(title="LarvSeg", docs_url=None, redoc_url=None)
     page = PAGE.read_text()
 
-    def error(message: str, status: int) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(message: str, status: int, retry_after: int | None = None) -> JSONResponse:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse({"error": message, "retry_after": retry_after}, status_code=status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -335,6 +379,10 @@ def create_app(service: SegmentationService):
 
     @app.post("/api/segment")
     async def segment(request: Request, preset: str = "model", classes: str = "", name: str = "upload"):
+        try:
+            service.check_capacity()  # before reading the body
+        except UploadError as exc:
+            return error(str(exc), exc.status, exc.retry_after)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > service.max_bytes:
             return error(f"{name}: the file is {int(declared) / 2**20:.1f} MB; the limit is "
@@ -348,7 +396,7 @@ def create_app(service: SegmentationService):
         try:
             job = await run_in_threadpool(service.submit, bytes(body), name, preset, classes)
         except UploadError as exc:
-            return error(str(exc), exc.status)
+            return error(str(exc), exc.status, exc.retry_after)
         return JSONResponse({"job": job.id, "poll_s": POLL_HINT_S}, status_code=202)
 
     def find(job_id: str) -> Job | None:
@@ -359,7 +407,8 @@ def create_app(service: SegmentationService):
         job = find(job_id)
         return error(f"no job {job_id!r} (finished jobs are kept for the last {MAX_JOBS} uploads)", 404) if job is None else job.status()
 
-    media = {"overlay.png": "image/png", "labels.png": "image/png", "classes.json": "application/json"}
+    media = {"overlay.png": "image/png", "labels.png": "image/png", "classes.json": "application/json",
+             "image.jpg": "image/jpeg", "colors.png": "image/png"}
 
     @app.get("/api/jobs/{job_id}/{file_name}")
     def job_file(job_id: str, file_name: str):
@@ -367,7 +416,8 @@ def create_app(service: SegmentationService):
         if job is None or file_name not in job.files:
             return error(f"no file {file_name!r} for job {job_id!r}", 404)
         stem = re.sub(r"[^\w.-]", "_", Path(job.name).stem)[:100] or "image"  # a safe header value
-        download = {"labels.png": f"{stem}_labels.png", "classes.json": "classes.json", "overlay.png": f"{stem}_overlay.png"}
+        download = {"labels.png": f"{stem}_labels.png", "classes.json": "classes.json", "overlay.png": f"{stem}_overlay.png",
+                    "image.jpg": f"{stem}.jpg", "colors.png": f"{stem}_colors.png"}
         return Response(job.files[file_name], media_type=media[file_name],
                         headers={"Content-Disposition": f'inline; filename="{download[file_name]}"'})
 
@@ -375,9 +425,11 @@ def create_app(service: SegmentationService):
 
 
 def build_service(checkpoint: str, device: str = "auto", max_upload_mb: float = 20.0,
-                  max_megapixels: float = 25.0) -> SegmentationService:
+                  max_megapixels: float = 25.0, max_queue: int = MAX_QUEUE) -> SegmentationService:
     predictor = LarvSegPredictor.from_checkpoint(checkpoint, device=device)
-    return SegmentationService(predictor, str(checkpoint), max_upload_mb, max_megapixels)
+    if predictor.device.type == "cpu":
+        configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
+    return SegmentationService(predictor, str(checkpoint), max_upload_mb, max_megapixels, max_queue)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -387,7 +439,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    service = build_service(args.checkpoint, args.device, args.max_upload_mb, args.max_megapixels)
+    service = build_service(args.checkpoint, args.device, args.max_upload_mb, args.max_megapixels, args.max_queue)
     print(f"larvseg serve: {args.checkpoint} ({len(service.names)} classes) at http://{args.host}:{args.port}  "
           "(Ctrl+C stops)", flush=True)
     try:

@@ -17,6 +17,8 @@ import os
 import torch
 from torch import nn
 
+from larvseg.domains import DomainError
+
 PARAMS_PER_THREAD = 20_000_000
 
 
@@ -42,7 +44,7 @@ def choose_threads(model: nn.Module | int, requested: int = 0, env: dict[str, st
         value = env.get(name, "").strip()
         if value:
             if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
+                raise DomainError(f"{name}={value!r}: expected a positive integer (an environment variable)")
             return int(value), name
     params = model if isinstance(model, int) else sum(p.numel() for p in model.parameters())
     return default_threads(params), f"default for {params / 1e6:.1f} M parameters on {available_cores()} cores"

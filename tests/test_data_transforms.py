@@ -232,5 +232,5 @@ def test_per_source_scale_fits_a_whole_imagenet_photo_in_its_crop(tmp_path):
 
 def test_per_source_scale_is_checked():
     for bad in ("[320]", "[320, 0]", "[320, 1.5]"):
-        with pytest.raises(ConfigError, match=r"data\.tag_sources\.1\.scale must be"):
+        with pytest.raises(ConfigError, match=r"data\.tag_sources\.1\.scale=.*expected \[\] \(= data\.scale\)"):
             load_config("c171_a150w_in124", [f"data.tag_sources.1.scale={bad}"])

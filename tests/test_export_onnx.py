@@ -40,11 +40,14 @@ def exported(tmp_path_factory):
     photo = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((71, 50), Image.BICUBIC))
     Image.fromarray(photo).save(tmp / "photo.png")
     onnx_path = tmp / "out" / "model.onnx"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli_main(["export", str(ckpt), "--classes", "road,Sky,person", "--onnx", str(onnx_path),
                          "--check-images", str(tmp / "photo.png")])
-    assert code == 0, out.getvalue()
+    assert code == 0, out.getvalue() + err.getvalue()
+    # a normal run: its threads, and no third-party warning (torch's exporter deprecates its own calls)
+    assert "intra-op thread" in out.getvalue()
+    assert "warning" not in err.getvalue().lower() and "deprecated" not in err.getvalue(), err.getvalue()
     return segmenter, onnx_path, photo, out.getvalue()
 
 

@@ -19,6 +19,7 @@ LAYERS = {
     "larvseg.errors": 0,
     "larvseg.atomic": 0,
     "larvseg.cache_dir": 0,
+    "larvseg.domains": 0,  # what each config key and option allows (imported by config and cli)
     "larvseg.config": 0,
     "larvseg.distributed": 0,
     "larvseg.precision": 0,  # amp choice: imports only torch and config
@@ -42,7 +43,6 @@ SAME_LAYER = {
     ("larvseg.train.loop", "larvseg.eval.evaluate"),  # evaluation during training
     ("larvseg.eval.evaluate", "larvseg.train.checkpoint"),  # the checkpoint file format
     ("larvseg.eval.evaluate", "larvseg.train.tensorboard"),  # `larvseg eval` writes TensorBoard events
-    ("larvseg.predict", "larvseg.train.checkpoint"),
     ("larvseg.demo.run", "larvseg.cli"),  # `python -m larvseg.demo.run` is `larvseg demo`
     ("larvseg.data.check", "larvseg.demo.benchmark"),  # tiny_cpu's generated data, checked as is
 }

@@ -282,7 +282,10 @@ def test_default_vocabulary_is_the_supervised_classes_and_untrained_names_warn(s
     assert LarvSegPredictor.from_checkpoint(exported, device="cpu").class_ids.tolist() == [2, 5]
 
 
-def test_progress_per_image_and_per_window(small, tmp_path, capsys):
+def test_progress_per_image_and_per_window(small, tmp_path, capsys, monkeypatch):
+    import larvseg.progress
+
+    monkeypatch.setattr(larvseg.progress, "_is_terminal", lambda stream: True)  # bars: as on a terminal
     path = small[0]  # slide mode, crop 48, stride 32
     big = tmp_path / "big.png"
     Image.fromarray(_image(64, 160, 8)).save(big)
@@ -297,6 +300,18 @@ def test_progress_per_image_and_per_window(small, tmp_path, capsys):
     assert re.search(rf"big\.png:\s+\d+%\|.*?\| \d+/{windows} \[.*?window/s", err)  # a bar inside the image
     assert not re.search(r"small\.png:\s+\d+%", err)  # one window: no inner bar
     assert "predict: 100%" in err and "2/2" in err
+
+
+def test_progress_in_a_log_file_is_plain_lines(small, tmp_path, capsys):
+    """Not a terminal (a CI log, nohup): plain lines, never a carriage return (one endless line in a file)."""
+    path = small[0]
+    for k in range(3):
+        Image.fromarray(_image(40, 40, k)).save(tmp_path / f"im{k}.png")
+    args = build_parser().parse_args(["predict", str(path), str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--device", "cpu"])
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "predict: 3/3 (100%)" in err, err
 
 
 def test_a_one_pixel_high_strip_is_segmented(tmp_path):

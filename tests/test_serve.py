@@ -10,6 +10,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -292,3 +293,173 @@ def test_vocabularies_follow_the_trained_classes(tmp_path):
     status = _wait(client, r.json()["job"])
     assert any("1 of your classes had no training data in this checkpoint" in n and "car" in n for n in status["notices"])
     service.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# A bounded queue, a readable size limit, a page that fits a phone
+
+
+def _serve_live(service):
+    """(url, stop) of a uvicorn server of ``service`` on a free port."""
+    uvicorn = pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.close()
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def test_a_full_queue_answers_503_with_retry_after(ckpt):
+    """8 concurrent uploads against a queue of 2 while the model is busy: 2 are taken, 6 get 503 with
+    Retry-After (no decoded image is held for them); once the queue drains, uploads are taken again."""
+    import httpx
+
+    service = _service(ckpt, max_queue=2)
+    gate = threading.Event()
+    segment = service.predictor.segment
+
+    def held_segment(*args, **kwargs):  # the model is busy until the test opens the gate
+        gate.wait(30)
+        return segment(*args, **kwargs)
+
+    service.predictor.segment = held_segment
+    url, stop = _serve_live(service)
+    try:
+        body = _encode(Image.fromarray(_photo()))
+        start = threading.Barrier(8)
+
+        def upload(k):
+            start.wait()
+            return httpx.post(f"{url}/api/segment", params={"name": f"u{k}.png"}, content=body, timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(upload, range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [202] * 2 + [503] * 6, codes
+        for r in answers:
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) >= 1
+                assert "--max-queue" in r.json()["error"] and "busy" in r.json()["error"]
+        assert service.pending() == 2 and len(service.jobs) == 2
+        gate.set()
+        for r in answers:
+            if r.status_code == 202:
+                status = None
+                for _ in range(400):
+                    status = httpx.get(f"{url}/api/jobs/{r.json()['job']}").json()
+                    if status["state"] in ("done", "error"):
+                        break
+                    time.sleep(0.05)
+                assert status["state"] == "done", status
+        assert httpx.post(f"{url}/api/segment", params={"name": "later.png"}, content=body).status_code == 202
+    finally:
+        gate.set()
+        stop()
+
+
+def test_a_decompression_bomb_names_the_limit_and_its_flag(ckpt):
+    from larvseg.serve import UploadError, decode_upload
+
+    # a 20000 x 20000 PNG header (Pillow refuses it at open, before any pixel is decoded)
+    big = Image.new("1", (20000, 20000))
+    data = _encode(big)
+    with pytest.raises(UploadError) as info:
+        decode_upload(data, "huge.png", 2**30, 25_000_000)
+    message = str(info.value)
+    assert info.value.status == 413
+    assert "huge.png: the image is 400 megapixels; the limit is 25 megapixels (larvseg serve --max-megapixels)" == message
+
+
+def test_overlay_colours_of_one_image_are_perceptually_distinct():
+    from larvseg.data.overlay import Prediction, _srgb_to_oklab, class_areas, colours_by_area, distinct_colours
+
+    seq = _srgb_to_oklab(distinct_colours())
+    gaps = np.linalg.norm(seq[:, None] - seq[None], axis=-1)[~np.eye(len(seq), dtype=bool)]
+    assert gaps.min() > 0.1  # OKLab: about 0.02 is a just-noticeable difference
+    names = [f"c{i}" for i in range(150)]
+    label_map = np.repeat(np.arange(150)[None], 4, 0)  # every class present
+    colours = colours_by_area(Prediction(label_map, names, class_areas(label_map, names)))
+    first = _srgb_to_oklab(colours[:12])
+    assert np.linalg.norm(first[:, None] - first[None], axis=-1)[~np.eye(12, dtype=bool)].min() > 0.15
+
+
+LAYOUT_JS = """() => {
+  const width = window.innerWidth;
+  const wide = [...document.querySelectorAll('body *')].filter((e) => {
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && (r.right > width + 0.5 || r.left < -0.5);
+  }).map((e) => e.tagName + '#' + e.id + '.' + e.className);
+  const box = (id) => { const r = document.getElementById(id).getBoundingClientRect();
+                        return [r.left, r.top, r.right, r.bottom]; };
+  return {scroll: document.documentElement.scrollWidth, width, wide, form: box('form'),
+          result: box('result'), layers: box('layers')};
+}"""
+
+
+@pytest.mark.parametrize("width", [360, 1280])
+def test_page_fits_the_window_and_clears_a_failed_upload(live_server, tmp_path, width):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
+    image_path = tmp_path / "a_photo_with_a_rather_long_file_name_from_a_phone_camera_20261206_101010.png"
+    Image.fromarray(_photo(300, 400, seed=5)).save(image_path)
+    bad_path = tmp_path / "notes.txt"
+    bad_path.write_text("this is not an image")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": width, "height": 800})
+        page.goto(live_server)
+        page.wait_for_function("document.querySelectorAll('#preset option').length === 6")
+        assert "--max-upload-mb" in page.inner_text("#limits") and "--max-megapixels" in page.inner_text("#limits")
+        page.select_option("#preset", "in21k")
+        assert "21,843" in page.inner_text("#preset-info")  # the whole label, which the select may cut
+        page.select_option("#preset", "model")
+        page.set_input_files("#file", str(image_path))
+        page.click("#run")
+        page.wait_for_selector("#result", state="visible", timeout=60_000)
+        page.wait_for_function("['photo', 'overlay'].every((id) => document.getElementById(id).complete "
+                               "&& document.getElementById(id).naturalWidth > 0)")
+        layout = page.evaluate(LAYOUT_JS)
+        assert layout["scroll"] <= width and not layout["wide"], layout  # nothing wider than the window
+        assert layout["result"][0] >= 0 and layout["result"][2] <= width and layout["layers"][2] <= width
+        if width < 760:  # one column: the result below the form
+            assert layout["result"][1] > layout["form"][3]
+        else:  # two columns: the result beside the form
+            assert layout["result"][0] > layout["form"][2] and layout["result"][1] < layout["form"][3]
+        shot = tmp_path / f"result_{width}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("LARVSEG_SCREENSHOTS"):  # to look at them: LARVSEG_SCREENSHOTS=folder
+            shutil.copy(shot, os.environ["LARVSEG_SCREENSHOTS"])
+        # the opacity slider acts on the colour layer only
+        page.fill("#opacity", "80")
+        page.dispatch_event("#opacity", "input")
+        assert page.eval_on_selector("#overlay", "e => getComputedStyle(e).opacity") == "0.8"
+
+        # a failed upload: the previous result is not left beside the error as if it were this file's
+        page.set_input_files("#file", str(bad_path))
+        page.click("#run")
+        page.wait_for_selector("#error", state="visible")
+        assert not page.is_visible("#result")
+        assert "No result for notes.txt" in page.inner_text("#placeholder")
+        layout = page.evaluate(LAYOUT_JS)
+        assert layout["scroll"] <= width and not layout["wide"], layout
+        page.screenshot(path=str(tmp_path / f"error_{width}.png"), full_page=True)
+        if os.environ.get("LARVSEG_SCREENSHOTS"):
+            shutil.copy(tmp_path / f"error_{width}.png", os.environ["LARVSEG_SCREENSHOTS"])
+        browser.close()
+    with Image.open(shot) as im:
+        assert im.width == width and np.asarray(im.convert("L")).std() > 5

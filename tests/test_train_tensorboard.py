@@ -89,3 +89,18 @@ def test_tensorboard_off(tmp_path):
     logger.close()
     assert logger.tb is None and not list(tmp_path.glob("events.out.tfevents.*"))
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0
+
+
+def test_nan_metrics_are_left_out_without_a_message(tmp_path, capfd):
+    """mIoU_novel is NaN when no novel class is scored (eval --classes of base classes): no point to plot,
+    and no "NaN or Inf found in input tensor." line from tensorboardX for each such metric."""
+    pytest.importorskip("tensorboardX")
+    from larvseg.train.tensorboard import TensorBoardLog
+
+    log = TensorBoardLog(tmp_path)
+    log.scalars("eval/", 1, {"mIoU": 40.0, "mIoU_novel": float("nan"), "mAcc_novel": float("inf")})
+    log.close()
+    out, err = capfd.readouterr()
+    assert "NaN or Inf" not in out + err
+    scalars, _ = read_events(tmp_path)
+    assert dict(scalars) == {"eval/mIoU": {1: 40.0}}

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
 from larvseg.config import Config, SourceConfig, load_config
 from larvseg.data.datasets import ImageTagFolder, build_source_checked
@@ -91,7 +94,7 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     # spread the decoded sample over the whole set (files are sorted by class folder)
     indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)) if n else []
-    for i in tqdm(indices, desc=f"checking {report.name}", unit="img", leave=False):
+    for i in progress_bar(indices, desc=f"checking {report.name}", unit="img", leave=False):
         try:
             item = dataset.load(int(i))
         except DataError as exc:
@@ -116,14 +119,37 @@ def check_config(cfg: Config, max_images: int = 0) -> list[SourceReport]:
     return reports
 
 
+def _moved_root(cfg: Config, root: Path) -> Config:
+    """``cfg`` with data.root at ``root``, and the source paths written under the old root moved with it."""
+    old = str(cfg.data.resolved_root())
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    for source in [*cfg.data.seg_sources, *cfg.data.tag_sources, cfg.data.eval]:
+        for key in ("root", "classes", "index"):
+            value = getattr(source, key)
+            if value and str(Path(value).expanduser()).startswith(old + os.sep):
+                setattr(source, key, str(root / Path(value).expanduser().relative_to(old)))
+    return cfg
+
+
 def main(args: argparse.Namespace) -> int:
-    from larvseg.demo.benchmark import ensure_smoke_data
+    from larvseg.demo.benchmark import SMOKE_SPEC, ensure_benchmark
 
     cfg = load_config(args.config, args.overrides)
-    ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): generated data, so the smoke config checks as is
+    with tempfile.TemporaryDirectory(prefix="larvseg-check-") as scratch:
+        if cfg.data.demo_benchmark and not cfg.data.resolved_root().exists():
+            # data.demo_benchmark (tiny_cpu): training would generate the data there; a check writes nothing,
+            # so it checks what the generator writes, in a temporary folder that is removed afterwards
+            print(f"data root {cfg.data.resolved_root()} does not exist yet: `larvseg train` generates it "
+                  "(data.demo_benchmark); checking a generated copy in a temporary folder")
+            ensure_benchmark(Path(scratch) / "data", SMOKE_SPEC)
+            cfg = _moved_root(cfg, Path(scratch) / "data")
+        return _check_and_report(cfg, args.max_images)
+
+
+def _check_and_report(cfg: Config, max_images: int) -> int:
     print(f"data root: {cfg.data.resolved_root()}")
     try:
-        reports = check_config(cfg, args.max_images)
+        reports = check_config(cfg, max_images)
     except (DataError, VocabularyError) as exc:  # the vocabulary itself could not be built
         print(f"error: {exc}")
         return 1

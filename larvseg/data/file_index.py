@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
 from larvseg.cache_dir import default_cache_dir
 from larvseg.data.io import IMAGE_SUFFIXES
@@ -158,7 +158,7 @@ class FolderIndex:
                 stale.append((name, mtime))
         self.stats = {"listed": len(stale), "reused": len(folders) - len(stale) - len(missing)}
         if stale:
-            bar = tqdm(stale, desc=f"indexing {self.root}", unit="folder", disable=not self.progress)
+            bar = progress_bar(stale, desc=f"indexing {self.root}", unit="folder", disable=not self.progress)
             for name, mtime in bar:
                 cached[name] = (mtime, *_encode(list_folder(self.root / name)))
             self._save(cached)

@@ -33,8 +33,58 @@ def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 RGB colours, fixed per class id (the same in every image and run)."""
-    return np.random.default_rng(12345).integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
+    """(num_classes, 3) uint8 RGB colours, fixed per class id (the same in every image and run): the
+    perceptually spaced sequence (``distinct_colours``) repeated over the ids."""
+    seq = distinct_colours()
+    return seq[np.arange(num_classes) % len(seq)]
+
+
+def _srgb_to_oklab(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 sRGB -> (N, 3) OKLab (Ottosson 2020), where distances follow perceived differences."""
+    c = rgb.astype(np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    lms = linear @ np.array([[0.4122214708, 0.5363325363, 0.0514459929],
+                             [0.2119034982, 0.6806995451, 0.1073969566],
+                             [0.0883024619, 0.2817188376, 0.6299787005]]).T
+    return np.cbrt(lms) @ np.array([[0.2104542553, 0.7936177850, -0.0040720468],
+                                    [1.9779984951, -2.4285922050, 0.4505937099],
+                                    [0.0259040371, 0.7827717662, -0.8086757660]]).T
+
+
+_DISTINCT: np.ndarray | None = None
+DISTINCT_COLOURS = 40  # beyond about 40, no set of colours stays distinguishable at a glance
+
+
+def distinct_colours() -> np.ndarray:
+    """(DISTINCT_COLOURS, 3) uint8 RGB, each as far as possible (in OKLab) from all before it: greedy
+    farthest-point sampling over an sRGB grid, without near-black and near-white (overlay and text
+    colours). Deterministic; consecutive colours are the most different, so the k largest classes of
+    an image get the k most different colours."""
+    global _DISTINCT
+    if _DISTINCT is None:
+        axis = np.arange(0, 256, 17, dtype=np.uint8)
+        grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        lab = _srgb_to_oklab(grid)
+        keep = (lab[:, 0] > 0.4) & (lab[:, 0] < 0.93)
+        grid, lab = grid[keep], lab[keep]
+        chosen = [int(np.argmax(np.hypot(lab[:, 1], lab[:, 2])))]  # the most saturated colour first
+        dist = np.linalg.norm(lab - lab[chosen[0]], axis=1)
+        for _ in range(DISTINCT_COLOURS - 1):
+            chosen.append(int(np.argmax(dist)))
+            dist = np.minimum(dist, np.linalg.norm(lab - lab[chosen[-1]], axis=1))
+        _DISTINCT = grid[chosen]
+    return _DISTINCT
+
+
+def colours_by_area(pred: "Prediction") -> np.ndarray:
+    """(num_classes, 3) uint8 RGB for one image's overlay: the classes present get the distinct colours in
+    order of area (largest first), so that the classes shown together differ as much as possible;
+    absent classes keep ``palette``'s colour. The label map itself is not affected."""
+    colours = palette(len(pred.class_names)).copy()
+    seq = distinct_colours()
+    present = np.asarray(pred.present, dtype=np.int64)
+    colours[present] = seq[np.arange(len(present)) % len(seq)]
+    return colours
 
 
 def label_png_dtype(num_classes: int) -> type:

@@ -19,20 +19,20 @@ import argparse
 import io
 import json
 import os
-import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
 from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut, build_source_checked
 from larvseg.data.io import DataError, read_label
 from larvseg.data.vocabulary import source_class_names
+from larvseg.domains import SIZE_PATTERN
 
 TAG_FORMATS = ("imagenet", "custom_tags")
 
@@ -47,7 +47,7 @@ class _OwnClasses:
 
 def parse_size(text: str) -> int:
     """'512MB', '1GB', '100k', '4096' -> bytes (powers of 1000; KiB/MiB/GiB are powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    m = SIZE_PATTERN.fullmatch(text.lower())
     if not m:
         raise ConfigError(f"--shard-size {text!r}: expected a size such as 512MB, 1GB or 1GiB")
     value, unit, binary = float(m.group(1)), m.group(2), m.group(3)
@@ -169,7 +169,7 @@ class ShardWriter:
         wds.write_json_atomic(self.out / wds.INDEX_NAME, index)
         return index
 
-    def _write_shard(self, k: int, first: int, bar: tqdm) -> tuple[dict[str, Any], int]:
+    def _write_shard(self, k: int, first: int, bar: Any) -> tuple[dict[str, Any], int]:
         """Shard k from position ``first`` of the order; returns its index entry and the next position."""
         name = wds.shard_name(k)
         tmp = self.out / f"{name}.tmp{os.getpid()}"
@@ -243,7 +243,7 @@ class ShardWriter:
         shards = self._finished()
         pos = shards[-1]["end"] if shards else 0
         self._write_index(shards, complete=False)
-        with tqdm(total=len(self.order), initial=pos, desc=f"sharding {self.plan['name']}", unit="img",
+        with progress_bar(total=len(self.order), initial=pos, desc=f"sharding {self.plan['name']}", unit="img",
                   disable=not self.progress) as bar:
             while pos < len(self.order):
                 entry, pos = self._write_shard(len(shards), pos, bar)

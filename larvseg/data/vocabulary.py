@@ -26,6 +26,7 @@ import numpy as np
 
 from larvseg.data.io import EmptyDatasetError, require_dir, source_root
 from larvseg.data.shards import resolve_shards
+from larvseg.domains import classes_problem
 from larvseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -218,6 +219,8 @@ def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
         path = Path(classes)
         if path.is_file():
             wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif classes_problem(classes) is not None:  # "names.txt" that does not exist: not a class name
+            raise UnknownClassError(f"classes {classes!r}: {classes_problem(classes)}")
         else:
             wanted = [c.strip() for c in classes.split(",") if c.strip()]
     else:

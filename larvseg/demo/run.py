@@ -51,7 +51,7 @@ from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec,
 from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.report import PanelRow, PretrainSummary, RunResult, write_report
 from larvseg.eval.evaluate import evaluate
-from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.models.io import load_segmenter
 from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, load_checkpoint
 from larvseg.train.loop import build, train
@@ -162,8 +162,7 @@ def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
     weights, with the run's vocabulary."""
     vocab, segmenter, loader = build(cfg, distributed.init_from_env(cfg.train.device))
     work_dir = train(cfg, vocab, segmenter, loader, resume="none")
-    segmenter, _names, _cfg = segmenter_from_checkpoint(load_checkpoint(Path(work_dir) / FINAL_WEIGHTS), "cpu")
-    return segmenter, vocab
+    return load_segmenter(Path(work_dir) / FINAL_WEIGHTS).segmenter, vocab
 
 
 def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab: Vocabulary, panel_images: int) -> tuple[dict, list[PanelRow]]:
@@ -341,8 +340,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                       f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
                       "A847-style 16-bit masks for all classes)"),
         # the model line from the config and the model actually trained (the last run's exported weights)
-        "model": describe_model(cfg, segmenter_from_checkpoint(
-            load_checkpoint(Path(cfg.work_dir()) / FINAL_WEIGHTS), "cpu")[0]),
+        "model": describe_model(cfg, load_segmenter(Path(cfg.work_dir()) / FINAL_WEIGHTS).segmenter),
         "training": (f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
                      f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"),
         "evaluation": (f"`larvseg eval`'s code, {cfg.eval.mode} inference, restricted to the benchmark's "

@@ -34,21 +34,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
-from larvseg import distributed
+from larvseg import atomic, distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.io import DataError
 from larvseg.data.mixing import build_eval_dataset
 from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
 from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, resolve_classes
+from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
-from larvseg.models.segmenter import segmenter_from_checkpoint
+from larvseg.models.io import load_segmenter
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import load_checkpoint
 
+EVAL_RESULTS = "eval_results.json"  # written last by save_results: its presence means the evaluation finished
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
 GROUPS = ("", "_base", "_novel")
@@ -133,7 +134,7 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     segmenter.eval()
     start = time.perf_counter()
     skipped: list[str] = []
-    for image, label, path in tqdm(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
+    for image, label, path in progress_bar(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
                                    disable=not (verbose and distributed.is_main_process())):
         if image is None:  # unreadable, data.eval.skip_bad
             skipped.append(path)
@@ -254,12 +255,12 @@ def _json_safe(value: Any) -> Any:
 
 def save_results(results: dict[str, Any], matrix: torch.Tensor, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_results.json").write_text(json.dumps(_json_safe(results), indent=1, ensure_ascii=False))
     with open(out_dir / "eval_per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results["per_class"][0]))
         writer.writeheader()
         writer.writerows(results["per_class"])
     np.save(out_dir / "confusion.npy", matrix.numpy())
+    atomic.write_text(out_dir / EVAL_RESULTS, json.dumps(_json_safe(results), indent=1, ensure_ascii=False))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -270,23 +271,24 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "classes", None):
         cfg.eval.classes = args.classes
     device = distributed.init_from_env(cfg.train.device)
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
+    require_writable(out_dir, "output folder (--out)")  # before the evaluation, not after it
     try:
-        ckpt = load_checkpoint(args.checkpoint)
         # The checkpoint's architecture and vocabulary order define the model; the command's config
         # defines what to evaluate on. Eval classes missing from the checkpoint's vocabulary are appended
         # (the model cannot predict them).
-        segmenter, names, _ = segmenter_from_checkpoint(ckpt, device, source=str(args.checkpoint))
+        loaded = load_segmenter(args.checkpoint, device)
+        segmenter, names = loaded.segmenter, loaded.class_names
         if device.type == "cpu":
             configure_threads(segmenter, cfg.eval.threads or cfg.train.threads, verbose=distributed.is_main_process())
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
-        out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
         results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
         if distributed.is_main_process():
             from larvseg.train.tensorboard import log_evaluation
 
-            log_evaluation(cfg, out_dir, int(ckpt.get("step", 0)), results, lambda: eval_overlays(cfg, segmenter, vocab))
+            log_evaluation(cfg, out_dir, loaded.step, results, lambda: eval_overlays(cfg, segmenter, vocab))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from larvseg.errors import CheckpointError
 
-class CheckpointLoadError(RuntimeError):
-    """A pretrained file that cannot be read or does not fit the backbone; the message names the file."""
+
+class CheckpointLoadError(CheckpointError):
+    """A pretrained file that cannot be read or does not fit the backbone; the message names the file
+    (a user-facing error: one line, as every unreadable checkpoint)."""
+
+    hint = ("check model.pretrained: an AugReg .npz, a timm .safetensors/.pth, hf-hub:<owner>/<repo>, a LarvSeg "
+            "checkpoint, or empty for random initialisation")
 
 
 HF_HUB_PREFIX = "hf-hub:"

@@ -20,17 +20,17 @@ only matters for training) plus ``<work_dir>/final.json`` ({"config", "vocab", "
 Auto-resume skips an unreadable newest checkpoint (saying which and why) and takes the previous one;
 temp files of killed saves (``.iter_N.pth.tmp-PID`` of a process that no longer runs) are removed
 when training starts and whenever old checkpoints are pruned.
-``load_checkpoint`` reads either kind and returns a dict with at least ``model``, ``config``, ``vocab``.
+``load_checkpoint`` (larvseg.models.io) reads either kind and returns a dict with at least ``model``,
+``config``, ``vocab``; any file it cannot read (text, random bytes, a foreign pickle, a truncated or
+empty file) is a CheckpointError naming it, which auto-resume skips like any other unreadable file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +41,7 @@ import torch
 
 from larvseg.atomic import atomic_write, remove_stale_temps, temp_path
 from larvseg.errors import CheckpointError  # defined there so the model layer can raise it too
+from larvseg.models.io import load_checkpoint  # the one reader of checkpoint files (re-exported here)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -57,25 +58,6 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors and plain data only) to ``path`` atomically (temp file + os.replace)."""
     atomic_write(Path(path), lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A training checkpoint (.pth, ``torch.load(weights_only=True)``) or an export (.safetensors + .json),
-    on the CPU. Raises CheckpointError naming the file when it is missing, truncated or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        return _load_export(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({path.stat().st_size} bytes) - truncated or corrupt? ({exc})"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a LarvSeg checkpoint (a {type(state).__name__}, expected a dict)")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,32 +205,3 @@ def export_weights(path: str | os.PathLike, model_state: dict[str, torch.Tensor]
     atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
     atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     return path
-
-
-def _load_export(path: Path) -> dict[str, Any]:
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: the export needs its config/vocabulary file {meta_path.name} next to it")
-    try:
-        model = safetensors.torch.load_file(str(path), device="cpu")
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors weights - truncated or corrupt? ({exc})") from exc
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from exc
-    for key in ("config", "vocab"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path}: missing {key!r}")
-    # weights and vocabulary of different runs would fail deep in load_state_dict without a file name
-    rows = {k: v.shape[0] for k, v in model.items() if k.endswith("class_embed") and v.ndim >= 1}
-    for key, n in rows.items():
-        if n != len(meta["vocab"]):
-            raise CheckpointError(
-                f"{path}: the weights hold {n} classes ({key}) but {meta_path.name} lists {len(meta['vocab'])}: "
-                f"the two files come from different runs; keep the .json written with these weights next to them"
-            )
-    out = {"model": model, "config": meta["config"], "vocab": meta["vocab"], "step": meta.get("step", 0)}
-    if "supervised" in meta:
-        out["supervised"] = meta["supervised"]
-    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
+from larvseg.progress import progress_bar
 
 from larvseg.train.tensorboard import TensorBoardLog, log_images, tensorboard_available
 
@@ -63,7 +63,7 @@ class MetricLogger:
             # recomputed), so the file reads as one uninterrupted run.
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.bar = tqdm(total=total_iters, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
+        self.bar = progress_bar(total=total_iters, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
                         disable=not enabled)
 
     def update(self, step: int, lr: float, terms: dict[str, float]) -> None:

@@ -44,7 +44,8 @@ from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, build_vocabulary
 from larvseg.demo.benchmark import ensure_smoke_data
-from larvseg.eval.evaluate import eval_overlays, evaluate
+from larvseg.domains import require_writable
+from larvseg.eval.evaluate import EVAL_RESULTS, eval_overlays, evaluate
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
 from larvseg.models.amp_workload import vit_workload
@@ -219,45 +220,55 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
         logger.log_eval(step, results, images=lambda: eval_overlays(cfg, segmenter, vocab))
 
-    model.train()
-    batches = iter(loader)
-    for step in range(start_step, t.iters):
-        batch = next(batches)
-        if batch.step != step:
-            raise RuntimeError(f"MixedLoader yielded step {batch.step}, the loop expected {step}")
-        mark_supervised(supervised, batch)
-        torch.manual_seed(step_seed(t.seed, step, rank))
-        lr = poly_lr(step, t.iters, t.lr, t.poly_power, t.min_lr)
-        set_lr(optimizer, lr)
+    try:  # an error ends the progress bar's line first, so that its message starts a line of its own
+        model.train()
+        batches = iter(loader)
+        for step in range(start_step, t.iters):
+            batch = next(batches)
+            if batch.step != step:
+                raise RuntimeError(f"MixedLoader yielded step {batch.step}, the loop expected {step}")
+            mark_supervised(supervised, batch)
+            torch.manual_seed(step_seed(t.seed, step, rank))
+            lr = poly_lr(step, t.iters, t.lr, t.poly_power, t.min_lr)
+            set_lr(optimizer, lr)
 
-        with bf16_autocast(amp.bf16, device):
-            terms = model(batch.to(device))
-        values = reduce_terms(terms)
-        if not all(math.isfinite(v) for v in values.values()):
-            # Every rank sees the same reduced values, so all stop here together, before backward: the
-            # weights in memory and the last checkpoint on disk are both still good.
-            logger.close()
-            distributed.cleanup()
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (lr {lr:.3e}): "
-                + ", ".join(f"{k}={v}" for k, v in values.items())
-                + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+            with bf16_autocast(amp.bf16, device):
+                terms = model(batch.to(device))
+            values = reduce_terms(terms)
+            if not all(math.isfinite(v) for v in values.values()):
+                # Every rank sees the same reduced values, so all stop here together, before backward: the
+                # weights in memory and the last checkpoint on disk are both still good.
+                logger.close()
+                distributed.cleanup()
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (lr {lr:.3e}): "
+                    + ", ".join(f"{k}={v}" for k, v in values.items())
+                    + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
 
-        steps_done = step + 1
-        logger.update(steps_done, lr, values)
-        if steps_done % t.checkpoint_interval == 0 or steps_done == t.iters:
-            last_good = save(steps_done)
-        if t.eval_interval > 0 and steps_done % t.eval_interval == 0 and steps_done != t.iters:
-            run_eval(steps_done)
+            steps_done = step + 1
+            logger.update(steps_done, lr, values)
+            if steps_done % t.checkpoint_interval == 0 or steps_done == t.iters:
+                last_good = save(steps_done)
+            if t.eval_interval > 0 and steps_done % t.eval_interval == 0 and steps_done != t.iters:
+                run_eval(steps_done)
 
-    if t.eval_interval >= 0 and start_step < t.iters:
-        run_eval(t.iters)
-    if start_step >= t.iters and is_main:
-        print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+        # The final evaluation runs at the end of training, and again on a restart of a finished run whose
+        # final evaluation is missing (it failed, e.g. on a bad label, before data.eval.skip_bad=true).
+        final_eval_missing = not (work_dir / f"eval_iter_{t.iters}" / EVAL_RESULTS).is_file()
+        if t.eval_interval >= 0 and (start_step < t.iters or final_eval_missing):
+            if start_step >= t.iters and is_main:
+                print(f"resumed at step {start_step} >= train.iters {t.iters}: running the missing final evaluation",
+                      flush=True)
+            run_eval(t.iters)
+        elif start_step >= t.iters and is_main:
+            print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+    except BaseException:
+        logger.close()
+        raise
     seen = supervised_ids()
     if is_main:
         export_weights(work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters,
@@ -276,6 +287,7 @@ def main(args: argparse.Namespace, build: Callable[[Config, torch.device], tuple
     cfg = load_config(args.config, args.overrides)
     if args.work_dir:
         cfg.train.work_dir = args.work_dir
+    require_writable(cfg.work_dir(), "work dir (train.work_dir / --work-dir)")  # before data and model are built
     device = distributed.init_from_env(cfg.train.device)
     vocab, segmenter, loader = build(cfg, device)
     try:

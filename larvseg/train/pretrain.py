@@ -43,6 +43,7 @@ from larvseg.config import Config, ConfigError, dump_config, load_config
 from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, source_class_names
+from larvseg.domains import require_writable
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
 from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
@@ -231,6 +232,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.work_dir:
         cfg.pretrain.work_dir = args.work_dir
+    require_writable(cfg.pretrain.work_dir or f"work_dirs/{cfg.name or 'default'}_pretrain",
+                     "work dir (pretrain.work_dir / --work-dir)")  # before any data is read
     try:
         pretrain(cfg, resume=args.resume)
     except NonFiniteLossError as exc:

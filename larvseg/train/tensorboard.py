@@ -21,6 +21,7 @@ run wrote after its last checkpoint, as the JSONL does.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,7 +42,9 @@ class TensorBoardLog:
 
     def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN (e.g. mIoU_novel when no novel class is scored) has no point to plot; tensorboardX would
+            # print "NaN or Inf found in input tensor." for each
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(f"{prefix}{key}", float(value), step)
 
     def image(self, tag: str, step: int, image: np.ndarray) -> None:
