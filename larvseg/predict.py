@@ -41,7 +41,8 @@ from larvseg.data import io as data_io
 from larvseg.data.io import IMAGE_SUFFIXES
 from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
-from larvseg.data.vocabulary import UnknownClassError, resolve_classes
+from larvseg.data.class_query import ClassQuery, ClassResolver
+from larvseg.data.vocabulary import UnknownClassError, class_terms, resolve_classes
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
@@ -101,7 +102,8 @@ class LarvSegPredictor:
         # supervised: union ids of the classes that had masks or tags in training (stored in checkpoints
         # since it exists; None = unknown, every class). The others' classifier rows never got a signal.
         self.supervised = None if supervised is None else np.unique(np.asarray(supervised, dtype=np.int64))
-        ids = resolve_classes(classes, self.class_names)
+        self.query = self.resolve(classes)  # names, WordNet aliases, wnids, concepts "dog*"
+        ids = None if self.query is None else self.query.class_ids
         if ids is None and self.supervised is not None and len(self.supervised):
             ids = self.supervised  # default vocabulary: what the model was trained on
         elif ids is not None and self.supervised is not None:
@@ -113,6 +115,24 @@ class LarvSegPredictor:
                     f"and predictions of them are noise", UserWarning, stacklevel=2)
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
+    def resolve(self, classes: str | Sequence[str] | None) -> ClassQuery | None:
+        """A ``classes`` value resolved over this model's vocabulary (larvseg.data.class_query); None = default.
+        Ambiguous words take the sense among the trained classes; concepts hold trained classes only."""
+        terms = class_terms(classes)
+        return None if terms is None else self.resolver.resolve(terms)
+
+    @property
+    def resolver(self) -> ClassResolver:
+        """Resolves class queries over this model's vocabulary (built on first use: 0.5 s for 21K classes)."""
+        if getattr(self, "_resolver", None) is None:
+            self._resolver = ClassResolver(self.class_names, self.supervised)
+        return self._resolver
+
+    @property
+    def output_names(self) -> list[str]:
+        """The name of every label value of this predictor's label maps (concepts of the query appended)."""
+        return self.class_names if self.query is None else self.query.output_names
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
@@ -120,6 +140,13 @@ class LarvSegPredictor:
         segmenter, names, cfg = segmenter_from_checkpoint(ckpt, select_device(device), source=str(path))
         return cls(segmenter, names, classes=classes, eval_cfg=cfg.eval, amp=amp, short_side=short_side,
                    supervised=ckpt.get("supervised"))
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
+                        amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
+        """A model saved by ``larvseg hub save``: its folder, or ``hf-hub:<owner>/<name>[@revision]`` (from the
+        Hugging Face cache, downloaded when online; larvseg.model_repo). Checkpoint files work too."""
+        return cls.from_checkpoint(name, classes=classes, device=device, amp=amp, short_side=short_side)
 
     def windows(self, image_hw: tuple[int, int]) -> int:
         """Windows the segmentation of an image of this size runs (1 in whole mode)."""
@@ -138,6 +165,8 @@ class LarvSegPredictor:
             self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg, class_ids=self.class_ids,
             out_size=rgb.shape[:2], progress=progress,
         ).cpu().numpy().astype(np.int64)
+        if self.query is not None:  # aliases renamed, concepts' member classes mapped to the concept's label
+            return self.query.prediction(label_map)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
 
 
@@ -190,7 +219,9 @@ def main(args: argparse.Namespace) -> int:
         configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = predictor.class_names
+    for note in [] if predictor.query is None else predictor.query.notes:
+        print(f"note: {note}", file=sys.stderr)
+    names = predictor.output_names
     colours = palette(len(names))
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
@@ -214,6 +245,8 @@ def main(args: argparse.Namespace) -> int:
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
         _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours), cv2.COLOR_RGB2BGR))
         summary[str(path)] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
+        if getattr(args, "breakdown", False) and pred.breakdown:  # the member classes of each concept
+            summary[str(path)]["breakdown"] = pred.breakdown
     atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
     if failed:
