@@ -13,6 +13,11 @@ when the vocabulary has fewer than 255 classes, else 16-bit), ``<stem>_overlay.p
 image, with a legend of the classes present, largest first) and, for all images, ``areas.json``
 (fraction of pixels per class name) and ``classes.json`` (the class name of every label value).
 
+``--classes`` / ``classes=`` take class names, WordNet lemmas and wnids, and concepts ``dog*`` (the synset
+and every class below it, one label after the vocabulary's; larvseg.data.class_query). ``--breakdown``
+adds each concept's member areas to ``areas.json``. A folder written by ``larvseg hub save`` or an
+``hf-hub:<org>/<name>`` works wherever a checkpoint does (``LarvSegPredictor.from_pretrained``).
+
 Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
 ``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``
 overrides the short side), segmented with ``segment_image`` and the same ``eval`` mode, crop and
@@ -42,7 +47,7 @@ from larvseg.data.io import IMAGE_SUFFIXES
 from larvseg.data.overlay import Prediction, class_areas, label_png_dtype, palette, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
 from larvseg.data.class_query import ClassQuery, ClassResolver
-from larvseg.data.vocabulary import UnknownClassError, class_terms, resolve_classes
+from larvseg.data.vocabulary import UnknownClassError, class_terms
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
@@ -145,7 +150,7 @@ class LarvSegPredictor:
     def from_pretrained(cls, name: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
         """A model saved by ``larvseg hub save``: its folder, or ``hf-hub:<owner>/<name>[@revision]`` (from the
-        Hugging Face cache, downloaded when online; larvseg.model_repo). Checkpoint files work too."""
+        Hugging Face cache, downloaded when online; larvseg.train.model_repo). Checkpoint files work too."""
         return cls.from_checkpoint(name, classes=classes, device=device, amp=amp, short_side=short_side)
 
     def windows(self, image_hw: tuple[int, int]) -> int:

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from larvseg.config import Config, EvalConfig, ModelConfig
-from larvseg.data.class_query import ClassResolver, resolve_query, suggest
+from larvseg.data.class_query import ClassResolver, resolve_classes, resolve_query, suggest
 from larvseg.data.vocabulary import (
     UnknownClassError,
     Vocabulary,
     imagenet_class_names,
     imagenet_names,
     imagenet_synsets,
-    resolve_classes,
 )
 from larvseg.data.wordnet import wordnet
 from larvseg.models.inference import (
@@ -30,6 +29,7 @@ from larvseg.models.inference import (
 )
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import save_checkpoint
+from live_server import chromium, serving
 
 CAR, DOG, BEAGLE, CORGI, CRANE_MACHINE, CRANE_BIRD = (
     "n02958343", "n02084071", "n02088364", "n02113186", "n03126707", "n02012849")
@@ -228,3 +228,43 @@ def test_serve_concepts_and_suggestions(tmp_path, in21k_names):
     labels = cv2.imdecode(np.frombuffer(client.get(f"/api/jobs/{job}/labels.png").content, np.uint8), cv2.IMREAD_UNCHANGED)
     assert {names[v] for v in np.unique(labels)} == {"automobile", "dog"}
     service.close()
+
+
+def test_page_autocompletes_aliases_and_shows_the_concept(tmp_path, in21k_names):
+    """The web page in headless Chromium: typing offers WordNet aliases with glosses; "automobile, dog*" is segmented
+    as two classes, the concept's member classes listed on hover."""
+    pytest.importorskip("fastapi", reason="the [web] extra is not installed")
+    pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
+    from larvseg.predict import LarvSegPredictor
+    from larvseg.serve import SegmentationService
+
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
+    path, image = _built_model(tmp_path, in21k_names)
+    cv2.imwrite(str(tmp_path / "street.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    service = SegmentationService(LarvSegPredictor.from_checkpoint(path, device="cpu", amp="off"), str(path))
+    with serving(service) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+        page.locator("#classes").press_sequentially("sky, automob", delay=20)
+        page.wait_for_function("document.querySelector('#class-names option[value=\"sky, automobile\"]') !== null")
+        label = page.eval_on_selector('#class-names option[value="sky, automobile"]', "o => o.label")
+        assert label.startswith("car · n02958343 · a motor vehicle with four wheels")
+        page.fill("#classes", "")
+        page.locator("#classes").press_sequentially("dog", delay=20)
+        page.wait_for_function("document.querySelector('#class-names option[value=\"dog*\"]') !== null")
+        assert "classes · n02084071" in page.eval_on_selector('#class-names option[value="dog*"]', "o => o.label")
+        page.set_input_files("#file", str(tmp_path / "street.png"))
+        page.fill("#classes", "automobile, dog*")
+        page.click("#run")
+        page.wait_for_selector("#result", state="visible", timeout=60_000)
+        assert sorted(page.locator("#legend .chip").all_inner_texts()) == ["automobile", "dog"]
+        dog_row = page.locator("#areas tbody tr", has_text="dog")
+        assert "(2 kinds)" in dog_row.inner_text()
+        assert "beagle: 33.3 %" in dog_row.locator("td").nth(1).get_attribute("title")
+        assert "ambiguous" in page.inner_text("#notices")
+        browser.close()

@@ -33,6 +33,7 @@ LAYERS = {
     "larvseg.demo": 4,
     "larvseg.serve": 4,
     "larvseg.export": 4,
+    "larvseg.hub": 4,  # `larvseg hub save/push`
     "larvseg.cli": 4,
 }
 # (importer prefix, imported prefix) allowed inside a layer besides a package importing itself

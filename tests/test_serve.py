@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import socket
-import threading
 import time
 
 import cv2
@@ -21,6 +18,7 @@ from larvseg.config import Config, EvalConfig, ModelConfig
 from larvseg.models.segmenter import build_segmenter
 from larvseg.predict import LarvSegPredictor
 from larvseg.train.checkpoint import save_checkpoint
+from live_server import chromium, serving
 
 pytest.importorskip("fastapi", reason="the [web] extra is not installed")
 pytest.importorskip("httpx", reason="fastapi.testclient needs httpx (the [test] extra)")
@@ -176,37 +174,16 @@ def test_api_converts_cmyk_and_16_bit_with_a_notice(ckpt):
 # In a real browser
 
 
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("LARVSEG_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
 @pytest.fixture
 def live_server(ckpt):
-    uvicorn = pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
-    service = _service(ckpt, max_upload_mb=5)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.close()
-    sock.close()
+    pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
+    with serving(_service(ckpt, max_upload_mb=5)) as url:
+        yield url
 
 
 def test_page_in_headless_chromium(live_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
-    browser_path = _chromium()
+    browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
     photo = _photo(96, 128, seed=3)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from larvseg.data.overlay import Prediction, class_areas
-from larvseg.data.vocabulary import UnknownClassError, imagenet_class_names, normalize_name
+from larvseg.data.vocabulary import UnknownClassError, class_terms, imagenet_class_names, normalize_name
 from larvseg.data.wordnet import WordNet, is_wnid, wordnet
 
 CONCEPT_MARK = "*"
@@ -260,6 +260,15 @@ def resolve_query(terms: Sequence[str], names: Sequence[str], what: str = "the c
     """Resolve query terms (see the module doc) over the class names ``names``; ``preferred``: the positions
     preferred when a word has several senses and the only members of concepts (the trained classes)."""
     return ClassResolver(names, preferred, what).resolve(terms)
+
+
+def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
+                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
+    """Positions in ``names`` of the requested classes (sorted), concepts expanded to their members: None (all),
+    a list of terms, a comma-separated string, or a file with one term per line (``class_terms``). An unknown
+    term is an UnknownClassError that says it is not in ``what``."""
+    wanted = class_terms(classes)
+    return None if wanted is None else resolve_query(wanted, names, what).class_ids
 
 
 def suggest(prefix: str, resolver: ClassResolver, limit: int = 20) -> list[dict]:

@@ -225,19 +225,6 @@ def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
     return wanted
 
 
-def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
-                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
-    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
-    comma-separated string, or a file with one name per line. A name is a class name (matched after
-    normalisation: case, '-', '_', spaces), a WordNet lemma or wnid of a class, or a concept ``word*``
-    (the class and every class below it); see larvseg.data.class_query. An unknown name is an
-    UnknownClassError that says it is not in ``what``."""
-    from larvseg.data.class_query import resolve_query  # it builds on this module
-
-    wanted = class_terms(classes)
-    return None if wanted is None else resolve_query(wanted, names, what).class_ids
-
-
 def custom_seg_names(source: "SourceConfig", data_root: Path) -> list[str]:
     root = source_root(source, data_root, "")
     return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")

@@ -62,8 +62,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A training checkpoint (.pth, ``torch.load(weights_only=True)``) or an export (.safetensors + .json),
     on the CPU. Raises CheckpointError naming the file when it is missing, truncated or corrupt. A saved model
-    folder or an ``hf-hub:`` name (larvseg.model_repo) is read too."""
-    from larvseg.model_repo import is_model_repo, load_model_repo  # it builds on this module
+    folder or an ``hf-hub:`` name (larvseg.train.model_repo) is read too."""
+    from larvseg.train.model_repo import is_model_repo, load_model_repo
 
     if is_model_repo(path):
         return load_model_repo(path)

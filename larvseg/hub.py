@@ -1,23 +1,11 @@
-"""Share a trained model as a Hugging Face model repository: ``larvseg hub save`` / ``hub push``, and loading.
+"""``larvseg hub save`` / ``larvseg hub push``: share a trained model as a Hugging Face model repository.
 
     larvseg hub save work_dirs/c171_in21k/final.safetensors my-model     # a folder in the Hub's layout
     larvseg hub push my-model org/larvseg-c171-in21k                     # uploads it (huggingface_hub)
     larvseg predict hf-hub:org/larvseg-c171-in21k photo.jpg --out out     # from the Hub cache, downloaded if needed
     LarvSegPredictor.from_pretrained("hf-hub:org/larvseg-c171-in21k")    # or a local folder: from_pretrained("my-model")
 
-The folder (``REPO_FILES``):
-
-    model.safetensors   segmenter weights (no memory bank, which only matters for training)
-    config.json         {"library_name": "larvseg", "format", "step", "num_classes", "config": the run's Config}
-    classes.json        the vocabulary: class name by union id (label-map value)
-    supervised.json     {"union_ids", "names"}: the classes that had masks or tags in training
-    eval_results.json   the evaluation's results, when the checkpoint's folder has them (or --eval-results)
-    README.md           the model card: vocabulary, training sources, metrics table, usage
-
-``hf-hub:<owner>/<name>[@revision]`` is resolved by ``huggingface_hub.snapshot_download``: from its cache
-(``$HF_HOME/hub``) when the files are there, downloaded there first when online; with ``HF_HUB_OFFLINE=1`` only
-the cache is used. Every command that reads a checkpoint (predict, serve, eval, export) accepts a saved folder
-or an ``hf-hub:`` name. Optional dependency for the Hub: ``pip install "larvseg[hub]"``.
+The folder's files and how it is read: larvseg.train.model_repo.
 """
 
 from __future__ import annotations
@@ -28,27 +16,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import safetensors.torch
 
 from larvseg import atomic
 from larvseg.errors import CheckpointError
-from larvseg.models.hub import HF_HUB_PREFIX
+from larvseg.models.segmenter import segmenter_weights
+from larvseg.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from larvseg.train.model_repo import (
+    CARD,
+    CLASSES,
+    CONFIG,
+    EVAL_RESULTS,
+    LIBRARY,
+    REPO_FILES,
+    SUPERVISED,
+    WEIGHTS,
+    is_model_repo,
+)
 
-WEIGHTS, CONFIG, CLASSES, SUPERVISED, EVAL_RESULTS, CARD = (
-    "model.safetensors", "config.json", "classes.json", "supervised.json", "eval_results.json", "README.md")
-REPO_FILES = (WEIGHTS, CONFIG, CLASSES, SUPERVISED, EVAL_RESULTS, CARD)
-LIBRARY = "larvseg"
 SUMMARY_ROWS = ("mIoU", "mAcc", "aAcc")
-
-
-def is_model_repo(spec: str | Path) -> bool:
-    """An ``hf-hub:`` name, or a folder holding a saved model (model.safetensors and config.json)."""
-    text = str(spec)
-    if text.startswith(HF_HUB_PREFIX):
-        return True
-    path = Path(text)
-    return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,9 +56,6 @@ def save_model_repo(checkpoint: str | Path, out_dir: str | Path, eval_results: s
     """Write the model repository of ``checkpoint`` (.pth, .safetensors + .json, or a saved folder) to
     ``out_dir``; every file atomically. ``eval_results``: an eval_results.json (default: found next to
     the checkpoint, see ``find_eval_results``; none = no metrics table). Returns ``out_dir``."""
-    from larvseg.models.segmenter import _segmenter_state
-    from larvseg.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     for key in ("model", "vocab", "config"):
@@ -90,7 +73,7 @@ def save_model_repo(checkpoint: str | Path, out_dir: str | Path, eval_results: s
             raise CheckpointError(f"{results_path}: cannot read the evaluation results ({exc})") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _segmenter_state(ckpt["model"]).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in segmenter_weights(ckpt["model"]).items()}
     atomic.atomic_write(out / WEIGHTS, lambda f: f.write(safetensors.torch.save(tensors, metadata={"format": "pt"})))
     config = {"library_name": LIBRARY, "format": CHECKPOINT_FORMAT, "step": step, "num_classes": len(names),
               "config": ckpt["config"]}
@@ -180,61 +163,6 @@ def model_card(title: str, config: dict[str, Any], names: list[str], supervised:
         "",
     ]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Load
-
-
-def repo_folder(spec: str | Path) -> Path:
-    """The local folder of a saved model: the folder itself, or the Hub cache's snapshot of ``hf-hub:`` (downloaded
-    when online and not cached). CheckpointError naming the repository when it cannot be had."""
-    text = str(spec)
-    if not text.startswith(HF_HUB_PREFIX):
-        return Path(text)
-    repo_id, _, revision = text[len(HF_HUB_PREFIX):].partition("@")
-    try:
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError as exc:
-        raise CheckpointError(f"{text}: needs huggingface_hub: pip install \"larvseg[hub]\" ({exc})") from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(REPO_FILES)))
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE=1: cache only)" if constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(f"{text}: not in the Hugging Face cache {constants.HF_HUB_CACHE}{offline} and it "
-                              "could not be downloaded; run once with network access, or set HF_HOME to a cache "
-                              "that holds it") from None
-    except (HfHubHTTPError, ValueError, OSError) as exc:  # unknown repo/revision, invalid name, network
-        raise CheckpointError(f"{text}: cannot fetch {repo_id}: {exc}") from None
-
-
-def load_model_repo(spec: str | Path) -> dict[str, Any]:
-    """A saved model (folder or ``hf-hub:`` name) as ``load_checkpoint`` returns checkpoints: model, config,
-    vocab, step, supervised (when saved)."""
-    folder = repo_folder(spec)
-    missing = [f for f in (WEIGHTS, CONFIG, CLASSES) if not (folder / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{spec}: not a saved LarvSeg model: {folder} lacks {missing} (larvseg hub save writes them)")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-        names = json.loads((folder / CLASSES).read_text())
-        supervised = json.loads((folder / SUPERVISED).read_text())["union_ids"] if (folder / SUPERVISED).is_file() else None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{spec}: unreadable JSON in {folder}: {exc}") from None
-    if config.get("library_name") != LIBRARY or "config" not in config:
-        raise CheckpointError(f"{spec}: {folder / CONFIG} is not a LarvSeg model's config (library_name {LIBRARY!r})")
-    try:
-        model = safetensors.torch.load_file(str(folder / WEIGHTS), device="cpu")
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{folder / WEIGHTS}: cannot read safetensors weights - truncated or corrupt? ({exc})") from None
-    rows = model.get("classifier.class_embed")
-    if rows is not None and rows.shape[0] != len(names):
-        raise CheckpointError(f"{spec}: the weights hold {rows.shape[0]} classes but {CLASSES} lists {len(names)}")
-    state = {"model": model, "config": config["config"], "vocab": names, "step": int(config.get("step", 0))}
-    if supervised is not None:
-        state["supervised"] = supervised
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
