@@ -78,6 +78,9 @@ def test_restricted_evaluation_matches_a_direct_computation(setup):
     assert "motorcycle" not in ade
     assert scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="motorcycle")),
                           vocab)[0].tolist() == [vocab.index("minibike")]
+    # a concept selects every evaluation class at or below it, each scored on its own
+    furniture, _ = scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="furniture*")), vocab)
+    assert {"chair", "table", "bed", "sofa"} <= {vocab.names[i] for i in furniture} and "wall" not in {vocab.names[i] for i in furniture}
     wrong = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="wall,unicorn"))
     with pytest.raises(UnknownClassError, match=re.escape("not in the evaluation set's classes of 150: ['unicorn']")):
         evaluate(wrong, segmenter, vocab, verbose=False)
