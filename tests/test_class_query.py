@@ -145,6 +145,11 @@ def test_union_is_the_max_over_member_logits_on_dense_and_bounded_paths():
     assert sum(result.breakdown["dog"].values()) == pytest.approx(result.areas.get("dog", 0.0))
 
 
+@pytest.fixture(scope="module")
+def built21k(tmp_path_factory, in21k_names):
+    return _built_model(tmp_path_factory.mktemp("in21k"), in21k_names)
+
+
 def _built_model(tmp_path, names):
     """A vit_mini over the 21K vocabulary whose classifier makes three stripes predictable: the car stripe's
     pixel features are the class vector of "car", the others those of beagle and Cardigan corgi."""
@@ -168,11 +173,11 @@ def _built_model(tmp_path, names):
     return path, image
 
 
-def test_predict_automobile_and_dog_concept_on_a_21k_model(tmp_path, in21k_names, capsys):
+def test_predict_automobile_and_dog_concept_on_a_21k_model(tmp_path, in21k_names, built21k, capsys):
     """The issue's "done when": `predict --classes "automobile, dog*"` labels car and dog-breed pixels."""
     from larvseg.cli import main as cli_main
 
-    path, image = _built_model(tmp_path, in21k_names)
+    path, image = built21k
     cv2.imwrite(str(tmp_path / "street.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     out = tmp_path / "out"
     assert cli_main(["predict", str(path), str(tmp_path / "street.png"), "--classes", "automobile, dog*", "--out",
@@ -199,7 +204,7 @@ def test_predict_automobile_and_dog_concept_on_a_21k_model(tmp_path, in21k_names
     assert {result.class_names[v] for v in np.unique(result.label_map[:, 64:])} == {"dog"}
 
 
-def test_serve_concepts_and_suggestions(tmp_path, in21k_names):
+def test_serve_concepts_and_suggestions(tmp_path, in21k_names, built21k):
     pytest.importorskip("fastapi", reason="the [web] extra is not installed")
     pytest.importorskip("httpx", reason="fastapi.testclient needs httpx")
     from fastapi.testclient import TestClient
@@ -207,7 +212,7 @@ def test_serve_concepts_and_suggestions(tmp_path, in21k_names):
     from larvseg.predict import LarvSegPredictor
     from larvseg.serve import SegmentationService, create_app
 
-    path, image = _built_model(tmp_path, in21k_names)
+    path, image = built21k
     service = SegmentationService(LarvSegPredictor.from_checkpoint(path, device="cpu", amp="off"), str(path))
     client = TestClient(create_app(service))
     items = client.get("/api/suggest", params={"q": "automob"}).json()
@@ -230,7 +235,7 @@ def test_serve_concepts_and_suggestions(tmp_path, in21k_names):
     service.close()
 
 
-def test_page_autocompletes_aliases_and_shows_the_concept(tmp_path, in21k_names):
+def test_page_autocompletes_aliases_and_shows_the_concept(tmp_path, in21k_names, built21k):
     """The web page in headless Chromium: typing offers WordNet aliases with glosses; "automobile, dog*" is segmented
     as two classes, the concept's member classes listed on hover."""
     pytest.importorskip("fastapi", reason="the [web] extra is not installed")
@@ -242,7 +247,7 @@ def test_page_autocompletes_aliases_and_shows_the_concept(tmp_path, in21k_names)
     browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
-    path, image = _built_model(tmp_path, in21k_names)
+    path, image = built21k
     cv2.imwrite(str(tmp_path / "street.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     service = SegmentationService(LarvSegPredictor.from_checkpoint(path, device="cpu", amp="off"), str(path))
     with serving(service) as url, sync_api.sync_playwright() as p:
