@@ -6,6 +6,7 @@
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
     larvseg serve CHECKPOINT [--port 8000]          a local web page to segment uploads (larvseg.serve)
     larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
+    larvseg hub save CHECKPOINT DIR | push DIR ORG/NAME   share a model on the Hugging Face Hub (larvseg.hub)
     larvseg demo [--quick] [--jobs N]               the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
     larvseg data shard FOLDER --out DIR --format F  write a folder source as tar shards (larvseg.data.shard_writer)
@@ -25,7 +26,7 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    AMP, CLASSES, DEVICE, EXISTING_FILE, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
+    AMP, CLASSES, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
     SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
@@ -107,18 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="metrics", nargs="*", type=_metric, default=["mIoU"],
                    help="metrics to compute (mIoU, which brings mAcc and aAcc; accepted for the original's scripts)")
     p.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="predict and score only these classes: comma-separated names or a file with one per line "
+                   help="predict and score only these classes: comma-separated names or a file with one per line; "
+                        "WordNet lemmas and wnids work, 'animal*' = every evaluation class at or below the synset "
                         "(default: eval.classes, whose default '' = every class of the evaluation set)")
     p.add_argument("--out", type=OUTPUT_DIR.option(), default=None,
                    help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)")
     p.set_defaults(handler="larvseg.eval.evaluate:main")
 
     p = _sub(sub, "predict", "segment images with a trained checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it), a folder "
+                                      "written by `larvseg hub save`, or hf-hub:<owner>/<name>")
     p.add_argument("images", nargs="+", help="image files or folders (every image file in a folder, not recursive)")
     p.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="restrict to these class names: comma-separated, or a file with one name per line "
-                        "(default: the classes that had training data, masks or tags)")
+                   help="restrict to these classes: comma-separated, or a file with one per line. Class names, any "
+                        "WordNet lemma (automobile) or wnid (n02958343); 'dog*' = the synset and every class below "
+                        "it, reported as one class 'dog' (default: the classes that had training data, masks or tags)")
     p.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder (required)")
     p.add_argument("--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--amp", type=AMP.option(), default="auto",
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=NON_NEGATIVE_INT.option(), default=None,
                    help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
                         "so predictions match `larvseg eval`")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also write, per concept of --classes (dog*), the area of each of its classes to areas.json")
     p.set_defaults(handler="larvseg.predict:main")
 
     p = _sub(sub, "serve", "a local web page: upload an image, pick a vocabulary, see the segmentation")
@@ -150,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
     p.add_argument("--tolerance", type=POSITIVE.option(), default=1e-3, help="largest accepted max abs logit difference")
     p.set_defaults(handler="larvseg.export:main")
+
+    p = _sub(sub, "hub", "share a trained model: save it as a Hugging Face model repository, push it to the Hub")
+    hub_sub = p.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND",
+                               help="save: write the repository folder; push: upload it (huggingface_hub)")
+    h = _sub(hub_sub, "save", "write a checkpoint as a Hugging Face model repository folder (weights, config, classes, "
+                              "model card)")
+    h.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
+    h.add_argument("out_dir", type=OUTPUT_DIR.option(), help="output folder")
+    h.add_argument("--eval-results", type=EXISTING_FILE.option(), default=None,
+                   help="eval_results.json for the card's metrics (default: eval_<checkpoint>/ or eval_iter_<step>/ "
+                        "next to the checkpoint, when there)")
+    h.add_argument("--title", type=TEXT.option(), default=None, help="the model card's title (default: the folder's name)")
+    h.add_argument("--repo-id", type=HUB_REPO_ID.option(), default=None, help="owner/name used in the card's usage snippet (default: ORG/<folder>)")
+    h.set_defaults(handler="larvseg.hub:main_save")
+    h = _sub(hub_sub, "push", "upload a folder written by `larvseg hub save` to the Hugging Face Hub")
+    h.add_argument("folder", help="the folder written by larvseg hub save")
+    h.add_argument("repo_id", type=HUB_REPO_ID.option(), help="owner/name of the model repository (created if it does not exist)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--revision", type=TEXT.option(), default=None, help="branch to upload to (default: main)")
+    h.set_defaults(handler="larvseg.hub:main_push")
 
     p = _sub(sub, "demo", "generate the mini benchmark, train the three variants, write a report")
     p.add_argument("--quick", action="store_true", help="1-2 minute smoke version (one seed, fewer iterations)")

@@ -112,6 +112,12 @@ SIZE = Domain("a size such as 512MB, 1GB or 1GiB", str, lambda v: isinstance(v, 
               ("big", "-5MB"))
 
 
+HUB_REPO_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # a Hugging Face repository id
+HUB_REPO_ID = Domain("owner/name of a Hugging Face model repository", str,
+                     lambda v: isinstance(v, str) and HUB_REPO_PATTERN.fullmatch(v) is not None,
+                     ("noslash", "org/name/extra", "my org/model"))
+
+
 def one_of(*choices: str) -> Domain:
     return Domain("one of " + ", ".join(choices), str, lambda v: v in choices, ("nonsense",))
 

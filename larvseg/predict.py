@@ -14,6 +14,11 @@ image, perceptually distinct ones for the classes present, largest first, with a
 images, ``areas.json`` (fraction of pixels per class name; an image given twice gets a second entry
 "<path> (#2)") and ``classes.json`` (the class name of every label value).
 
+``--classes`` / ``classes=`` take class names, WordNet lemmas and wnids, and concepts ``dog*`` (the synset
+and every class below it, one label after the vocabulary's; larvseg.data.class_query). ``--breakdown``
+adds each concept's member areas to ``areas.json``. A folder written by ``larvseg hub save`` or an
+``hf-hub:<org>/<name>`` works wherever a checkpoint does (``LarvSegPredictor.from_pretrained``).
+
 Images are resized like the evaluation images, with the checkpoint's ``eval`` settings (short side
 ``eval.short_side``, long side at most ``eval.max_long_side``; ``--short-side`` / ``short_side=``
 overrides the short side), segmented with ``segment_image`` and the same ``eval`` mode, crop and
@@ -43,7 +48,8 @@ from larvseg.data import io as data_io
 from larvseg.data.io import IMAGE_SUFFIXES
 from larvseg.data.overlay import Prediction, class_areas, colours_by_area, label_png_dtype, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
-from larvseg.data.vocabulary import UnknownClassError, resolve_classes
+from larvseg.data.class_query import ClassQuery, ClassResolver
+from larvseg.data.vocabulary import UnknownClassError, class_terms
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
@@ -104,7 +110,8 @@ class LarvSegPredictor:
         # supervised: union ids of the classes that had masks or tags in training (stored in checkpoints
         # since it exists; None = unknown, every class). The others' classifier rows never got a signal.
         self.supervised = None if supervised is None else np.unique(np.asarray(supervised, dtype=np.int64))
-        ids = resolve_classes(classes, self.class_names)
+        self.query = self.resolve(classes)  # names, WordNet aliases, wnids, concepts "dog*"
+        ids = None if self.query is None else self.query.class_ids
         if ids is None and self.supervised is not None and len(self.supervised):
             ids = self.supervised  # default vocabulary: what the model was trained on
         elif ids is not None and self.supervised is not None:
@@ -116,12 +123,37 @@ class LarvSegPredictor:
                     f"and predictions of them are noise", UserWarning, stacklevel=2)
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
+    def resolve(self, classes: str | Sequence[str] | None) -> ClassQuery | None:
+        """A ``classes`` value resolved over this model's vocabulary (larvseg.data.class_query); None = default.
+        Ambiguous words take the sense among the trained classes; concepts hold trained classes only."""
+        terms = class_terms(classes)
+        return None if terms is None else self.resolver.resolve(terms)
+
+    @property
+    def resolver(self) -> ClassResolver:
+        """Resolves class queries over this model's vocabulary (built on first use: 0.5 s for 21K classes)."""
+        if getattr(self, "_resolver", None) is None:
+            self._resolver = ClassResolver(self.class_names, self.supervised)
+        return self._resolver
+
+    @property
+    def output_names(self) -> list[str]:
+        """The name of every label value of this predictor's label maps (concepts of the query appended)."""
+        return self.class_names if self.query is None else self.query.output_names
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
                         amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
         loaded = load_segmenter(path, select_device(device))
         return cls(loaded.segmenter, loaded.class_names, classes=classes, eval_cfg=loaded.config.eval, amp=amp,
                    short_side=short_side, supervised=loaded.supervised)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
+                        amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
+        """A model saved by ``larvseg hub save``: its folder, or ``hf-hub:<owner>/<name>[@revision]`` (from the
+        Hugging Face cache, downloaded when online; larvseg.models.model_repo). Checkpoint files work too."""
+        return cls.from_checkpoint(name, classes=classes, device=device, amp=amp, short_side=short_side)
 
     def windows(self, image_hw: tuple[int, int]) -> int:
         """Windows the segmentation of an image of this size runs (1 in whole mode)."""
@@ -134,20 +166,27 @@ class LarvSegPredictor:
     def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None,
                  classes: str | Sequence[str] | None = None) -> Prediction:
         """``progress(done, total)`` is called after every window (sliding-window mode). ``classes``: this
-        call's vocabulary (names, comma-separated or a file, as the constructor's); None = the predictor's."""
-        ids = self.class_ids if classes is None else torch.from_numpy(resolve_classes(classes, self.class_names))
-        return self.segment(as_rgb_array(image), ids, progress)
+        call's vocabulary (names, WordNet lemmas, wnids, concepts ``dog*``; comma-separated or a file, as the
+        constructor's); None = the predictor's."""
+        if classes is None:
+            return self.segment(as_rgb_array(image), self.class_ids, progress, self.query)
+        query = self.resolve(classes)
+        return self.segment(as_rgb_array(image), torch.from_numpy(query.class_ids), progress, query)
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray, class_ids: torch.Tensor | None,
-                progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class)."""
+                progress: Callable[[int, int], None] | None = None, query: ClassQuery | None = None) -> Prediction:
+        """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class).
+        ``query``: the resolved class query the ids come from (its names, aliases and concepts label the
+        result); None = the model's own class names."""
         resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
         label_map = segment_image(
             self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg,
             class_ids=None if class_ids is None else class_ids.to(self.device),
             out_size=rgb.shape[:2], progress=progress,
         ).cpu().numpy().astype(np.int64)
+        if query is not None:  # aliases renamed, concepts' member classes mapped to the concept's label
+            return query.prediction(label_map)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
 
 
@@ -198,7 +237,9 @@ def main(args: argparse.Namespace) -> int:
         configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = predictor.class_names
+    for note in [] if predictor.query is None else predictor.query.notes:
+        print(f"note: {note}", file=sys.stderr)
+    names = predictor.output_names
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
     summary: dict[str, Any] = {}
@@ -225,6 +266,8 @@ def main(args: argparse.Namespace) -> int:
         given[str(path)] += 1  # the same file given twice: a second entry, "<path> (#2)", for its second outputs
         key = str(path) if given[str(path)] == 1 else f"{path} (#{given[str(path)]})"
         summary[key] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
+        if getattr(args, "breakdown", False) and pred.breakdown:  # the member classes of each concept
+            summary[key]["breakdown"] = pred.breakdown
     atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
     if failed:

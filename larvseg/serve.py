@@ -12,7 +12,9 @@ others' classifier rows never got a signal; typing one is allowed, with a notice
 
 HTTP API (FastAPI, served by uvicorn; optional dependency ``pip install "larvseg[web]"``):
     GET  /api/info                     checkpoint, vocabulary presets, upload limits
-    GET  /api/classes                  names of the classes the checkpoint was trained on (autocompletion)
+    GET  /api/classes                  names of the classes the checkpoint was trained on
+    GET  /api/suggest?q=               autocompletion: names, WordNet lemmas, wnids and concepts (word*)
+                                       starting with q, each with its class, wnid, gloss and class count
     POST /api/segment?preset=&classes= the image file as the request body -> {"job": id}; 4xx + {"error"};
                                        503 + Retry-After when --max-queue uploads are waiting or running
     GET  /api/jobs/{id}                state, progress 0..1, stage text, and the result when done
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from larvseg.data.class_query import ClassQuery, suggest
 from larvseg.data.overlay import colours_by_area
 from larvseg.data.vocabulary import imagenet_class_names, load_class_names, normalize_name
 from larvseg.predict import (
@@ -55,7 +58,6 @@ from larvseg.predict import (
     Prediction,
     UnknownClassError,
     label_png_dtype,
-    resolve_classes,
 )
 from larvseg.threads import configure_threads
 
@@ -262,23 +264,29 @@ class SegmentationService:
         """Names worth typing: the trained classes."""
         return [self.names[i] for i in self.trained]
 
-    def vocabulary(self, preset: str, classes: str) -> tuple[np.ndarray, list[str]]:
-        """Union ids to score and notices. ``preset``: "custom" (the typed ``classes``), "model" (the trained
-        classes) or a key of PRESETS (its classes that this model was trained on)."""
+    def suggest(self, prefix: str, limit: int = 20) -> list[dict]:
+        """Autocompletion of a typed class (larvseg.data.class_query.suggest): a few items, never the vocabulary."""
+        return suggest(prefix, self.predictor.resolver, limit)
+
+    def vocabulary(self, preset: str, classes: str) -> tuple[np.ndarray, list[str], ClassQuery | None]:
+        """Union ids to score, notices and, for typed classes, the resolved query (aliases, concepts ``dog*``).
+        ``preset``: "custom" (the typed ``classes``), "model" (the trained classes) or a key of PRESETS (its
+        classes that this model was trained on)."""
         if preset == "custom":
             typed = [c for c in classes.replace("\n", ",").split(",") if c.strip()]
             if not typed:
                 raise UploadError("type at least one class name (comma-separated), or pick a vocabulary")
             try:
-                ids = resolve_classes(typed, self.names)
+                query = self.predictor.resolve(typed)
             except UnknownClassError as exc:
                 raise UploadError(f"{exc}; pick the model's own vocabulary to see what it knows") from None
+            ids = query.class_ids
             untrained = [self.names[i] for i in np.setdiff1d(ids, self.trained)]
             notices = [f"{len(untrained)} of your classes had no training data in this checkpoint, their predictions "
                        f"are noise: {', '.join(untrained[:10])}{' ...' if len(untrained) > 10 else ''}"] if untrained else []
-            return ids, notices
+            return ids, query.notes + notices, query
         if preset == "model":
-            return self.trained, []
+            return self.trained, [], None
         if preset not in self.presets:
             raise UploadError(f"unknown vocabulary {preset!r}; choose one of {['custom', 'model', *self.presets]}")
         p = self.presets[preset]
@@ -286,11 +294,11 @@ class SegmentationService:
         if not len(ids):
             raise UploadError(f"none of the {p.label} classes is among the {len(self.trained)} classes this model was trained on")
         notices = [f"{p.label}: {unknown} of its classes are not in this model's trained vocabulary and were left out"] if unknown else []
-        return ids, notices
+        return ids, notices, None
 
     def submit(self, data: bytes, name: str, preset: str, classes: str) -> Job:
         """Check the upload and the vocabulary now (UploadError), segment in the background."""
-        class_ids, vocab_notices = self.vocabulary(preset, classes)
+        class_ids, vocab_notices, query = self.vocabulary(preset, classes)
         self.check_capacity()  # before decoding: a full queue must not cost the memory of another image
         rgb, notices = decode_upload(data, name, self.max_bytes, self.max_pixels)
         job = Job(uuid.uuid4().hex[:12], name, notices=notices + vocab_notices)
@@ -300,10 +308,10 @@ class SegmentationService:
             finished = [k for k, j in self.jobs.items() if j.state in ("done", "error")]
             for old in finished[: max(0, len(self.jobs) - MAX_JOBS)]:  # never drop a job still in the queue
                 del self.jobs[old]
-        self._worker.submit(self._run, job, rgb, class_ids)
+        self._worker.submit(self._run, job, rgb, class_ids, query)
         return job
 
-    def _run(self, job: Job, rgb: np.ndarray, class_ids: np.ndarray) -> None:
+    def _run(self, job: Job, rgb: np.ndarray, class_ids: np.ndarray, query: ClassQuery | None = None) -> None:
         predictor = self.predictor
         total = job.windows_total = predictor.windows(rgb.shape[:2])
 
@@ -314,7 +322,7 @@ class SegmentationService:
 
         job.state, job.stage, job.progress = "running", f"segmenting: window 1 of {total}", 0.05
         try:
-            pred = predictor.segment(rgb, torch.from_numpy(class_ids), progress=window_done)
+            pred = predictor.segment(rgb, torch.from_numpy(class_ids), progress=window_done, query=query)
             job.stage, job.progress = "drawing the overlay", 0.92
             job.result, job.files = self._render(rgb, pred, class_ids)
             job.state, job.stage, job.progress = "done", "done", 1.0
@@ -324,24 +332,26 @@ class SegmentationService:
             job.seconds = time.perf_counter() - job.started
 
     def _render(self, rgb: np.ndarray, pred: Prediction, class_ids: np.ndarray) -> tuple[dict, dict]:
+        names = pred.class_names  # the model's, renamed and extended by a query (concepts: ids after the vocabulary)
         colours = colours_by_area(pred)  # the classes of this image, in perceptually distinct colours
         painted = colours[pred.label_map]
         overlay = cv2.addWeighted(rgb, 0.5, painted, 0.5, 0.0)  # uint8 throughout: no float copies of a 25 MP image
-        counts = np.bincount(pred.label_map.ravel(), minlength=len(self.names))
+        counts = np.bincount(pred.label_map.ravel(), minlength=len(names))
         present = pred.present
-        rows = [{"id": int(i), "name": self.names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
-                 "pixels": int(counts[i]), "fraction": float(counts[i] / pred.label_map.size)} for i in present]
+        rows = [{"id": int(i), "name": names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
+                 "pixels": int(counts[i]), "fraction": float(counts[i] / pred.label_map.size),
+                 "members": pred.breakdown.get(names[i], {})} for i in present]
         scored = len(class_ids)
         files = {
             "overlay.png": _png_bytes(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)),
             # the page layers these two with an opacity slider
             "image.jpg": _jpeg_bytes(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)),
             "colors.png": _png_bytes(cv2.cvtColor(painted, cv2.COLOR_RGB2BGR)),
-            "labels.png": _png_bytes(pred.label_map.astype(label_png_dtype(len(self.names)))),
-            "classes.json": json.dumps(self.names, ensure_ascii=False).encode(),
+            "labels.png": _png_bytes(pred.label_map.astype(label_png_dtype(len(names)))),
+            "classes.json": json.dumps(names, ensure_ascii=False).encode(),
         }
         result = {"width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "classes": rows,
-                  "num_scored_classes": scored, "label_dtype": np.dtype(label_png_dtype(len(self.names))).name}
+                  "num_scored_classes": scored, "label_dtype": np.dtype(label_png_dtype(len(names))).name}
         return result, files
 
     def close(self) -> None:
@@ -376,6 +386,10 @@ def create_app(service: SegmentationService):
     @app.get("/api/classes")
     def classes() -> list[str]:
         return service.class_names()
+
+    @app.get("/api/suggest")
+    def suggestions(q: str = "", limit: int = 20) -> list[dict]:
+        return service.suggest(q, max(1, min(limit, 50)))
 
     @app.post("/api/segment")
     async def segment(request: Request, preset: str = "model", classes: str = "", name: str = "upload"):

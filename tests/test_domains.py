@@ -120,6 +120,8 @@ BASE_ARGV = {
     "larvseg predict": ["predict", "x.pth", "a.jpg", "--out", "{tmp}/out"],
     "larvseg serve": ["serve", "x.pth"],
     "larvseg export": ["export", "x.pth", "--onnx", "{tmp}/m.onnx"],
+    "larvseg hub save": ["hub", "save", "x.pth", "{tmp}/repo"],
+    "larvseg hub push": ["hub", "push", "{tmp}/repo", "org/name"],
     "larvseg demo": ["demo"],
     "larvseg data check": ["data", "check", "tiny_cpu"],
     "larvseg data shard": ["data", "shard", "src", "--out", "{tmp}/shards", "--format", "imagenet"],
@@ -203,7 +205,8 @@ def test_configs_stored_in_checkpoints_skip_machine_domains():
 
 
 def test_classes_that_look_like_a_missing_file_are_an_error(tmp_path):
-    from larvseg.data.vocabulary import UnknownClassError, resolve_classes
+    from larvseg.data.class_query import resolve_classes
+    from larvseg.data.vocabulary import UnknownClassError
     from larvseg.domains import CLASSES
 
     assert CLASSES.problem("sky, tree") is None and CLASSES.problem("sky") is None

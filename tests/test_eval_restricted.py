@@ -14,7 +14,7 @@ from larvseg.config import IGNORE_INDEX, EvalConfig, ModelConfig, SourceConfig
 from larvseg.data import testing as T
 from larvseg.data.mixing import build_eval_dataset
 from larvseg.data.vocabulary import UnknownClassError, build_vocabulary, load_class_names, normalize_name
-from larvseg.eval.evaluate import evaluate
+from larvseg.eval.evaluate import evaluate, scored_classes
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import build_segmenter
 
@@ -73,8 +73,14 @@ def test_restricted_evaluation_matches_a_direct_computation(setup):
     full = evaluate(cfg, segmenter, vocab, verbose=False)
     assert len(full["per_class"]) == 150 and "predictions" not in full
     assert sum(r["gt_pixels"] for r in full["per_class"]) > sum(r["gt_pixels"] for r in results["per_class"])
-    ade = {normalize_name(n) for n in load_class_names("ade150")}
-    coco_only = next(n for n in load_class_names("coco171") if normalize_name(n) not in ade)
-    wrong = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=f"wall,{coco_only}"))
-    with pytest.raises(UnknownClassError, match=re.escape(f"not in the evaluation set's classes of 150: ['{coco_only}']")):
+    # COCO's "motorcycle" is not an ADE-150 name, but a WordNet lemma of the synset ADE's "minibike" is matched to
+    ade = [normalize_name(n) for n in load_class_names("ade150")]
+    assert "motorcycle" not in ade
+    assert scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="motorcycle")),
+                          vocab)[0].tolist() == [vocab.index("minibike")]
+    # a concept selects every evaluation class at or below it, each scored on its own
+    furniture, _ = scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="furniture*")), vocab)
+    assert {"chair", "table", "bed", "sofa"} <= {vocab.names[i] for i in furniture} and "wall" not in {vocab.names[i] for i in furniture}
+    wrong = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="wall,unicorn"))
+    with pytest.raises(UnknownClassError, match=re.escape("not in the evaluation set's classes of 150: ['unicorn']")):
         evaluate(wrong, segmenter, vocab, verbose=False)

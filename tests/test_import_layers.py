@@ -35,6 +35,7 @@ LAYERS = {
     "larvseg.demo": 4,
     "larvseg.serve": 4,
     "larvseg.export": 4,
+    "larvseg.hub": 4,  # `larvseg hub save/push`
     "larvseg.cli": 4,
     "larvseg.reproductions": 4,  # the original-configs table: reads configs through the data layer
 }

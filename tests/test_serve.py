@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from larvseg.config import Config, EvalConfig, ModelConfig
 from larvseg.models.segmenter import build_segmenter
 from larvseg.predict import LarvSegPredictor
 from larvseg.train.checkpoint import save_checkpoint
+from live_server import chromium, serving
 
 pytest.importorskip("fastapi", reason="the [web] extra is not installed")
 pytest.importorskip("httpx", reason="fastapi.testclient needs httpx (the [test] extra)")
@@ -177,37 +177,16 @@ def test_api_converts_cmyk_and_16_bit_with_a_notice(ckpt):
 # In a real browser
 
 
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("LARVSEG_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
 @pytest.fixture
 def live_server(ckpt):
-    uvicorn = pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
-    service = _service(ckpt, max_upload_mb=5)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.close()
-    sock.close()
+    pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
+    with serving(_service(ckpt, max_upload_mb=5)) as url:
+        yield url
 
 
 def test_page_in_headless_chromium(live_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
-    browser_path = _chromium()
+    browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
     photo = _photo(96, 128, seed=3)
@@ -299,33 +278,12 @@ def test_vocabularies_follow_the_trained_classes(tmp_path):
 # A bounded queue, a readable size limit, a page that fits a phone
 
 
-def _serve_live(service):
-    """(url, stop) of a uvicorn server of ``service`` on a free port."""
-    uvicorn = pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-        service.close()
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
-
-
 def test_a_full_queue_answers_503_with_retry_after(ckpt):
     """8 concurrent uploads against a queue of 2 while the model is busy: 2 are taken, 6 get 503 with
     Retry-After (no decoded image is held for them); once the queue drains, uploads are taken again."""
     import httpx
+
+    pytest.importorskip("uvicorn", reason="the [web] extra is not installed")
 
     service = _service(ckpt, max_queue=2)
     gate = threading.Event()
@@ -336,38 +294,37 @@ def test_a_full_queue_answers_503_with_retry_after(ckpt):
         return segment(*args, **kwargs)
 
     service.predictor.segment = held_segment
-    url, stop = _serve_live(service)
-    try:
-        body = _encode(Image.fromarray(_photo()))
-        start = threading.Barrier(8)
+    with serving(service) as url:
+        try:
+            body = _encode(Image.fromarray(_photo()))
+            start = threading.Barrier(8)
 
-        def upload(k):
-            start.wait()
-            return httpx.post(f"{url}/api/segment", params={"name": f"u{k}.png"}, content=body, timeout=30)
+            def upload(k):
+                start.wait()
+                return httpx.post(f"{url}/api/segment", params={"name": f"u{k}.png"}, content=body, timeout=30)
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(upload, range(8)))
-        codes = sorted(r.status_code for r in answers)
-        assert codes == [202] * 2 + [503] * 6, codes
-        for r in answers:
-            if r.status_code == 503:
-                assert int(r.headers["retry-after"]) >= 1
-                assert "--max-queue" in r.json()["error"] and "busy" in r.json()["error"]
-        assert service.pending() == 2 and len(service.jobs) == 2
-        gate.set()
-        for r in answers:
-            if r.status_code == 202:
-                status = None
-                for _ in range(400):
-                    status = httpx.get(f"{url}/api/jobs/{r.json()['job']}").json()
-                    if status["state"] in ("done", "error"):
-                        break
-                    time.sleep(0.05)
-                assert status["state"] == "done", status
-        assert httpx.post(f"{url}/api/segment", params={"name": "later.png"}, content=body).status_code == 202
-    finally:
-        gate.set()
-        stop()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(upload, range(8)))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [202] * 2 + [503] * 6, codes
+            for r in answers:
+                if r.status_code == 503:
+                    assert int(r.headers["retry-after"]) >= 1
+                    assert "--max-queue" in r.json()["error"] and "busy" in r.json()["error"]
+            assert service.pending() == 2 and len(service.jobs) == 2
+            gate.set()
+            for r in answers:
+                if r.status_code == 202:
+                    status = None
+                    for _ in range(400):
+                        status = httpx.get(f"{url}/api/jobs/{r.json()['job']}").json()
+                        if status["state"] in ("done", "error"):
+                            break
+                        time.sleep(0.05)
+                    assert status["state"] == "done", status
+            assert httpx.post(f"{url}/api/segment", params={"name": "later.png"}, content=body).status_code == 202
+        finally:
+            gate.set()  # the held jobs must end for the server to stop
 
 
 def test_a_decompression_bomb_names_the_limit_and_its_flag(ckpt):
@@ -412,7 +369,7 @@ LAYOUT_JS = """() => {
 @pytest.mark.parametrize("width", [360, 1280])
 def test_page_fits_the_window_and_clears_a_failed_upload(live_server, tmp_path, width):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
-    browser_path = _chromium()
+    browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set LARVSEG_CHROMIUM); .ci/run installs it")
     image_path = tmp_path / "a_photo_with_a_rather_long_file_name_from_a_phone_camera_20261206_101010.png"

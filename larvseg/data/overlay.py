@@ -5,7 +5,7 @@ NumPy and OpenCV only."""
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import cv2
@@ -17,6 +17,8 @@ class Prediction:
     label_map: np.ndarray  # (H, W) int64 union class ids, at the input image's resolution
     class_names: list[str]  # name of every union id (class_names[label_map[y, x]])
     areas: dict[str, float]  # fraction of the pixels per class present, largest first; sums to 1
+    # per concept of a query (larvseg.data.class_query): the fraction of the image of each member class
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def present(self) -> list[int]:

@@ -208,11 +208,9 @@ class UnknownClassError(UserError, KeyError):
         return str(self.args[0])
 
 
-def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
-                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
-    """Positions in ``names`` of the requested classes (sorted): None (all), a list of names, a
-    comma-separated string, or a file with one name per line. Names match after normalisation (case,
-    '-', '_', spaces); an unknown name is an UnknownClassError that says it is not in ``what``."""
+def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
+    """The terms of a ``--classes`` value: None (all), a list of names, a comma-separated string, or a file
+    with one name per line."""
     if classes is None:
         return None
     if isinstance(classes, str):
@@ -224,14 +222,10 @@ def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
         else:
             wanted = [c.strip() for c in classes.split(",") if c.strip()]
     else:
-        wanted = list(classes)
+        wanted = [str(c).strip() for c in classes if str(c).strip()]
     if not wanted:
         raise UnknownClassError(f"no class names in {classes!r}")
-    index = {normalize_name(n): i for i, n in enumerate(names)}
-    unknown = [w for w in wanted if normalize_name(w) not in index]
-    if unknown:
-        raise UnknownClassError(f"classes not in {what} of {len(names)}: {unknown[:10]}")
-    return np.array(sorted({index[normalize_name(w)] for w in wanted}), dtype=np.int64)
+    return wanted
 
 
 def custom_seg_names(source: "SourceConfig", data_root: Path) -> list[str]:

@@ -42,7 +42,8 @@ from larvseg.data.io import DataError
 from larvseg.data.mixing import build_eval_dataset
 from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
-from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, resolve_classes
+from larvseg.data.class_query import ClassQuery, resolve_query
+from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, class_terms
 from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
@@ -95,9 +96,15 @@ def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
     eval_ids, base_mask = base_novel_split(vocab, cfg)
     eval_ids = np.asarray(eval_ids, dtype=np.int64)
     if cfg.eval.classes:  # eval.classes / --classes: predict and score these classes only
-        keep = resolve_classes(cfg.eval.classes, [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
+        keep = _class_query(cfg, vocab, eval_ids).class_ids
         eval_ids, base_mask = eval_ids[keep], np.asarray(base_mask, dtype=bool)[keep]
     return eval_ids, np.asarray(base_mask, dtype=bool)
+
+
+def _class_query(cfg: Config, vocab: Any, eval_ids: np.ndarray) -> ClassQuery:
+    """``eval.classes`` over the evaluation set's classes: names, WordNet lemmas, wnids; a concept ``word*``
+    selects every evaluation class at or below it, each scored on its own (ground-truth classes are not merged)."""
+    return resolve_query(class_terms(cfg.eval.classes), [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
 
 
 @torch.no_grad()
@@ -118,6 +125,9 @@ def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: st
     device = next(segmenter.parameters()).device
     dataset = build_eval_dataset(cfg, vocab)
     eval_ids, base_mask = scored_classes(cfg, vocab)
+    if cfg.eval.classes and verbose and distributed.is_main_process():  # which sense a word took, concepts' sizes
+        for note in _class_query(cfg, vocab, base_novel_split(vocab, cfg)[0]).notes:
+            print(f"note: {note}", flush=True)
     limit = max_images or cfg.eval.max_images
     n = min(len(dataset), limit) if limit else len(dataset)
     rank, world = distributed.rank(), distributed.world_size()

@@ -1,7 +1,8 @@
 """Reading checkpoint files: the one place a checkpoint is opened, for every command and the Python API.
 
-``load_checkpoint(path)`` reads a training checkpoint (``iter_*.pth``: ``torch.load(weights_only=True)``)
-or an export (``final.safetensors`` with its ``final.json``) to a dict with at least ``model``,
+``load_checkpoint(path)`` reads a training checkpoint (``iter_*.pth``: ``torch.load(weights_only=True)``),
+an export (``final.safetensors`` with its ``final.json``) or a saved model (a folder or ``hf-hub:<org>/<name>``,
+larvseg.models.model_repo) to a dict with at least ``model``,
 ``config`` and ``vocab``. Whatever the file holds instead - text, random bytes, an empty or truncated
 file, a pickle of other objects, a checkpoint of another program - is a
 :class:`~larvseg.errors.CheckpointError` whose one-line message names the file and what it is.
@@ -24,6 +25,7 @@ import torch
 
 from larvseg.config import Config
 from larvseg.errors import CheckpointError
+from larvseg.models.model_repo import is_model_repo, load_model_repo
 from larvseg.models.segmenter import Segmenter, segmenter_from_checkpoint
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
@@ -40,7 +42,10 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A training checkpoint (.pth, ``torch.load(weights_only=True)``) or an export (.safetensors + .json),
     on the CPU. Raises CheckpointError naming the file when it is missing, empty, truncated, corrupt,
-    not a PyTorch file or a pickle of anything but tensors and plain data."""
+    not a PyTorch file or a pickle of anything but tensors and plain data. A saved model folder or an
+    ``hf-hub:`` name (larvseg.models.model_repo) is read too."""
+    if is_model_repo(path):
+        return load_model_repo(path)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found" + (" (a folder)" if path.is_dir() else ""))

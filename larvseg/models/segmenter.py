@@ -72,7 +72,7 @@ def build_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
     return Segmenter(backbone, classifier, bank)
 
 
-def _segmenter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def segmenter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The segmenter's weights from a checkpoint's 'model' entry, without the CAC memory bank.
 
     Accepts a Segmenter state dict, or one of a wrapper (DDP ``module.``, TrainingObjective
@@ -102,7 +102,7 @@ def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str =
     cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
     model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
     segmenter = build_segmenter(model_cfg, len(names))
-    state = _segmenter_state(ckpt["model"])
+    state = segmenter_weights(ckpt["model"])
     own = segmenter.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
