@@ -108,13 +108,15 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: f"{o.pooling}-{o.topk_fraction}-{o.drop_base_negatives}-{o.confident_base}")
-@pytest.mark.parametrize("ties,uniform", [(False, False), (True, True), (True, False)])
-def test_options_match_naive_formula(opt, ties, uniform):
+@pytest.mark.parametrize("ties,uniform,shared", [(False, False, False), (True, True, False), (True, False, False),
+                                                 (False, False, True), (True, True, True)])
+def test_options_match_naive_formula(opt, ties, uniform, shared):
+    """``shared``: one weight row for every pair, as L_cls passes it (top-k then runs per image)."""
     z, omega = _inputs(7, ties, uniform)
     weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # a warm-up gate as the CAC passes it
-    got = pooled_pairs_ce(z, omega, TAGS, TAG_PAD, opt, BASE, pair_weights=weights)
+    got = pooled_pairs_ce(z, omega[0] if shared else omega, TAGS, TAG_PAD, opt, BASE, pair_weights=weights)
     (g_got,) = torch.autograd.grad(got, z)
-    ref = naive_loss(z, omega, TAGS, opt, BASE, weights)
+    ref = naive_loss(z, omega[:1].expand_as(omega) if shared else omega, TAGS, opt, BASE, weights)
     (g_ref,) = torch.autograd.grad(ref, z)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
@@ -145,7 +147,7 @@ def test_mean_pool_of_the_common_form_is_the_papers_loss():
     w = upsampled_mean_weights((H, W), loss_size(crop, ds), z.device)
     pairs = int((TAGS != TAG_PAD).sum())
     for opt in (ImageLossConfig(), ImageLossConfig(pooling="topk", topk_fraction=1.0)):
-        got = pooled_pairs_ce(z, w.expand(pairs, -1), TAGS, TAG_PAD, opt, BASE)
+        got = pooled_pairs_ce(z, w if opt.pooling == "topk" else w.expand(pairs, -1), TAGS, TAG_PAD, opt, BASE)
         ref = image_level_ce_sum(z, TAGS, TAG_PAD, ds, crop)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(ref, z)[0], rtol=1e-5, atol=1e-7)

@@ -30,9 +30,11 @@ over, and the softmax's classes:
 pooled_c = mean_{i in S(_c)} x_c,i; CE over the softmax's classes with target l; times the pair's
 weight (the CAC's warm-up gate, the confident_base gate); summed over pairs. The sets are chosen on
 detached logits (they are piecewise constant in z: no gradient flows through a choice).
-Everything is a tensor op over pairs, classes and pixels (one sort for top-k, one bmm otherwise).
-Memory: top-k, region and confident_base build (pairs, N, hw) tensors (the paper's pool needs only
-(b, N) outputs); at 100 sampled classes and 20 x 20 features that is ~40 K floats per pair.
+Everything is a tensor op over pairs, classes and pixels (a torch.topk for the k-th value and a mask
+for top-k, one bmm otherwise); what pairs of one image share (L_cls's top-k, the region's rivals, the
+base probabilities) is computed once per image. Memory: the CAC's top-k, and L_cls's top-k with
+confident_base, build (pairs, N, hw) tensors (~40 K floats per pair at 100 sampled classes and
+20 x 20 features); the rest (b, N, hw) ones, as the logits themselves.
 """
 
 from __future__ import annotations
@@ -70,11 +72,26 @@ def topk_count(fraction: float, pixels: Tensor) -> Tensor:
     return torch.ceil(pixels.double() * fraction - 1e-9).clamp(min=1).long()
 
 
+def topk_mask(x: Tensor, k: Tensor) -> Tensor:
+    """(R, hw) bool: the k[r] largest entries of each row of x (R, hw), ties taken from the lower index
+    first, so that exactly k[r] are chosen; k[r] must not exceed the row's entries above -inf. One
+    torch.topk for the k-th value, then comparisons and a cumsum (no sort, no gather in the backward)."""
+    kth = x.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])  # (R, 1)
+    above = x > kth
+    tied = x == kth
+    missing = k[:, None] - above.sum(-1, keepdim=True)  # how many of the tied values to take
+    crowded = (tied.sum(-1, keepdim=True) > missing).squeeze(1).nonzero().squeeze(1)  # rows with ties to break
+    if crowded.numel():
+        tied[crowded] &= tied[crowded].cumsum(-1) <= missing[crowded]
+    return above | tied
+
+
 @torch.no_grad()
 def pool_pixels(z: Tensor, img: Tensor, target: Tensor, kept: Tensor, options: ImageLossConfig,
                 base: Tensor | None) -> tuple[Tensor, Tensor]:
     """(P, hw) bool pixels each pair may pool over (A, or the region S within A) and (P,) bool: the
-    pair has such pixels. z (b, N, hw) feature-resolution logits; kept (P, N) the softmax's classes."""
+    pair has such pixels. z (b, N, hw) feature-resolution logits; kept (P, N) the softmax's classes.
+    Per-image work where pairs share it: no (P, N, hw) tensor is built here."""
     b, n, hw = z.shape
     p = img.numel()
     rows = torch.arange(p, device=z.device)
@@ -82,17 +99,23 @@ def pool_pixels(z: Tensor, img: Tensor, target: Tensor, kept: Tensor, options: I
     if options.confident_base > 0:
         if base is None:
             raise ValueError("model.image_loss.confident_base needs the base classes (base=None)")
-        other_base = base[None, :] & (torch.arange(n, device=z.device)[None, :] != target[:, None])  # (P, N)
-        prob = z.float().softmax(1)[img].masked_fill(~other_base[:, :, None], 0.0)  # (P, N, hw)
-        allowed = prob.amax(1) < options.confident_base
+        # the two most probable base classes of each pixel: the pair's "base class other than l" is the
+        # first, or the second where the first is l (a zero row stands in for a missing second)
+        prob = z.float().softmax(1).masked_fill(~base[None, :, None], 0.0)  # (b, N, hw)
+        first, first_class = prob.max(1)  # (b, hw)
+        second = prob.scatter(1, first_class[:, None], 0.0).amax(1)
+        conf = torch.where(first_class[img] == target[:, None], second[img], first[img])  # (P, hw)
+        allowed = conf < options.confident_base
     has_pixels = allowed.any(1)
     allowed[~has_pixels] = True  # such a pair's loss is computed on every pixel, then weighted by 0
     if options.pooling == "region":
-        zp = z.float()[img]  # (P, N, hw)
+        # the rivals of a pair (its softmax's classes but l) are the same for every pair of an image
         rivals = kept.clone()
         rivals[rows, target] = False
-        best_rival = zp.masked_fill(~rivals[:, :, None], float("-inf")).amax(1)  # (P, hw); -inf: no rival
-        margin = (zp[rows, target] - best_rival).masked_fill(~allowed, float("-inf"))
+        image_rivals = torch.zeros(b, n, dtype=torch.bool, device=z.device)
+        image_rivals[img] = rivals  # identical rows for the pairs of one image
+        best_rival = z.float().masked_fill(~image_rivals[:, :, None], float("-inf")).amax(1)  # (b, hw); -inf: none
+        margin = (z.float()[img, target] - best_rival[img]).masked_fill(~allowed, float("-inf"))
         allowed &= margin >= margin.amax(1, keepdim=True).clamp(max=0.0)
     return allowed, has_pixels
 
@@ -101,10 +124,12 @@ def pooled_pairs_ce(logits: Tensor, omega: Tensor, tags: Tensor, pad: int, optio
                     base: Tensor | None = None, pair_weights: Tensor | None = None) -> Tensor:
     """Sum over pairs of the image-level CE under ``options`` (module docstring).
 
-    logits (b, N, h, w) at feature resolution (with grad); omega (P, h*w) pixel weights of each valid
-    pair in tag_pairs order (Σ_i ω_i z_i = the paper's pooled logit); tags (b, T) subset indices,
-    ``pad``-padded; base (N,) bool, the scored classes that have pixel masks (needed by
-    drop_base_negatives and confident_base); pair_weights (P,) optional (the CAC's warm-up gate)."""
+    logits (b, N, h, w) at feature resolution (with grad); omega the pixel weights (Σ_i ω_i z_i = the
+    paper's pooled logit): (P, h*w), one row per valid pair in tag_pairs order (the CAC), or (h*w,), the
+    same for every pair (L_cls: top-k then runs once per image, not per pair, when every pixel is
+    allowed); tags (b, T) subset indices, ``pad``-padded; base (N,) bool, the scored classes that have
+    pixel masks (needed by drop_base_negatives and confident_base); pair_weights (P,) optional (the
+    CAC's warm-up gate)."""
     z = logits.float().flatten(2)  # (b, N, hw)
     b, n, hw = z.shape
     img, slot = tag_pairs(tags, pad)
@@ -117,15 +142,19 @@ def pooled_pairs_ce(logits: Tensor, omega: Tensor, tags: Tensor, pad: int, optio
     target = tags[img, slot]
     kept = softmax_classes(tags, pad, n, img, target, base if options.drop_base_negatives else None)
     allowed, has_pixels = pool_pixels(z.detach(), img, target, kept, options, base)
-    omega = omega.float()
+    shared = omega.dim() == 1
+    omega = omega.float().expand(img.numel(), hw)
     count = allowed.sum(1)  # (P,) >= 1
     if options.pooling == "topk":
-        x = (z[img] * (omega * hw)[:, None, :]).masked_fill(~allowed[:, None, :], float("-inf"))  # (P, N, hw)
         k = topk_count(options.topk_fraction, count)
-        k_max = int(k.max())
-        top = x.sort(dim=-1, descending=True, stable=True).values[..., :k_max]  # stable: ties by pixel index
-        take = torch.arange(k_max, device=z.device)[None, :] < k[:, None]  # (P, k_max)
-        pooled = torch.where(take[:, None, :], top, torch.zeros_like(top)).sum(-1) / k[:, None]
+        if shared and options.confident_base == 0:  # every pair of an image pools the same pixels
+            x = z * (omega[0] * hw)  # (b, N, hw)
+            chosen = topk_mask(x.detach().flatten(0, 1), k[:1].expand(b * n)).view(b, n, hw)
+            pooled = ((x * chosen).sum(-1) / k[0])[img]  # (P, N)
+        else:
+            x = (z[img] * (omega * hw)[:, None, :]).masked_fill(~allowed[:, None, :], float("-inf"))  # (P, N, hw)
+            chosen = topk_mask(x.detach().flatten(0, 1), k.repeat_interleave(n)).view(-1, n, hw)
+            pooled = torch.where(chosen, x, torch.zeros_like(x)).sum(-1) / k[:, None]
     else:  # mean over S of x = Σ_{i in S} ω_i z_i * hw / |S|: one bmm, as the paper's pool
         w = omega * allowed * (hw / count.to(omega.dtype))[:, None]  # (P, hw)
         per_slot = z.new_zeros(b, tags.shape[1], hw)
@@ -145,8 +174,7 @@ def image_level_loss(logits: Tensor, tags: Tensor, pad: int, downsample: int, cr
     if is_paper(options):
         return image_level_ce_sum(logits, tags, pad, downsample, crop_hw)
     weights = upsampled_mean_weights(tuple(logits.shape[-2:]), loss_size(crop_hw, downsample), logits.device)
-    pairs = tag_pairs(tags, pad)[0].numel()
-    return pooled_pairs_ce(logits, weights.expand(pairs, -1), tags, pad, options, base)
+    return pooled_pairs_ce(logits, weights, tags, pad, options, base)
 
 
-__all__ = ["POOLINGS", "image_level_loss", "is_paper", "needs_base", "pool_pixels", "pooled_pairs_ce", "topk_count"]
+__all__ = ["POOLINGS", "image_level_loss", "is_paper", "needs_base", "pool_pixels", "pooled_pairs_ce", "topk_count", "topk_mask"]
