@@ -136,6 +136,14 @@ class ImageLossConfig:
     drop_base_negatives: bool = False  # single-tag images: classes with masks in a seg source are not softmax negatives
     confident_base: float = 0.0  # > 0: leave out of the pool pixels where a base class other than the tag has probability >= this
 
+    def __post_init__(self) -> None:  # also for instances built in code, not only from a config file
+        if self.pooling not in ("mean", "topk", "region"):
+            raise ConfigError(f"model.image_loss.pooling must be mean, topk or region, got {self.pooling!r}")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ConfigError(f"model.image_loss.topk_fraction must be > 0 and <= 1, got {self.topk_fraction!r}")
+        if not 0.0 <= self.confident_base < 1.0:
+            raise ConfigError(f"model.image_loss.confident_base must be >= 0 (0 = off) and < 1, got {self.confident_base!r}")
+
 
 @dataclass
 class ModelConfig:
@@ -394,13 +402,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.mode must be slide or whole, got {cfg.eval.mode!r}")
     if cfg.model.seg_class_pool not in ("source", "training"):
         raise ConfigError(f"model.seg_class_pool must be source or training, got {cfg.model.seg_class_pool!r}")
-    il = cfg.model.image_loss
-    if il.pooling not in ("mean", "topk", "region"):
-        raise ConfigError(f"model.image_loss.pooling must be mean, topk or region, got {il.pooling!r}")
-    if not 0.0 < il.topk_fraction <= 1.0:
-        raise ConfigError(f"model.image_loss.topk_fraction must be > 0 and <= 1, got {il.topk_fraction!r}")
-    if not 0.0 <= il.confident_base < 1.0:
-        raise ConfigError(f"model.image_loss.confident_base must be >= 0 (0 = off) and < 1, got {il.confident_base!r}")
     if cfg.pretrain.loss not in ("softmax", "sigmoid"):
         raise ConfigError(f"pretrain.loss must be softmax or sigmoid, got {cfg.pretrain.loss!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
