@@ -168,13 +168,10 @@ class ImageLossConfig:
     drop_base_negatives: bool = False  # single-tag images: classes with masks in a seg source are not softmax negatives
     confident_base: float = 0.0  # > 0: leave out of the pool pixels where a base class other than the tag has probability >= this
 
-    def __post_init__(self) -> None:  # also for instances built in code, not only from a config file
-        if self.pooling not in ("mean", "topk", "region"):
-            raise ConfigError(f"model.image_loss.pooling must be mean, topk or region, got {self.pooling!r}")
-        if not 0.0 < self.topk_fraction <= 1.0:
-            raise ConfigError(f"model.image_loss.topk_fraction must be > 0 and <= 1, got {self.topk_fraction!r}")
-        if not 0.0 <= self.confident_base < 1.0:
-            raise ConfigError(f"model.image_loss.confident_base must be >= 0 (0 = off) and < 1, got {self.confident_base!r}")
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "pooling": one_of("mean", "topk", "region"), "topk_fraction": FRACTION, "drop_base_negatives": BOOL,
+        "confident_base": PROBABILITY_BELOW_1,
+    }
 
 
 @dataclass
