@@ -158,6 +158,23 @@ class DataConfig:
 
 
 @dataclass
+class ImageLossConfig:
+    """Options of the image-level losses (L_cls and the CAC's pooled CE) beyond the paper, all off by
+    default; each is one switch. What each does, its source and the mechanism it addresses:
+    docs/METHOD.md, section 6, and larvseg/models/image_loss.py."""
+
+    pooling: str = "mean"  # mean (the paper) | topk (each class over its top topk_fraction of pixels) | region (the tag's predicted region)
+    topk_fraction: float = 0.1  # pooling=topk: k = ceil(topk_fraction * pixels), at least 1
+    drop_base_negatives: bool = False  # single-tag images: classes with masks in a seg source are not softmax negatives
+    confident_base: float = 0.0  # > 0: leave out of the pool pixels where a base class other than the tag has probability >= this
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "pooling": one_of("mean", "topk", "region"), "topk_fraction": FRACTION, "drop_base_negatives": BOOL,
+        "confident_base": PROBABILITY_BELOW_1,
+    }
+
+
+@dataclass
 class ModelConfig:
     arch: str = "vit_base"  # key of larvseg.models.vit.VIT_BUILDERS: vit_tiny | vit_small | vit_base
     pretrained: str = ""  # AugReg .npz, timm .safetensors/.pth, hf-hub:<repo> or a LarvSeg checkpoint; "" = random
@@ -174,6 +191,7 @@ class ModelConfig:
     bg_topk: int = 5  # single-tag background rule: mean of the top-k raw scores ...
     bg_score_thresh: float = 0.35  # ... above this makes a class a background candidate
     bg_mse_thresh: float = 2.0  # keep a candidate if its standardised map differs from f by more than this
+    image_loss: ImageLossConfig = field(default_factory=ImageLossConfig)  # beyond the paper, off by default
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "arch": one_of(*VIT_ARCHES), "pretrained": TEXT, "drop_path": PROBABILITY_BELOW_1,

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from larvseg.config import ImageLossConfig
 from larvseg.models.cosine_classifier import standardize
+from larvseg.models.image_loss import is_paper, pooled_pairs_ce
 from larvseg.models.losses import attended_mean_weights, pooled_tag_ce, tag_pairs
 from larvseg.models.memory_bank import MemoryBank
 
@@ -155,12 +157,16 @@ def cac_loss(
     topk: int,
     warm_up: int,
     rule: BackgroundRule,
+    options: ImageLossConfig | None = None,
+    base: Tensor | None = None,
 ) -> CACResult:
     """CAC loss (sum over pairs) and the bank entries of every pair; the bank itself is not modified.
 
     logits (b, N, h, w) at feature resolution (with grad); loss_hw the loss resolution they and the
     attention are (conceptually) upsampled to; scores (b, N, h, w) and features (b, D, h, w) detached;
-    tags (b, T) subset indices; class_ids (N,) union ids.
+    tags (b, T) subset indices; class_ids (N,) union ids. ``options`` (model.image_loss) and ``base``
+    ((N,) bool, the classes with pixel masks) change the pooled CE as for L_cls (image_loss.py); None or
+    all options off: the paper's.
     """
     b, _, h, w = scores.shape
     if tuple(logits.shape[-2:]) != (h, w):
@@ -175,5 +181,8 @@ def cac_loss(
     tag_sub = tags[img, slot]
     pair_classes = class_ids[tag_sub]
     warmed = bank.warmed_up(pair_classes, warm_up)
-    loss_sum = pooled_tag_ce(pooled, tags, pad, weights=warmed.to(pooled.dtype))
+    if is_paper(options):
+        loss_sum = pooled_tag_ce(pooled, tags, pad, weights=warmed.to(pooled.dtype))
+    else:  # the same attention weights, pooled as the options say
+        loss_sum = pooled_pairs_ce(logits, weights[img, slot], tags, pad, options, base, pair_weights=warmed)
     return CACResult(loss_sum, pair_classes, bank_entries(feats, s, img, tag_sub, topk), warmed)

@@ -119,6 +119,22 @@ def tag_pairs(tags: Tensor, pad: int) -> tuple[Tensor, Tensor]:
     return img, slot
 
 
+def softmax_classes(tags: Tensor, pad: int, num_classes: int, img: Tensor, target: Tensor,
+                    base: Tensor | None = None) -> Tensor:
+    """(P, N) bool: the classes in the softmax of each pair (image ``img``, tag ``target``): every class
+    but the image's *other* tags. With ``base`` ((N,) bool, the classes that have pixel masks), a pair
+    of a single-tag image also leaves out the base classes (docs/METHOD.md section 6); the pair's own
+    tag always stays."""
+    valid = tags != pad
+    image_tags = torch.zeros(tags.shape[0], num_classes, dtype=torch.bool, device=tags.device)
+    image_tags[valid.nonzero(as_tuple=True)[0], tags[valid]] = True
+    drop = image_tags[img]  # (P, N): the image's tags ...
+    if base is not None:
+        drop |= base[None, :] & (valid.sum(1) == 1)[img][:, None]
+    drop[torch.arange(img.numel(), device=drop.device), target] = False  # ... except the pair's own
+    return ~drop
+
+
 def pooled_tag_ce(pooled: Tensor, tags: Tensor, pad: int, weights: Tensor | None = None) -> Tensor:
     """Co-tag-masked CE of pooled logits.
 
@@ -126,17 +142,12 @@ def pooled_tag_ce(pooled: Tensor, tags: Tensor, pad: int, weights: Tensor | None
     baseline; attention-weighted per pair for the CAC). tags: (b, T) subset indices, ``pad``-padded.
     weights: optional (P,) per-pair weights in pair order (CAC warm-up: 0 or 1). Returns the sum over pairs.
     """
-    b, n, _ = pooled.shape
+    n = pooled.shape[1]
     img, slot = tag_pairs(tags, pad)
     if img.numel() == 0:
         return pooled.sum() * 0.0
     target = tags[img, slot]
-    image_tags = torch.zeros(b, n, dtype=torch.bool, device=pooled.device)
-    valid = tags != pad
-    image_tags[valid.nonzero(as_tuple=True)[0], tags[valid]] = True
-    drop = image_tags[img]  # (P, N): the image's tags ...
-    drop[torch.arange(img.numel(), device=drop.device), target] = False  # ... except the pair's own
-    logits = pooled[img, :, slot].float().masked_fill(drop, float("-inf"))
+    logits = pooled[img, :, slot].float().masked_fill(~softmax_classes(tags, pad, n, img, target), float("-inf"))
     loss = F.cross_entropy(logits, target, reduction="none")
     if weights is not None:
         loss = loss * weights

@@ -29,7 +29,8 @@ from larvseg.models.class_sampling import (
     sample_classes,
     step_generator,
 )
-from larvseg.models.losses import image_level_ce_sum, loss_size, pixel_ce_sum
+from larvseg.models.image_loss import image_level_loss, needs_base
+from larvseg.models.losses import loss_size, pixel_ce_sum
 from larvseg.models.segmenter import Segmenter
 
 
@@ -66,9 +67,13 @@ class TrainingObjective(nn.Module):
         loss = pixel_ce_sum(out.logits, labels, self.cfg.loss_downsample)
         return loss / norm * distributed.world_size() * batch.loss_weight
 
-    def _tag_terms(self, batch: TagBatch, step: int, index: int, entries: list) -> tuple[Tensor, Tensor]:
+    def _tag_terms(self, batch: TagBatch, step: int, index: int, entries: list,
+                   mask_classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         device = batch.images.device
         subset = self._subset(present_in_tags(batch.tags, TAG_PAD).to(device), batch.class_ids, step, index)
+        # model.image_loss options that need them: which scored classes have pixel masks (union ids of the
+        # step's segmentation sources)
+        base = None if mask_classes is None else torch.isin(subset.class_ids, mask_classes)
         # the pair count stays on the device: no host sync in the step (a rank whose images carry no
         # valid tag computes an exact zero through the normal path)
         local_pairs = (batch.tags != TAG_PAD).sum().to(torch.float32).reshape(1)
@@ -83,14 +88,14 @@ class TrainingObjective(nn.Module):
         out = self.segmenter(batch.images, subset.class_ids)
         tags = subset.remap(batch.tags, pad=TAG_PAD)
         crop_hw = tuple(batch.images.shape[-2:])
-        cls = image_level_ce_sum(out.logits, tags, TAG_PAD, self.cfg.loss_downsample, crop_hw)
+        cls = image_level_loss(out.logits, tags, TAG_PAD, self.cfg.loss_downsample, crop_hw, self.cfg.image_loss, base)
         cls = cls * scale * batch.loss_weight
         if not self.use_cac:
             return cls, out.logits.sum() * 0.0
         res = cac_loss(
             out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
             loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), topk=batch.cac_topk,
-            warm_up=self.cfg.warm_up, rule=self.rule,
+            warm_up=self.cfg.warm_up, rule=self.rule, options=self.cfg.image_loss, base=base,
         )
         entries.append((res.pair_classes, res.pair_features))
         return cls, res.loss_sum * scale * batch.cac_weight
@@ -102,8 +107,12 @@ class TrainingObjective(nn.Module):
         for index, seg in enumerate(batch.seg):
             pool = seg.class_ids if self.cfg.seg_class_pool == "source" else every_class
             terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index, pool)
+        mask_classes = None
+        if needs_base(self.cfg.image_loss):
+            mask_classes = torch.cat([torch.zeros(0, dtype=torch.long, device=every_class.device),
+                                      *[s.class_ids for s in batch.seg]])
         for j, tag in enumerate(batch.tag):
-            cls, cac = self._tag_terms(tag, batch.step, len(batch.seg) + j, entries)
+            cls, cac = self._tag_terms(tag, batch.step, len(batch.seg) + j, entries, mask_classes)
             terms[f"cls/{tag.source}"] = cls
             if self.use_cac:
                 terms[f"cac/{tag.source}"] = cac
