@@ -14,7 +14,7 @@ from PIL import Image
 
 from larvseg.cli import main as cli_main
 from larvseg.config import load_config
-from larvseg.demo.benchmark import DEMO_CLASSES
+from larvseg.data.synthetic import DEMO_CLASSES
 from larvseg.demo.run import VARIANTS, describe_model
 from larvseg.models.segmenter import build_segmenter
 

@@ -92,7 +92,7 @@ def check_config(cfg: Config, max_images: int = 0) -> list[SourceReport]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from larvseg.demo.benchmark import ensure_smoke_data
+    from larvseg.data.synthetic import ensure_smoke_data
 
     cfg = load_config(args.config, args.overrides)
     ensure_smoke_data(cfg.data)  # data.demo_benchmark (tiny_cpu): generated data, so the smoke config checks as is

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from larvseg.demo import benchmark as bm
+from larvseg.data import synthetic as bm
 
 CLASSLISTS = Path(bm.__file__).resolve().parent.parent / "data" / "classlists"
 SMALL = dict(num_seg=6, per_class=2, num_eval=5)
