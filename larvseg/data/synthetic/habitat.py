@@ -26,13 +26,11 @@ numbers are fixed in :class:`~larvseg.data.synthetic.writer.BenchmarkSpec` and r
   tokens of 16 px), with two or three background regions and ``eval_objects`` objects of
   ``eval_object_area`` of the image each (below ~2 % an object would cover under one token).
 
-Everything else (appearance, shapes, the dominant object's size) is the uniform family's, so the two
-families differ only in the properties above.
+Appearance, shapes and the sizes of the tagged, clutter and C171 objects are the uniform family's, so
+the two families differ in where things are, not in what they look like.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,9 +44,7 @@ from larvseg.data.synthetic.appearance import (
     object_mask,
     paint,
 )
-
-if TYPE_CHECKING:
-    from larvseg.data.synthetic.writer import BenchmarkSpec
+from larvseg.data.synthetic.spec import BenchmarkSpec
 
 BASE_IDS = tuple(DEMO_CLASSES.index(c) for c in BASE_CLASSES)
 ALL_IDS = tuple(range(len(DEMO_CLASSES)))
@@ -149,7 +145,9 @@ class HabitatFamily:
             objects.append((c, mask))
             placed.append(in_habitat)
         scene = paint(rng, size, background + objects, len(background), BOUNDARY_UNLABELED)
-        scene.info = {"background": [b for b, _ in background], "objects": [c for c, _ in objects], "in_habitat": placed}
+        scene.info = {"background": [b for b, _ in background], "objects": [c for c, _ in objects], "in_habitat": placed,
+                      # share of the image where each object is visible (occlusion and the image border cut it)
+                      "visible_area": [round(float(((scene.labels == c) & m).mean()), 5) for c, m in objects]}
         return scene
 
 

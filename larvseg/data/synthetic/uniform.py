@@ -10,14 +10,10 @@ family existed (same draws in the same order).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from larvseg.data.synthetic.appearance import BASE_CLASSES, DEMO_CLASSES, NOVEL_CLASSES, DemoClass, Scene, draw_size, render_scene
-
-if TYPE_CHECKING:
-    from larvseg.data.synthetic.writer import BenchmarkSpec
+from larvseg.data.synthetic.spec import BenchmarkSpec
 
 
 def seg_scene(rng: np.random.Generator, spec: BenchmarkSpec) -> Scene:

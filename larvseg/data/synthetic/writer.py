@@ -15,7 +15,8 @@ Three parts, each in the layout the real loaders read (larvseg.data.datasets):
   pixel's class as an ADE-847 train id, uint16, 65535 unlabeled), ``I22K/object_masks/<wnid>/<stem>.png``
   (uint8, 1 = the tagged object) and ``I22K/scenes.json`` (per image: tag, habitat, background, clutter).
 - ``A847/``: an evaluation set like ADE20K-Full: JPEG images and uint16 TIFF masks holding ADE-847
-  train ids for **all** classes (65535 = unlabeled).
+  train ids for **all** classes (65535 = unlabeled); ``A847/scenes.json`` records each image's background,
+  objects and their visible areas (habitat family).
 
 What the scenes hold is the family's (``spec.family``, a key of FAMILIES): ``habitat`` (the default:
 larvseg.data.synthetic.habitat) or ``uniform`` (the control: larvseg.data.synthetic.uniform).
@@ -29,7 +30,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -39,48 +40,19 @@ from PIL import Image
 
 from larvseg.data.synthetic.appearance import DEMO_CLASSES, NOVEL_CLASSES, BenchmarkError
 from larvseg.data.synthetic.habitat import HabitatFamily
+from larvseg.data.synthetic.spec import FORMAT_VERSION, BenchmarkSpec
 from larvseg.data.synthetic.uniform import UniformFamily
 
 if TYPE_CHECKING:
     from larvseg.config import DataConfig
 
-FORMAT_VERSION = 2  # bump when the generator's output changes, so cached benchmarks are rebuilt
 A847_UNLABELED = 65535
 COCO_UNLABELED = 255
-FAMILIES = {"habitat": HabitatFamily, "uniform": UniformFamily}
+FAMILIES = {"habitat": HabitatFamily, "uniform": UniformFamily}  # spec.family -> its scenes
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing the layouts
-
-
-@dataclass
-class BenchmarkSpec:
-    """What to generate. Stored in ``benchmark.json``; a cached benchmark is reused only if it matches."""
-
-    seed: int = 0
-    num_seg: int = 400  # C171 training images
-    per_class: int = 40  # I22K images per synset
-    num_eval: int = 60  # A847 validation images
-    sizes: list[list[int]] = field(default_factory=lambda: [[128, 128], [112, 144], [144, 112]])  # (h, w) choices
-    jpeg_quality: int = 92
-    family: str = "habitat"  # key of FAMILIES: what the scenes hold
-    # habitat family only (larvseg.data.synthetic.habitat explains each; fixed before any run)
-    habitat_seed: int = 0  # the habitat table is drawn from this seed
-    habitats_per_class: int = 2
-    p_habitat: float = 0.7  # an image-level photo (an object) is in its tag's habitat with this probability
-    max_clutter: int = 2  # untagged objects per image-level photo: 0..max_clutter
-    eval_sizes: list[list[int]] = field(default_factory=lambda: [[192, 256], [208, 240], [224, 224]])  # >= 12 x 12 tokens
-    eval_objects: list[int] = field(default_factory=lambda: [3, 6])  # objects per evaluation image (inclusive)
-    eval_object_area: list[float] = field(default_factory=lambda: [0.02, 0.08])  # area fraction of each
-    version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise BenchmarkError(f"benchmark family must be one of {sorted(FAMILIES)}, got {self.family!r}")
-
-    def scenes(self) -> HabitatFamily | UniformFamily:
-        return FAMILIES[self.family](self)
 
 
 @dataclass
@@ -118,6 +90,10 @@ class BenchmarkLayout:
         return self.root / "I22K" / "scenes.json"
 
     @property
+    def eval_scenes(self) -> Path:
+        return self.root / "A847" / "scenes.json"
+
+    @property
     def eval_images(self) -> Path:
         return self.root / "A847" / "images" / "validation"
 
@@ -151,7 +127,7 @@ def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
     for d in (lay.seg_images, lay.seg_annotations, lay.eval_images, lay.eval_annotations):
         d.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
-    family = spec.scenes()
+    family = FAMILIES[spec.family](spec)
 
     say(f"C171: {spec.num_seg} images with base-class masks")
     for i in range(spec.num_seg):
@@ -178,12 +154,15 @@ def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
     lay.scenes.write_text(json.dumps(scenes))
 
     say(f"A847: {spec.num_eval} evaluation images with masks for all classes")
+    eval_scenes = {}
     for i in range(spec.num_eval):
         scene = family.eval_scene(_rng(spec.seed, _EVAL, i))
         stem = f"ADE_val_{i + 1:08d}"
+        eval_scenes[stem] = scene.info
         _write_jpeg(lay.eval_images / f"{stem}.jpg", scene.image, spec.jpeg_quality)
         tifffile.imwrite(lay.eval_annotations / f"{stem}.tif", _ADE_OF[scene.labels].astype(np.uint16))
 
+    lay.eval_scenes.write_text(json.dumps(eval_scenes))
     meta = {"spec": asdict(spec), "classes": [asdict(c) for c in DEMO_CLASSES],
             # class name -> its habitat (base class names); empty for the uniform family
             "habitats": {DEMO_CLASSES[k].name: [DEMO_CLASSES[b].name for b in hab] for k, hab in enumerate(family.habitats)}}
