@@ -1,18 +1,24 @@
-"""``larvseg demo``: the mini benchmark end to end on the CPU.
+"""``larvseg demo``: the mini benchmark end to end on the CPU, and the pre-registered check of the paper's claim.
 
-    larvseg demo [--quick] [--out DIR] [--data DIR] [--seeds N] [--jobs N] [key=value ...]
+    larvseg demo [--quick | --full] [--benchmark habitat|uniform] [--out DIR] [--data DIR] [--seeds N] [--jobs N]
+                 [key=value ...]
 
-1. generate the mini benchmark (larvseg.data.synthetic) under ``<out>/data`` unless it is there;
+1. generate the mini benchmark (larvseg.data.synthetic; ``--benchmark``: the habitat family, the default,
+   or the uniform-context control) under ``<out>/data`` unless it is there;
 2. stage 0: pretrain the demo's ViT by image classification on every synset folder of the benchmark's
    ``I22K/fall11_whole`` with ``larvseg pretrain``'s code (as the paper's backbone was pretrained on all of
    ImageNet-21K), written as an AugReg ``.npz`` under ``<out>/pretrain``;
-3. for every seed, train three variants from that ``.npz`` (``model.pretrained=``) with the real training
-   loop (config ``demo``): segmentation only, the baseline image-level loss (CAC off), LarvSeg (CAC on);
+3. train the variants from that ``.npz`` (``model.pretrained=``) with the real training loop (config
+   ``demo``): the baseline image-level loss (CAC off) and LarvSeg (CAC on) on every seed (5 paired seeds by
+   default), segmentation only on the first 2, and with ``--full`` (and ``--quick``) the oracle-attention
+   upper bound U (larvseg.models.oracle_attention) on every seed;
 4. evaluate each with ``larvseg.eval.evaluate.evaluate`` (the code of ``larvseg eval``) on the
-   A847-style set, plus feature-resolution
-   diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of bank, classifier and attention scores;
-   base patches predicted as novel);
-5. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
+   A847-style set, plus feature-resolution diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of
+   bank, classifier and attention scores; base patches predicted as novel; the seed-point propagation of
+   check P1) and, for runs with image-level data, the probe of the image-level training images
+   (larvseg.demo.image_level_probe: checks P2 and M);
+5. write ``<out>/report.md`` (larvseg.demo.report): the claim check's rule, then P1, P2, M, U, the paired
+   Delta with its t-interval and the verdict (larvseg.demo.checks), the figures and tables; print its path.
 
 Runs are independent, so stages 3-4 run them as ``--jobs`` parallel processes (default: the CPUs this
 process may use), each with **one** intra-op thread, and stage 0 runs single-threaded too. Why
@@ -82,11 +88,11 @@ class Profile:
 
 
 # The default fits the 10-minute budget on 2 quiet cores: 5 paired seeds, segmentation only on 2 of them
-# (P1 and the base tolerance need it, the paired Delta does not), 300 iterations (the step is model compute:
-# forward ~45 %, backward ~30 %, data ~25 % of a step, profiled on the development VM; docs/CLAIM.md).
+# (P1 and the base tolerance need it, the paired Delta does not), 270 iterations instead of 360 (the step is
+# model compute: forward ~50 %, backward ~30 %, data ~20 % of a step, profiled; docs/CLAIM.md).
 PROFILES: dict[str, Profile] = {
-    "default": Profile(iters=300, seeds=5, pretrain_iters=500, seg_seeds=2),
-    "full": Profile(iters=300, seeds=5, pretrain_iters=500, oracle=True),
+    "default": Profile(iters=270, seeds=5, pretrain_iters=500, seg_seeds=2),
+    "full": Profile(iters=270, seeds=5, pretrain_iters=500, oracle=True),
     "quick": Profile(iters=120, seeds=1, pretrain_iters=20, seg_seeds=1, oracle=True, benchmark_size=(160, 12, 16)),
 }
 PRETRAIN_DATA_WORKERS = 1
