@@ -7,7 +7,7 @@
     larvseg serve CHECKPOINT [--port 8000]          a local web page to segment uploads (larvseg.serve)
     larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
     larvseg hub save CHECKPOINT DIR | push DIR ORG/NAME   share a model on the Hugging Face Hub (larvseg.hub)
-    larvseg demo [--quick] [--jobs N]               the mini benchmark end to end (larvseg.demo.run)
+    larvseg demo [--quick|--full] [--benchmark uniform] [--jobs N]   the mini benchmark end to end (larvseg.demo.run)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
     larvseg data shard FOLDER --out DIR --format F  write a folder source as tar shards (larvseg.data.shard_writer)
 
@@ -177,12 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--revision", type=TEXT.option(), default=None, help="branch to upload to (default: main)")
     h.set_defaults(handler="larvseg.hub:main_push")
 
-    p = _sub(sub, "demo", "generate the mini benchmark, train the three variants, write a report")
-    p.add_argument("--quick", action="store_true", help="1-2 minute smoke version (one seed, fewer iterations)")
+    p = _sub(sub, "demo", "generate the mini benchmark, train the variants, check the paper's claim, write a report")
+    profile = p.add_mutually_exclusive_group()
+    profile.add_argument("--quick", action="store_true",
+                         help="smoke version: one seed, fewer iterations, every check (including the oracle run U)")
+    profile.add_argument("--full", action="store_true",
+                         help="the default profile plus the oracle-attention upper bound U and segmentation only on every seed")
+    p.add_argument("--benchmark", type=one_of("habitat", "uniform").option(), default="habitat",
+                   help="benchmark family: habitat (default: context-biased, cluttered image-level photos) or uniform "
+                        "(the control: backgrounds drawn uniformly)")
     p.add_argument("--out", type=OUTPUT_DIR.option(), default="work_dirs/demo", help="report and run folder")
     p.add_argument("--data", type=OUTPUT_DIR.option(), default=None,
                    help="where the mini benchmark is generated (default: <out>/data)")
-    p.add_argument("--seeds", type=POSITIVE_INT.option(), default=None, help="training seeds per variant (default: 3, quick: 1)")
+    p.add_argument("--seeds", type=POSITIVE_INT.option(), default=None,
+                   help="paired seeds of the baseline and LarvSeg (default: 5, quick: 1; segmentation only: 3 of them)")
     p.add_argument("--jobs", type=POSITIVE_INT.option(), default=None,
                    help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
     _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")

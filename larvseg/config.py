@@ -117,6 +117,10 @@ class SourceConfig:
     cac_weight: float = 0.1  # tag sources: lambda_cac of the attentive-classifier loss
     cac_topk: int = 20  # tag sources: K, pixels per memory-bank slot (40 for ADE-150 tags, 20 for ADE-847/ImageNet)
     skip_bad: bool = False  # skip (and count) unreadable samples instead of stopping with an error
+    # imagenet tag sources: a folder of <wnid>/<stem>.png masks of each image's tagged object (1 = object,
+    # 0 = not; relative paths are under data.root), read only for model.oracle_attention (the demo's upper
+    # bound U: the generator's own masks). "" = none
+    object_masks: str = ""
     # webdataset (tar shards): ``root`` is a shard folder, or a brace pattern of shard files / URLs / pipe: commands
     index: str = ""  # webdataset: the shards' index.json (path, URL or pipe:); "" = next to the shards
     stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
@@ -124,7 +128,7 @@ class SourceConfig:
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "name": TEXT, "format": SOURCE_FORMAT, "root": TEXT, "split": TEXT, "classes": TEXT,
         "share": POSITIVE, "crop_size": MULTIPLE_OF_16, "loss_weight": NON_NEGATIVE, "cac_weight": NON_NEGATIVE,
-        "cac_topk": POSITIVE_INT, "skip_bad": BOOL, "index": TEXT, "stream": BOOL, "scale": SOURCE_SCALE,
+        "cac_topk": POSITIVE_INT, "skip_bad": BOOL, "index": TEXT, "stream": BOOL, "scale": SOURCE_SCALE, "object_masks": TEXT,
     }
 
 
@@ -188,6 +192,9 @@ class ModelConfig:
     cac: bool = True  # the Category-wise Attentive Classifier loss on image-level data
     memory_bank_size: int = 20  # M, slots per class
     warm_up: int = 1  # full wraps of a class's ring before its CAC loss is used
+    # with cac: the attention of each image-level pair is its tagged object's true mask (the tag source's
+    # object_masks) instead of the bank's: the demo's upper bound U (larvseg.models.oracle_attention)
+    oracle_attention: bool = False
     bg_topk: int = 5  # single-tag background rule: mean of the top-k raw scores ...
     bg_score_thresh: float = 0.35  # ... above this makes a class a background candidate
     bg_mse_thresh: float = 2.0  # keep a candidate if its standardised map differs from f by more than this
@@ -197,7 +204,7 @@ class ModelConfig:
         "arch": one_of(*VIT_ARCHES), "pretrained": TEXT, "drop_path": PROBABILITY_BELOW_1,
         "num_sampled_classes": NON_NEGATIVE_INT, "seg_class_pool": one_of("source", "training"),
         "loss_downsample": POSITIVE_INT, "cac": BOOL, "memory_bank_size": POSITIVE_INT, "warm_up": NON_NEGATIVE_INT,
-        "bg_topk": POSITIVE_INT, "bg_score_thresh": NUMBER, "bg_mse_thresh": NON_NEGATIVE,
+        "bg_topk": POSITIVE_INT, "bg_score_thresh": NUMBER, "bg_mse_thresh": NON_NEGATIVE, "oracle_attention": BOOL,
     }
 
 
@@ -454,6 +461,10 @@ def validate(cfg: Config) -> None:
         for i, s in enumerate(sources):
             if not s.format:
                 raise ConfigError(f"data.{where}.{i}.format is required: one of {', '.join(DATASET_FORMATS)}")
+            if s.object_masks and (where != "tag_sources" or s.format != "imagenet"):
+                raise ConfigError(f"data.{where}.{i}.object_masks: only imagenet-format tag sources have object masks")
+    if cfg.model.oracle_attention and not (cfg.model.cac and d.tag_sources and all(s.object_masks for s in d.tag_sources)):
+        raise ConfigError("model.oracle_attention needs model.cac=true and object_masks on every data.tag_sources entry")
     for key, sources, size in (("seg", d.seg_sources, d.seg_batch_size), ("tag", d.tag_sources, d.tag_batch_size)):
         if sources and size == 0:
             raise ConfigError(f"data.{key}_batch_size=0 but data.{key}_sources lists {len(sources)} source(s): they "

@@ -71,24 +71,51 @@ def _three(novel_b, novel_l, base_s=60.0, base_b=60.0, base_l=60.0) -> list[RunR
     return out
 
 
-def test_paired_differences_and_claim_rule():
-    from larvseg.demo.report import claim_verdict, paired_differences
+def test_paired_differences():
+    from larvseg.demo.report import paired_differences
 
     res = _three([10.0, 12.0, 11.0], [12.0, 13.5, 13.0])  # +2.0, +1.5, +2.0: mean 1.83, std 0.29
     paired = paired_differences(res, "base", "cac")
     assert paired["miou_novel"].values == [2.0, 1.5, 2.0] and paired["miou_base"].values == [0.0, 0.0, 0.0]
     assert math.isclose(paired["miou_novel"].std, 0.288675, rel_tol=1e-5)
-    text = claim_verdict(summarise_results(res), paired, "seg", "base")
-    assert text.startswith("The paper's claim HOLDS") and "in 3 of 3 seeds" in text
 
-    noisy = _three([10.0, 12.0, 11.0], [14.0, 12.5, 11.5])  # +4, +0.5, +0.5: wins everywhere, mean < 2 std
-    p2 = paired_differences(noisy, "base", "cac")
-    t2 = claim_verdict(summarise_results(noisy), p2, "seg", "base")
-    assert "does NOT hold" in t2 and "2 x std" in t2.split("; met:")[0]
 
-    collapsed = _three([10.0, 12.0, 11.0], [12.0, 13.5, 13.0], base_l=55.0)  # base 5 points below seg-only
-    t3 = claim_verdict(summarise_results(collapsed), paired_differences(collapsed, "base", "cac"), "seg", "base")
-    assert "does NOT hold" in t3 and "cac -5.0" in t3
+def _claim(p1_novel_right: int, habitat_counts: list[int], oracle: bool = False):
+    """Claim inputs with a known answer: P1 from a 2-class confusion (class 0 base always right, class 1 novel
+    right p1_novel_right of 4 times), P2 from summed counts, M from fixed AUCs."""
+    from larvseg.demo.diagnostics import FeatureDiagnostics
+    from larvseg.demo.image_level_probe import ImageLevelProbe
+    from larvseg.demo.report import ClaimInputs
+
+    conf = np.array([[4, 0], [4 - p1_novel_right, p1_novel_right]])
+    diag = FeatureDiagnostics([0.5, 0.5], None, None, 0.0, [1.0, 1.0], seed_confusion=conf)
+    probe = ImageLevelProbe(habitat_counts, [0.9, 0.6], None)
+    cac_probe = ImageLevelProbe([0, 0, 0, 0], [0.9, 0.6], [0.9, 0.7])
+    return ClaimInputs({("seg", 0): diag}, {("base", 0): probe, ("cac", 0): cac_probe}, VARIANTS,
+                       "oracle" if oracle else None)
+
+
+def test_claim_section_states_the_rule_then_the_numbers():
+    from larvseg.demo.checks import CLAIM_RULE
+    from larvseg.demo.report import claim_section
+
+    res = _three([10.0, 12.0, 11.0, 10.0, 12.0], [11.0, 12.5, 11.0, 10.5, 12.5])  # +1, +.5, 0, +.5, +.5
+    text = "\n".join(claim_section(res, _claim(4, [30, 100, 10, 100]), ["base", "novel"]))
+    assert text.index("**Rule.** " + CLAIM_RULE) < text.index("| P1 premise")
+    # P1: both classes always right: 100 / 100 = 1.00; P2 30 % vs 10 %; M 0.7 - 0.6
+    assert "100.0 / 100.0 = **1.00** | yes |" in text
+    assert "**30.00 % vs 10.00 %** | yes |" in text and "0.700 vs 0.600: **+0.100** | yes |" in text
+    # Delta: mean 0.5, s = 0.3536, t(4) 2.776 -> [+0.06, +0.94]: supported
+    assert "**+0.50, 95% interval [+0.06, +0.94] (n = 5)**" in text
+    assert "**Verdict (habitat benchmark): supported** (lower bound +0.06 > 0)" in text
+    assert "base +0.0, cac +0.0 (within the ±3-point tolerance)" in text
+
+    null = _three([10.0, 12.0, 11.0, 10.0, 12.0], [11.0, 11.5, 10.0, 10.5, 12.0])  # +1, -.5, -1, +.5, 0
+    text = "\n".join(claim_section(null, _claim(1, [5, 100, 10, 100]), ["base", "novel"]))
+    # P1 fails (novel IoU 1 / (1 + 3) = 25, base 4 / 7 = 57.1: 0.44) and P2 fails (5 % < 1.5 x 10 %)
+    assert "**0.44** | no |" in text and "**5.00 % vs 10.00 %** | no |" in text
+    assert "**Verdict (habitat benchmark): inconclusive** (lower bound" in text
+    assert "P1 (premise) does not hold; P2 (target failure) does not hold" in text
 
 
 def test_roc_auc_matches_pair_counting():

@@ -1,6 +1,6 @@
 """`larvseg demo --quick` end to end: stage 0 pretraining, the real data layer, training loop and inference
-on the generated mini benchmark (runs in 2 parallel processes), and a report whose contents are checked
-(not just its existence)."""
+on the generated mini benchmark (runs in 2 parallel processes), every check of the claim (P1, P2, M, U,
+Delta and the verdict), and a report whose contents are checked (not just its existence)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from PIL import Image
 
 from larvseg.cli import main as cli_main
 from larvseg.config import load_config
-from larvseg.demo.benchmark import DEMO_CLASSES
-from larvseg.demo.run import VARIANTS, describe_model
+from larvseg.data.synthetic import DEMO_CLASSES
+from larvseg.demo.checks import CLAIM_RULE
+from larvseg.demo.run import RUN_DIRS, VARIANTS, describe_model
 from larvseg.models.segmenter import build_segmenter
 
 CELL = r"(\d+\.\d) ± (\d+\.\d)"
@@ -23,7 +24,7 @@ CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--quick", "--jobs", "2", "--out", str(out), "train.iters=100"]) == 0  # overrides reach every run
+    assert cli_main(["demo", "--quick", "--jobs", "2", "--out", str(out), "train.iters=60"]) == 0  # overrides reach every run
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
@@ -39,7 +40,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         values = [float(x) for x in m.groups()]
         assert all(0.0 <= x <= 100.0 for x in values)
         assert values[1::2] == [0.0, 0.0, 0.0]  # one seed: std 0
-        assert (out / "runs" / "seed0" / variant.split(" ")[0].lower() / "final.safetensors").is_file()
+        assert (out / "runs" / "seed0" / RUN_DIRS[variant] / "final.safetensors").is_file()
+    # the claim check: the rule first, then every check with a number, then the verdict (one seed: no interval)
+    assert text.index(CLAIM_RULE) < text.index("| P1 premise |") < text.index("**Verdict (habitat benchmark): ")
+    assert re.search(r"^\| P1 premise \|.*= \*\*\d+\.\d\d\*\* \| (yes|no) \|$", text, re.M)
+    assert re.search(r"^\| P2 target failure \|.*\*\*\d+\.\d\d % vs \d+\.\d\d %\*\* \| (yes|no) \|$", text, re.M)
+    assert re.search(r"^\| M mechanism \|.*0\.\d{3} vs 0\.\d{3}: \*\*[+-]\d\.\d{3}\*\* \| (yes|no) \|$", text, re.M)
+    assert re.search(r"^\| Δ \|.*\*\*[+-]\d+\.\d\d \(n = 1: no interval\)\*\*", text, re.M)
+    assert re.search(r"^\| U upper bound \|.*\*\*[+-]\d+\.\d\d \(n = 1: no interval\)\*\* \| n/a \|$", text, re.M)
+    assert "**Verdict (habitat benchmark): inconclusive** (only 1 paired seed(s): no interval)." in text
+    assert re.search(r"^Base mIoU vs segmentation only: baseline \(CAC off\) [+-]\d+\.\d, LarvSeg \(CAC\) [+-]\d+\.\d", text, re.M)
     # the findings are derived from the numbers: one of the two verdicts on LarvSeg vs the baseline
     assert ("LarvSeg (CAC) beats the baseline" in text) != ("LarvSeg (CAC) does NOT beat the baseline" in text)
     for c in DEMO_CLASSES:  # per-class table names every class with its role
@@ -49,9 +59,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     m = re.search(r"training top-1 accuracy .*: \*\*(\d+\.\d) %\*\*", text)
     assert m and 0.0 <= float(m.group(1)) <= 100.0
     assert "model.pretrained=backbone.npz" in text and "![pretraining curve](pretraining.png)" in text
-    # paired differences and the verdict computed from them (one seed: the std rule cannot be met)
+    # paired differences
     assert re.search(r"^\| 0 \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \|$", text, re.M)
-    assert "The paper's claim does NOT hold on this run" in text and "2 x std = 0.00" in text
     # diagnostics: base -> novel share for every variant, AUCs for every class of the LarvSeg run
     for variant in VARIANTS:
         assert re.search(rf"^\| {re.escape(variant)} \| \d+\.\d \|", text, re.M)
@@ -60,10 +69,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the model line describes the model actually trained: its size and the stage-0 backbone it started from
     assert re.search(r"^- \*\*model\*\*: vit_mini \(ViT, 192-d, 4 blocks, patch 16\) with the cosine classifier, "
                      r"initialised from `[^`]*backbone\.npz`", text, re.M)
-    assert "**training**: 100 iterations" in text
+    assert "**training**: 60 iterations" in text
     # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
     for variant in VARIANTS:
-        assert f"`{out / 'runs' / 'seed0' / variant.split(' ')[0].lower() / 'final.safetensors'}`" in text
+        assert f"`{out / 'runs' / 'seed0' / RUN_DIRS[variant] / 'final.safetensors'}`" in text
     command = re.search(r"`larvseg predict ([^`]+)`", text).group(1).split()
     assert command[0] == str(out / "runs" / "seed0" / "larvseg" / "final.safetensors")
     assert cli_main(["predict", *command]) == 0

@@ -54,7 +54,7 @@ def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_class
 
 
 def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
-    from larvseg.demo.benchmark import DEMO_CLASSES, SMOKE_SPEC, ensure_benchmark
+    from larvseg.data.synthetic import DEMO_CLASSES, SMOKE_SPEC, ensure_benchmark
     from larvseg.demo.run import evaluate_variant, variant_config
 
     layout = ensure_benchmark(tmp_path / "data", SMOKE_SPEC)

@@ -25,9 +25,6 @@ LAYERS = {
     "larvseg.precision": 0,  # amp choice: imports only torch and config
     "larvseg.threads": 0,  # intra-op thread count: imports only torch
     "larvseg.data": 1,
-    # the mini benchmark generator writes datasets in the on-disk layouts and imports only config:
-    # a data-layer module that lives with the demo (training and `data check` generate tiny_cpu's data)
-    "larvseg.demo.benchmark": 1,
     "larvseg.models": 2,
     "larvseg.train": 3,
     "larvseg.eval": 3,
@@ -45,7 +42,6 @@ SAME_LAYER = {
     ("larvseg.eval.evaluate", "larvseg.train.checkpoint"),  # the checkpoint file format
     ("larvseg.eval.evaluate", "larvseg.train.tensorboard"),  # `larvseg eval` writes TensorBoard events
     ("larvseg.demo.run", "larvseg.cli"),  # `python -m larvseg.demo.run` is `larvseg demo`
-    ("larvseg.data.check", "larvseg.demo.benchmark"),  # tiny_cpu's generated data, checked as is
 }
 
 

@@ -29,7 +29,7 @@ def fresh(tmp_path_factory):
 
 
 def test_tiny_cpu_runs_as_is_and_records_the_supervised_classes(fresh):
-    from larvseg.demo.benchmark import DEMO_CLASSES
+    from larvseg.data.synthetic import DEMO_CLASSES
     from larvseg.predict import LarvSegPredictor
 
     work = fresh / "work_dirs" / "tiny_cpu"
@@ -46,7 +46,7 @@ def test_tiny_cpu_runs_as_is_and_records_the_supervised_classes(fresh):
 
 
 def test_readme_python_snippet_runs_verbatim_after_the_demo(fresh, monkeypatch):
-    from larvseg.demo.benchmark import SMOKE_SPEC, BenchmarkLayout, ensure_benchmark
+    from larvseg.data.synthetic import SMOKE_SPEC, BenchmarkLayout, ensure_benchmark
     from larvseg.demo.run import VARIANTS, run_dir
 
     text = README.read_text()

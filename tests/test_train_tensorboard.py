@@ -14,7 +14,7 @@ from PIL import Image
 
 from larvseg.cli import main as cli_main
 from larvseg.config import dump_config, load_config
-from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
+from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
 from larvseg.train.logger import MetricLogger, read_metrics
 from larvseg.distributed import select_device
 from larvseg.train.loop import build, train

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from larvseg.demo.benchmark import BenchmarkSpec, write_benchmark
+from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
 from subprocesses import clean_env
 from larvseg.train.logger import read_metrics

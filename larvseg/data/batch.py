@@ -49,6 +49,8 @@ class TagBatch:
     cac_weight: float = 0.1  # lambda_cac
     cac_topk: int = 20  # K
     paths: list[str] = field(default_factory=list)
+    # (b, H, W) bool: each image's tagged object (a source with object_masks, for the oracle attention), or None
+    object_masks: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "TagBatch":
         return replace(
@@ -56,6 +58,7 @@ class TagBatch:
             images=self.images.to(device, non_blocking=non_blocking),
             tags=self.tags.to(device, non_blocking=non_blocking),
             class_ids=self.class_ids.to(device, non_blocking=non_blocking),
+            object_masks=None if self.object_masks is None else self.object_masks.to(device, non_blocking=non_blocking),
         )
 
 

@@ -132,7 +132,7 @@ def _moved_root(cfg: Config, root: Path) -> Config:
 
 
 def main(args: argparse.Namespace) -> int:
-    from larvseg.demo.benchmark import SMOKE_SPEC, ensure_benchmark
+    from larvseg.data.synthetic import SMOKE_SPEC, ensure_benchmark
 
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="larvseg-check-") as scratch:

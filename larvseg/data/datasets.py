@@ -155,8 +155,10 @@ class ImageTagFolder(SourceDataset):
     """Images tagged with one class each: the class folder they are in (``table.folders[k]`` is the
     folder of class k)."""
 
-    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable) -> None:
+    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable,
+                 object_masks: Path | None = None) -> None:
         super().__init__(name, class_names, class_ids)
+        self.object_masks = object_masks  # folder of <class folder>/<stem>.png masks of the tagged object, or None
         if len(table) == 0:
             raise EmptyDatasetError(table.root, f"source {name}: no image in any of its {len(table.folders)} class folders")
         self.table = table
@@ -168,7 +170,22 @@ class ImageTagFolder(SourceDataset):
     def load(self, index: int) -> dict[str, Any]:
         path = self.table.path(index)
         tags = self.class_ids[self.file_class[index : index + 1]]
-        return {"image": read_image(path), "label": None, "tags": tags, "path": str(path)}
+        image = read_image(path)
+        label = None if self.object_masks is None else self.object_mask(path, image.shape[:2])
+        return {"image": image, "label": label, "tags": tags, "path": str(path)}
+
+    def object_mask(self, image_path: Path, hw: tuple[int, ...]) -> np.ndarray:
+        """The tagged object's mask of an image (uint16: 1 = object, 0 = not), checked against the image."""
+        mask_path = self.object_masks / image_path.parent.name / f"{image_path.stem}.png"
+        if not mask_path.is_file():
+            raise AnnotationError(mask_path, f"no object mask for {image_path}")
+        mask = read_label(mask_path)
+        if mask.shape != tuple(hw):
+            raise AnnotationError(mask_path, f"object mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
+                                             f"{hw[1]}x{hw[0]}")
+        if mask.max(initial=0) > 1:
+            raise LabelValueError(mask_path, f"object mask holds value {int(mask.max())}; only 0 and 1 are allowed")
+        return mask.astype(np.uint16)
 
 
 class ShardSource(SourceDataset):
@@ -463,7 +480,9 @@ def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary
     wnids = imagenet_subset(source.classes)
     names = imagenet_names(source.classes)
     table = imagenet_table(source, data_cfg, wnids, problems)
-    return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table)
+    masks = (require_dir(data_cfg.resolved_root() / source.object_masks, "object_masks folder")
+             if source.object_masks else None)
+    return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table, masks)
 
 
 def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:

@@ -159,6 +159,9 @@ class _Collate:
             for row, it in enumerate(items):  # a few tags of a few images
                 tags[row, : len(it["tags"])] = it["tags"]
             out["tags"] = torch.from_numpy(tags)
+            if self.spec.config.object_masks:  # 1 = the tagged object; 0 and the padding (IGNORE_INDEX) = not
+                out["object_masks"] = (torch.from_numpy(np.stack([it["label"] for it in items]) == 1) if items
+                                       else torch.zeros(0, crop, crop, dtype=torch.bool))
         return out
 
 
@@ -228,7 +231,7 @@ def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
     if spec.role == "seg":
         return SegBatch(cfg.name, data["images"], data["labels"], class_ids, spec.per_step, cfg.loss_weight, data["paths"])
     return TagBatch(cfg.name, data["images"], data["tags"], class_ids, spec.per_step, cfg.loss_weight,
-                    cfg.cac_weight, cfg.cac_topk, data["paths"])
+                    cfg.cac_weight, cfg.cac_topk, data["paths"], data.get("object_masks"))
 
 
 def source_batches(d: DataConfig) -> list[tuple[SourceConfig, str, int]]:

@@ -178,8 +178,10 @@ def source_scale(source: SourceConfig, data: DataConfig) -> tuple[int, int]:
 
 def train_transform(source: SourceConfig, data: DataConfig) -> TrainTransform:
     """The training pipeline of one source: its crop and rescale, the data section's ratio range,
-    cat_max_ratio and photometric switch."""
-    return TrainTransform(source.crop_size, source_scale(source, data), tuple(data.ratio_range), data.cat_max_ratio,
+    cat_max_ratio and photometric switch. A source's object masks (the oracle attention's) never steer
+    the crop: their transform skips the cat_max_ratio retries, so it draws the same crops as without them."""
+    cat_max_ratio = 1.0 if source.object_masks else data.cat_max_ratio
+    return TrainTransform(source.crop_size, source_scale(source, data), tuple(data.ratio_range), cat_max_ratio,
                           photometric=data.photometric)
 
 

@@ -13,6 +13,9 @@ patches of the set, per class l:
 If ``auc_bank`` is not above ``auc_classifier``, the attention can only re-weight the classifier's own
 guess: the CAC has nothing to add for that class.
 
+``seed_confusion``: check P1's seed-point propagation over the same patches (one random ground-truth
+point per segment, every patch labelled by its most similar seed feature; larvseg.demo.checks).
+
 ``base_to_novel``: the share of base-labelled patches whose argmax over the evaluated classes is a novel
 class (the "novel classes painted over base backgrounds" failure), and per class the ratio of predicted
 to ground-truth patches.
@@ -31,6 +34,7 @@ from larvseg.models.attentive_classifier import BackgroundRule, attention_scores
 from larvseg.models.cosine_classifier import standardize
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.data.transforms import to_chw
+from larvseg.demo.checks import confusion, propagate_seeds, roc_auc
 
 
 @dataclass
@@ -40,20 +44,7 @@ class FeatureDiagnostics:
     auc_attention: list[float] | None
     base_to_novel: float  # % of base-labelled patches predicted as a novel class
     pred_over_gt: list[float]  # per class: predicted patches / ground-truth patches (NaN: none in GT)
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Mann-Whitney ROC-AUC with tied scores counted half; NaN without both classes."""
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # average rank (1-based) of each distinct value: ties share the mean of their ranks
-    ends = np.cumsum(counts)
-    avg_rank = ends - (counts - 1) / 2.0
-    rank_sum = avg_rank[inverse][positive].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    seed_confusion: np.ndarray | None = None  # (n, n) seed-point propagation (check P1; larvseg.demo.checks)
 
 
 def _patch_labels(label: np.ndarray, image_hw: tuple[int, int], grid_hw: tuple[int, int], patch: int) -> np.ndarray:
@@ -80,6 +71,7 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
     to_eval[union_ids] = np.arange(n)
     single = torch.arange(n)[:, None]  # every class as the single tag of its own copy of the image
     scores, banks, atts, labels = [], [], [], []
+    seed_conf = np.zeros((n, n), dtype=np.int64)
     for i in range(len(dataset)):
         item = dataset.load(i)
         image = segmenter.preprocess(torch.from_numpy(to_chw(np.asarray(item["image"]))))[None]
@@ -91,6 +83,9 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
         keep = lab != IGNORE_INDEX
         lab = np.where(keep, to_eval[np.minimum(lab, to_eval.size - 1)], -1)
         keep &= lab >= 0
+        grid = np.where(keep, lab, -1).reshape(gh, gw)
+        seeded = propagate_seeds(out.features[0].numpy(), grid, np.random.default_rng(i))
+        seed_conf += confusion(seeded.reshape(-1), grid.reshape(-1), n)
         s = out.scores.flatten(2)  # (1, N, hw)
         scores.append(s[0].T[keep].numpy())
         labels.append(lab[keep])
@@ -112,4 +107,5 @@ def feature_diagnostics(segmenter: torch.nn.Module, dataset, union_ids: np.ndarr
         auc_attention=auc(np.concatenate(atts)) if atts else None,
         base_to_novel=float(100.0 * (~base_mask[pred[base_pix]]).mean()) if base_pix.any() else float("nan"),
         pred_over_gt=[float(p / g) if g > 0 else float("nan") for p, g in zip(pred_count, gt_count)],
+        seed_confusion=seed_conf,
     )

@@ -20,8 +20,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from larvseg.demo.checks import (  # noqa: E402
+    BASE_TOLERANCE,
+    CLAIM_RULE,
+    P1_MIN_RATIO,
+    Interval,
+    claim_verdict,
+    premise,
+    t_interval,
+    target_failure,
+)
+
 METRIC_COLUMNS = (("miou", "mIoU (all)"), ("miou_base", "mIoU base"), ("miou_novel", "mIoU novel"))
-BASE_TOLERANCE = 3.0  # the claim needs base mIoU of baseline and LarvSeg within this of segmentation only
 
 
 @dataclass
@@ -213,27 +223,65 @@ def base_gaps(summary: dict[str, dict[str, Summary]], seg_only: str) -> dict[str
     return {v: summary[v]["miou_base"].mean - seg_base for v in summary if v != seg_only}
 
 
-def claim_verdict(summary: dict[str, dict[str, Summary]], paired: dict[str, Summary], seg_only: str,
-                  baseline: str) -> str:
-    """The sentence on the paper's claim, from the numbers: it holds when LarvSeg beats the baseline on novel
-    mIoU in every seed, the mean paired difference exceeds twice its std, and both image-level variants keep
-    base mIoU within BASE_TOLERANCE of segmentation only."""
-    d = paired["miou_novel"]
-    n = len(d.values)
-    wins = sum(v > 0 for v in d.values)
-    gaps = base_gaps(summary, seg_only)
-    conditions = [
-        (wins == n and n > 0, f"LarvSeg > baseline on novel mIoU in {wins} of {n} seeds"),
-        (n > 1 and d.mean > 2 * d.std, f"mean paired difference {d.mean:+.2f} vs 2 x std = {2 * d.std:.2f}"),
-        (all(abs(g) <= BASE_TOLERANCE for g in gaps.values()) and bool(gaps),
-         "base mIoU vs segmentation only: " + ", ".join(f"{v} {g:+.1f}" for v, g in gaps.items())
-         + f" (tolerance ±{BASE_TOLERANCE:.0f})"),
-    ]
-    failed = [text for ok, text in conditions if not ok]
-    if not failed:
-        return "The paper's claim HOLDS on this run: " + "; ".join(text for _, text in conditions) + "."
-    return ("The paper's claim does NOT hold on this run; failed: " + "; ".join(failed)
-            + ("; met: " + "; ".join(t for ok, t in conditions if ok) if len(failed) < len(conditions) else "") + ".")
+@dataclass
+class ClaimInputs:
+    """What the claim check reads besides the mIoU results (larvseg.demo.checks has the rule)."""
+
+    diagnostics: dict  # (variant, seed) -> FeatureDiagnostics (P1 from the segmentation-only runs)
+    probes: dict  # (variant, seed) -> ImageLevelProbe (P2 from the baseline, M from LarvSeg)
+    roles: tuple[str, str, str]  # (segmentation only, baseline, LarvSeg)
+    oracle: str | None = None  # the oracle-attention variant (U), if trained
+    benchmark: str = "habitat"
+
+
+def paired_interval(results: Sequence[RunResult], baseline: str, other: str) -> Interval:
+    """Per seed ``other`` - ``baseline`` novel mIoU, with its t-interval."""
+    return t_interval(paired_differences(results, baseline, other)["miou_novel"].values)
+
+
+def claim_section(results: Sequence[RunResult], claim: ClaimInputs, class_roles: Sequence[str]) -> list[str]:
+    """The pre-registered checks: the rule first, then each check's number and verdict, then the claim's."""
+    seg_only, baseline, larvseg = claim.roles
+    base_mask = np.array([r == "base" for r in class_roles])
+    novel = ~base_mask
+    lines = ["## The claim check (pre-registered)", "", f"**Rule.** {CLAIM_RULE}", "",
+             "| check | what | value | holds |", "|---|---|---|---|"]
+    confs = [d.seed_confusion for (v, _), d in claim.diagnostics.items() if v == seg_only and d.seed_confusion is not None]
+    p1 = premise(np.sum(confs, axis=0), base_mask) if confs else None
+    p1_holds = p1 is not None and p1.ratio >= P1_MIN_RATIO
+    lines.append(f"| P1 premise | seed-point propagation on segmentation only ({len(confs)} seed(s)): novel / base mIoU | "
+                 + (f"{p1.miou_novel:.1f} / {p1.miou_base:.1f} = **{p1.ratio:.2f}** | {'yes' if p1_holds else 'no'} |"
+                    if p1 else "n/a | no |"))
+    counts = [np.asarray(p.habitat) for (v, _), p in claim.probes.items() if v == baseline]
+    p2 = target_failure(np.sum(counts, axis=0)) if counts else None
+    p2_holds = p2 is not None and p2.holds
+    lines.append(f"| P2 target failure | baseline, image-level training images of novel tags: habitat patches predicted "
+                 f"as the tag vs other background patches | "
+                 + (f"**{_fmt(p2.habitat_share)} % vs {_fmt(p2.other_share)} %** | {'yes' if p2_holds else 'no'} |"
+                    if p2 else "n/a | no |"))
+    m_runs = [p for (v, _), p in claim.probes.items() if v == larvseg and p.auc_attention is not None]
+    if m_runs:
+        att = np.nanmean([np.asarray(p.auc_attention)[novel] for p in m_runs], axis=0)
+        cls = np.nanmean([np.asarray(p.auc_classifier)[novel] for p in m_runs], axis=0)
+        gap = float(np.nanmean(att - cls))
+        lines.append(f"| M mechanism | LarvSeg, within-image AUC on image-level training images, novel classes: attention "
+                     f"vs classifier | {np.nanmean(att):.3f} vs {np.nanmean(cls):.3f}: **{gap:+.3f}** | "
+                     f"{'yes' if gap > 0 else 'no'} |")
+    delta = paired_interval(results, baseline, larvseg)
+    lines.append(f"| Δ | LarvSeg − baseline novel mIoU, paired by seed | **{delta.text()}** | see the verdict |")
+    if claim.oracle:
+        u = paired_interval(results, baseline, claim.oracle)
+        lines.append(f"| U upper bound | oracle attention − baseline novel mIoU, paired by seed | **{u.text()}** | "
+                     f"{'beats the baseline' if u.n >= 2 and u.lo > 0 else 'does not beat the baseline' if u.n >= 2 else 'n/a'} |")
+    verdict, reason = claim_verdict(delta, p1_holds, p2_holds)
+    gaps = base_gaps(summarise_results(results), seg_only)
+    kept = all(abs(g) <= BASE_TOLERANCE for g in gaps.values()) and bool(gaps)
+    lines += ["", f"**Verdict ({claim.benchmark} benchmark): {verdict}** ({reason}).", "",
+              "Base mIoU vs segmentation only: " + ", ".join(f"{v} {g:+.1f}" for v, g in gaps.items() if v != claim.oracle)
+              + f" ({'within' if kept else 'NOT within'} the ±{BASE_TOLERANCE:.0f}-point tolerance)."]
+    if claim.oracle:
+        lines[-1] += f" {claim.oracle}: {gaps.get(claim.oracle, float('nan')):+.1f}."
+    return lines + [""]
 
 
 def write_pretrain_curve(path: Path, pre: PretrainSummary) -> None:
@@ -305,12 +353,14 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
 def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class_names: Sequence[str],
                  class_roles: Sequence[str], panel_rows: Sequence[PanelRow], setup: dict[str, str],
                  variant_roles: tuple[str, str, str], notes: Sequence[str] = (),
-                 pretraining: PretrainSummary | None = None, diagnostics: dict | None = None) -> Path:
+                 pretraining: PretrainSummary | None = None, diagnostics: dict | None = None,
+                 claim: ClaimInputs | None = None) -> Path:
     """Write ``report.md``, ``panel.png`` and ``per_class_iou.png`` (and ``pretraining.png``) into ``out_dir``;
     return the markdown path.
 
     ``variant_roles``: the names of the (segmentation-only, baseline, LarvSeg) variants, for the findings.
-    ``pretraining``: stage 0's summary; ``diagnostics``: (variant, seed) -> FeatureDiagnostics.
+    ``pretraining``: stage 0's summary; ``diagnostics``: (variant, seed) -> FeatureDiagnostics; ``claim``: the
+    inputs of the pre-registered claim check (its section comes right after the mIoU table).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +391,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
     lines.append("|---|" + "---:|" * len(METRIC_COLUMNS))
     for v in variants:
         lines.append(f"| {v} | " + " | ".join(summary[v][key].text() for key, _ in METRIC_COLUMNS) + " |")
+    if claim is not None:
+        lines += [""] + claim_section(results, claim, class_roles)
     lines += ["", "## Findings", ""]
     lines += [f"- {s}" for s in findings(summary, *variant_roles)]
     lines += [f"- {s}" for s in notes]
@@ -356,7 +408,6 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
                 lines.append(f"| {seed} | {lv.miou_novel - bv.miou_novel:+.2f} | {lv.miou_base - bv.miou_base:+.2f} |")
         lines.append(f"| mean ± std | {paired['miou_novel'].mean:+.2f} ± {paired['miou_novel'].std:.2f} | "
                      f"{paired['miou_base'].mean:+.2f} ± {paired['miou_base'].std:.2f} |")
-        lines += ["", f"- {claim_verdict(summary, paired, seg_only, baseline)}"]
     if diagnostics:
         gaps = base_gaps(summary, seg_only) if seg_only in summary else {}
         lines += [""] + diagnostics_lines(diagnostics, variants, class_names, class_roles, larvseg, gaps)
@@ -381,5 +432,5 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[RunResult], class
     return path
 
 
-__all__ = ["PanelRow", "PretrainSummary", "RunResult", "Summary", "base_gaps", "claim_verdict", "class_palette", "findings",
+__all__ = ["ClaimInputs", "PanelRow", "PretrainSummary", "RunResult", "Summary", "base_gaps", "claim_section", "class_palette", "findings",
            "paired_differences", "summarise", "summarise_results", "write_class_chart", "write_panel", "write_report"]

@@ -1,18 +1,24 @@
-"""``larvseg demo``: the mini benchmark end to end on the CPU.
+"""``larvseg demo``: the mini benchmark end to end on the CPU, and the pre-registered check of the paper's claim.
 
-    larvseg demo [--quick] [--out DIR] [--data DIR] [--seeds N] [--jobs N] [key=value ...]
+    larvseg demo [--quick | --full] [--benchmark habitat|uniform] [--out DIR] [--data DIR] [--seeds N] [--jobs N]
+                 [key=value ...]
 
-1. generate the mini benchmark (larvseg.demo.benchmark) under ``<out>/data`` unless it is there;
+1. generate the mini benchmark (larvseg.data.synthetic; ``--benchmark``: the habitat family, the default,
+   or the uniform-context control) under ``<out>/data`` unless it is there;
 2. stage 0: pretrain the demo's ViT by image classification on every synset folder of the benchmark's
    ``I22K/fall11_whole`` with ``larvseg pretrain``'s code (as the paper's backbone was pretrained on all of
    ImageNet-21K), written as an AugReg ``.npz`` under ``<out>/pretrain``;
-3. for every seed, train three variants from that ``.npz`` (``model.pretrained=``) with the real training
-   loop (config ``demo``): segmentation only, the baseline image-level loss (CAC off), LarvSeg (CAC on);
+3. train the variants from that ``.npz`` (``model.pretrained=``) with the real training loop (config
+   ``demo``): the baseline image-level loss (CAC off) and LarvSeg (CAC on) on every seed (5 paired seeds by
+   default), segmentation only on the first 2, and with ``--full`` (and ``--quick``) the oracle-attention
+   upper bound U (larvseg.models.oracle_attention) on every seed;
 4. evaluate each with ``larvseg.eval.evaluate.evaluate`` (the code of ``larvseg eval``) on the
-   A847-style set, plus feature-resolution
-   diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of bank, classifier and attention scores;
-   base patches predicted as novel);
-5. write ``<out>/report.md`` with the figures (larvseg.demo.report) and print its path.
+   A847-style set, plus feature-resolution diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of
+   bank, classifier and attention scores; base patches predicted as novel; the seed-point propagation of
+   check P1) and, for runs with image-level data, the probe of the image-level training images
+   (larvseg.demo.image_level_probe: checks P2 and M);
+5. write ``<out>/report.md`` (larvseg.demo.report): the claim check's rule, then P1, P2, M, U, the paired
+   Delta with its t-interval and the verdict (larvseg.demo.checks), the figures and tables; print its path.
 
 Runs are independent, so stages 3-4 run them as ``--jobs`` parallel processes (default: the CPUs this
 process may use), each with **one** intra-op thread, and stage 0 runs single-threaded too. Why
@@ -47,42 +53,55 @@ import torch
 from larvseg import distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.vocabulary import Vocabulary
-from larvseg.demo.benchmark import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
+from larvseg.data.synthetic import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
 from larvseg.demo.diagnostics import FeatureDiagnostics
-from larvseg.demo.report import PanelRow, PretrainSummary, RunResult, write_report
+from larvseg.demo.image_level_probe import ImageLevelProbe, probe_image_level
+from larvseg.demo.report import ClaimInputs, PanelRow, PretrainSummary, RunResult, write_report
 from larvseg.eval.evaluate import evaluate
 from larvseg.models.io import load_segmenter
 from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, load_checkpoint
 from larvseg.train.loop import build, train
 
+SEG_ONLY, BASELINE, LARVSEG, ORACLE = "segmentation only", "baseline (CAC off)", "LarvSeg (CAC)", "oracle attention (U)"
 # name -> config overrides of the variant (on top of the ``demo`` config)
 VARIANTS: dict[str, list[str]] = {
-    "segmentation only": ["data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"],
-    "baseline (CAC off)": ["model.cac=false"],
-    "LarvSeg (CAC)": ["model.cac=true"],
+    SEG_ONLY: ["data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"],
+    BASELINE: ["model.cac=false"],
+    LARVSEG: ["model.cac=true"],
+    # the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
+    ORACLE: ["model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"],
 }
+RUN_DIRS = {SEG_ONLY: "segmentation", BASELINE: "baseline", LARVSEG: "larvseg", ORACLE: "oracle"}
+BENCHMARKS = {"habitat": BenchmarkSpec(), "uniform": BenchmarkSpec(family="uniform")}
 
 
 @dataclass(frozen=True)
 class Profile:
     iters: int
-    seeds: int
+    seeds: int  # paired seeds of the baseline, LarvSeg (and U)
     pretrain_iters: int
+    seg_seeds: int | None = None  # segmentation only on the first seg_seeds seeds (None: every seed)
+    oracle: bool = False  # train U, the oracle-attention upper bound
     panel_images: int = 4
+    benchmark_size: tuple[int, int, int] | None = None  # (num_seg, per_class, num_eval) of a smaller benchmark
 
 
+# The default fits the 10-minute budget on 2 quiet cores: 5 paired seeds, segmentation only on 2 of them
+# (P1 and the base tolerance need it, the paired Delta does not), 270 iterations instead of 360 (the step is
+# model compute: forward ~50 %, backward ~30 %, data ~20 % of a step, profiled; docs/CLAIM.md).
 PROFILES: dict[str, Profile] = {
-    "full": Profile(iters=360, seeds=3, pretrain_iters=500),
-    "quick": Profile(iters=120, seeds=1, pretrain_iters=20),
+    "default": Profile(iters=270, seeds=5, pretrain_iters=500, seg_seeds=2),
+    "full": Profile(iters=270, seeds=5, pretrain_iters=500, oracle=True),
+    "quick": Profile(iters=120, seeds=1, pretrain_iters=20, seg_seeds=1, oracle=True, benchmark_size=(160, 12, 16)),
 }
 PRETRAIN_DATA_WORKERS = 1
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
 
 
 def run_dir(out: Path, seed: int, variant: str) -> Path:
-    """Work dir of one run: ``<out>/runs/seed<seed>/<first word of the variant>`` (e.g. .../seed0/larvseg)."""
-    return out / "runs" / f"seed{seed}" / variant.split(" ")[0].lower()
+    """Work dir of one run: ``<out>/runs/seed<seed>/<RUN_DIRS[variant]>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / RUN_DIRS[variant]
 
 
 def _say(msg: str) -> None:
@@ -138,6 +157,9 @@ def pretrain_config(layout: BenchmarkLayout, out: Path, iters: int, extra: list[
         # carry wrong labels (train top-1 36 % with it, 67 % without; docs/BASE_COLLAPSE.md). The segmentation
         # runs keep it.
         "data.photometric=false",
+        # stage 0 is the backbone's classification pretraining (AugReg's crops zoom in too), not the image-level
+        # loss: it keeps data.scale's zoomed crops, as when its recipe was measured (docs/BASE_COLLAPSE.md)
+        "data.tag_sources.0.scale=[]",
     ]
     return load_config("demo", overrides + list(extra or []))
 
@@ -204,7 +226,7 @@ def trained_bank(cfg: Config):
     from larvseg.models.memory_bank import MemoryBank
     from larvseg.train.checkpoint import latest_checkpoint
 
-    if not cfg.model.cac:
+    if not cfg.model.cac or cfg.model.oracle_attention:  # the oracle run never fills its bank
         return None
     state = load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"]
     slots = state["bank.slots"]
@@ -219,6 +241,7 @@ class Job:
     seed: int
     cfg: Config
     panel_images: int
+    layout: BenchmarkLayout
 
 
 @dataclass
@@ -226,6 +249,7 @@ class JobOutput:
     result: RunResult
     rows: list[PanelRow]
     diagnostics: FeatureDiagnostics
+    image_level: ImageLevelProbe | None = None  # runs with image-level data (checks P2 and M)
     log: str = ""
 
 
@@ -248,12 +272,13 @@ def run_job(job: Job) -> JobOutput:
     union_ids = np.array([vocab.index(c.name) for c in DEMO_CLASSES], dtype=np.int64)
     base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
     m = cfg.model
-    diag = feature_diagnostics(segmenter, build_eval_dataset(cfg, vocab), union_ids, base_mask, trained_bank(cfg),
-                               BackgroundRule(m.bg_topk, m.bg_score_thresh, m.bg_mse_thresh))
+    bank, rule = trained_bank(cfg), BackgroundRule(m.bg_topk, m.bg_score_thresh, m.bg_mse_thresh)
+    diag = feature_diagnostics(segmenter, build_eval_dataset(cfg, vocab), union_ids, base_mask, bank, rule)
+    probe = probe_image_level(segmenter, cfg, job.layout, union_ids, bank, rule) if cfg.data.tag_sources else None
     t2 = time.perf_counter()
     result = RunResult(job.variant, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
                        [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1)
-    return JobOutput(result, rows, diag)
+    return JobOutput(result, rows, diag, probe)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
@@ -295,10 +320,13 @@ def default_jobs() -> int:
 
 
 def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
-             jobs: int | None = None) -> Path:
+             jobs: int | None = None, benchmark: str = "habitat") -> Path:
     start = time.perf_counter()
-    _say(f"mini benchmark: {data}")
-    layout = ensure_benchmark(data, BenchmarkSpec(), progress=_say)
+    _say(f"mini benchmark ({benchmark} family): {data}")
+    spec = BENCHMARKS[benchmark]
+    if profile.benchmark_size:
+        spec = dataclasses.replace(spec, **dict(zip(("num_seg", "per_class", "num_eval"), profile.benchmark_size)))
+    layout = ensure_benchmark(data, spec, progress=_say)
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS_PER_RUN)
@@ -311,16 +339,20 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         torch.set_num_threads(threads_before)
     _say(f"stage 0: train top-1 {pre.top1[-1]:.1f} % at the end ({pre.seconds:.0f} s); backbone {npz}")
 
+    seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
+    variants = [v for v in VARIANTS if v != ORACLE or profile.oracle]
     job_list = []
     for seed in range(seeds):
-        for variant in VARIANTS:
+        for variant in variants:
+            if variant == SEG_ONLY and seed >= seg_seeds:
+                continue
             work_dir = run_dir(out, seed, variant)
             cfg = variant_config(layout, work_dir, variant, seed, profile.iters,
                                  [f"model.pretrained={npz.resolve()}", *(extra or [])])
-            job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0))
+            job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0, layout))
     workers = max(1, min(jobs or default_jobs(), len(job_list)))
-    _say(f"training {len(job_list)} runs ({seeds} seed(s) x {len(VARIANTS)} variants, {job_list[0].cfg.train.iters} "
-         f"iterations each) in {workers} parallel single-threaded process(es)")
+    _say(f"training {len(job_list)} runs ({', '.join(f'{v} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
+         f"{job_list[0].cfg.train.iters} iterations each) in {workers} parallel single-threaded process(es)")
     outputs = run_jobs(job_list, workers)
 
     results = [o.result for o in outputs]
@@ -335,7 +367,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     cfg = job_list[-1].cfg
     elapsed = time.perf_counter() - start
     setup = {
-        "benchmark": (f"{layout.root} (C171-style masks for {sum(c.role == 'base' for c in DEMO_CLASSES)} base classes, "
+        "benchmark": (f"{layout.root}, the **{benchmark}** family (C171-style masks for {sum(c.role == 'base' for c in DEMO_CLASSES)} base classes, "
                       f"I22K-style folders for all {len(DEMO_CLASSES)} synsets, the only data of the "
                       f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
                       "A847-style 16-bit masks for all classes)"),
@@ -346,24 +378,31 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         "evaluation": (f"`larvseg eval`'s code, {cfg.eval.mode} inference, restricted to the benchmark's "
                        f"{len(DEMO_CLASSES)} classes (the other classes of the {cfg.data.eval.name}-style set have no "
                        "training data in the demo); mIoU in the MMSegmentation convention"),
-        "seeds": f"{seeds} ({'--quick' if profile is PROFILES['quick'] else 'full run'}); std is the sample std over seeds",
+        "seeds": (f"{seeds} paired (segmentation only: {seg_seeds}; profile {profile_name(profile)}); std is the sample std "
+                  "over seeds"),
         "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
                       f"parallel process(es) of {THREADS_PER_RUN} thread each"),
         "checkpoints": "; ".join(
-            f"{variant}: " + ", ".join(f"`{run_dir(out, seed, variant) / FINAL_WEIGHTS}`" for seed in range(seeds))
-            for variant in VARIANTS),
+            f"{variant}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
+            for variant in variants),
         # predict defaults to the classes with training data (the benchmark's 14)
         "predict with LarvSeg (from the folder the demo ran in)": (
-            f"`larvseg predict {run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS} {layout.eval_images} "
+            f"`larvseg predict {run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS} {layout.eval_images} "
             f"--out {out / 'predictions'}`"),
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
+    probes = {(o.result.variant, o.result.seed): o.image_level for o in outputs if o.image_level is not None}
+    claim = ClaimInputs(diagnostics, probes, (SEG_ONLY, BASELINE, LARVSEG), ORACLE if profile.oracle else None, benchmark)
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, tuple(VARIANTS), pretraining=pre, diagnostics=diagnostics)
+                        setup, (SEG_ONLY, BASELINE, LARVSEG), pretraining=pre, diagnostics=diagnostics, claim=claim)
+
+
+def profile_name(profile: Profile) -> str:
+    return next(name for name, p in PROFILES.items() if p == profile)
 
 
 def main(args: argparse.Namespace) -> int:
-    profile = PROFILES["quick" if args.quick else "full"]
+    profile = PROFILES["quick" if args.quick else "full" if getattr(args, "full", False) else "default"]
     seeds = args.seeds or profile.seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
@@ -372,9 +411,10 @@ def main(args: argparse.Namespace) -> int:
     jobs = getattr(args, "jobs", None)
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs)
+    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs,
+                      getattr(args, "benchmark", "habitat"))
     _say(f"report: {report.resolve()}")
-    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, list(VARIANTS)[2]) / FINAL_WEIGHTS).resolve()}")
+    _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS).resolve()}")
     return 0
 
 

@@ -45,8 +45,18 @@ def attended_mean_weights(z: Tensor, loss_hw: tuple[int, int]) -> Tensor:
     uw = resize_matrix(w, big_w, z.device, torch.float32)
     with torch.autocast(device_type=z.device.type, enabled=False):
         att = torch.sigmoid(torch.matmul(torch.matmul(uh, z.float()), uw.T))  # (P, Hl, Wl)
-        pooled = torch.matmul(torch.matmul(uh.T, att), uw)  # (P, h, w) = U^T a
-    return pooled.reshape(p, h * w) / float(big_h * big_w)
+    return attention_mean_weights(att, (h, w))
+
+
+def attention_mean_weights(att: Tensor, feat_hw: tuple[int, int]) -> Tensor:
+    """(P, Hl, Wl) attention maps at the loss resolution -> (P, h*w) weights W = U^T a / L, so that
+    mean_loss_pixels((U x) * a) = x . W for any (h, w) feature-resolution map x."""
+    p, big_h, big_w = att.shape
+    uh = resize_matrix(feat_hw[0], big_h, att.device, torch.float32)
+    uw = resize_matrix(feat_hw[1], big_w, att.device, torch.float32)
+    with torch.autocast(device_type=att.device.type, enabled=False):
+        pooled = torch.matmul(torch.matmul(uh.T, att.float()), uw)  # (P, h, w) = U^T a
+    return pooled.reshape(p, feat_hw[0] * feat_hw[1]) / float(big_h * big_w)
 
 
 def upsampled_mean_weights(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:

@@ -31,6 +31,7 @@ from larvseg.models.class_sampling import (
 )
 from larvseg.models.image_loss import image_level_loss, needs_base
 from larvseg.models.losses import loss_size, pixel_ce_sum
+from larvseg.models.oracle_attention import oracle_attention_loss
 from larvseg.models.segmenter import Segmenter
 
 
@@ -92,6 +93,12 @@ class TrainingObjective(nn.Module):
         cls = cls * scale * batch.loss_weight
         if not self.use_cac:
             return cls, out.logits.sum() * 0.0
+        if self.cfg.oracle_attention:
+            if batch.object_masks is None:
+                raise ValueError(f"model.oracle_attention: tag source {batch.source} has no object_masks")
+            oracle = oracle_attention_loss(out.logits, batch.object_masks, tags, TAG_PAD,
+                                           loss_size(crop_hw, self.cfg.loss_downsample))
+            return cls, oracle * scale * batch.cac_weight
         res = cac_loss(
             out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
             loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), topk=batch.cac_topk,

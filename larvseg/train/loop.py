@@ -43,7 +43,7 @@ from larvseg.config import Config, dump_config, load_config
 from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, build_vocabulary
-from larvseg.demo.benchmark import ensure_smoke_data
+from larvseg.data.synthetic import ensure_smoke_data
 from larvseg.domains import require_writable
 from larvseg.eval.evaluate import EVAL_RESULTS, eval_overlays, evaluate
 from larvseg.models.objective import TrainingObjective

@@ -1,17 +1,4 @@
-"""A procedural mini benchmark written in the original datasets' on-disk layouts.
-
-Three parts, each in the layout the real loaders read (larvseg.data.datasets):
-
-- ``C171/``: a segmentation source like COCO-Stuff-164k: JPEG images and uint8 PNG masks holding
-  *raw* COCO-Stuff ids (255 = unlabeled). Its masks contain the **base** classes only.
-- ``I22K/fall11_whole/<wnid>/<wnid>_<n>.JPEG``: an ImageNet-21K-style source with a synset for every
-  class, the only source of the **novel** ones: every image shows one dominant object of its synset on a
-  background of (other) base classes, like a real ImageNet photo; the only label is the folder.
-  ``I22K/demo_wnids.txt`` lists the synsets. As in the paper's IN585, which holds synsets of base
-  classes too, so that the image-level softmax weighs novel classes against base ones and the
-  single-tag background rule of the CAC has base classes to find.
-- ``A847/``: an evaluation set like ADE20K-Full: JPEG images and uint16 TIFF masks holding ADE-847
-  train ids for **all** classes (65535 = unlabeled).
+"""The mini benchmark's classes and how a scene is drawn: appearance (colour x texture), shapes, painting.
 
 Classes are real ADE-847 / COCO-Stuff names and real wnids (looked up in the packaged class lists),
 so the union vocabulary joins them exactly as in the paper's C171 + IN585 -> A847 experiment.
@@ -19,33 +6,22 @@ A class's appearance is a colour and a texture pattern; the palette is built so 
 identifies a novel class (each novel class shares its colour or its pattern with some base class),
 and shapes are random blobs, ellipses and polygons for every class.
 
-Everything is a function of ``(seed, part, index)`` only, so the benchmark is identical whatever the
-order or the number of processes that write it.
+What a scene holds (which classes, where) is decided by a benchmark family (larvseg.data.synthetic.habitat,
+larvseg.data.synthetic.uniform); how it is written to disk by larvseg.data.synthetic.writer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
-import tifffile
-from PIL import Image
 
-if TYPE_CHECKING:
-    from larvseg.config import DataConfig
-
-CLASSLIST_DIR = Path(__file__).resolve().parent.parent / "data" / "classlists"
-FORMAT_VERSION = 1  # bump when the generator's output changes, so cached benchmarks are rebuilt
-A847_UNLABELED = 65535
-COCO_UNLABELED = 255
+CLASSLIST_DIR = Path(__file__).resolve().parent.parent / "classlists"
 
 
 class BenchmarkError(RuntimeError):
@@ -216,15 +192,17 @@ def _polygon(h: int, w: int, rng: np.random.Generator, cy: float, cx: float, r: 
 SHAPES: dict[str, Callable[..., np.ndarray]] = {"blob": _blob, "ellipse": _ellipse, "polygon": _polygon}
 
 
-def _object_mask(h: int, w: int, rng: np.random.Generator, area_frac: tuple[float, float]) -> np.ndarray:
-    """A random shape covering roughly ``area_frac`` of the image, fully or mostly inside it."""
+def object_mask(h: int, w: int, rng: np.random.Generator, area_frac: tuple[float, float],
+                centre: tuple[float, float] | None = None) -> np.ndarray:
+    """A random shape covering roughly ``area_frac`` of the image, centred at ``centre`` (y, x) or, by
+    default, somewhere in the middle half of the image (then fully or mostly inside it)."""
     r = math.sqrt(rng.uniform(*area_frac) * h * w / math.pi)
-    cy, cx = rng.uniform(0.25 * h, 0.75 * h), rng.uniform(0.25 * w, 0.75 * w)
+    cy, cx = centre if centre is not None else (rng.uniform(0.25 * h, 0.75 * h), rng.uniform(0.25 * w, 0.75 * w))
     shape = list(SHAPES)[int(rng.integers(len(SHAPES)))]
     return SHAPES[shape](h, w, rng, cy, cx, r)
 
 
-def _background_split(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def background_split(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """A wavy 'horizon': True above it. Roughly horizontal, as in outdoor photos."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     tilt = math.tan(math.radians(rng.uniform(-20, 20)))
@@ -240,9 +218,10 @@ def _background_split(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 class Scene:
     image: np.ndarray  # (h, w, 3) uint8 RGB
     labels: np.ndarray  # (h, w) int32 index into DEMO_CLASSES, -1 = unlabeled
+    info: dict[str, Any] = field(default_factory=dict)  # what the family decided (tag, habitat, clutter ...)
 
 
-def _size(rng: np.random.Generator, sizes: list[list[int]]) -> tuple[int, int]:
+def draw_size(rng: np.random.Generator, sizes: list[list[int]]) -> tuple[int, int]:
     h, w = sizes[int(rng.integers(len(sizes)))]
     return int(h), int(w)
 
@@ -262,205 +241,31 @@ def render_scene(
     """
     h, w = size
     background = background or [DEMO_CLASSES.index(c) for c in BASE_CLASSES]
-    labels = np.empty((h, w), np.int32)
-    image = np.empty((h, w, 3), np.float32)
     top, bottom = rng.choice(background, size=2, replace=False)
-    upper = _background_split(h, w, rng) if rng.uniform() < 0.75 else np.ones((h, w), bool)
+    upper = background_split(h, w, rng) if rng.uniform() < 0.75 else np.ones((h, w), bool)
     regions = [(int(top), upper), (int(bottom), ~upper)]
     for cls_index, frac in zip(objects, area_frac):
-        regions.append((cls_index, _object_mask(h, w, rng, frac)))
+        regions.append((cls_index, object_mask(h, w, rng, frac)))
+    return paint(rng, (h, w), regions, 2, boundary_unlabeled)
+
+
+def paint(rng: np.random.Generator, size: tuple[int, int], regions: list[tuple[int, np.ndarray]], num_background: int,
+          boundary_unlabeled: float = 0.0) -> Scene:
+    """Paint ``regions`` (class index into DEMO_CLASSES, boolean mask) in order, later ones over earlier ones;
+    the first ``num_background`` are the background, the rest objects (which may get an unlabeled outline
+    band with probability ``boundary_unlabeled``), then add sensor noise."""
+    h, w = size
+    labels = np.empty((h, w), np.int32)
+    image = np.empty((h, w, 3), np.float32)
     unlabeled = np.zeros((h, w), bool)
-    for k, (cls_index, mask) in enumerate(regions):  # later regions paint over earlier ones
+    for k, (cls_index, mask) in enumerate(regions):
         image[mask] = render_texture(DEMO_CLASSES[cls_index], h, w, rng)[mask]
         labels[mask] = cls_index
         unlabeled &= ~mask
-        is_object = k >= 2
+        is_object = k >= num_background
         if is_object and rng.uniform() < boundary_unlabeled and mask.any():
             outline = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
             unlabeled |= outline
     labels[unlabeled] = -1
     image += rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)  # sensor noise
     return Scene(np.clip(image, 0, 255).round().astype(np.uint8), labels)
-
-
-def seg_scene(rng: np.random.Generator, spec: "BenchmarkSpec") -> Scene:
-    """C171-style training image: base classes only, all of them annotated."""
-    base_ids = [DEMO_CLASSES.index(c) for c in BASE_CLASSES]
-    n = int(rng.integers(1, 4))
-    objects = [int(i) for i in rng.choice(base_ids, size=n)]
-    return render_scene(rng, _size(rng, spec.sizes), objects, [(0.04, 0.2)] * n, boundary_unlabeled=0.3)
-
-
-def imagenet_scene(rng: np.random.Generator, spec: "BenchmarkSpec", cls: DemoClass) -> Scene:
-    """ImageNet-style photo: one dominant object of ``cls`` on a background of other base classes (+ maybe
-    a small base object)."""
-    k = DEMO_CLASSES.index(cls)
-    others = [DEMO_CLASSES.index(c) for c in BASE_CLASSES if c is not cls]
-    objects, fracs = [], []
-    if rng.uniform() < 0.4:
-        objects.append(int(rng.choice(others)))
-        fracs.append((0.03, 0.08))
-    objects.append(k)  # drawn last: the dominant object is never occluded
-    fracs.append((0.2, 0.45))
-    return render_scene(rng, _size(rng, spec.sizes), objects, fracs, background=others)
-
-
-def eval_scene(rng: np.random.Generator, spec: "BenchmarkSpec") -> Scene:
-    """A847-style evaluation image: base background, one or two novel objects and maybe a base one."""
-    base_ids = [DEMO_CLASSES.index(c) for c in BASE_CLASSES]
-    novel_ids = [DEMO_CLASSES.index(c) for c in NOVEL_CLASSES]
-    objects = [int(i) for i in rng.choice(novel_ids, size=int(rng.integers(1, 3)), replace=False)]
-    if rng.uniform() < 0.5:
-        objects.insert(0, int(rng.choice(base_ids)))
-    return render_scene(rng, _size(rng, spec.sizes), objects, [(0.06, 0.2)] * len(objects), boundary_unlabeled=0.3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing the layouts
-
-
-@dataclass
-class BenchmarkSpec:
-    """What to generate. Stored in ``benchmark.json``; a cached benchmark is reused only if it matches."""
-
-    seed: int = 0
-    num_seg: int = 400  # C171 training images
-    per_class: int = 40  # I22K images per synset
-    num_eval: int = 60  # A847 validation images
-    sizes: list[list[int]] = field(default_factory=lambda: [[128, 128], [112, 144], [144, 112]])  # (h, w) choices
-    jpeg_quality: int = 92
-    version: int = FORMAT_VERSION
-
-
-@dataclass
-class BenchmarkLayout:
-    """Paths of a generated benchmark (what a config's data section points at)."""
-
-    root: Path
-
-    @property
-    def seg_images(self) -> Path:
-        return self.root / "C171" / "images" / "train2017"
-
-    @property
-    def seg_annotations(self) -> Path:
-        return self.root / "C171" / "annotations" / "train2017"
-
-    @property
-    def imagenet(self) -> Path:
-        return self.root / "I22K" / "fall11_whole"
-
-    @property
-    def wnid_file(self) -> Path:
-        return self.root / "I22K" / "demo_wnids.txt"
-
-    @property
-    def eval_images(self) -> Path:
-        return self.root / "A847" / "images" / "validation"
-
-    @property
-    def eval_annotations(self) -> Path:
-        return self.root / "A847" / "annotations" / "validation"
-
-    @property
-    def meta(self) -> Path:
-        return self.root / "benchmark.json"
-
-
-def _rng(seed: int, part: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, part, index])
-
-
-_SEG, _IMAGENET, _EVAL = 0, 1, 2  # part ids in the RNG seed
-_COCO_OF = np.array([c.coco_raw_id for c in DEMO_CLASSES] + [COCO_UNLABELED], np.int32)  # index -1 -> unlabeled
-_ADE_OF = np.array([c.ade_train_id for c in DEMO_CLASSES] + [A847_UNLABELED], np.int32)
-
-
-def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
-    Image.fromarray(image).save(path, quality=quality)
-
-
-def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
-                    progress: Callable[[str], None] | None = None) -> BenchmarkLayout:
-    """Generate the benchmark into ``root`` (which must not exist yet or be empty)."""
-    spec = spec or BenchmarkSpec()
-    lay = BenchmarkLayout(Path(root))
-    for d in (lay.seg_images, lay.seg_annotations, lay.eval_images, lay.eval_annotations):
-        d.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda msg: None)
-
-    say(f"C171: {spec.num_seg} images with base-class masks")
-    for i in range(spec.num_seg):
-        scene = seg_scene(_rng(spec.seed, _SEG, i), spec)
-        if np.isin(scene.labels, [DEMO_CLASSES.index(c) for c in NOVEL_CLASSES]).any():
-            raise BenchmarkError("internal error: a novel class in a C171 mask")  # cannot happen by construction
-        stem = f"{i + 1:012d}"
-        _write_jpeg(lay.seg_images / f"{stem}.jpg", scene.image, spec.jpeg_quality)
-        Image.fromarray(_COCO_OF[scene.labels].astype(np.uint8)).save(lay.seg_annotations / f"{stem}.png")
-
-    say(f"I22K: {spec.per_class} images for each of {len(DEMO_CLASSES)} synsets ({len(NOVEL_CLASSES)} novel)")
-    for k, cls in enumerate(DEMO_CLASSES):
-        folder = lay.imagenet / cls.wnid
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(spec.per_class):
-            scene = imagenet_scene(_rng(spec.seed, _IMAGENET, k * 1_000_000 + i), spec, cls)
-            _write_jpeg(folder / f"{cls.wnid}_{i + 1}.JPEG", scene.image, spec.jpeg_quality)
-    lay.wnid_file.write_text("".join(f"{c.wnid}\n" for c in DEMO_CLASSES))
-
-    say(f"A847: {spec.num_eval} evaluation images with masks for all classes")
-    for i in range(spec.num_eval):
-        scene = eval_scene(_rng(spec.seed, _EVAL, i), spec)
-        stem = f"ADE_val_{i + 1:08d}"
-        _write_jpeg(lay.eval_images / f"{stem}.jpg", scene.image, spec.jpeg_quality)
-        tifffile.imwrite(lay.eval_annotations / f"{stem}.tif", _ADE_OF[scene.labels].astype(np.uint16))
-
-    meta = {"spec": asdict(spec), "classes": [asdict(c) for c in DEMO_CLASSES]}
-    lay.meta.write_text(json.dumps(meta, indent=1))  # written last: its presence marks a complete benchmark
-    return lay
-
-
-SMOKE_SPEC = BenchmarkSpec(num_seg=8, per_class=2, num_eval=4)  # ~1 s: what `data.demo_benchmark` writes
-
-
-def ensure_smoke_data(data_cfg: "DataConfig") -> BenchmarkLayout | None:
-    """With ``data.demo_benchmark`` set and ``data.root`` missing, write the small benchmark there (so
-    the packaged smoke config ``tiny_cpu`` runs as is); an existing folder is never touched."""
-    root = data_cfg.resolved_root()
-    if not data_cfg.demo_benchmark or root.exists():
-        return None
-    print(f"data.demo_benchmark: writing a small mini benchmark to {root}", flush=True)
-    return ensure_benchmark(root, SMOKE_SPEC)
-
-
-def ensure_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
-                     progress: Callable[[str], None] | None = None) -> BenchmarkLayout:
-    """Reuse the benchmark in ``root`` if it was generated with ``spec``; otherwise (re)generate it.
-
-    Generation goes to a sibling temp folder that is renamed into place, so an interrupted run never
-    leaves a half-written benchmark that looks complete.
-    """
-    spec = spec or BenchmarkSpec()
-    root = Path(root)
-    lay = BenchmarkLayout(root)
-    if lay.meta.is_file():
-        stored = json.loads(lay.meta.read_text())
-        if stored.get("spec") == json.loads(json.dumps(asdict(spec))):
-            return lay
-        (progress or (lambda m: None))(f"{lay.meta} was written with other settings: regenerating")
-    start = time.perf_counter()
-    tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_benchmark(tmp, spec, progress)
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
-    (progress or (lambda m: None))(f"mini benchmark written to {root} in {time.perf_counter() - start:.1f} s")
-    return lay
-
-
-__all__ = [
-    "BASE_CLASSES", "BenchmarkError", "BenchmarkLayout", "BenchmarkSpec", "DEMO_CLASSES", "DemoClass",
-    "NOVEL_CLASSES", "PATTERNS", "SMOKE_SPEC", "ensure_benchmark", "ensure_smoke_data", "render_scene",
-    "render_texture", "write_benchmark",
-]

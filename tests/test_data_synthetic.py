@@ -1,4 +1,5 @@
-"""The mini benchmark generator: real on-disk formats, base-only masks in C171, determinism by seed."""
+"""The mini benchmark generator, both families: real on-disk formats, base-only masks in C171, determinism by
+seed (the habitat family's stated properties: tests/test_data_synthetic_habitat.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from larvseg.demo import benchmark as bm
+from larvseg.data import synthetic as bm
 
-CLASSLISTS = Path(bm.__file__).resolve().parent.parent / "data" / "classlists"
+CLASSLISTS = Path(bm.__file__).resolve().parent.parent / "classlists"
 SMALL = dict(num_seg=6, per_class=2, num_eval=5)
 
 
@@ -21,9 +22,10 @@ def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> bm.BenchmarkLayout:
-    return bm.ensure_benchmark(tmp_path_factory.mktemp("bench") / "data", bm.BenchmarkSpec(seed=3, **SMALL))
+@pytest.fixture(scope="module", params=["habitat", "uniform"])
+def bench(request, tmp_path_factory) -> bm.BenchmarkLayout:
+    return bm.ensure_benchmark(tmp_path_factory.mktemp("bench") / "data",
+                               bm.BenchmarkSpec(seed=3, family=request.param, **SMALL))
 
 
 def test_class_ids_come_from_the_real_class_lists():
@@ -48,6 +50,7 @@ def test_class_ids_come_from_the_real_class_lists():
 
 
 def test_layout_and_formats(bench: bm.BenchmarkLayout):
+    family = json.loads(bench.meta.read_text())["spec"]["family"]
     base_coco = {c.coco_raw_id for c in bm.BASE_CLASSES}
     all_ade = {c.ade_train_id for c in bm.DEMO_CLASSES}
     novel_ade = {c.ade_train_id for c in bm.NOVEL_CLASSES}
@@ -77,7 +80,19 @@ def test_layout_and_formats(bench: bm.BenchmarkLayout):
         assert all(f.suffix == ".JPEG" and f.name.startswith(w + "_") for f in files)
         assert Image.open(files[0]).format == "JPEG"
 
-    # A847: uint16 tif with ADE-847 train ids for all classes, 65535 unlabeled; every image has a novel class
+    # beside the ImageNet layout: the generator's label map and object mask of every image, and its scene record
+    scenes = json.loads(bench.scenes.read_text())
+    assert len(scenes) == SMALL["per_class"] * len(wnids)
+    for k, w in enumerate(wnids):
+        for f in sorted((bench.imagenet / w).iterdir()):
+            label = tifffile.imread(bench.imagenet_labels / w / f"{f.stem}.tif")
+            mask = np.array(Image.open(bench.object_masks / w / f"{f.stem}.png"))
+            assert label.dtype == np.uint16 and mask.dtype == np.uint8
+            assert label.shape == mask.shape == np.array(Image.open(f)).shape[:2]
+            assert np.array_equal(mask == 1, label == bm.DEMO_CLASSES[k].ade_train_id) and set(np.unique(mask)) <= {0, 1}
+            assert scenes[f"{w}/{f.stem}"]["tag"] == k
+
+    # A847: uint16 tif with ADE-847 train ids for all classes, 65535 unlabeled; every (uniform) image has a novel class
     tifs = sorted(bench.eval_annotations.glob("*.tif"))
     assert len(tifs) == SMALL["num_eval"]
     union: set[int] = set()
@@ -87,15 +102,16 @@ def test_layout_and_formats(bench: bm.BenchmarkLayout):
         assert label.shape == np.array(Image.open(bench.eval_images / f"{t.stem}.jpg")).shape[:2]
         values = set(np.unique(label).tolist())
         assert values - {65535} <= all_ade
-        assert values & novel_ade
+        assert values & novel_ade or family == "habitat"
         union |= values
-    assert 65535 in union
+    assert 65535 in union and union & novel_ade
 
 
 def test_deterministic_by_seed(tmp_path: Path, bench: bm.BenchmarkLayout):
-    again = bm.write_benchmark(tmp_path / "again", bm.BenchmarkSpec(seed=3, **SMALL))
+    family = json.loads(bench.meta.read_text())["spec"]["family"]
+    again = bm.write_benchmark(tmp_path / "again", bm.BenchmarkSpec(seed=3, family=family, **SMALL))
     assert _digest(again.root) == _digest(bench.root)
-    other = bm.write_benchmark(tmp_path / "other", bm.BenchmarkSpec(seed=4, **SMALL))
+    other = bm.write_benchmark(tmp_path / "other", bm.BenchmarkSpec(seed=4, family=family, **SMALL))
     a, b = _digest(other.root), _digest(bench.root)
     assert a.keys() == b.keys()
     assert sum(a[k] != b[k] for k in a) > len(a) // 2
