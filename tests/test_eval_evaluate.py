@@ -55,10 +55,10 @@ def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_class
 
 def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
     from larvseg.data.synthetic import DEMO_CLASSES, SMOKE_SPEC, ensure_benchmark
-    from larvseg.demo.run import demo_evaluator, evaluate_variant, variant_config
+    from larvseg.demo.run import LARVSEG, demo_evaluator, evaluate_variant, variant_config
 
     layout = ensure_benchmark(tmp_path / "data", SMOKE_SPEC)
-    cfg = variant_config(layout, tmp_path / "work", "LarvSeg (CAC)", 0, 2)
+    cfg = variant_config(layout, tmp_path / "work", LARVSEG, 0, 2)
     cfg.eval = dataclasses.replace(cfg.eval, amp="off")
     vocab = build_vocabulary(cfg)
     segmenter = _segmenter(len(vocab), seed=3)

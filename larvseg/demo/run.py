@@ -64,16 +64,22 @@ from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, latest_checkpoint
 from larvseg.train.loop import build, train
 
-SEG_ONLY, BASELINE, LARVSEG, ORACLE = "segmentation only", "baseline (CAC off)", "LarvSeg (CAC)", "oracle attention (U)"
-# name -> config overrides of the variant (on top of the ``demo`` config)
-VARIANTS: dict[str, list[str]] = {
-    SEG_ONLY: ["data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"],
-    BASELINE: ["model.cac=false"],
-    LARVSEG: ["model.cac=true"],
-    # the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
-    ORACLE: ["model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"],
-}
-RUN_DIRS = {SEG_ONLY: "segmentation", BASELINE: "baseline", LARVSEG: "larvseg", ORACLE: "oracle"}
+@dataclass(frozen=True)
+class Variant:
+    """One trained variant: how the report names it, its run folder, its config overrides."""
+
+    label: str  # in the report's tables and figures
+    directory: str  # <out>/runs/seed<k>/<directory>
+    overrides: tuple[str, ...]  # on top of the ``demo`` config
+
+
+SEG_ONLY = Variant("segmentation only", "segmentation", ("data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"))
+BASELINE = Variant("baseline (CAC off)", "baseline", ("model.cac=false",))
+LARVSEG = Variant("LarvSeg (CAC)", "larvseg", ("model.cac=true",))
+# the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
+ORACLE = Variant("oracle attention (U)", "oracle",
+                 ("model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"))
+VARIANTS: tuple[Variant, ...] = (SEG_ONLY, BASELINE, LARVSEG, ORACLE)
 BENCHMARKS = {"habitat": BenchmarkSpec(), "uniform": BenchmarkSpec(family="uniform")}
 
 
@@ -100,16 +106,16 @@ PRETRAIN_DATA_WORKERS = 1
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
 
 
-def run_dir(out: Path, seed: int, variant: str) -> Path:
-    """Work dir of one run: ``<out>/runs/seed<seed>/<RUN_DIRS[variant]>`` (e.g. .../seed0/larvseg)."""
-    return out / "runs" / f"seed{seed}" / RUN_DIRS[variant]
+def run_dir(out: Path, seed: int, variant: Variant) -> Path:
+    """Work dir of one run: ``<out>/runs/seed<seed>/<variant.directory>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / variant.directory
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: int, iters: int,
+def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int,
                    extra: list[str] | None = None) -> Config:
     """The ``demo`` config pointed at the generated benchmark, for one variant and seed."""
     overrides = [
@@ -121,7 +127,7 @@ def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: 
         f"train.log_interval={max(1, iters // 6)}",
     ]
     # the tag-source override must come before the variant's (which may drop the tag sources)
-    return load_config("demo", overrides + VARIANTS[variant] + list(extra or []))
+    return load_config("demo", overrides + list(variant.overrides) + list(extra or []))
 
 
 def all_synsets_file(layout: BenchmarkLayout, out: Path) -> Path:
@@ -238,7 +244,7 @@ def trained_bank(cfg: Config) -> MemoryBank | None:
 
 @dataclass
 class Job:
-    variant: str
+    variant: Variant
     seed: int
     cfg: Config
     panel_images: int
@@ -277,7 +283,7 @@ def run_job(job: Job) -> JobOutput:
     diag = feature_diagnostics(segmenter, evaluator.dataset, union_ids, base_mask, bank, rule)
     probe = probe_image_level(segmenter, cfg, job.layout, union_ids, bank, rule) if cfg.data.tag_sources else None
     t2 = time.perf_counter()
-    result = RunResult(job.variant, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
+    result = RunResult(job.variant.label, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
                        [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1)
     return JobOutput(result, rows, diag, probe)
 
@@ -352,7 +358,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                                  [f"model.pretrained={npz.resolve()}", *(extra or [])])
             job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0, layout))
     workers = max(1, min(jobs or default_jobs(), len(job_list)))
-    _say(f"training {len(job_list)} runs ({', '.join(f'{v} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
+    _say(f"training {len(job_list)} runs ({', '.join(f'{v.label} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
          f"{job_list[0].cfg.train.iters} iterations each) in {workers} parallel single-threaded process(es)")
     outputs = run_jobs(job_list, workers)
 
@@ -384,7 +390,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
                       f"parallel process(es) of {THREADS_PER_RUN} thread each"),
         "checkpoints": "; ".join(
-            f"{variant}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
+            f"{variant.label}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
             for variant in variants),
         # predict defaults to the classes with training data (the benchmark's 14)
         "predict with LarvSeg (from the folder the demo ran in)": (
@@ -393,9 +399,10 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     probes = {(o.result.variant, o.result.seed): o.image_level for o in outputs if o.image_level is not None}
-    claim = ClaimInputs(diagnostics, probes, (SEG_ONLY, BASELINE, LARVSEG), ORACLE if profile.oracle else None, benchmark)
+    compared = (SEG_ONLY.label, BASELINE.label, LARVSEG.label)
+    claim = ClaimInputs(diagnostics, probes, compared, ORACLE.label if profile.oracle else None, benchmark)
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, (SEG_ONLY, BASELINE, LARVSEG), pretraining=pre, diagnostics=diagnostics, claim=claim)
+                        setup, compared, pretraining=pre, diagnostics=diagnostics, claim=claim)
 
 
 def profile_name(profile: Profile) -> str:
