@@ -1,6 +1,6 @@
 """The ``larvseg`` command line: one sub-command per workflow, each implemented in its own module.
 
-    larvseg train CONFIG [key=value ...]            training (larvseg.train.loop)
+    larvseg train CONFIG [key=value ...]            training (larvseg.train.loop; evaluation by larvseg.eval.evaluate)
     larvseg pretrain CONFIG [key=value ...]         classification pretraining of the backbone -> AugReg .npz (larvseg.train.pretrain)
     larvseg eval CONFIG CHECKPOINT [key=value ...]  mIoU evaluation (larvseg.eval.evaluate)
     larvseg predict CHECKPOINT IMAGE ... --out DIR  segment your own images (larvseg.predict)
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=RESUME.option(), default=None,
                    help="checkpoint to resume from; 'auto' = newest readable one in the work dir, 'none' = start "
                         "fresh (default: train.resume, whose default is auto)")
-    p.set_defaults(handler="larvseg.train.loop:main")
+    p.set_defaults(handler="larvseg.cli:train_command")
 
     p = _sub(sub, "pretrain", "pretrain the backbone by image classification on the tag sources; writes an AugReg .npz")
     _add_config_args(p)
@@ -250,6 +250,15 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
         print(f"larvseg {command}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
     return show
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``larvseg train``: the training loop (larvseg.train.loop.main) with ``larvseg eval``'s Evaluator handed
+    in from here, the layer above both, so that training and evaluation never import each other."""
+    from larvseg.eval.evaluate import Evaluator
+    from larvseg.train import loop
+
+    return loop.main(args, make_evaluator=Evaluator)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from larvseg.cli import main as cli_main
 from larvseg.config import load_config
 from larvseg.data.synthetic import DEMO_CLASSES
 from larvseg.demo.checks import CLAIM_RULE
-from larvseg.demo.run import RUN_DIRS, VARIANTS, describe_model
+from larvseg.demo.run import VARIANTS, describe_model
 from larvseg.models.segmenter import build_segmenter
 
 CELL = r"(\d+\.\d) ± (\d+\.\d)"
@@ -35,12 +35,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     text = report.read_text()
     assert "| variant | mIoU (all) | mIoU base | mIoU novel |" in text
     for variant in VARIANTS:
-        m = re.search(rf"^\| {re.escape(variant)} \| {CELL} \| {CELL} \| {CELL} \|$", text, re.M)
-        assert m, f"no table row for {variant!r}"
+        m = re.search(rf"^\| {re.escape(variant.label)} \| {CELL} \| {CELL} \| {CELL} \|$", text, re.M)
+        assert m, f"no table row for {variant.label!r}"
         values = [float(x) for x in m.groups()]
         assert all(0.0 <= x <= 100.0 for x in values)
         assert values[1::2] == [0.0, 0.0, 0.0]  # one seed: std 0
-        assert (out / "runs" / "seed0" / RUN_DIRS[variant] / "final.safetensors").is_file()
+        assert (out / "runs" / "seed0" / variant.directory / "final.safetensors").is_file()
     # the claim check: the rule first, then every check with a number, then the verdict (one seed: no interval)
     assert text.index(CLAIM_RULE) < text.index("| P1 premise |") < text.index("**Verdict (habitat benchmark): ")
     assert re.search(r"^\| P1 premise \|.*= \*\*\d+\.\d\d\*\* \| (yes|no) \|$", text, re.M)
@@ -63,7 +63,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert re.search(r"^\| 0 \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \|$", text, re.M)
     # diagnostics: base -> novel share for every variant, AUCs for every class of the LarvSeg run
     for variant in VARIANTS:
-        assert re.search(rf"^\| {re.escape(variant)} \| \d+\.\d \|", text, re.M)
+        assert re.search(rf"^\| {re.escape(variant.label)} \| \d+\.\d \|", text, re.M)
     for c in DEMO_CLASSES:
         assert re.search(rf"^\| {c.name} \| {c.role} \| (0|1)\.\d\d \| (0|1)\.\d\d \| (0|1)\.\d\d \| [+-]\d\.\d\d \|$", text, re.M)
     # the model line describes the model actually trained: its size and the stage-0 backbone it started from
@@ -72,7 +72,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "**training**: 60 iterations" in text
     # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
     for variant in VARIANTS:
-        assert f"`{out / 'runs' / 'seed0' / RUN_DIRS[variant] / 'final.safetensors'}`" in text
+        assert f"`{out / 'runs' / 'seed0' / variant.directory / 'final.safetensors'}`" in text
     command = re.search(r"`larvseg predict ([^`]+)`", text).group(1).split()
     assert command[0] == str(out / "runs" / "seed0" / "larvseg" / "final.safetensors")
     assert cli_main(["predict", *command]) == 0

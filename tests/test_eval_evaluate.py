@@ -55,14 +55,14 @@ def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_class
 
 def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
     from larvseg.data.synthetic import DEMO_CLASSES, SMOKE_SPEC, ensure_benchmark
-    from larvseg.demo.run import evaluate_variant, variant_config
+    from larvseg.demo.run import LARVSEG, demo_evaluator, evaluate_variant, variant_config
 
     layout = ensure_benchmark(tmp_path / "data", SMOKE_SPEC)
-    cfg = variant_config(layout, tmp_path / "work", "LarvSeg (CAC)", 0, 2)
+    cfg = variant_config(layout, tmp_path / "work", LARVSEG, 0, 2)
     cfg.eval = dataclasses.replace(cfg.eval, amp="off")
     vocab = build_vocabulary(cfg)
     segmenter = _segmenter(len(vocab), seed=3)
-    demo, _ = evaluate_variant(cfg, segmenter, vocab, 0)
+    demo, _ = evaluate_variant(demo_evaluator(cfg, vocab), segmenter, 0)
     names = ",".join(c.name for c in DEMO_CLASSES)
     cfg.eval.classes = names
     results = evaluate(cfg, segmenter, vocab)
@@ -84,3 +84,31 @@ def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
     assert saved["mIoU"] == pytest.approx(demo["mIoU"], abs=1e-9) and len(saved["per_class"]) == len(DEMO_CLASSES)
     assert cli_main(["eval", str(config), str(ckpt), "--classes", "sky,unicorn", "--out", str(tmp_path / "x")]) == 1
     assert "'unicorn'" in capsys.readouterr().err
+
+
+def test_an_evaluator_builds_its_data_once_and_runs_like_evaluate(tmp_path, monkeypatch):
+    """Evaluator(cfg, vocab): the dataset and scored classes are built once (on first use), then every run
+    and every overlay reuses them; its run gives what evaluate() gives, and overlays draw the first images."""
+    import larvseg.eval.evaluate as ev
+
+    T.write_ade847(tmp_path / "A847", n=3, size=(24, 32), values=[5, 300], split="validation")
+    source = SourceConfig(name="A847", format="ade847", split="validation")
+    cfg = dataclasses.replace(T.make_config(tmp_path, eval_source=source), eval=SMALL_EVAL)
+    vocab = build_vocabulary(cfg)
+    segmenter = _segmenter(len(vocab))
+    builds = []
+    real = ev.build_eval_dataset
+    monkeypatch.setattr(ev, "build_eval_dataset", lambda *a: builds.append(1) or real(*a))
+    evaluator = ev.Evaluator(cfg, vocab)
+    assert builds == []  # nothing read until it is used
+    first = evaluator.run(segmenter, verbose=False)
+    second = evaluator.run(segmenter, verbose=False)
+    drawn = evaluator.overlays(segmenter, 2)
+    assert builds == [1]
+    once = evaluate(cfg, segmenter, vocab, verbose=False)
+    keys = ("mIoU", "mIoU_base", "mIoU_novel", "mAcc", "aAcc", "num_images")
+    np.testing.assert_equal([first[k] for k in keys], [once[k] for k in keys])
+    np.testing.assert_equal([second[k] for k in keys], [once[k] for k in keys])
+    assert first["num_images"] == 3
+    assert len(drawn) == 2 and all(d.dtype == np.uint8 and d.ndim == 3 and d.shape[2] == 3 for d in drawn)
+    assert len(evaluator.overlays(segmenter, 10)) == 3  # at most the dataset's images

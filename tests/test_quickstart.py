@@ -47,7 +47,7 @@ def test_tiny_cpu_runs_as_is_and_records_the_supervised_classes(fresh):
 
 def test_readme_python_snippet_runs_verbatim_after_the_demo(fresh, monkeypatch):
     from larvseg.data.synthetic import SMOKE_SPEC, BenchmarkLayout, ensure_benchmark
-    from larvseg.demo.run import VARIANTS, run_dir
+    from larvseg.demo.run import LARVSEG, run_dir
 
     text = README.read_text()
     section = text[text.index("### Python API"):]
@@ -57,7 +57,7 @@ def test_readme_python_snippet_runs_verbatim_after_the_demo(fresh, monkeypatch):
     monkeypatch.chdir(fresh)
     demo = Path("work_dirs/demo")
     layout = ensure_benchmark(demo / "data", SMOKE_SPEC)
-    target = run_dir(demo, 0, list(VARIANTS)[2])
+    target = run_dir(demo, 0, LARVSEG)
     target.mkdir(parents=True)
     for suffix in (".safetensors", ".json"):
         shutil.copy(fresh / "work_dirs" / "tiny_cpu" / f"final{suffix}", target / f"final{suffix}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,7 +98,7 @@ def test_eval_checks_its_output_folder_before_evaluating(ckpt, tmp_path, capsys,
     def refuse(*args, **kwargs):
         raise AssertionError("evaluated before checking the output folder")
 
-    monkeypatch.setattr(ev, "evaluate", refuse)
+    monkeypatch.setattr(ev.Evaluator, "run", refuse)
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     line = _one_line(capsys, ["eval", "tiny_cpu", str(ckpt), "--out", str(blocker / "results")])
@@ -171,16 +172,21 @@ train: {iters: 2, lr: 0.05, checkpoint_interval: 2, eval_interval: 0, amp: "off"
         (out_dir / "eval_results.json").write_text("{}")
         return {"mIoU": 50.0}
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    def evaluator(cfg):  # what train() is handed: run(segmenter, out_dir=...)
+        return SimpleNamespace(run=lambda segmenter, out_dir: evaluate(cfg, segmenter, None, out_dir))
+
     cfg = load_config(tmp_path / "tiny.yaml", [f"train.work_dir={tmp_path / 'work'}"])
+    with pytest.raises(ValueError, match="train.eval_interval=0 evaluates during training, but train"):
+        loop.train(cfg, *build(cfg, "cpu"), resume="none")  # no evaluator handed in: said, not skipped
+    assert not (tmp_path / "work").exists()
     with pytest.raises(DataError):
-        loop.train(cfg, *build(cfg, "cpu"), resume="none")
+        loop.train(cfg, *build(cfg, "cpu"), resume="none", evaluator=evaluator(cfg))
     assert (tmp_path / "work" / "iter_00000002.pth").is_file() and calls == [False]
     cfg = load_config(tmp_path / "tiny.yaml", [f"train.work_dir={tmp_path / 'work'}", "data.eval.skip_bad=true"])
-    loop.train(cfg, *build(cfg, "cpu"))
+    loop.train(cfg, *build(cfg, "cpu"), evaluator=evaluator(cfg))
     assert calls == [False, True]
     assert "running the missing final evaluation" in capsys.readouterr().out
-    loop.train(cfg, *build(cfg, "cpu"))  # now it is there: nothing to do
+    loop.train(cfg, *build(cfg, "cpu"), evaluator=evaluator(cfg))  # now it is there: nothing to do
     assert calls == [False, True] and "nothing to do" in capsys.readouterr().out
 
 

@@ -220,3 +220,41 @@ def test_export_with_a_json_of_another_vocabulary_is_a_clear_error(tmp_path):
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ck.CheckpointError, match=r"final\.safetensors: the weights hold 6 classes .* final\.json lists 7"):
         ck.load_checkpoint(path)
+
+
+def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, capsys):
+    """The one checkpointer of train and pretrain: work dir + config.yaml + killed saves' temps removed,
+    atomic saves with the RNG states and extra entries, latest.pth, keep-last-k, and a resume that restores
+    the model, the optimizer's momentum and the RNG streams."""
+    work = tmp_path / "work"
+    work.mkdir()
+    orphan = orphan_temp(work, ck.checkpoint_name(9))
+    checkpointer = ck.Checkpointer(work, keep_last=2)
+    checkpointer.prepare("train: {iters: 6}\n")
+    assert (work / "config.yaml").read_text() == "train: {iters: 6}\n" and not orphan.exists()
+    assert f"removed {orphan.name}: temp file of a killed save" in capsys.readouterr().out
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in (2, 4, 6):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert checkpointer.save(step, model, opt, {"train": {"iters": 6}}, ["sky", "tree"], kind="test") == work / ck.checkpoint_name(step)
+    assert [s for s, _ in ck.list_checkpoints(work)] == [4, 6] and checkpointer.latest() == work / ck.checkpoint_name(6)
+    assert os.readlink(work / ck.LATEST_LINK) == ck.checkpoint_name(6)
+    expected_next = torch.rand(3)  # the torch RNG right after the step-6 save
+
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    path, state = ck.Checkpointer(work, keep_last=2).pick("auto")
+    assert path == work / ck.checkpoint_name(6) and state["kind"] == "test" and state["vocab"] == ["sky", "tree"]
+    step, state = checkpointer.restore(path, None, ["sky", "tree"], fresh, fresh_opt)  # reads the file itself
+    assert step == 6 and state["config"] == {"train": {"iters": 6}}
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(torch.rand(3), expected_next)
+    with pytest.raises(ck.CheckpointError, match="vocabulary"):
+        checkpointer.restore(path, state, ["sky"], fresh, fresh_opt)
+    assert ck.Checkpointer(tmp_path / "empty", keep_last=2).pick("auto") == (None, None)

@@ -15,6 +15,7 @@ from PIL import Image
 from larvseg.cli import main as cli_main
 from larvseg.config import dump_config, load_config
 from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
+from larvseg.eval.evaluate import Evaluator
 from larvseg.train.logger import MetricLogger, read_metrics
 from larvseg.distributed import select_device
 from larvseg.train.loop import build, train
@@ -48,7 +49,8 @@ def test_training_writes_scalars_curve_and_overlays(tmp_path):
     cfg = load_config("tiny_cpu", [f"data.root={data.root}", f"data.tag_sources.0.classes={data.wnid_file}",
                                    f"train.work_dir={work}", "train.iters=4", "train.eval_interval=2",
                                    "train.log_interval=1", "train.checkpoint_interval=2"])
-    train(cfg, *build(cfg, select_device(cfg.train.device)), resume="none")
+    vocab, segmenter, loader = build(cfg, select_device(cfg.train.device))
+    train(cfg, vocab, segmenter, loader, resume="none", evaluator=Evaluator(cfg, vocab))
     records = read_metrics(work / "metrics.jsonl")
     scalars, images = read_events(work)
 
@@ -95,7 +97,7 @@ def test_nan_metrics_are_left_out_without_a_message(tmp_path, capfd):
     """mIoU_novel is NaN when no novel class is scored (eval --classes of base classes): no point to plot,
     and no "NaN or Inf found in input tensor." line from tensorboardX for each such metric."""
     pytest.importorskip("tensorboardX")
-    from larvseg.train.tensorboard import TensorBoardLog
+    from larvseg.tensorboard import TensorBoardLog
 
     log = TensorBoardLog(tmp_path)
     log.scalars("eval/", 1, {"mIoU": 40.0, "mIoU_novel": float("nan"), "mAcc_novel": float("inf")})

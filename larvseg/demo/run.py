@@ -12,7 +12,7 @@
    ``demo``): the baseline image-level loss (CAC off) and LarvSeg (CAC on) on every seed (5 paired seeds by
    default), segmentation only on the first 2, and with ``--full`` (and ``--quick``) the oracle-attention
    upper bound U (larvseg.models.oracle_attention) on every seed;
-4. evaluate each with ``larvseg.eval.evaluate.evaluate`` (the code of ``larvseg eval``) on the
+4. evaluate each with ``larvseg.eval.evaluate.Evaluator`` (the code of ``larvseg eval``) on the
    A847-style set, plus feature-resolution diagnostics (larvseg.demo.diagnostics: per-class ROC-AUC of
    bank, classifier and attention scores; base patches predicted as novel; the seed-point propagation of
    check P1) and, for runs with image-level data, the probe of the image-level training images
@@ -28,7 +28,7 @@ other: 9.5x slower than 1 thread on the shared development VM), while a 1-thread
 by the share of CPU it loses. Each run is deterministic whatever the number of jobs (its seed and
 config alone fix it).
 
-Evaluation is restricted to the benchmark's classes (``evaluate(..., classes=...)``): the eval set is
+Evaluation is restricted to the benchmark's classes (``eval.classes``): the eval set is
 ADE-847-formatted (847 classes), but only the benchmark's have any training data here (in the paper
 every ADE-847 class has image-level data through A847w), and the other classifier rows stay at their
 random initialisation; scoring them would measure noise. Metrics are the MMSegmentation convention of
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -57,22 +56,30 @@ from larvseg.data.synthetic import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec,
 from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.image_level_probe import ImageLevelProbe, probe_image_level
 from larvseg.demo.report import ClaimInputs, PanelRow, PretrainSummary, RunResult, write_report
-from larvseg.eval.evaluate import evaluate
-from larvseg.models.io import load_segmenter
+from larvseg.eval.evaluate import Evaluator
+from larvseg.models.io import load_checkpoint, load_segmenter
+from larvseg.models.memory_bank import MemoryBank
+from larvseg.models.segmenter import memory_bank_from_weights
 from larvseg.models.vit import VisionTransformer
-from larvseg.train.checkpoint import FINAL_WEIGHTS, load_checkpoint
+from larvseg.train.checkpoint import FINAL_WEIGHTS, latest_checkpoint
 from larvseg.train.loop import build, train
 
-SEG_ONLY, BASELINE, LARVSEG, ORACLE = "segmentation only", "baseline (CAC off)", "LarvSeg (CAC)", "oracle attention (U)"
-# name -> config overrides of the variant (on top of the ``demo`` config)
-VARIANTS: dict[str, list[str]] = {
-    SEG_ONLY: ["data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"],
-    BASELINE: ["model.cac=false"],
-    LARVSEG: ["model.cac=true"],
-    # the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
-    ORACLE: ["model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"],
-}
-RUN_DIRS = {SEG_ONLY: "segmentation", BASELINE: "baseline", LARVSEG: "larvseg", ORACLE: "oracle"}
+@dataclass(frozen=True)
+class Variant:
+    """One trained variant: how the report names it, its run folder, its config overrides."""
+
+    label: str  # in the report's tables and figures
+    directory: str  # <out>/runs/seed<k>/<directory>
+    overrides: tuple[str, ...]  # on top of the ``demo`` config
+
+
+SEG_ONLY = Variant("segmentation only", "segmentation", ("data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"))
+BASELINE = Variant("baseline (CAC off)", "baseline", ("model.cac=false",))
+LARVSEG = Variant("LarvSeg (CAC)", "larvseg", ("model.cac=true",))
+# the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
+ORACLE = Variant("oracle attention (U)", "oracle",
+                 ("model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"))
+VARIANTS: tuple[Variant, ...] = (SEG_ONLY, BASELINE, LARVSEG, ORACLE)
 BENCHMARKS = {"habitat": BenchmarkSpec(), "uniform": BenchmarkSpec(family="uniform")}
 
 
@@ -99,16 +106,16 @@ PRETRAIN_DATA_WORKERS = 1
 THREADS_PER_RUN = 1  # see the module docstring: robust to a busy machine, and no slower on an idle one
 
 
-def run_dir(out: Path, seed: int, variant: str) -> Path:
-    """Work dir of one run: ``<out>/runs/seed<seed>/<RUN_DIRS[variant]>`` (e.g. .../seed0/larvseg)."""
-    return out / "runs" / f"seed{seed}" / RUN_DIRS[variant]
+def run_dir(out: Path, seed: int, variant: Variant) -> Path:
+    """Work dir of one run: ``<out>/runs/seed<seed>/<variant.directory>`` (e.g. .../seed0/larvseg)."""
+    return out / "runs" / f"seed{seed}" / variant.directory
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: int, iters: int,
+def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int,
                    extra: list[str] | None = None) -> Config:
     """The ``demo`` config pointed at the generated benchmark, for one variant and seed."""
     overrides = [
@@ -120,7 +127,7 @@ def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: str, seed: 
         f"train.log_interval={max(1, iters // 6)}",
     ]
     # the tag-source override must come before the variant's (which may drop the tag sources)
-    return load_config("demo", overrides + VARIANTS[variant] + list(extra or []))
+    return load_config("demo", overrides + list(variant.overrides) + list(extra or []))
 
 
 def all_synsets_file(layout: BenchmarkLayout, out: Path) -> Path:
@@ -183,19 +190,26 @@ def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
     """Train with the real loop (from scratch) and return the final model, loaded from its exported
     weights, with the run's vocabulary."""
     vocab, segmenter, loader = build(cfg, distributed.init_from_env(cfg.train.device))
-    work_dir = train(cfg, vocab, segmenter, loader, resume="none")
+    # the demo config evaluates after training (demo_evaluator), not in the loop; one for eval_interval overrides
+    work_dir = train(cfg, vocab, segmenter, loader, resume="none", evaluator=Evaluator(cfg, vocab))
     return load_segmenter(Path(work_dir) / FINAL_WEIGHTS).segmenter, vocab
 
 
-def evaluate_variant(cfg: Config, segmenter: torch.nn.Module, vocab: Vocabulary, panel_images: int) -> tuple[dict, list[PanelRow]]:
+def demo_evaluator(cfg: Config, vocab: Vocabulary) -> Evaluator:
+    """``larvseg eval``'s evaluation of ``cfg``'s evaluation set, restricted to the benchmark's classes."""
+    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES)))
+    return Evaluator(restricted, vocab)
+
+
+def evaluate_variant(evaluator: Evaluator, segmenter: torch.nn.Module, panel_images: int) -> tuple[dict, list[PanelRow]]:
     """mIoU (all / base / novel) over the benchmark's classes, per-class IoU in DEMO_CLASSES order, and
     the panel rows of the first images (labels and predictions as indices into DEMO_CLASSES)."""
-    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES)))
-    results = evaluate(restricted, segmenter, vocab, keep_predictions=panel_images, verbose=False)
+    vocab = evaluator.vocab
+    results = evaluator.run(segmenter, keep_predictions=panel_images, verbose=False)
     rows = {r["union_id"]: r for r in results["per_class"]}
     union_ids = vocab.ids([c.name for c in DEMO_CLASSES])
     roles = [("base" if rows[u]["base"] else "novel") for u in union_ids]
-    if roles != [c.role for c in DEMO_CLASSES]:  # the config's seg sources decide base/novel in evaluate
+    if roles != [c.role for c in DEMO_CLASSES]:  # the config's seg sources decide base/novel in the Evaluator
         raise RuntimeError(f"base/novel split of the evaluation {roles} differs from the benchmark's")
     to_demo = np.full(len(vocab) + 1, -1, dtype=np.int64)  # union id -> demo class index (-1: none)
     to_demo[union_ids] = np.arange(len(DEMO_CLASSES))
@@ -220,24 +234,17 @@ def describe_model(cfg: Config, segmenter: torch.nn.Module) -> str:
             f"{backbone.patch_size}) with the cosine classifier, {init}")
 
 
-def trained_bank(cfg: Config):
+def trained_bank(cfg: Config) -> MemoryBank | None:
     """The CAC memory bank at the end of training (in the last training checkpoint; the exported weights
     leave it out), or None for a run without the CAC."""
-    from larvseg.models.memory_bank import MemoryBank
-    from larvseg.train.checkpoint import latest_checkpoint
-
     if not cfg.model.cac or cfg.model.oracle_attention:  # the oracle run never fills its bank
         return None
-    state = load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"]
-    slots = state["bank.slots"]
-    bank = MemoryBank(slots.shape[0], slots.shape[1], slots.shape[2])
-    bank.load_state_dict({k[len("bank."):]: v for k, v in state.items() if k.startswith("bank.")})
-    return bank
+    return memory_bank_from_weights(load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"])
 
 
 @dataclass
 class Job:
-    variant: str
+    variant: Variant
     seed: int
     cfg: Config
     panel_images: int
@@ -260,7 +267,6 @@ def _init_worker(threads: int) -> None:
 
 def run_job(job: Job) -> JobOutput:
     """Train, evaluate and diagnose one (variant, seed); runs in a worker process."""
-    from larvseg.data.mixing import build_eval_dataset
     from larvseg.demo.diagnostics import feature_diagnostics
     from larvseg.models.attentive_classifier import BackgroundRule
 
@@ -268,15 +274,16 @@ def run_job(job: Job) -> JobOutput:
     t0 = time.perf_counter()
     segmenter, vocab = train_variant(cfg)
     t1 = time.perf_counter()
-    metrics, rows = evaluate_variant(cfg, segmenter, vocab, job.panel_images)
+    evaluator = demo_evaluator(cfg, vocab)
+    metrics, rows = evaluate_variant(evaluator, segmenter, job.panel_images)
     union_ids = np.array([vocab.index(c.name) for c in DEMO_CLASSES], dtype=np.int64)
     base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
     m = cfg.model
     bank, rule = trained_bank(cfg), BackgroundRule(m.bg_topk, m.bg_score_thresh, m.bg_mse_thresh)
-    diag = feature_diagnostics(segmenter, build_eval_dataset(cfg, vocab), union_ids, base_mask, bank, rule)
+    diag = feature_diagnostics(segmenter, evaluator.dataset, union_ids, base_mask, bank, rule)
     probe = probe_image_level(segmenter, cfg, job.layout, union_ids, bank, rule) if cfg.data.tag_sources else None
     t2 = time.perf_counter()
-    result = RunResult(job.variant, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
+    result = RunResult(job.variant.label, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
                        [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1)
     return JobOutput(result, rows, diag, probe)
 
@@ -351,7 +358,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
                                  [f"model.pretrained={npz.resolve()}", *(extra or [])])
             job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0, layout))
     workers = max(1, min(jobs or default_jobs(), len(job_list)))
-    _say(f"training {len(job_list)} runs ({', '.join(f'{v} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
+    _say(f"training {len(job_list)} runs ({', '.join(f'{v.label} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
          f"{job_list[0].cfg.train.iters} iterations each) in {workers} parallel single-threaded process(es)")
     outputs = run_jobs(job_list, workers)
 
@@ -383,7 +390,7 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
         "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
                       f"parallel process(es) of {THREADS_PER_RUN} thread each"),
         "checkpoints": "; ".join(
-            f"{variant}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
+            f"{variant.label}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
             for variant in variants),
         # predict defaults to the classes with training data (the benchmark's 14)
         "predict with LarvSeg (from the folder the demo ran in)": (
@@ -392,9 +399,10 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     probes = {(o.result.variant, o.result.seed): o.image_level for o in outputs if o.image_level is not None}
-    claim = ClaimInputs(diagnostics, probes, (SEG_ONLY, BASELINE, LARVSEG), ORACLE if profile.oracle else None, benchmark)
+    compared = (SEG_ONLY.label, BASELINE.label, LARVSEG.label)
+    claim = ClaimInputs(diagnostics, probes, compared, ORACLE.label if profile.oracle else None, benchmark)
     return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, (SEG_ONLY, BASELINE, LARVSEG), pretraining=pre, diagnostics=diagnostics, claim=claim)
+                        setup, compared, pretraining=pre, diagnostics=diagnostics, claim=claim)
 
 
 def profile_name(profile: Profile) -> str:
@@ -417,8 +425,3 @@ def main(args: argparse.Namespace) -> int:
     _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS).resolve()}")
     return 0
 
-
-if __name__ == "__main__":
-    from larvseg.cli import main as cli_main
-
-    sys.exit(cli_main(["demo", *sys.argv[1:]]))

@@ -17,6 +17,11 @@ Classes absent from the ground truth and never predicted are left out of the mea
 as one collapsed line. With ``data.eval.skip_bad=true`` an unreadable image is skipped and counted
 (``skipped_images``) instead of stopping the run.
 
+``Evaluator(cfg, vocab)`` holds one config's evaluation (dataset, scored classes, base/novel split, built
+once on first use); ``run(segmenter)`` and ``overlays(segmenter, n)`` are what ``larvseg eval``, the
+training loop (``larvseg train`` hands it one) and the demo call. ``evaluate(cfg, segmenter, vocab)`` is one
+run of a fresh Evaluator.
+
 Headline numbers use the MMSegmentation convention (what the paper reports); the Detectron2
 convention is reported alongside under ``detectron2/...``.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -48,13 +54,13 @@ from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
 from larvseg.models.io import load_segmenter
+from larvseg.models.model_repo import EVAL_RESULTS  # written last by save_results: its presence means the evaluation finished
+from larvseg.tensorboard import OVERLAY_IMAGES, log_evaluation
 from larvseg.threads import configure_threads
 
-EVAL_RESULTS = "eval_results.json"  # written last by save_results: its presence means the evaluation finished
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
 GROUPS = ("", "_base", "_novel")
-OVERLAY_IMAGES = 3  # evaluation images drawn as overlays for TensorBoard
 
 
 class _EvalItems(torch.utils.data.Dataset):
@@ -107,98 +113,125 @@ def _class_query(cfg: Config, vocab: Any, eval_ids: np.ndarray) -> ClassQuery:
     return resolve_query(class_terms(cfg.eval.classes), [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
 
 
-@torch.no_grad()
-def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, *, out_dir: str | Path | None = None,
-             max_images: int = 0, keep_predictions: int = 0, verbose: bool = True) -> dict[str, Any]:
-    """Evaluate ``segmenter`` (on its device) on ``cfg.data.eval``; call on every rank.
+class Evaluator:
+    """The evaluation of one config, built once: the evaluation dataset (``cfg.data.eval``), the scored
+    classes (``cfg.eval.classes`` when set) and their base/novel split, for ``vocab``'s union ids.
 
-    Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
-    ``_base`` / ``_novel``, the same under ``detectron2/``), ``num_images`` and ``per_class`` (a list of
-    dicts: class, union_id, base, IoU, Acc, detectron2_IoU, gt_pixels, pred_pixels; NaN = left out).
-    ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only.
-    ``cfg.eval.classes`` restricts prediction and metrics to these evaluation classes; ground-truth pixels
-    of the other classes then count as unlabeled. ``keep_predictions`` > 0 also returns, under
-    ``predictions``, this rank's first ``keep_predictions`` items as dicts (path, image uint8 HxWx3,
-    label and prediction as int64 union ids). Rank 0 shows progress and prints the table unless
-    ``verbose`` is False; with ``out_dir`` it writes JSON, CSV and the matrix there.
+    ``run(segmenter)`` scores a segmenter on it, ``overlays(segmenter, n)`` draws its predictions of the
+    first ``n`` images. ``larvseg eval``, the training loop (handed one by ``larvseg train``) and the demo
+    share it. The dataset and the classes are built on first use (once), so an evaluator that is never
+    run reads nothing.
     """
-    device = next(segmenter.parameters()).device
-    dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, base_mask = scored_classes(cfg, vocab)
-    if cfg.eval.classes and verbose and distributed.is_main_process():  # which sense a word took, concepts' sizes
-        for note in _class_query(cfg, vocab, base_novel_split(vocab, cfg)[0]).notes:
-            print(f"note: {note}", flush=True)
-    limit = max_images or cfg.eval.max_images
-    n = min(len(dataset), limit) if limit else len(dataset)
-    rank, world = distributed.rank(), distributed.world_size()
-    items = _EvalItems(dataset, shard_indices(n, rank, world), cfg.data.eval.skip_bad)
-    workers = min(cfg.data.num_workers, len(items))
-    loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=workers)
 
-    num_model_classes = getattr(segmenter, "num_classes", len(vocab))
-    class_ids = torch.from_numpy(_model_class_ids(eval_ids, num_model_classes)).to(device)
-    acc = ConfusionAccumulator(eval_ids, device=device)
-    restrict = torch.from_numpy(eval_ids).to(device) if cfg.eval.classes else None
-    kept: list[dict[str, Any]] = []
-    was_training = segmenter.training
-    segmenter.eval()
-    start = time.perf_counter()
-    skipped: list[str] = []
-    for image, label, path in progress_bar(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
-                                   disable=not (verbose and distributed.is_main_process())):
-        if image is None:  # unreadable, data.eval.skip_bad
-            skipped.append(path)
-            print(f"warning: skipped an evaluation image (data.eval.skip_bad): {path}", file=sys.stderr, flush=True)
-            continue
-        pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
-                             out_size=tuple(label.shape[-2:]))
-        label = label.to(device, non_blocking=True)
-        if restrict is not None:  # pixels of the classes left out count as unlabeled
-            label = torch.where(torch.isin(label, restrict), label, IGNORE_INDEX)
-        acc.update(pred, label)
-        if len(kept) < keep_predictions:
-            kept.append({"path": path, "image": image.permute(1, 2, 0).numpy(), "label": label.cpu().numpy(),
-                         "prediction": pred.cpu().numpy()})
-    segmenter.train(was_training)
-    matrix = acc.reduce().cpu()
-    num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)).item())
+    def __init__(self, cfg: Config, vocab: Any) -> None:
+        self.cfg, self.vocab = cfg, vocab
 
-    names = list(vocab.names)
-    results = summarise(matrix, eval_ids, base_mask, [names[i] for i in eval_ids])
-    results["num_images"] = n - num_skipped
-    results["skipped_images"] = num_skipped
-    results["seconds"] = time.perf_counter() - start
-    if keep_predictions:
-        results["predictions"] = kept
-    if distributed.is_main_process():
-        if verbose:
-            print(format_table(results), flush=True)
-        if out_dir is not None:
-            save_results(results, matrix, Path(out_dir))
-    return results
+    @functools.cached_property
+    def dataset(self) -> Any:
+        """The evaluation dataset (larvseg.data.mixing.EvalDataset)."""
+        return build_eval_dataset(self.cfg, self.vocab)
 
+    @functools.cached_property
+    def classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Union ids of the scored classes and their base mask (``scored_classes``)."""
+        return scored_classes(self.cfg, self.vocab)
 
-def eval_overlays(cfg: Config, segmenter: torch.nn.Module, vocab: Any,
-                  count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
-    """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
-    evaluation images, predicted over the evaluation classes as ``larvseg eval`` does."""
-    dataset = build_eval_dataset(cfg, vocab)
-    eval_ids, _ = scored_classes(cfg, vocab)
-    eval_ids = _model_class_ids(eval_ids, segmenter.num_classes)  # as larvseg eval predicts
-    device = next(segmenter.parameters()).device
-    class_ids = torch.as_tensor(eval_ids, device=device)
-    names = list(vocab.names)
-    colours = palette(len(names))
-    was_training = segmenter.training
-    segmenter.eval()
-    overlays = []
-    with torch.no_grad():
+    @torch.no_grad()
+    def run(self, segmenter: torch.nn.Module, *, out_dir: str | Path | None = None, max_images: int = 0,
+            keep_predictions: int = 0, verbose: bool = True) -> dict[str, Any]:
+        """Evaluate ``segmenter`` (on its device); call on every rank.
+
+        Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
+        ``_base`` / ``_novel``, the same under ``detectron2/``), ``num_images`` and ``per_class`` (a list of
+        dicts: class, union_id, base, IoU, Acc, detectron2_IoU, gt_pixels, pred_pixels; NaN = left out).
+        ``max_images`` (or ``cfg.eval.max_images``; 0 = all) evaluates the first images only.
+        ``cfg.eval.classes`` restricts prediction and metrics to these evaluation classes; ground-truth pixels
+        of the other classes then count as unlabeled. ``keep_predictions`` > 0 also returns, under
+        ``predictions``, this rank's first ``keep_predictions`` items as dicts (path, image uint8 HxWx3,
+        label and prediction as int64 union ids). Rank 0 shows progress and prints the table unless
+        ``verbose`` is False; with ``out_dir`` it writes JSON, CSV and the matrix there.
+        """
+        cfg, vocab = self.cfg, self.vocab
+        device = next(segmenter.parameters()).device
+        dataset = self.dataset
+        eval_ids, base_mask = self.classes
+        if cfg.eval.classes and verbose and distributed.is_main_process():  # which sense a word took, concepts' sizes
+            for note in _class_query(cfg, vocab, base_novel_split(vocab, cfg)[0]).notes:
+                print(f"note: {note}", flush=True)
+        limit = max_images or cfg.eval.max_images
+        n = min(len(dataset), limit) if limit else len(dataset)
+        rank, world = distributed.rank(), distributed.world_size()
+        items = _EvalItems(dataset, shard_indices(n, rank, world), cfg.data.eval.skip_bad)
+        workers = min(cfg.data.num_workers, len(items))
+        loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=workers)
+
+        num_model_classes = getattr(segmenter, "num_classes", len(vocab))
+        class_ids = torch.from_numpy(_model_class_ids(eval_ids, num_model_classes)).to(device)
+        acc = ConfusionAccumulator(eval_ids, device=device)
+        restrict = torch.from_numpy(eval_ids).to(device) if cfg.eval.classes else None
+        kept: list[dict[str, Any]] = []
+        was_training = segmenter.training
+        segmenter.eval()
+        start = time.perf_counter()
+        skipped: list[str] = []
+        for image, label, path in progress_bar(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
+                                               disable=not (verbose and distributed.is_main_process())):
+            if image is None:  # unreadable, data.eval.skip_bad
+                skipped.append(path)
+                print(f"warning: skipped an evaluation image (data.eval.skip_bad): {path}", file=sys.stderr, flush=True)
+                continue
+            pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
+                                 out_size=tuple(label.shape[-2:]))
+            label = label.to(device, non_blocking=True)
+            if restrict is not None:  # pixels of the classes left out count as unlabeled
+                label = torch.where(torch.isin(label, restrict), label, IGNORE_INDEX)
+            acc.update(pred, label)
+            if len(kept) < keep_predictions:
+                kept.append({"path": path, "image": image.permute(1, 2, 0).numpy(), "label": label.cpu().numpy(),
+                             "prediction": pred.cpu().numpy()})
+        segmenter.train(was_training)
+        matrix = acc.reduce().cpu()
+        num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)).item())
+
+        names = list(vocab.names)
+        results = summarise(matrix, eval_ids, base_mask, [names[i] for i in eval_ids])
+        results["num_images"] = n - num_skipped
+        results["skipped_images"] = num_skipped
+        results["seconds"] = time.perf_counter() - start
+        if keep_predictions:
+            results["predictions"] = kept
+        if distributed.is_main_process():
+            if verbose:
+                print(format_table(results), flush=True)
+            if out_dir is not None:
+                save_results(results, matrix, Path(out_dir))
+        return results
+
+    @torch.no_grad()
+    def overlays(self, segmenter: torch.nn.Module, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
+        """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
+        evaluation images, predicted over the scored classes as ``run`` predicts."""
+        dataset = self.dataset
+        eval_ids = _model_class_ids(self.classes[0], segmenter.num_classes)  # as run() predicts
+        device = next(segmenter.parameters()).device
+        class_ids = torch.as_tensor(eval_ids, device=device)
+        names = list(self.vocab.names)
+        colours = palette(len(names))
+        was_training = segmenter.training
+        segmenter.eval()
+        drawn = []
         for i in range(min(count, len(dataset))):
             image = np.asarray(dataset.load(i)["image"])
-            labels = segment_image(segmenter, torch.from_numpy(to_chw(image)), cfg.eval, class_ids=class_ids).cpu().numpy()
-            overlays.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
-    segmenter.train(was_training)
-    return overlays
+            labels = segment_image(segmenter, torch.from_numpy(to_chw(image)), self.cfg.eval,
+                                   class_ids=class_ids).cpu().numpy()
+            drawn.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
+        segmenter.train(was_training)
+        return drawn
+
+
+def evaluate(cfg: Config, segmenter: torch.nn.Module, vocab: Any, **options: Any) -> dict[str, Any]:
+    """``Evaluator(cfg, vocab).run(segmenter, **options)``: one evaluation, for a caller that evaluates once."""
+    return Evaluator(cfg, vocab).run(segmenter, **options)
 
 
 def summarise(matrix: torch.Tensor, eval_ids: np.ndarray, base_mask: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -294,11 +327,10 @@ def main(args: argparse.Namespace) -> int:
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
         if len(vocab) != len(names) and distributed.is_main_process():
             print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
-        results = evaluate(cfg, segmenter, vocab, out_dir=out_dir)
+        evaluator = Evaluator(cfg, vocab)
+        results = evaluator.run(segmenter, out_dir=out_dir)
         if distributed.is_main_process():
-            from larvseg.train.tensorboard import log_evaluation
-
-            log_evaluation(cfg, out_dir, loaded.step, results, lambda: eval_overlays(cfg, segmenter, vocab))
+            log_evaluation(cfg, out_dir, loaded.step, results, lambda: evaluator.overlays(segmenter, OVERLAY_IMAGES))
             print(f"results written to {out_dir}")
     finally:
         distributed.cleanup()

@@ -26,17 +26,3 @@ def _resize_matrix_f64(n_in: int, n_out: int) -> Tensor:
 def resize_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """(n_out, n_in) matrix of 1-D bilinear resizing along one axis, as F.interpolate(align_corners=False)."""
     return _resize_matrix_f64(int(n_in), int(n_out)).to(device=device, dtype=dtype)
-
-
-def bilinear_resize_hwc(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a channels-last (h, w, C) tensor to (H, W, C): F.interpolate(bilinear, align_corners=False)
-    up to float rounding, as two matmuls in x's dtype (autocast off). Channels stay contiguous, so a
-    following reduction over classes (max/argmax over the last dim) is a fast vectorised one."""
-    h, w, c = x.shape
-    if (h, w) == tuple(size):
-        return x
-    uh = resize_matrix(h, size[0], x.device, x.dtype)
-    uw = resize_matrix(w, size[1], x.device, x.dtype)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        rows = torch.matmul(uh, x.reshape(h, w * c)).view(size[0], w, c)
-        return torch.matmul(uw, rows)  # (W, w) @ (H, w, C) -> (H, W, C)

@@ -7,7 +7,6 @@ one from a loaded checkpoint (for evaluation, prediction and the demo).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.vit import VisionTransformer, build_vit
 
-log = logging.getLogger(__name__)
+BANK_PREFIX = "bank."  # state-dict keys of the CAC memory bank (Segmenter.bank): training state, left out of exports
 
 
 def register_pixel_stats(module: nn.Module) -> None:
@@ -81,13 +80,23 @@ def segmenter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for prefix in ("module.", "segmenter."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("bank.")}
+    return {k: v for k, v in state.items() if not k.startswith(BANK_PREFIX)}
+
+
+def memory_bank_from_weights(state: dict[str, torch.Tensor]) -> MemoryBank:
+    """The CAC memory bank in a training checkpoint's 'model' entry (exports leave it out)."""
+    entries = {k[len(BANK_PREFIX):]: v for k, v in state.items() if k.startswith(BANK_PREFIX)}
+    if "slots" not in entries:
+        raise CheckpointError(f"no memory bank in these weights (no {BANK_PREFIX}slots entry): trained without the CAC?")
+    bank = MemoryBank(*entries["slots"].shape[:3])
+    bank.load_state_dict(entries)
+    return bank
 
 
 def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
                               model_cfg: ModelConfig | None = None,
                               source: str = "checkpoint") -> tuple[Segmenter, list[str], Config]:
-    """Build the segmenter of a loaded checkpoint (``larvseg.train.checkpoint.load_checkpoint``) for inference.
+    """Build the segmenter of a loaded checkpoint (``larvseg.models.io.load_checkpoint``) for inference.
 
     Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
     The architecture comes from the checkpoint's config unless ``model_cfg`` is given; the backbone is

@@ -1,5 +1,9 @@
 """Checkpoints: atomic save, safe load, keep-last-k, auto-resume, and the safetensors export for predict.
 
+``Checkpointer(work_dir, keep_last)`` is what both training commands (``larvseg train``, ``larvseg
+pretrain``) use: ``prepare`` (work dir, config.yaml, killed saves' temp files), ``pick`` + ``restore``
+(resume), ``save`` (atomic write, latest link, pruning); the functions below are its parts.
+
 A training checkpoint ``<work_dir>/iter_<step:08d>.pth`` is a plain dict that ``torch.load(...,
 weights_only=True)`` accepts (tensors, numbers, strings, lists, dicts only):
 
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +47,7 @@ import torch
 from larvseg.atomic import atomic_write, remove_stale_temps, temp_path
 from larvseg.errors import CheckpointError  # defined there so the model layer can raise it too
 from larvseg.models.io import load_checkpoint  # the one reader of checkpoint files (re-exported here)
+from larvseg.models.segmenter import BANK_PREFIX
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -51,8 +57,6 @@ FINAL_WEIGHTS = "final.safetensors"
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:08d}.pth"
-
-
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -147,6 +151,61 @@ def load_resume(resume: str | None, work_dir: str | os.PathLike,
 
 
 # ----------------------------------------------------------------------------------------------
+# The checkpointer of a training run (``larvseg train`` and ``larvseg pretrain``)
+
+
+class Checkpointer:
+    """The checkpoints of one work dir: atomic saves of the training state, the ``latest.pth`` link,
+    keep-last-k, resuming, and the temp files of killed saves. ``larvseg train`` (rank 0 saves, every
+    rank resumes) and ``larvseg pretrain`` both checkpoint through one of these."""
+
+    def __init__(self, work_dir: str | os.PathLike, keep_last: int) -> None:
+        self.work_dir, self.keep_last = Path(work_dir), keep_last
+
+    def path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is (or will be) written."""
+        return self.work_dir / checkpoint_name(step)
+
+    def latest(self) -> Path | None:
+        """The newest ``iter_*.pth`` in the work dir (None if there is none)."""
+        return latest_checkpoint(self.work_dir)
+
+    def prepare(self, config_text: str) -> None:
+        """Create the work dir, write the run's ``config.yaml`` and remove the temp files of killed saves."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "config.yaml").write_text(config_text)
+        for p in remove_stale_temps(self.work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
+            print(f"removed {p.name}: temp file of a killed save", flush=True)
+
+    def pick(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+        """(path, state) of the checkpoint to resume from, or (None, None) to start fresh: ``load_resume``
+        ("auto" = the newest readable one, an unreadable newer one skipped with a message on stderr)."""
+        return load_resume(resume, self.work_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+
+    def restore(self, path: Path, state: dict[str, Any] | None, class_names: list[str], model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+        """Load the checkpoint at ``path`` (``state``: read already, or None) into ``model`` and ``optimizer``
+        and restore the RNG states; returns (the step to continue from, the state)."""
+        if state is None:
+            state = load_checkpoint(path)
+        return restore_training_state(state, path, class_names, model, optimizer), state
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
+             class_names: list[str], **extra: Any) -> Path:
+        """Write ``iter_<step>.pth`` atomically (format, step, model, optimizer, config, vocabulary, RNG
+        states and ``extra`` entries), point ``latest.pth`` at it, keep the newest ``keep_last``."""
+        path = self.path(step)
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "config": config, "vocab": list(class_names), "rng": rng_state(),
+            **extra,
+        })
+        update_latest_link(path)
+        prune_checkpoints(self.work_dir, self.keep_last)
+        return path
+
+
+# ----------------------------------------------------------------------------------------------
 # RNG states as tensors and plain data (so weights_only loading accepts them)
 
 
@@ -198,7 +257,7 @@ def export_weights(path: str | os.PathLike, model_state: dict[str, torch.Tensor]
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the export must end in .safetensors")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if not k.startswith("bank.")}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if not k.startswith(BANK_PREFIX)}
     meta = {"config": config, "vocab": list(vocab), "step": int(step), "format": CHECKPOINT_FORMAT}
     if supervised is not None:
         meta["supervised"] = [int(i) for i in supervised]

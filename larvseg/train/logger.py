@@ -1,5 +1,5 @@
 """Training metrics: a tqdm progress bar, a text line every ``log_interval`` steps, ``metrics.jsonl``,
-a training-curve PNG and, when tensorboardX is installed, TensorBoard event files (larvseg.train.tensorboard)
+a training-curve PNG and, when tensorboardX is installed, TensorBoard event files (larvseg.tensorboard)
 in the work dir. Only rank 0 writes (``enabled``); the values it receives are
 already averaged over ranks by the loop.
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from larvseg.progress import progress_bar
 
-from larvseg.train.tensorboard import TensorBoardLog, log_images, tensorboard_available
+from larvseg.tensorboard import TensorBoardLog, log_images, tensorboard_available
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "training_curve.png"

@@ -20,7 +20,10 @@ machine (once, cached; larvseg.precision), float32 elsewhere; "bf16" forces it; 
 losses run in float32 either way.
 ``train.threads``: intra-op threads (0 = LARVSEG_THREADS, OMP_NUM_THREADS or a default from the model
 size; larvseg.threads), printed at the start.
-``train.eval_interval``: > 0 every N steps and at the end, 0 only at the end, < 0 never.
+``train.eval_interval``: > 0 every N steps and at the end, 0 only at the end, < 0 never. The evaluation
+is handed in (``train(..., evaluator=...)``; ``larvseg train`` hands ``larvseg eval``'s
+larvseg.eval.evaluate.Evaluator), as big_vision hands its evaluators to the trainer: this layer does not
+import the evaluation code.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,28 +49,29 @@ from larvseg.data.mixing import MixedLoader
 from larvseg.data.vocabulary import Vocabulary, build_vocabulary
 from larvseg.data.synthetic import ensure_smoke_data
 from larvseg.domains import require_writable
-from larvseg.eval.evaluate import EVAL_RESULTS, eval_overlays, evaluate
+from larvseg.models.model_repo import EVAL_RESULTS
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
 from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
+from larvseg.tensorboard import OVERLAY_IMAGES
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    FINAL_WEIGHTS,
-    checkpoint_name,
-    export_weights,
-    load_checkpoint,
-    load_resume,
-    prune_checkpoints,
-    remove_stale_temps,
-    restore_training_state,
-    rng_state,
-    save_checkpoint,
-    update_latest_link,
-)
+from larvseg.train.checkpoint import FINAL_WEIGHTS, Checkpointer, export_weights
 from larvseg.train.logger import MetricLogger
 from larvseg.train.schedule import poly_lr, set_lr
+
+
+class Evaluation(Protocol):
+    """What ``train`` evaluates with, built by its caller (larvseg.eval.evaluate.Evaluator is one)."""
+
+    def run(self, segmenter: Segmenter, *, out_dir: Path) -> dict[str, Any]:
+        """Metrics of ``segmenter`` (call on every rank); rank 0 writes them to ``out_dir``, its
+        ``EVAL_RESULTS`` file last."""
+        ...
+
+    def overlays(self, segmenter: Segmenter, count: int) -> list[np.ndarray]:
+        """Predictions of the first ``count`` evaluation images drawn over them (for TensorBoard)."""
+        ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,25 +139,30 @@ def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
         seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
 
 
-def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoader, resume: str | None = None) -> Path:
+def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoader, resume: str | None = None,
+          evaluator: Evaluation | None = None) -> Path:
     """Train ``segmenter`` on the batches of ``loader`` (in this process, or as one rank under torchrun);
     returns the work dir.
 
     ``vocab``: the union vocabulary (its names go into checkpoints); ``loader``: an iterable of
     StepBatch for this rank with ``start_at(step)`` (larvseg.data.mixing.MixedLoader; ``build`` makes
     all three from ``cfg``). ``resume``: None = ``cfg.train.resume`` ("" = auto: newest checkpoint in
-    the work dir), "auto", "none" (start fresh) or a checkpoint path."""
+    the work dir), "auto", "none" (start fresh) or a checkpoint path. ``evaluator``: what evaluates the
+    segmenter every ``train.eval_interval`` steps (e.g. ``larvseg.eval.evaluate.Evaluator(cfg, vocab)``);
+    required unless ``train.eval_interval`` < 0."""
+    if cfg.train.eval_interval >= 0 and evaluator is None:
+        raise ValueError(f"train.eval_interval={cfg.train.eval_interval} evaluates during training, but train() was "
+                         "handed no evaluator: pass evaluator=larvseg.eval.evaluate.Evaluator(cfg, vocab), or set "
+                         "train.eval_interval=-1")
     device = distributed.init_from_env(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
-    work_dir = cfg.work_dir()
-    if is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "config.yaml").write_text(dump_config(cfg))
-        for p in remove_stale_temps(work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
-            print(f"removed {p.name}: temp file of a killed save", flush=True)
-    distributed.barrier()
     t = cfg.train
+    work_dir = cfg.work_dir()
+    checkpointer = Checkpointer(work_dir, t.keep_last)
+    if is_main:
+        checkpointer.prepare(dump_config(cfg))
+    distributed.barrier()
 
     segmenter = segmenter.to(device)
     if device.type == "cpu":
@@ -177,16 +187,14 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     resume_arg = resume if resume is not None else t.resume
     state = None
     if is_main:
-        resume_path, state = load_resume(resume_arg, work_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        resume_path, state = checkpointer.pick(resume_arg)
     resume_path = distributed.broadcast_object(resume_path if is_main else None)
     start_step = 0
     # classes that had any supervision (a labelled pixel or a tag) so far; stored in every checkpoint so
     # that predict can default to them and warn about the others
     supervised = torch.zeros(len(vocab), dtype=torch.bool)
     if resume_path is not None:
-        if state is None:
-            state = load_checkpoint(resume_path)
-        start_step = restore_training_state(state, resume_path, vocab.names, segmenter, optimizer)
+        start_step, state = checkpointer.restore(resume_path, state, vocab.names, segmenter, optimizer)
         supervised[torch.as_tensor(state.get("supervised", []), dtype=torch.long)] = True
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
@@ -202,23 +210,16 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         return seen.nonzero().flatten().tolist()
 
     def save(step: int) -> Path:
-        path = work_dir / checkpoint_name(step)
         seen = supervised_ids()
         if is_main:
-            save_checkpoint(path, {
-                "format": CHECKPOINT_FORMAT, "step": step, "model": segmenter.state_dict(),
-                "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names),
-                "rng": rng_state(), "supervised": seen,
-            })
-            update_latest_link(path)
-            prune_checkpoints(work_dir, t.keep_last)
+            checkpointer.save(step, segmenter, optimizer, cfg.to_dict(), vocab.names, supervised=seen)
             logger.plot()
         distributed.barrier()
-        return path
+        return checkpointer.path(step)
 
     def run_eval(step: int) -> None:
-        results = evaluate(cfg, segmenter, vocab, out_dir=work_dir / f"eval_iter_{step}")
-        logger.log_eval(step, results, images=lambda: eval_overlays(cfg, segmenter, vocab))
+        results = evaluator.run(segmenter, out_dir=work_dir / f"eval_iter_{step}")
+        logger.log_eval(step, results, images=lambda: evaluator.overlays(segmenter, OVERLAY_IMAGES))
 
     try:  # an error ends the progress bar's line first, so that its message starts a line of its own
         model.train()
@@ -282,16 +283,19 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     return work_dir
 
 
-def main(args: argparse.Namespace, build: Callable[[Config, torch.device], tuple] = build) -> int:
-    """``larvseg train``; ``build`` makes what ``train`` is handed (tests hand in synthetic data this way)."""
+def main(args: argparse.Namespace, build: Callable[[Config, torch.device], tuple] = build, *,
+         make_evaluator: Callable[[Config, Vocabulary], Evaluation] | None = None) -> int:
+    """``larvseg train``; ``build`` makes what ``train`` is handed (tests hand in synthetic data this way),
+    ``make_evaluator(cfg, vocab)`` its evaluator (the command line hands in larvseg.eval.evaluate.Evaluator)."""
     cfg = load_config(args.config, args.overrides)
     if args.work_dir:
         cfg.train.work_dir = args.work_dir
     require_writable(cfg.work_dir(), "work dir (train.work_dir / --work-dir)")  # before data and model are built
     device = distributed.init_from_env(cfg.train.device)
     vocab, segmenter, loader = build(cfg, device)
+    evaluator = make_evaluator(cfg, vocab) if make_evaluator is not None and cfg.train.eval_interval >= 0 else None
     try:
-        train(cfg, vocab, segmenter, loader, resume=args.resume)
+        train(cfg, vocab, segmenter, loader, resume=args.resume, evaluator=evaluator)
     except NonFiniteLossError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone; every rank raised the same
             print(f"larvseg train: {exc}", file=sys.stderr, flush=True)

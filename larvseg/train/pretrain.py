@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from larvseg import distributed
 from larvseg.config import Config, ConfigError, dump_config, load_config
 from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
@@ -49,20 +50,8 @@ from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
-from larvseg.atomic import remove_stale_temps
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    checkpoint_name,
-    load_resume,
-    prune_checkpoints,
-    resolve_resume,
-    restore_training_state,
-    rng_state,
-    save_checkpoint,
-    update_latest_link,
-)
+from larvseg.train.checkpoint import CheckpointError, Checkpointer
 from larvseg.train.logger import MetricLogger
 from larvseg.train.loop import NonFiniteLossError, seed_everything, step_seed
 from larvseg.train.schedule import poly_lr, set_lr
@@ -157,12 +146,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         raise RuntimeError("larvseg pretrain runs in one process; launch it without torchrun")
     if p.iters <= 0 or p.batch_size <= 0:
         raise ConfigError(f"pretrain.iters and pretrain.batch_size must be > 0, got {p.iters} and {p.batch_size}")
-    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = distributed.select_device(t.device)
     work_dir = Path(p.work_dir or f"work_dirs/{cfg.name or 'default'}_pretrain")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.yaml").write_text(dump_config(cfg))
-    for stale in remove_stale_temps(work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
-        print(f"removed {stale.name}: temp file of a killed save", flush=True)
+    checkpointer = Checkpointer(work_dir, t.keep_last)
+    checkpointer.prepare(dump_config(cfg))
     out_path = Path(p.out) if p.out else work_dir / BACKBONE_FILE
 
     seed_everything(t.seed)
@@ -178,25 +165,15 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
-    resume_path, state = load_resume(resume if resume is not None else "auto", work_dir,
-                                     say=lambda m: print(m, file=sys.stderr, flush=True))
+    resume_path, state = checkpointer.pick(resume if resume is not None else "auto")
     if resume_path is not None:
         if state.get("kind") != "pretrain":
             raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
-        start_step = restore_training_state(state, resume_path, vocab.names, model, optimizer)
+        start_step, _ = checkpointer.restore(resume_path, state, vocab.names, model, optimizer)
         print(f"resumed from {resume_path} at step {start_step}", flush=True)
 
     loader = MixedLoader(loader_config(cfg), vocab, 0, 1, start_step=start_step, pin_memory=device.type == "cuda")
     logger = MetricLogger(work_dir, p.iters, start_step, p.batch_size, t.log_interval, enabled=True)
-
-    def save(step: int) -> None:
-        path = work_dir / checkpoint_name(step)
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "kind": "pretrain", "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names), "rng": rng_state(),
-        })
-        update_latest_link(path)
-        prune_checkpoints(work_dir, t.keep_last)
 
     model.train()
     batches = iter(loader)
@@ -211,14 +188,14 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         if not math.isfinite(values["loss"]):
             logger.close()
             raise NonFiniteLossError(f"non-finite pretraining loss at step {step} (lr {lr:.3e}); "
-                                     f"last good checkpoint: {resolve_resume('auto', work_dir) or 'none'}")
+                                     f"last good checkpoint: {checkpointer.latest() or 'none'}")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
         steps_done = step + 1
         logger.update(steps_done, lr, values)
         if steps_done % t.checkpoint_interval == 0 or steps_done == p.iters:
-            save(steps_done)
+            checkpointer.save(steps_done, model, optimizer, cfg.to_dict(), vocab.names, kind="pretrain")
     logger.plot()
     logger.close()
 

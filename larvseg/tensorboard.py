@@ -10,9 +10,12 @@ on by default when installed (``train.tensorboard=false`` turns it off). Tags:
     train/lr, train/images_per_s
     eval/<metric>      mIoU, mIoU_base, mIoU_novel, mAcc, aAcc, ... (the JSONL eval record)
     curve              the training-curve PNG, each time it is redrawn
-    eval/prediction_<k>  overlays of the first evaluation images with a legend (larvseg.eval.evaluate.eval_overlays)
+    eval/prediction_<k>  overlays of the first ``OVERLAY_IMAGES`` evaluation images with a legend
+                       (larvseg.eval.evaluate.Evaluator.overlays)
 
 ``larvseg eval`` writes the same eval/ scalars and overlays, at the checkpoint's step, into its output folder.
+This module sits in the bottom layer (it imports only numpy and tensorboardX) so that the training loop's
+logger and ``larvseg eval`` share it without importing each other.
 
 A resumed run passes its start step as ``purge_step``, so TensorBoard drops the events that the killed
 run wrote after its last checkpoint, as the JSONL does.
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+OVERLAY_IMAGES = 3  # evaluation images drawn as overlays (training and `larvseg eval`)
 
 
 def tensorboard_available() -> bool:
