@@ -13,6 +13,7 @@ python -m venv --system-site-packages "$scratch/venv"
 "$scratch/venv/bin/python" -m pip install -q --no-deps "$scratch"/dist/larvseg-*.whl
 cd "$scratch"
 export OMP_NUM_THREADS=1 LARVSEG_DATA=  # nothing from this machine's data folders
+export XDG_CACHE_HOME="$scratch/cache"  # the amp calibration and file indexes of this run stay in the scratch folder
 unset PYTHONPATH  # larvseg must come from the wheel
 py="$scratch/venv/bin/python"
 "$py" - <<'PY'
