@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from larvseg import atomic
+from cli_parsers import all_parsers
 from larvseg.cli import build_parser, main, parse_args
 from larvseg.config import ConfigError
 
@@ -30,16 +31,8 @@ def test_overrides_anywhere_on_the_line():
             _parse(bad)
 
 
-def _parsers(parser: argparse.ArgumentParser, prefix: str = "larvseg"):
-    yield prefix, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _parsers(sub, f"{prefix} {name}")
-
-
 def test_every_help_describes_every_argument_and_shows_defaults():
-    parsers = list(_parsers(build_parser()))
+    parsers = list(all_parsers(build_parser()))
     assert {p for p, _ in parsers} >= {"larvseg train", "larvseg eval", "larvseg predict", "larvseg demo",
                                        "larvseg data check"}
     for prog, parser in parsers:

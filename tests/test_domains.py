@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from cli_parsers import all_parsers
 from larvseg import cli
 from larvseg.config import DATASET_FORMATS, VIT_ARCHES, Config, SourceConfig, load_config
 from larvseg.domains import TEXT, Domain
@@ -128,17 +129,9 @@ BASE_ARGV = {
 }
 
 
-def _parsers(parser: argparse.ArgumentParser, prefix: str = "larvseg"):
-    yield prefix, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _parsers(sub, f"{prefix} {name}")
-
-
 def _valued_options():
     """(command, option string, domain, kind) of every option that takes a value, of every sub-command."""
-    for prog, parser in _parsers(cli.build_parser()):
+    for prog, parser in all_parsers(cli.build_parser()):
         for action in parser._actions:
             if not action.option_strings or action.nargs == 0 or isinstance(action, argparse._HelpAction):
                 continue
