@@ -254,8 +254,8 @@ class SegmentationService:
         """UploadError 503 with a Retry-After estimate when ``max_queue`` jobs are waiting or running."""
         pending = self.pending()
         if pending >= self.max_queue:
-            done = [j.seconds for j in self.jobs.values() if j.seconds]
-            per_job = sum(done) / len(done) if done else 5.0
+            durations = [j.seconds for j in self.jobs.values() if j.seconds]  # of finished jobs
+            per_job = sum(durations) / len(durations) if durations else 5.0
             raise UploadError(f"the server is busy: {pending} uploads are waiting or running, the most it takes is "
                               f"{self.max_queue} (larvseg serve --max-queue); try again in a few seconds", 503,
                               retry_after=max(1, round(per_job * (pending - self.max_queue + 1))))
