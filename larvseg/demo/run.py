@@ -40,11 +40,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -288,32 +292,36 @@ def run_job(job: Job) -> JobOutput:
     return JobOutput(result, rows, diag, probe)
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
-    """Every job in its own single-threaded worker, ``workers`` at a time; outputs in job order."""
-    outputs: list[JobOutput | None] = [None] * len(jobs)
+def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job,
+             done: Callable[[int, int, Any], None] | None = None) -> list[Any]:
+    """``work(job)`` for every job (default: :func:`run_job`) in its own single-threaded worker, ``workers`` at
+    a time; ``done(i, total, output)`` reports each as it finishes (default: the demo's per-run line);
+    outputs in job order. ``work`` must be a module-level function (the workers are spawned)."""
+    done = done or _say_done
+    outputs: list[Any] = [None] * len(jobs)
     if workers <= 1:  # in this process: its thread settings are restored afterwards
         threads_before, env_before = torch.get_num_threads(), os.environ.get("LARVSEG_THREADS")
         _init_worker(THREADS_PER_RUN)
         try:
             for i, job in enumerate(jobs):
-                outputs[i] = run_job(job)
-                _say_done(i, len(jobs), outputs[i])
+                outputs[i] = work(job)
+                done(i, len(jobs), outputs[i])
         finally:
             torch.set_num_threads(threads_before)
             if env_before is None:
                 os.environ.pop("LARVSEG_THREADS", None)
             else:
                 os.environ["LARVSEG_THREADS"] = env_before
-        return outputs  # type: ignore[return-value]
+        return outputs
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(THREADS_PER_RUN,)) as pool:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(work, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
             outputs[i] = fut.result()
-            _say_done(i, len(jobs), outputs[i])
-    return outputs  # type: ignore[return-value]
+            done(i, len(jobs), outputs[i])
+    return outputs
 
 
 def _say_done(i: int, total: int, out: JobOutput) -> None:
@@ -326,9 +334,10 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
-             jobs: int | None = None, benchmark: str = "habitat") -> Path:
-    start = time.perf_counter()
+def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] | None,
+                     benchmark: str) -> tuple[BenchmarkLayout, Path, PretrainSummary]:
+    """Stages 1-2: the mini benchmark under ``data`` (generated unless there) and the stage-0 backbone under
+    ``<out>/pretrain`` (reused when finished); returns the layout, the backbone's ``.npz`` and its summary."""
     _say(f"mini benchmark ({benchmark} family): {data}")
     spec = BENCHMARKS[benchmark]
     if profile.benchmark_size:
@@ -345,6 +354,13 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     finally:
         torch.set_num_threads(threads_before)
     _say(f"stage 0: train top-1 {pre.top1[-1]:.1f} % at the end ({pre.seconds:.0f} s); backbone {npz}")
+    return layout, npz, pre
+
+
+def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
+             jobs: int | None = None, benchmark: str = "habitat") -> Path:
+    start = time.perf_counter()
+    layout, npz, pre = prepare_backbone(out, data, profile, extra, benchmark)
 
     seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
     variants = [v for v in VARIANTS if v != ORACLE or profile.oracle]
@@ -419,8 +435,15 @@ def main(args: argparse.Namespace) -> int:
     jobs = getattr(args, "jobs", None)
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs,
-                      getattr(args, "benchmark", "habitat"))
+    benchmark = getattr(args, "benchmark", "habitat")
+    if getattr(args, "compare", None):
+        from larvseg.demo.compare import parse_options, run_compare
+
+        command = "larvseg demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
+        run_compare(out, data, profile, seeds, parse_options(args.compare), getattr(args, "overrides", None), jobs,
+                    benchmark, command)
+        return 0
+    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs, benchmark)
     _say(f"report: {report.resolve()}")
     _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS).resolve()}")
     return 0
