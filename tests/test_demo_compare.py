@@ -18,6 +18,7 @@ from larvseg.demo.checks import t_interval
 from larvseg.demo.compare import (
     PAPER,
     RUN_RECORD,
+    CompareOptionError,
     LossOption,
     build_rows,
     finished_record,
@@ -25,9 +26,10 @@ from larvseg.demo.compare import (
     leakage,
     parse_option,
     parse_options,
+    run_compare,
     run_key,
 )
-from larvseg.demo.run import BASELINE, LARVSEG, SEG_ONLY
+from larvseg.demo.run import BASELINE, LARVSEG, PROFILES, SEG_ONLY
 
 
 def test_option_syntax():
@@ -57,6 +59,13 @@ def test_cli_collects_options_after_the_overrides():
     assert args.overrides == ["train.iters=5"]
     assert args.compare == ["model.image_loss.pooling=topk", "r: model.image_loss.pooling=region",
                             "model.image_loss.confident_base=0.5"]
+
+
+def test_the_reference_stays_the_papers_loss(tmp_path):
+    with pytest.raises(CompareOptionError, match="reference would not be the paper's loss"):
+        run_compare(tmp_path, tmp_path / "data", PROFILES["quick"], 1, parse_options(["model.image_loss.pooling=topk"]),
+                    ["model.image_loss.pooling=region"])
+    assert not (tmp_path / "data").exists()  # refused before generating anything
 
 
 def test_leakage_matches_a_per_pixel_count():

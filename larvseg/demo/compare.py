@@ -57,6 +57,7 @@ from larvseg.demo.run import (
     variant_config,
 )
 from larvseg.errors import UserError
+from larvseg.models.image_loss import is_paper
 
 PAPER = "paper"  # the label of the paper's loss (model.image_loss at its defaults)
 COMPARED = (BASELINE, LARVSEG)  # the variants trained with every loss
@@ -368,6 +369,9 @@ def run_compare(out: Path, data: Path, profile: Profile, seeds: int, options: li
                 command: str = "") -> Path:
     """The comparison (module docstring); returns ``<out>/compare.md``."""
     start = time.perf_counter()
+    if not is_paper(load_config("demo", list(extra or [])).model.image_loss):
+        raise CompareOptionError("--compare: the overrides before --compare change model.image_loss, so the reference "
+                                 "would not be the paper's loss; give image-loss overrides as an OPTION")
     for o in options:  # a misspelt key fails now, not after stage 0
         load_config("demo", [*(extra or []), *o.overrides])
     layout, npz, _ = prepare_backbone(out, data, profile, extra, benchmark)
