@@ -27,7 +27,7 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    AMP, CLASSES, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
+    AMP, CLASSES, COMPARE_OPTION, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
     SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired seeds of the baseline and LarvSeg (default: 5, quick: 1; segmentation only: 3 of them)")
     p.add_argument("--jobs", type=POSITIVE_INT.option(), default=None,
                    help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
-    p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="OPTION",
+    p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="OPTION", type=COMPARE_OPTION.option(),
                    help="instead of the claim check (the default, without --compare): train the paper's image-level loss and each OPTION (baseline and "
                         "LarvSeg, paired seeds, plus segmentation only) and write <out>/compare.md and compare.json "
                         "(larvseg.demo.compare). OPTION is one argument: '[LABEL:] KEY=VALUE [KEY=VALUE ...]', e.g. "
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.image_loss.confident_base=0.5'. Finished runs of the identical config are reused. Put "
                         "demo overrides before --compare (after it, every KEY=VALUE is an OPTION)")
     _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")
-    p.set_defaults(handler="larvseg.demo.run:main")
+    p.set_defaults(handler="larvseg.demo.compare:main")  # larvseg.demo.run:main unless --compare
 
     p = _sub(sub, "data", "dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND",

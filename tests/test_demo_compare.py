@@ -41,12 +41,16 @@ def test_option_syntax():
     # a colon inside a value is no label
     assert parse_option("model.pretrained=C:/x.npz").overrides == ("model.pretrained=C:/x.npz",)
     assert parse_option("model.image_loss.pooling=topk train.lr=0.1").label == "pooling=topk train.lr=0.1"
-    with pytest.raises(ValueError, match=r"--compare 'pooling'.*'pooling'"):
+    with pytest.raises(ValueError, match=r"--compare 'pooling':.*not KEY=VALUE: 'pooling'"):
         parse_option("pooling")
     with pytest.raises(ValueError, match="no override"):
         parse_option("label:")
+    with pytest.raises(ValueError, match="unbalanced|quotation"):
+        parse_option("'model.image_loss.pooling=topk")
     with pytest.raises(ValueError, match="taken by a reference row"):
-        parse_option("paper: model.image_loss.pooling=topk")
+        parse_options(["paper: model.image_loss.pooling=topk"])
+    with pytest.raises(ValueError, match="taken by a reference row"):
+        parse_options([f"{SEG_ONLY.label}: model.image_loss.pooling=topk"])
     with pytest.raises(ValueError, match="same label"):
         parse_options(["a: model.image_loss.pooling=topk", "a: model.image_loss.pooling=region"])
     with pytest.raises(ValueError, match="same folder"):  # two labels, one run folder: they would overwrite each other

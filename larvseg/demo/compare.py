@@ -25,10 +25,12 @@ it had not finished.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ from larvseg.demo.run import (
     Variant,
     _say,
     default_jobs,
+    demo_arguments,
     demo_evaluator,
     prepare_backbone,
     profile_name,
@@ -56,6 +59,8 @@ from larvseg.demo.run import (
     train_variant,
     variant_config,
 )
+from larvseg.demo.run import main as demo_main
+from larvseg.domains import split_compare_option
 from larvseg.errors import UserError
 from larvseg.models.image_loss import is_paper
 
@@ -63,6 +68,8 @@ PAPER = "paper"  # the label of the paper's loss (model.image_loss at its defaul
 COMPARED = (BASELINE, LARVSEG)  # the variants trained with every loss
 NOVEL_GAIN_KEPT = 90.0  # % of the paper's novel gain over segmentation only an option must keep (issue 25's bar)
 RUN_RECORD = "compare_run.json"  # in each run's work dir: the key it was trained for and its evaluation
+
+
 _FOLDER_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -85,24 +92,22 @@ class LossOption:
 
 
 def parse_option(text: str) -> LossOption:
-    """``[LABEL:] KEY=VALUE [KEY=VALUE ...]`` -> LossOption (ValueError naming the option when malformed)."""
-    label, sep, rest = text.partition(":")
-    if not sep or "=" in label:  # no label: the colon, if any, belongs to a value
-        label, rest = "", text
-    overrides = tuple(shlex.split(rest))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if not overrides or bad:
-        raise CompareOptionError(f"--compare {text!r}: expected [LABEL:] KEY=VALUE [KEY=VALUE ...] (e.g. "
-                         f"model.image_loss.pooling=region), got {', '.join(map(repr, bad)) or 'no override'}")
-    label = label.strip() or " ".join(o.removeprefix("model.image_loss.") for o in overrides)
-    if label in (PAPER, SEG_ONLY.label):
-        raise CompareOptionError(f"--compare {text!r}: the label {label!r} is taken by a reference row; pick another")
-    return LossOption(label, overrides)
+    """``[LABEL:] KEY=VALUE [KEY=VALUE ...]`` (larvseg.domains.split_compare_option) -> LossOption; without a
+    label, the overrides with ``model.image_loss.`` left out (CompareOptionError naming the option when malformed)."""
+    try:
+        label, overrides = split_compare_option(text)
+    except ValueError as exc:
+        raise CompareOptionError(f"--compare {text!r}: {exc}") from None
+    return LossOption(label or " ".join(o.removeprefix("model.image_loss.") for o in overrides), tuple(overrides))
 
 
 def parse_options(texts: list[str]) -> list[LossOption]:
-    """Every OPTION of ``--compare``; labels and run folders must be distinct."""
+    """Every OPTION of ``--compare`` (larvseg.demo.compare_option); labels and run folders must be distinct and
+    differ from the reference rows'."""
     options = [parse_option(t) for t in texts]
+    for o in options:
+        if o.label in (PAPER, SEG_ONLY.label):
+            raise CompareOptionError(f"--compare {o.label!r}: the label is taken by a reference row; give it another LABEL:")
     for attr in ("label", "folder"):
         seen: dict[str, str] = {}
         for o in options:
@@ -403,5 +408,16 @@ def run_compare(out: Path, data: Path, profile: Profile, seeds: int, options: li
     return path
 
 
-__all__ = ["BAR_RULE", "CompareOptionError", "LossOption", "Row", "build_rows", "compare_jobs", "finished_record", "format_table", "leakage",
+def main(args: argparse.Namespace) -> int:
+    """``larvseg demo``: the comparison with ``--compare``, else the claim check (larvseg.demo.run.main)."""
+    if not getattr(args, "compare", None):
+        return demo_main(args)
+    profile, seeds, out, data, jobs = demo_arguments(args)
+    command = "larvseg demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
+    run_compare(out, data, profile, seeds, parse_options(args.compare), getattr(args, "overrides", None), jobs,
+                getattr(args, "benchmark", "habitat"), command)
+    return 0
+
+
+__all__ = ["BAR_RULE", "CompareOptionError", "LossOption", "Row", "build_rows", "compare_jobs", "finished_record", "format_table", "leakage", "main",
            "parse_option", "parse_options", "run_compare", "run_key", "write_comparison"]

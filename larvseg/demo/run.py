@@ -3,6 +3,8 @@
     larvseg demo [--quick | --full] [--benchmark habitat|uniform] [--out DIR] [--data DIR] [--seeds N] [--jobs N]
                  [key=value ...]
 
+(With ``--compare OPTION ...``, larvseg.demo.compare: stages 1-2 as below, then the comparison instead of 3-5.)
+
 1. generate the mini benchmark (larvseg.data.synthetic; ``--benchmark``: the habitat family, the default,
    or the uniform-context control) under ``<out>/data`` unless it is there;
 2. stage 0: pretrain the demo's ViT by image classification on every synset folder of the benchmark's
@@ -40,8 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -425,7 +425,8 @@ def profile_name(profile: Profile) -> str:
     return next(name for name, p in PROFILES.items() if p == profile)
 
 
-def main(args: argparse.Namespace) -> int:
+def demo_arguments(args: argparse.Namespace) -> tuple[Profile, int, Path, Path, int | None]:
+    """``larvseg demo``'s arguments: (profile, seeds, out, data, jobs)."""
     profile = PROFILES["quick" if args.quick else "full" if getattr(args, "full", False) else "default"]
     seeds = args.seeds or profile.seeds
     if seeds < 1:
@@ -435,15 +436,13 @@ def main(args: argparse.Namespace) -> int:
     jobs = getattr(args, "jobs", None)
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    benchmark = getattr(args, "benchmark", "habitat")
-    if getattr(args, "compare", None):
-        from larvseg.demo.compare import parse_options, run_compare
+    return profile, seeds, out, data, jobs
 
-        command = "larvseg demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
-        run_compare(out, data, profile, seeds, parse_options(args.compare), getattr(args, "overrides", None), jobs,
-                    benchmark, command)
-        return 0
-    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs, benchmark)
+
+def main(args: argparse.Namespace) -> int:
+    profile, seeds, out, data, jobs = demo_arguments(args)
+    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs,
+                      getattr(args, "benchmark", "habitat"))
     _say(f"report: {report.resolve()}")
     _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS).resolve()}")
     return 0
