@@ -3,9 +3,10 @@
 A format is everything the package knows about one on-disk layout: where it lies by default, its split
 folders, its class list, whether it has masks, how its dataset is built, whether ``larvseg data shard``
 can write it. Adding a format means adding its builder (larvseg.data.datasets) and one entry here;
-everything that depends on the format name (the config's allowed values via
-larvseg.domains.DATASET_FORMATS, the ``larvseg data shard --format`` choices, source checks, class
-lists, shard roles) reads this dict. tests/test_data_formats.py checks that nothing else lists them.
+everything that depends on the format (source checks, class lists, split detection, shard roles, the
+table of docs/DATASETS.md) reads this dict. Only the names are also below the data layer, in
+larvseg.domains.DATASET_FORMATS, so that configs and the command line are checked when read;
+tests/test_data_formats.py keeps the two equal and checks that nothing else lists formats.
 """
 
 from __future__ import annotations

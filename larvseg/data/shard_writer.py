@@ -35,6 +35,7 @@ from larvseg.data.formats import dataset_format, shardable_formats
 from larvseg.data.sources import build_source_checked, source_class_names
 from larvseg.domains import SIZE_PATTERN
 
+
 class _OwnClasses:
     """A stand-in vocabulary whose ids are the source's own class indices: the folder dataset then
     yields class indices (tags) and raw -> class-index label tables, which is what the shards store."""
