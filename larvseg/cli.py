@@ -26,13 +26,13 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    AMP, CLASSES, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
-    SIZE, TEXT, one_of,
+    AMP, CLASSES, DATASET_FORMATS, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT,
+    POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
 
 METRIC = one_of("mIoU")
-SHARD_FORMAT = one_of("imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg")
+DATASET_FORMAT = one_of(*DATASET_FORMATS)  # `data shard` refuses the formats it cannot write (larvseg.data.formats)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(data_sub, "shard", "write a folder source as WebDataset tar shards (resumable: run it again)")
     s.add_argument("source", help="the source's folder (for --format imagenet: the folder holding fall11_whole)")
     s.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
-    s.add_argument("--format", type=SHARD_FORMAT.option(), required=True,
-                   help="the folder's layout, as in configs (required)")
+    s.add_argument("--format", type=DATASET_FORMAT.option(), required=True,
+                   help="the folder's layout, as in configs; every folder format, not shards (required)")
     s.add_argument("--split", type=TEXT.option(), default="",
                    help="split sub-folder of segmentation formats (default: detected, the training split in either "
                         "spelling, e.g. train2017 or training)")

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import yaml
 
 from larvseg.domains import (  # AMP_MODES is part of config's interface too
-    AMP, AMP_MODES, BOOL, CLASSES, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE, NON_NEGATIVE_INT,
-    NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
+    AMP, AMP_MODES, BOOL, CLASSES, DATASET_FORMATS, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE,
+    NON_NEGATIVE_INT, NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
 )
 from larvseg.errors import UserError
 
@@ -39,10 +39,9 @@ IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "
 # the data layer only needs the mean, to pad crops with a colour that standardises to 0.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-# the keys of larvseg.models.vit.VIT_BUILDERS and larvseg.data.datasets.DATASET_BUILDERS (tests check
-# that they agree): listed here so that a config is checked when it is loaded, not when a model is built
+# the keys of larvseg.models.vit.VIT_BUILDERS (tests check that they agree): listed here so that a config
+# is checked when it is loaded, not when a model is built (dataset formats: larvseg.domains.DATASET_FORMATS)
 VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
-DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
 EVAL_MODES = ("slide", "whole")
 SOURCE_FORMAT = Domain(f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)", str,
                        lambda v: v in ("", *DATASET_FORMATS), ("nonsense",))
@@ -104,7 +103,7 @@ class SourceConfig:
     """
 
     name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
-    format: str = ""  # key of larvseg.data.datasets.DATASET_BUILDERS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
+    format: str = ""  # key of larvseg.data.formats.FORMATS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
     root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
     split: str = ""  # sub-folder of images/ and annotations/; "" = detect the training (data.eval: validation) split's folder
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file

@@ -38,7 +38,7 @@ def test_inference_benchmark_bf16_labels_of_a_checkpoint(tmp_path):
 
     from larvseg.config import Config, EvalConfig, ModelConfig
     from larvseg.data import testing as T
-    from larvseg.data.vocabulary import build_vocabulary
+    from larvseg.data.sources import build_vocabulary
     from larvseg.models.segmenter import build_segmenter
     from larvseg.train.checkpoint import save_checkpoint
 

@@ -17,12 +17,13 @@ from larvseg.cli import main as cli_main
 from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data import testing as T
-from larvseg.data.datasets import ShardFiles, ShardStream, build_source_checked
+from larvseg.data.datasets import ShardFiles, ShardStream
 from larvseg.data.io import DataError, read_label
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.shard_stream import StreamPlan
 from larvseg.data.shard_writer import ShardWriter, parse_size
-from larvseg.data.vocabulary import build_vocabulary, imagenet_names, imagenet_subset
+from larvseg.data.sources import build_source_checked, build_vocabulary
+from larvseg.data.vocabulary import imagenet_names, imagenet_subset
 
 WNIDS = imagenet_subset("ade847")[:4]
 

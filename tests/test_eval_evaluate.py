@@ -13,7 +13,7 @@ from larvseg.cli import main as cli_main
 from larvseg.config import EvalConfig, ModelConfig, SourceConfig, dump_config
 from larvseg.data import testing as T
 from larvseg.data.io import CorruptImageError
-from larvseg.data.vocabulary import build_vocabulary
+from larvseg.data.sources import build_vocabulary
 from larvseg.eval.evaluate import evaluate, format_table
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import save_checkpoint

@@ -21,10 +21,11 @@ import numpy as np
 from larvseg.progress import progress_bar
 
 from larvseg.config import Config, SourceConfig, load_config
-from larvseg.data.datasets import ImageTagFolder, build_source_checked
+from larvseg.data.datasets import ImageTagFolder
 from larvseg.data.io import DataError
 from larvseg.data.transforms import source_scale
-from larvseg.data.vocabulary import VocabularyError, build_vocabulary
+from larvseg.data.sources import build_source_checked, build_vocabulary
+from larvseg.data.vocabulary import VocabularyError
 
 
 @dataclass

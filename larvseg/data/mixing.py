@@ -34,9 +34,10 @@ import torch
 
 from larvseg.config import IGNORE_INDEX, Config, DataConfig, SourceConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
-from larvseg.data.datasets import ShardStream, SourceDataset, build_source_checked
+from larvseg.data.datasets import ShardStream, SourceDataset
 from larvseg.data.io import DataError
 from larvseg.data.shard_stream import StreamPlan
+from larvseg.data.sources import build_source_checked
 from larvseg.data.transforms import TrainTransform, eval_resize, train_transform
 from larvseg.data.vocabulary import Vocabulary
 

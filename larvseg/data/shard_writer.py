@@ -1,7 +1,7 @@
 """``larvseg data shard SOURCE --out DIR --format FMT``: a folder source written as WebDataset tar shards.
 
-Any folder format (``imagenet`` I22K layout, ``custom_tags``, ``ade150``, ``ade847``, ``coco171``,
-``custom_seg``) is listed with its own dataset builder, so the shards hold exactly the samples training
+Any folder format (every entry of larvseg.data.formats.FORMATS with ``shardable``: all but
+``webdataset``) is listed with its own dataset builder, so the shards hold exactly the samples training
 from the folder would use. Image and label files are copied byte for byte (nothing re-encoded); each
 label map is decoded once to validate it and count the classes it contains. The layout is in
 larvseg.data.shards.
@@ -29,12 +29,11 @@ from larvseg.progress import progress_bar
 
 from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
-from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut, build_source_checked
+from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut
 from larvseg.data.io import DataError, read_label
-from larvseg.data.vocabulary import source_class_names
+from larvseg.data.formats import dataset_format, shardable_formats
+from larvseg.data.sources import build_source_checked, source_class_names
 from larvseg.domains import SIZE_PATTERN
-
-TAG_FORMATS = ("imagenet", "custom_tags")
 
 
 class _OwnClasses:
@@ -117,7 +116,10 @@ class ShardWriter:
 
     def __init__(self, source: SourceConfig, data_cfg: DataConfig, out: Path, shard_bytes: int,
                  shard_samples: int = 0, seed: int | None = 0, progress: bool = True) -> None:
-        role = "tag" if source.format in TAG_FORMATS else "seg"
+        fmt = dataset_format(source)
+        if not fmt.shardable:
+            raise ConfigError(f"--format {fmt.name}: cannot be written as shards; choose one of {', '.join(shardable_formats())}")
+        role = "tag" if fmt.image_level_only else "seg"
         built = build_source_checked(source, data_cfg, _OwnClasses(), role)  # type: ignore[arg-type]
         self.build_problems, self.skip_bad = list(built.problems), source.skip_bad  # files left out by the listing
         self.problems: list[str] = []  # label maps left out while writing (skip_bad)

@@ -49,7 +49,8 @@ from larvseg.data.mixing import build_eval_dataset
 from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
 from larvseg.data.class_query import ClassQuery, resolve_query
-from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, class_terms
+from larvseg.data.sources import base_novel_split, build_vocabulary
+from larvseg.data.vocabulary import Vocabulary, class_terms
 from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image

@@ -46,7 +46,8 @@ from larvseg import distributed
 from larvseg.config import Config, dump_config, load_config
 from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
-from larvseg.data.vocabulary import Vocabulary, build_vocabulary
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.data.synthetic import ensure_smoke_data
 from larvseg.domains import require_writable
 from larvseg.models.model_repo import EVAL_RESULTS

@@ -43,7 +43,8 @@ from larvseg import distributed
 from larvseg.config import Config, ConfigError, dump_config, load_config
 from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
-from larvseg.data.vocabulary import Vocabulary, source_class_names
+from larvseg.data.sources import source_class_names
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
 from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
 from larvseg.models.amp_workload import vit_workload
