@@ -14,7 +14,9 @@
 Modules are imported only when their command runs, so ``larvseg --help`` is instant. ``key=value``
 overrides may stand anywhere on the line. Errors the user can fix (bad data, config, checkpoint, an
 unwritable output, a full disk) print one line naming the file and what to do, and exit with 1; the
-traceback only with ``--debug`` or ``LARVSEG_DEBUG=1`` (larvseg.errors).
+traceback only with ``--debug`` or ``LARVSEG_DEBUG=1`` (larvseg.errors). Status lines are logged
+(larvseg.log, set up here): the main process (rank 0) shows them, the other ranks only warnings; with
+``--debug`` every rank shows everything.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from larvseg.domains import (
     POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
+from larvseg.log import setup_logging
 
 METRIC = one_of("mIoU")
 DATASET_FORMAT = one_of(*DATASET_FORMATS)  # `data shard` refuses the formats it cannot write (larvseg.data.formats)
@@ -267,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(parser, argv)
     except SystemExit as exc:  # --help (0), or a wrong command line: its one line is printed already (1)
         return exc.code if isinstance(exc.code, int) else 1
+    debug = debug_requested(getattr(args, "debug", False))
+    setup_logging(debug)
     module_name, func_name = args.handler.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    if debug_requested(getattr(args, "debug", False)):
+    if debug:
         return int(func(args) or 0)
     with warnings.catch_warnings():  # restored on return: in-process callers (tests) keep their own
         warnings.showwarning = _one_line_warnings(args.command)

@@ -32,6 +32,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +58,8 @@ from larvseg.models.io import load_segmenter
 from larvseg.models.segmenter import Segmenter
 from larvseg.progress import progress_bar
 from larvseg.threads import configure_threads
+
+log = logging.getLogger(__name__)
 
 
 class ImageReadError(UserError, ValueError):
@@ -238,7 +241,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for note in [] if predictor.query is None else predictor.query.notes:
-        print(f"note: {note}", file=sys.stderr)
+        log.info("note: %s", note)
     names = predictor.output_names
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
@@ -253,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
             image = read_image(path)
         except ImageReadError as exc:
             failed.append(str(exc))
-            progress_bar.write(f"skipped: {exc}", file=sys.stderr)
+            log.warning("skipped %s", exc)
             continue
         windows = predictor.windows(image.shape[:2])
         with progress_bar(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,

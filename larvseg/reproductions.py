@@ -22,6 +22,7 @@ from larvseg.config import Config, load_config, parse_yaml
 from larvseg.data.formats import FORMATS
 from larvseg.data.mixing import source_batches
 from larvseg.data.transforms import source_scale
+from larvseg.log import setup_logging
 
 TABLE_PATH = Path(__file__).with_name("reproductions.yaml")
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "CONFIGS.md"
@@ -194,4 +195,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -22,7 +22,7 @@ rank's share, the per-position augmentation seeds and class sampling, but not th
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +40,8 @@ from larvseg.data.shard_stream import StreamPlan
 from larvseg.data.sources import build_source_checked
 from larvseg.data.transforms import TrainTransform, eval_resize, train_transform
 from larvseg.data.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:
@@ -252,9 +254,9 @@ def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) 
         if n == 0:
             continue
         built = build_source_checked(source, d, vocab, role)
-        if built.problems and report:
-            print(f"warning: source {source.name}: skipped {len(built.problems)} files (skip_bad); first: {built.problems[0]}",
-                  file=sys.stderr, flush=True)
+        if built.problems and report:  # every rank finds the same problems: one of them says so
+            log.warning("source %s: skipped %d files (skip_bad); first: %s", source.name, len(built.problems),
+                        built.problems[0])
         specs.append(_SourceSpec(source, role, index, built.dataset, n))
     if not specs:
         raise ValueError("no training source: data.seg_sources and data.tag_sources give 0 images per step")
@@ -278,10 +280,9 @@ class MixedLoader:
             transform = train_transform(spec.config, d)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
-                if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs
-                    print(f"note: streamed source {spec.config.name} resumes at step {start_step} exactly only if the "
-                          f"interrupted run also had {world_size} processes and data.num_workers={d.num_workers}",
-                          file=sys.stderr, flush=True)
+                if start_step:  # the interrupted run's layout is not recorded: say what exactness needs
+                    log.info("note: streamed source %s resumes at step %d exactly only if the interrupted run also had "
+                             "%d processes and data.num_workers=%d", spec.config.name, start_step, world_size, d.num_workers)
                 self.loaders.append(torch.utils.data.DataLoader(
                     _StreamSteps(_Samples(spec, transform), _Collate(spec), schedule, rank, world_size, d.num_workers,
                                  start_step, stop_step),
@@ -305,9 +306,9 @@ class MixedLoader:
         for loader in self.loaders:
             if isinstance(loader.dataset, _StreamSteps):  # streamed shards: skips its streams' samples
                 loader.dataset.start = step
-                if step and loader.dataset.rank == 0:  # the interrupted run's layout is not recorded
-                    print(f"note: a streamed source resumes at step {step} exactly only if the interrupted run had "
-                          f"the same number of processes and data.num_workers", file=sys.stderr, flush=True)
+                if step:  # the interrupted run's layout is not recorded
+                    log.info("note: a streamed source resumes at step %d exactly only if the interrupted run had "
+                             "the same number of processes and data.num_workers", step)
             else:
                 loader.batch_sampler.start = step
 
@@ -323,8 +324,8 @@ class MixedLoader:
                 batch, skipped = make_batch(spec, data), data["skipped"]
                 if skipped:
                     self.skipped[spec.config.name].extend(skipped)
-                    print(f"warning: step {step}: skipped {len(skipped)} unreadable samples of {spec.config.name}: {skipped[0]}",
-                          file=sys.stderr, flush=True)
+                    log.warning("step %d: skipped %d unreadable samples of %s: %s", step, len(skipped), spec.config.name,
+                                skipped[0])
                 (seg if spec.role == "seg" else tag).append(batch)
             yield StepBatch(step, seg, tag)
 
@@ -352,6 +353,5 @@ def build_eval_dataset(cfg: Config, vocab: Vocabulary) -> EvalDataset:
     the original resolution), path."""
     built = build_source_checked(cfg.data.eval, cfg.data, vocab, "eval")
     if built.problems:
-        print(f"warning: eval source {cfg.data.eval.name}: skipped {len(built.problems)} files; first: {built.problems[0]}",
-              file=sys.stderr, flush=True)
+        log.warning("eval source %s: skipped %d files; first: %s", cfg.data.eval.name, len(built.problems), built.problems[0])
     return EvalDataset(built.dataset, cfg.eval.short_side, cfg.eval.max_long_side)

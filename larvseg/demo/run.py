@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,12 +58,16 @@ from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.image_level_probe import ImageLevelProbe, probe_image_level
 from larvseg.demo.report import ClaimInputs, PanelRow, PretrainSummary, RunResult, write_report
 from larvseg.eval.evaluate import Evaluator
+from larvseg.log import has_console, setup_logging
 from larvseg.models.io import load_checkpoint, load_segmenter
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.segmenter import memory_bank_from_weights
 from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, latest_checkpoint
 from larvseg.train.loop import build, train
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -112,7 +117,7 @@ def run_dir(out: Path, seed: int, variant: Variant) -> Path:
 
 
 def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    log.info("[demo] %s", msg)
 
 
 def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int,
@@ -265,6 +270,14 @@ def _init_worker(threads: int) -> None:
     os.environ["LARVSEG_THREADS"] = str(threads)  # train() configures its threads from this (larvseg.threads)
 
 
+def _init_worker_process(threads: int, console: bool, debug: bool) -> None:
+    """A worker process is a fresh interpreter: it shows its status as this process does (``console``:
+    this process has set up its console logging, larvseg.log)."""
+    if console:
+        setup_logging(debug)
+    _init_worker(threads)
+
+
 def run_job(job: Job) -> JobOutput:
     """Train, evaluate and diagnose one (variant, seed); runs in a worker process."""
     from larvseg.demo.diagnostics import feature_diagnostics
@@ -306,8 +319,9 @@ def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
                 os.environ["LARVSEG_THREADS"] = env_before
         return outputs  # type: ignore[return-value]
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(THREADS_PER_RUN,)) as pool:
+    logs = (has_console(), log.isEnabledFor(logging.DEBUG))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker_process,
+                             initargs=(THREADS_PER_RUN, *logs)) as pool:
         futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]

@@ -29,6 +29,7 @@ import the evaluation code.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import random
@@ -60,6 +61,8 @@ from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import FINAL_WEIGHTS, Checkpointer, export_weights
 from larvseg.train.logger import MetricLogger
 from larvseg.train.schedule import poly_lr, set_lr
+
+log = logging.getLogger(__name__)
 
 
 class Evaluation(Protocol):
@@ -167,13 +170,12 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
 
     segmenter = segmenter.to(device)
     if device.type == "cpu":
-        configure_threads(segmenter, t.threads, verbose=is_main)
+        configure_threads(segmenter, t.threads)
     # amp: rank 0 decides ("auto" is measured once per machine, larvseg.precision), every rank follows it
     amp = choose(t.amp, device, vit_workload(segmenter.backbone, "training")) if is_main else None
     if world > 1:
         amp = distributed.broadcast_object(amp)
-    if is_main:
-        print(f"larvseg: {amp.line}", flush=True)
+    log.info("larvseg: %s", amp.line)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
         model = data_parallel(objective, device)
@@ -197,8 +199,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     if resume_path is not None:
         start_step, state = checkpointer.restore(resume_path, state, vocab.names, segmenter, optimizer)
         supervised[torch.as_tensor(state.get("supervised", []), dtype=torch.long)] = True
-        if is_main:
-            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        log.info("resumed from %s at step %d", resume_path, start_step)
 
     loader.start_at(start_step)
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
@@ -262,12 +263,11 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         # final evaluation is missing (it failed, e.g. on a bad label, before data.eval.skip_bad=true).
         final_eval_missing = not (work_dir / f"eval_iter_{t.iters}" / EVAL_RESULTS).is_file()
         if t.eval_interval >= 0 and (start_step < t.iters or final_eval_missing):
-            if start_step >= t.iters and is_main:
-                print(f"resumed at step {start_step} >= train.iters {t.iters}: running the missing final evaluation",
-                      flush=True)
+            if start_step >= t.iters:
+                log.info("resumed at step %d >= train.iters %d: running the missing final evaluation", start_step, t.iters)
             run_eval(t.iters)
-        elif start_step >= t.iters and is_main:
-            print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+        elif start_step >= t.iters:
+            log.info("nothing to do: resumed at step %d >= train.iters %d", start_step, t.iters)
     except BaseException:
         logger.close()
         raise
@@ -277,8 +277,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
                        supervised=seen)
         logger.plot()
     logger.close()
-    if is_main:
-        print(f"done: {work_dir}", flush=True)
+    log.info("done: %s", work_dir)
     distributed.barrier()
     distributed.cleanup()
     return work_dir

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -56,6 +57,8 @@ from larvseg.train.checkpoint import CheckpointError, Checkpointer
 from larvseg.train.logger import MetricLogger
 from larvseg.train.loop import NonFiniteLossError, seed_everything, step_seed
 from larvseg.train.schedule import poly_lr, set_lr
+
+log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.npz"
 CLASSES_FILE = "classes.txt"  # the head's classes, one per line, in head order
@@ -162,7 +165,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if device.type == "cpu":
         configure_threads(model, t.threads)  # train.threads, else LARVSEG_THREADS / OMP_NUM_THREADS, else by size
     amp = choose(t.amp, device, vit_workload(backbone, "training"))  # "auto": measured once per machine
-    print(f"larvseg: {amp.line}", flush=True)
+    log.info("larvseg: %s", amp.line)
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
@@ -171,7 +174,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         if state.get("kind") != "pretrain":
             raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
         start_step, _ = checkpointer.restore(resume_path, state, vocab.names, model, optimizer)
-        print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        log.info("resumed from %s at step %d", resume_path, start_step)
 
     loader = MixedLoader(loader_config(cfg), vocab, 0, 1, start_step=start_step, pin_memory=device.type == "cuda")
     logger = MetricLogger(work_dir, p.iters, start_step, p.batch_size, t.log_interval, enabled=True)
@@ -202,7 +205,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     save_augreg(out_path, augreg_state(model.backbone, model.head.weight, model.head.bias))
     (work_dir / CLASSES_FILE).write_text("".join(f"{n}\n" for n in vocab.names))
-    print(f"done: backbone {out_path} ({len(vocab)}-class head; load it with model.pretrained={out_path})", flush=True)
+    log.info("done: backbone %s (%d-class head; load it with model.pretrained=%s)", out_path, len(vocab), out_path)
     return out_path
 
 
