@@ -63,6 +63,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+EXPORT_DESCRIPTION = (
+    "Export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime. The model is a trace of "
+    "larvseg.models.inference.whole_image_segmentation, the whole-mode segmentation that predict, eval and serve "
+    "share (segment_image). "
+    "It differs from larvseg predict in exactly these ways: (1) no resizing: predict resizes the image to "
+    "eval.short_side first and the logits back to the image's size; the model segments the image as given "
+    "(32 to 8192 px a side), so resize it yourself; (2) whole image only: no sliding windows, whatever the "
+    "checkpoint's eval.mode; (3) float32 only: predict's --amp auto may run the backbone in bf16; (4) the argmax "
+    "takes all N classes at once (N x H x W floats of memory; predict bounds it, with the same labels); (5) labels "
+    "are positions in the exported class list, not the model's class ids. So with --short-side 0 --amp off and a "
+    "checkpoint whose eval.mode is whole, larvseg predict gives the labels the model gives in PyTorch "
+    "(onnxruntime's arithmetic may differ in the last bits: the export's check measures it)."
+)
+
+
 def _sub(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -149,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uploads waiting or running at once; more are answered 503 with Retry-After")
     p.set_defaults(handler="larvseg.serve:main")
 
-    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
+    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime",
+             description=EXPORT_DESCRIPTION)
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
     p.add_argument("--onnx", type=OUTPUT_FILE.option(), required=True, help="output .onnx file (required)")
     p.add_argument("--classes", type=CLASSES.option(), default=None,

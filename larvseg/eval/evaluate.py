@@ -45,7 +45,7 @@ from larvseg.progress import progress_bar
 from larvseg import atomic, distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.io import DataError
-from larvseg.data.mixing import build_eval_dataset
+from larvseg.data.eval_dataset import build_eval_dataset
 from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
 from larvseg.data.class_query import ClassQuery, resolve_query
@@ -131,7 +131,7 @@ class Evaluator:
 
     @functools.cached_property
     def dataset(self) -> Any:
-        """The evaluation dataset (larvseg.data.mixing.EvalDataset)."""
+        """The evaluation dataset (larvseg.data.eval_dataset.EvalDataset)."""
         return build_eval_dataset(self.cfg, self.vocab)
 
     @functools.cached_property

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from larvseg.config import PIXEL_MEAN, PIXEL_STD, Config, ModelConfig, config_from_dict
 from larvseg.errors import CheckpointError
-from larvseg.models.augreg import load_pretrained
+from larvseg.models.pretrained_weights import load_pretrained
 from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.vit import VisionTransformer, build_vit

@@ -82,6 +82,23 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the run stops, the last good checkpoint stays on disk."""
 
 
+def optimizer_step_or_stop(optimizer: torch.optim.Optimizer, loss: torch.Tensor, values: dict[str, float], step: int,
+                           lr: float, last_good: Path | str | None, work_dir: Path, close: Callable[[], None]) -> None:
+    """Backward ``loss`` and one optimizer step, unless a term of ``values`` is NaN or inf: then
+    ``close()`` (the metric logger, the process group) and raise NonFiniteLossError naming the terms and
+    the last good checkpoint. The check comes before backward, so the weights in memory and the last
+    checkpoint on disk are both still good. (``larvseg train`` and ``larvseg pretrain``.)"""
+    if not all(math.isfinite(v) for v in values.values()):
+        close()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (lr {lr:.3e}): " + ", ".join(f"{k}={v}" for k, v in values.items())
+            + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A 63-bit seed for the torch RNG of one (step, rank)."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -238,19 +255,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
             with bf16_autocast(amp.bf16, device):
                 terms = model(batch.to(device))
             values = reduce_terms(terms)
-            if not all(math.isfinite(v) for v in values.values()):
-                # Every rank sees the same reduced values, so all stop here together, before backward: the
-                # weights in memory and the last checkpoint on disk are both still good.
-                logger.close()
-                distributed.cleanup()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (lr {lr:.3e}): "
-                    + ", ".join(f"{k}={v}" for k, v in values.items())
-                    + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            # every rank sees the same reduced values, so on a non-finite one all stop here together
+            optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, last_good, work_dir,
+                                   close=lambda: (logger.close(), distributed.cleanup()))
 
             steps_done = step + 1
             logger.update(steps_done, lr, values)

@@ -7,7 +7,7 @@ images that later serve as image-level supervision. This command does the same f
 trains the config's ViT (``model.arch``, optionally starting from ``model.pretrained``) to classify the
 images of its image-level sources (``data.tag_sources``: ImageNet-style folders, custom tag folders, or
 segmentation sets used for tags) and writes the backbone as an ``.npz`` in the exact AugReg key layout,
-``head/*`` included (larvseg.models.augreg.augreg_state), so ``model.pretrained=<it>`` loads it through
+``head/*`` included (larvseg.models.pretrained_weights.augreg_state), so ``model.pretrained=<it>`` loads it through
 the same loader as Google's file. A user with a new domain (aerial, medical) and many tagged images
 pretrains their own backbone this way.
 
@@ -47,7 +47,7 @@ from larvseg.data.mixing import MixedLoader
 from larvseg.data.sources import source_class_names
 from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
-from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
+from larvseg.models.pretrained_weights import augreg_state, load_pretrained, save_augreg_npz
 from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
@@ -55,7 +55,7 @@ from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import CheckpointError, Checkpointer
 from larvseg.train.logger import MetricLogger
-from larvseg.train.loop import NonFiniteLossError, seed_everything, step_seed
+from larvseg.train.loop import NonFiniteLossError, optimizer_step_or_stop, seed_everything, step_seed
 from larvseg.train.schedule import poly_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -189,13 +189,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         with bf16_autocast(amp.bf16, device):
             terms = step_terms(model, batch.to(device).tag, len(vocab), p.loss)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        if not math.isfinite(values["loss"]):
-            logger.close()
-            raise NonFiniteLossError(f"non-finite pretraining loss at step {step} (lr {lr:.3e}); "
-                                     f"last good checkpoint: {checkpointer.latest() or 'none'}")
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, checkpointer.latest(), work_dir,
+                               close=logger.close)
         steps_done = step + 1
         logger.update(steps_done, lr, values)
         if steps_done % t.checkpoint_interval == 0 or steps_done == p.iters:
@@ -203,7 +198,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     logger.plot()
     logger.close()
 
-    save_augreg(out_path, augreg_state(model.backbone, model.head.weight, model.head.bias))
+    save_augreg_npz(out_path, augreg_state(model.backbone, model.head.weight, model.head.bias))
     (work_dir / CLASSES_FILE).write_text("".join(f"{n}\n" for n in vocab.names))
     log.info("done: backbone %s (%d-class head; load it with model.pretrained=%s)", out_path, len(vocab), out_path)
     return out_path

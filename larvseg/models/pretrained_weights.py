@@ -1,8 +1,14 @@
-"""Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/'), a timm-format state
-dict (``.safetensors`` / ``.pth`` / ``.bin``, e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k`` from
-the Hugging Face Hub, ``hf-hub:`` names resolved by larvseg.models.hub) or our own checkpoint, and
-write a backbone (+ classification head) back in the AugReg layout (``larvseg pretrain``'s output). Every
-format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
+"""Pretrained weights for the ViT backbone (``model.pretrained``), one loader per source format:
+
+- ``load_augreg_npz``: Google's AugReg ``.npz`` (Flax tree, keys joined by '/');
+- ``load_torch_state_dict``: a PyTorch state dict file (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``):
+  a timm-format ViT (e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k``) or a LarvSeg checkpoint
+  (its ``backbone.*`` tensors);
+- ``load_hf_hub``: ``hf-hub:<repo>``, timm weights from the Hugging Face Hub (resolved by larvseg.models.hub);
+- ``load_pretrained``: the one the value of ``model.pretrained`` names (prefix, then suffix).
+
+and the writer of the AugReg layout (``augreg_state``, ``save_augreg_npz``: ``larvseg pretrain``'s output).
+Every format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
 
 timm layout (the same network, PyTorch layout; ours differs only in ``patch_embed.proj.`` -> ``patch_embed.``):
   patch_embed.proj.{weight (D,3,16,16), bias} · cls_token (1,1,D) · pos_embed (1, 1+24*24, D) ·
@@ -117,7 +123,7 @@ def _augreg_mapping(model: VisionTransformer, arrays: dict[str, np.ndarray], pat
     return out
 
 
-def load_augreg(model: VisionTransformer, path: str | Path) -> LoadReport:
+def load_augreg_npz(model: VisionTransformer, path: str | Path) -> LoadReport:
     """Copy every tensor of an AugReg ``.npz`` into ``model`` (shape-checked); returns and logs a report.
 
     Raises CheckpointLoadError for an unreadable/truncated file, a file without AugReg keys, or a
@@ -183,9 +189,10 @@ def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return picked or tensors
 
 
-def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Backbone weights from our own checkpoint or a timm-format ViT state dict (.safetensors, or
-    .pth / .bin read with weights_only=True)."""
+def load_torch_state_dict(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Backbone weights from a PyTorch state dict file (.safetensors, or .pth / .pt / .bin read with
+    weights_only=True): a LarvSeg checkpoint (its ``backbone.*`` tensors, under 'model' or not) or a
+    timm-format ViT state dict (timm's names mapped to ours)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: checkpoint not found")
@@ -211,19 +218,29 @@ def _timm_to_ours(name: str) -> str:
     return name
 
 
+def load_hf_hub(model: VisionTransformer, name: str) -> LoadReport:
+    """``hf-hub:<repo>[@revision]``: the repository's timm weights from the Hugging Face Hub cache,
+    downloaded when online (larvseg.models.hub), loaded as a state dict."""
+    return load_torch_state_dict(model, resolve_hf_hub(name))
+
+
+# the loader of each file suffix of ``model.pretrained`` (``hf-hub:`` names go to load_hf_hub)
+LOADERS_BY_SUFFIX = {".npz": load_augreg_npz, ".pth": load_torch_state_dict, ".pt": load_torch_state_dict,
+                     ".bin": load_torch_state_dict, ".safetensors": load_torch_state_dict}
+
+
 def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Dispatch on the name: ``hf-hub:<repo>`` (timm weights from the Hugging Face Hub cache, downloaded when
-    online), AugReg ``.npz``, or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict (ours or timm's)."""
+    """The loader ``model.pretrained`` names: ``hf-hub:<repo>`` (load_hf_hub), an AugReg ``.npz``
+    (load_augreg_npz), or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict, LarvSeg's or timm's
+    (load_torch_state_dict)."""
     if str(path).startswith(HF_HUB_PREFIX):
-        path = resolve_hf_hub(str(path))
+        return load_hf_hub(model, str(path))
     suffix = Path(path).suffix
-    loaders = {".npz": load_augreg, ".pth": load_backbone_checkpoint, ".pt": load_backbone_checkpoint,
-               ".bin": load_backbone_checkpoint, ".safetensors": load_backbone_checkpoint}
-    if suffix not in loaders:
+    if suffix not in LOADERS_BY_SUFFIX:
         raise CheckpointLoadError(
-            f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)} or {HF_HUB_PREFIX}<repo>"
+            f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(LOADERS_BY_SUFFIX)} or {HF_HUB_PREFIX}<repo>"
         )
-    return loaders[suffix](model, path)
+    return LOADERS_BY_SUFFIX[suffix](model, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +282,7 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
     return out
 
 
-def save_augreg(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+def save_augreg_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` as an uncompressed ``.npz`` (as Google's files), atomically (larvseg.atomic: a temp
     file renamed over ``path``, so a crash never leaves a truncated file under the final name)."""
     path = Path(path)
