@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from larvseg.models.segmenter import Segmenter
+from larvseg.models.segmenter import Segmenter, standardize_pixels
 from larvseg import atomic
 from larvseg.errors import UserError
 from larvseg.predict import LarvSegPredictor, read_image
@@ -48,19 +48,23 @@ MIN_SIDE = 32  # smaller images would need a 1-token grid, which the exported sh
 class ExportableSegmenter(nn.Module):
     """Raw RGB image -> (logits over a fixed class list at feature resolution, label map at image size)."""
 
+    class_vectors: Tensor  # buffers (register_buffer), declared for the type checker
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(self, segmenter: Segmenter, class_ids: Tensor) -> None:
         super().__init__()
         self.backbone = segmenter.backbone
         self.classifier = segmenter.classifier
         with torch.no_grad():  # a constant of the graph: the vocabulary is fixed
             self.register_buffer("class_vectors", segmenter.classifier.class_vectors(class_ids).detach().clone())
-        # the segmenter's pixel statistics, applied by its own preprocess (Segmenter.preprocess below)
+        # the segmenter's pixel statistics, applied as its own preprocess applies them (standardize_pixels)
         self.register_buffer("pixel_mean", segmenter.pixel_mean.detach().clone())
         self.register_buffer("pixel_std", segmenter.pixel_std.detach().clone())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         h, w = image.shape[-2:]
-        x = Segmenter.preprocess(self, image)  # one definition of the standardisation
+        x = standardize_pixels(image, self.pixel_mean, self.pixel_std)  # Segmenter.preprocess's standardisation
         # padded size written as 16 * ceil(x / 16) so that the exporter can prove it is a multiple of 16
         x = F.pad(x, (0, (w + PATCH - 1) // PATCH * PATCH - w, 0, (h + PATCH - 1) // PATCH * PATCH - h))
         features = self.backbone(x)
@@ -93,11 +97,13 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
         # become runtime asserts instead of guards that would pin the size to the example's.
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
                                       prefer_deferred_runtime_asserts_over_guards=True)
-        program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
-    program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
+                                         output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
+    if onnx_program is None:  # dynamo=True always returns the program; None is the legacy exporter's answer
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
+    onnx_program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
     try:
-        program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+        onnx_program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
         if check is not None:
             check(tmp)
     except BaseException:

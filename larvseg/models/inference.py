@@ -125,7 +125,7 @@ def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
 
 
 def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, bf16: bool,
-                    progress: Callable[[int, int], None] | None = None) -> Tensor:
+                    progress: Callable[[int, int], object] | None = None) -> Tensor:
     """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
     clf = segmenter.classifier
     row_boxes, col_boxes = _boxes_grid(boxes)
@@ -151,6 +151,8 @@ def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, b
             out[:, r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits
         if progress is not None:  # the backbone pass per window is the cost: report each
             progress(done, len(boxes))
+    if out is None:
+        raise ValueError("no windows to segment")  # unreachable: every image has at least one window
     return out
 
 
@@ -199,7 +201,7 @@ def segment_image_detailed(
     amp: str = "off",
     dense_max_elems: int = DENSE_MAX_ELEMS,
     argmax: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> tuple[Tensor, dict[str, float | str]]:
     """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded" | "chunked",
     counters...}. ``argmax``: "auto" (``argmax_path``) or one of the paths, forced (tests, benchmarks)."""
@@ -215,7 +217,7 @@ def segment_image_detailed(
     bf16 = choose(amp, device, vit_workload(segmenter.backbone, "inference"), announce=True).bf16
     image = segmenter.preprocess(image.to(device))  # before windowing: padding is 0 = the mean colour
     hh, ww = image.shape[-2:]
-    out_hw = tuple(out_size) if out_size is not None else (hh, ww)
+    out_hw = (out_size[0], out_size[1]) if out_size is not None else (hh, ww)
     classes = (
         torch.arange(segmenter.num_classes, device=device) if class_ids is None else class_ids.to(device).long()
     )
@@ -244,7 +246,7 @@ def segment_image(
     *,
     class_ids: Tensor | None = None,
     out_size: tuple[int, int] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> Tensor:
     """Predicted union class ids (H_out, W_out) int64 for an RGB (3, H, W) image (pixel values 0..255,
     uint8 or float; the segmenter's ``preprocess`` standardises them).
