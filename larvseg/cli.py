@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
     """A wrong command line is one line on stderr (what is wrong, where the help is) and exit code 1,
     like every other error a user can fix; argparse's default is the usage block and exit code 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(1, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
@@ -60,7 +60,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 EXPORT_DESCRIPTION = (
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warnings(args.command)
         try:
             return int(func(args) or 0)
-        except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
+        except Exception as exc:  # only user-facing errors are caught; describe() returns None for bugs
             line = describe(exc)
             if line is None:
                 raise

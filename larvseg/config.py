@@ -29,7 +29,6 @@ from larvseg.domains import (  # AMP_MODES is part of config's interface too
     AMP, AMP_MODES, BOOL, CLASSES, DATASET_FORMATS, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE,
     NON_NEGATIVE_INT, NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
 )
-from larvseg.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_DATA_ROOT = "/workspace/dataset"  # the original project's default
@@ -71,13 +70,13 @@ _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_i
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.in"))
 # booleans are true/false only (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans, so that
 # `train.amp=off` would reach a string key as "False"
-for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+for _resolvers in _Loader.yaml_implicit_resolvers.values():
     _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:bool"]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 
 
-def _float_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+def _float_constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     text = loader.construct_scalar(node)
     try:
         return float(text)
@@ -364,7 +363,7 @@ def _build(cls: type, tree: Any, where: str, here: bool = True) -> Any:
 
 
 def _convert(f: dataclasses.Field, value: Any, where: str, here: bool = True) -> Any:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if dataclasses.is_dataclass(default):
         return _build(type(default), value, where, here)
     if isinstance(default, list):

@@ -52,6 +52,9 @@ class ExportableSegmenter(nn.Module):
     raw RGB image (1, 3, H, W) -> (logits (1, N, ceil(H/16), ceil(W/16)), labels (1, H, W) positions in
     the class list)."""
 
+    class_centered: Tensor  # buffers (register_buffer), declared for the type checker
+    class_cov: Tensor
+
     def __init__(self, segmenter: Segmenter, class_ids: Tensor) -> None:
         super().__init__()
         self.segmenter = segmenter
@@ -90,11 +93,13 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
         # become runtime asserts instead of guards that would pin the size to the example's.
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
                                       prefer_deferred_runtime_asserts_over_guards=True)
-        program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
-    program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
+                                         output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
+    if onnx_program is None:  # dynamo=True always returns the program; None is the legacy exporter's answer
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
+    onnx_program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
     try:
-        program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+        onnx_program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
         if check is not None:
             check(tmp)
     except BaseException:

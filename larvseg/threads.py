@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def default_threads(num_params: int, cores: int | None = None) -> int:
     return max(1, min(cores, math.ceil(num_params / PARAMS_PER_THREAD)))
 
 
-def choose_threads(model: nn.Module | int, requested: int = 0, env: dict[str, str] | None = None) -> tuple[int, str]:
+def choose_threads(model: nn.Module | int, requested: int = 0, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """(threads, where the number comes from) for ``model`` (a module or its parameter count)."""
     env = os.environ if env is None else env
     if requested > 0:

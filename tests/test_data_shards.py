@@ -226,7 +226,7 @@ def test_stream_plan_partitions_shards_per_epoch():
     plan = StreamPlan([f"s{k}" for k in range(11)], np.arange(1, 12), seed=1, source_index=0, streams=4)
     for epoch in range(3):
         parts = [plan.shards_of(g, epoch).tolist() for g in range(4)]
-        assert sorted(sum(parts, [])) == list(range(11))  # every shard once, no two streams share one
+        assert sorted(s for part in parts for s in part) == list(range(11))  # every shard once, no two streams share one
     assert plan.shards_of(0, 0).tolist() != plan.shards_of(0, 1).tolist()
     # a position maps to (epoch, shard, sample) consistently with the per-epoch lengths
     n0 = int(plan.counts[plan.shards_of(2, 0)].sum())

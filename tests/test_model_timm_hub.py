@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from larvseg.models.pretrained_weights import CheckpointLoadError, load_pretrained
 from larvseg.models.vit import VisionTransformer
-from test_model_augreg import D, DEPTH, GRID, HD, HEADS, augreg_arrays
+from test_model_augreg import D, DEPTH, GRID, HEADS, augreg_arrays
 
 HUB_REPO = "timm/vit_base_patch16_384.augreg_in21k_ft_in1k"
 POS = "Transformer/posembed_input/pos_embedding"

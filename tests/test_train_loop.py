@@ -143,7 +143,7 @@ def test_killed_and_resumed_matches_uninterrupted(setup):
     _assert_same(got["model"], ref["model"], 1e-6)
     _assert_same({str(k): v["momentum_buffer"] for k, v in got["optimizer"]["state"].items()},
                  {str(k): v["momentum_buffer"] for k, v in ref["optimizer"]["state"].items()}, 1e-6)
-    steps = [r for r in (work / "metrics.jsonl").read_text().splitlines()]
+    steps = (work / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3  # one record per logged step, none duplicated by the restart
 
 

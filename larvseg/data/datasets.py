@@ -112,6 +112,9 @@ class SourceDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.load(index)
 
@@ -176,6 +179,8 @@ class ImageTagFolder(SourceDataset):
 
     def object_mask(self, image_path: Path, hw: tuple[int, ...]) -> np.ndarray:
         """The tagged object's mask of an image (uint16: 1 = object, 0 = not), checked against the image."""
+        if self.object_masks is None:
+            raise ValueError(f"{self.name}: this source has no object masks")
         mask_path = self.object_masks / image_path.parent.name / f"{image_path.stem}.png"
         if not mask_path.is_file():
             raise AnnotationError(mask_path, f"no object mask for {image_path}")
@@ -208,7 +213,7 @@ class ShardSource(SourceDataset):
     def decode(self, image: tuple[str, bytes], label: tuple[str, bytes] | None, cls: int, coding: int) -> dict[str, Any]:
         """A sample from its members' (name, bytes); ``cls`` the class index (tag shards), ``coding`` the
         label coding (segmentation shards)."""
-        item = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
+        item: dict[str, Any] = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
         if label is not None:
             raw = read_label(label[0], label[1])
             if raw.shape != item["image"].shape[:2]:
@@ -251,7 +256,7 @@ class ShardFiles(ShardSource):
         if f is None:
             if len(self._files) >= self.MAX_OPEN:
                 self._files.pop(next(iter(self._files))).close()
-            f = open(self.shards.urls[shard], "rb")
+            f = open(self.shards.urls[shard], "rb")  # noqa: SIM115 - kept open in the LRU, closed on eviction
         self._files[shard] = f  # most recently used last
         f.seek(offset)
         data = f.read(size)

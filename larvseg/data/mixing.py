@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -112,7 +112,8 @@ class _Samples(torch.utils.data.Dataset):
         return len(self.spec.dataset)
 
     def _load(self, index: int) -> tuple[dict[str, Any], list[str]]:
-        dataset, skipped = self.spec.dataset, []
+        dataset = self.spec.dataset
+        skipped: list[str] = []
         for attempt in range(len(dataset)):
             try:
                 return dataset.load((index + attempt) % len(dataset)), skipped
@@ -181,13 +182,16 @@ class _StreamSteps(torch.utils.data.IterableDataset):
         self.rank, self.workers, self.start, self.stop = rank, max(1, workers), start_step, stop_step
         self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
         dataset = samples.spec.dataset
+        if not isinstance(dataset, ShardStream):
+            raise TypeError(f"{dataset.name}: a streamed source must be a ShardStream, got {type(dataset).__name__}")
+        self.dataset = dataset
         self.plan = StreamPlan(dataset.shards.urls, dataset.counts, schedule.seed, schedule.source_index,
                                world_size * self.workers)
 
     def _decoded(self, stream: int, position: int) -> Iterator[tuple[dict[str, Any], list[str]]]:
         """Decoded samples of a stream; with skip_bad an unreadable one is replaced by the previous good
         sample (or the next, at the start), so that positions, and resume, never shift."""
-        dataset, skip_bad = self.samples.spec.dataset, self.samples.spec.config.skip_bad
+        dataset, skip_bad = self.dataset, self.samples.spec.config.skip_bad
         last, owed = None, []
         for url, key, members in self.plan.samples(stream, position):
             try:
@@ -225,7 +229,7 @@ class _StreamSteps(torch.utils.data.IterableDataset):
             yield self.collate(items)
 
 
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+def _as_is(batch: Any) -> Any:  # the collate_fn of batch_size=None: one item, already a batch
     return batch
 
 
@@ -310,12 +314,13 @@ class MixedLoader:
                     log.info("note: a streamed source resumes at step %d exactly only if the interrupted run had "
                              "the same number of processes and data.num_workers", step)
             else:
-                loader.batch_sampler.start = step
+                cast(_StepSampler, loader.batch_sampler).start = step  # every other loader has one
 
     def __iter__(self) -> Iterator[StepBatch]:
         iterators = [iter(loader) for loader in self.loaders]
         for step in count(self.start_step):
-            seg, tag = [], []
+            seg: list[SegBatch] = []
+            tag: list[TagBatch] = []
             for spec, it in zip(self.specs, iterators):
                 try:
                     data = next(it)
@@ -326,5 +331,8 @@ class MixedLoader:
                     self.skipped[spec.config.name].extend(skipped)
                     log.warning("step %d: skipped %d unreadable samples of %s: %s", step, len(skipped), spec.config.name,
                                 skipped[0])
-                (seg if spec.role == "seg" else tag).append(batch)
+                if isinstance(batch, SegBatch):  # make_batch's type follows spec.role
+                    seg.append(batch)
+                else:
+                    tag.append(batch)
             yield StepBatch(step, seg, tag)

@@ -129,7 +129,7 @@ class ShardWriter:
         n = len(self.records)
         self.order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
         names = source_class_names(source, data_cfg.resolved_root())
-        self.plan = {
+        self.plan: dict[str, Any] = {
             "format": wds.INDEX_FORMAT, "version": wds.INDEX_VERSION, "complete": False,
             "name": built.dataset.name, "kind": self.records.kind,
             "source": {"format": source.format, "root": str(self.root), "split": source.split, "classes": source.classes},
@@ -195,7 +195,8 @@ class ShardWriter:
                 key = f"{pos:09d}"
                 image_ext = image_path.suffix.lower().lstrip(".")
                 off, n = _add(tar, f"{key}.{image_ext}", image)
-                cols["image_offset"].append(off), cols["image_size"].append(n)
+                cols["image_offset"].append(off)
+                cols["image_size"].append(n)
                 cols["image_ext"].append(_ext_code(image_ext, wds.IMAGE_EXTS, image_path))
                 meta: dict[str, Any] = {"path": _relative(image_path, self.root)}
                 if label_path is not None:
@@ -208,17 +209,21 @@ class ShardWriter:
                     cols["label_ext"].append(-1)
                     _add(tar, f"{key}.cls", str(cls).encode())
                     meta["class"] = self.plan["class_names"][cls]
-                cols["label_offset"].append(off), cols["label_size"].append(n)
+                cols["label_offset"].append(off)
+                cols["label_size"].append(n)
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
-                cols["key"].append(pos), cols["cls"].append(cls), cols["coding"].append(coding)
+                cols["key"].append(pos)
+                cols["cls"].append(cls)
+                cols["coding"].append(coding)
                 classes.append(present)
                 pos += 1
                 bar.update(1)
         hist_classes, hist_counts = np.unique(np.concatenate(classes or [np.zeros(0, np.int64)]), return_counts=True)
         os.replace(tmp, self.out / name)
         tmp_npz = self.out / f"{Path(name).stem}.tmp{os.getpid()}.npz"
-        np.savez(tmp_npz, hist_classes=hist_classes.astype(np.int64), hist_counts=hist_counts.astype(np.int64),
-                 **{c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
+        arrays = {"hist_classes": hist_classes.astype(np.int64), "hist_counts": hist_counts.astype(np.int64)}
+        arrays.update({c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
+        np.savez(tmp_npz, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a key as allow_pickle
         os.replace(tmp_npz, wds.sidecar_path(self.out / name))  # written last: the shard is finished
         entry = {"name": name, "samples": len(cols["key"]), "bytes": (self.out / name).stat().st_size,
                  "first": first, "end": pos, "skipped": self.problems[problems_before:]}

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -207,6 +207,10 @@ class UnknownClassError(UserError, KeyError):
         return str(self.args[0])
 
 
+@overload
+def class_terms(classes: None) -> None: ...
+@overload
+def class_terms(classes: str | Sequence[str]) -> list[str]: ...
 def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
     """The terms of a ``--classes`` value: None (all), a list of names, a comma-separated string, or a file
     with one name per line."""

@@ -61,7 +61,7 @@ from larvseg.eval.evaluate import Evaluator
 from larvseg.log import has_console, setup_logging
 from larvseg.models.io import load_checkpoint, load_segmenter
 from larvseg.models.memory_bank import MemoryBank
-from larvseg.models.segmenter import memory_bank_from_weights
+from larvseg.models.segmenter import Segmenter, memory_bank_from_weights
 from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, latest_checkpoint
 from larvseg.train.loop import build, train
@@ -191,7 +191,7 @@ def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
     )
 
 
-def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
+def train_variant(cfg: Config) -> tuple[Segmenter, Vocabulary]:
     """Train with the real loop (from scratch) and return the final model, loaded from its exported
     weights, with the run's vocabulary."""
     vocab, segmenter, loader = build(cfg, distributed.init_from_env(cfg.train.device))
@@ -228,7 +228,7 @@ def evaluate_variant(evaluator: Evaluator, segmenter: torch.nn.Module, panel_ima
     return metrics, panel
 
 
-def describe_model(cfg: Config, segmenter: torch.nn.Module) -> str:
+def describe_model(cfg: Config, segmenter: Segmenter) -> str:
     """The report's model line, from the config and the model actually trained."""
     backbone: VisionTransformer = segmenter.backbone
     init = (f"initialised from `{cfg.model.pretrained}` (`model.pretrained={Path(cfg.model.pretrained).name}`, "
@@ -244,7 +244,10 @@ def trained_bank(cfg: Config) -> MemoryBank | None:
     leave it out), or None for a run without the CAC."""
     if not cfg.model.cac or cfg.model.oracle_attention:  # the oracle run never fills its bank
         return None
-    return memory_bank_from_weights(load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"])
+    path = latest_checkpoint(cfg.work_dir())
+    if path is None:
+        raise FileNotFoundError(f"{cfg.work_dir()}: no training checkpoint to read the CAC memory bank from")
+    return memory_bank_from_weights(load_checkpoint(path)["model"])
 
 
 @dataclass
@@ -309,8 +312,8 @@ def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
         _init_worker(THREADS_PER_RUN)
         try:
             for i, job in enumerate(jobs):
-                outputs[i] = run_job(job)
-                _say_done(i, len(jobs), outputs[i])
+                out = outputs[i] = run_job(job)
+                _say_done(i, len(jobs), out)
         finally:
             torch.set_num_threads(threads_before)
             if env_before is None:
@@ -325,8 +328,8 @@ def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
         futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
-            outputs[i] = fut.result()
-            _say_done(i, len(jobs), outputs[i])
+            out = outputs[i] = fut.result()
+            _say_done(i, len(jobs), out)
     return outputs  # type: ignore[return-value]
 
 
@@ -346,7 +349,8 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     _say(f"mini benchmark ({benchmark} family): {data}")
     spec = BENCHMARKS[benchmark]
     if profile.benchmark_size:
-        spec = dataclasses.replace(spec, **dict(zip(("num_seg", "per_class", "num_eval"), profile.benchmark_size)))
+        num_seg, per_class, num_eval = profile.benchmark_size
+        spec = dataclasses.replace(spec, num_seg=num_seg, per_class=per_class, num_eval=num_eval)
     layout = ensure_benchmark(data, spec, progress=_say)
 
     threads_before = torch.get_num_threads()

@@ -56,6 +56,7 @@ from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
 from larvseg.models.io import load_segmenter
 from larvseg.models.model_repo import EVAL_RESULTS  # written last by save_results: its presence means the evaluation finished
+from larvseg.models.segmenter import Segmenter
 from larvseg.tensorboard import OVERLAY_IMAGES, log_evaluation
 from larvseg.threads import configure_threads
 
@@ -210,7 +211,7 @@ class Evaluator:
         return results
 
     @torch.no_grad()
-    def overlays(self, segmenter: torch.nn.Module, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
+    def overlays(self, segmenter: Segmenter, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
         """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
         evaluation images, predicted over the scored classes as ``run`` predicts."""
         dataset = self.dataset

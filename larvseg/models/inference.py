@@ -152,7 +152,7 @@ def window_logits(segmenter, window: Tensor, classes: CenteredClasses, bf16: boo
 
 
 def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, bf16: bool,
-                    progress: Callable[[int, int], None] | None = None) -> Tensor:
+                    progress: Callable[[int, int], object] | None = None) -> Tensor:
     """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
     row_boxes, col_boxes = _boxes_grid(boxes)
     row_at = {b: i for i, b in enumerate(row_boxes)}
@@ -171,6 +171,8 @@ def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, b
             out[:, r0[i] : r0[i] + logits.shape[1], c0[j] : c0[j] + logits.shape[2]] = logits
         if progress is not None:  # the backbone pass per window is the cost: report each
             progress(done, len(boxes))
+    if out is None:
+        raise ValueError("no windows to segment")  # unreachable: every image has at least one window
     return out
 
 
@@ -235,7 +237,7 @@ def segment_image_detailed(
     amp: str = "off",
     dense_max_elems: int = DENSE_MAX_ELEMS,
     argmax: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> tuple[Tensor, dict[str, float | str]]:
     """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded" | "chunked",
     counters...}. ``argmax``: "auto" (``argmax_path``) or one of the paths, forced (tests, benchmarks)."""
@@ -251,7 +253,7 @@ def segment_image_detailed(
     bf16 = choose(amp, device, vit_workload(segmenter.backbone, "inference"), announce=True).bf16
     image = image.to(device)
     hh, ww = image.shape[-2:]
-    out_hw = tuple(out_size) if out_size is not None else (hh, ww)
+    out_hw = (out_size[0], out_size[1]) if out_size is not None else (hh, ww)
     classes = (
         torch.arange(segmenter.num_classes, device=device) if class_ids is None else class_ids.to(device).long()
     )
@@ -286,7 +288,7 @@ def segment_image(
     *,
     class_ids: Tensor | None = None,
     out_size: tuple[int, int] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> Tensor:
     """Predicted union class ids (H_out, W_out) int64 for an RGB (3, H, W) image (pixel values 0..255,
     uint8 or float; the segmenter's ``preprocess`` standardises them).

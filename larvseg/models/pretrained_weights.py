@@ -31,8 +31,10 @@ from __future__ import annotations
 import logging
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from larvseg.atomic import atomic_write
 from larvseg.models.hub import HF_HUB_PREFIX, CheckpointLoadError, resolve_hf_hub
-from larvseg.models.vit import VisionTransformer, resize_pos_grid
+from larvseg.models.vit import Block, VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def _copy_checked(model: VisionTransformer, mapping: dict[str, tuple[str, Tensor
     return report
 
 
-def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _extract_backbone_state(state: dict[str, Any]) -> dict[str, Tensor]:
     """Backbone tensors of a checkpoint: a bare backbone state dict, or any state dict whose keys contain
     'backbone.' (Segmenter, TrainingObjective, DDP 'module.' prefixes), possibly nested under 'model' or
     'state_dict'."""
@@ -203,7 +205,7 @@ def load_torch_state_dict(model: VisionTransformer, path: str | Path) -> LoadRep
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path; torch/safetensors raise many types
+    except Exception as exc:  # re-raised with the path; torch/safetensors raise many types
         raise CheckpointLoadError(f"{path}: cannot read checkpoint: {exc}") from exc
     if not isinstance(state, dict):
         raise CheckpointLoadError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
@@ -265,7 +267,7 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
         "head/kernel": a(head_weight.T),
         "head/bias": a(head_bias),
     }
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(cast(Iterable[Block], model.blocks)):
         src = f"Transformer/encoderblock_{i}/"
         attn = src + "MultiHeadDotProductAttention_1/"
         out[src + "LayerNorm_0/scale"], out[src + "LayerNorm_0/bias"] = a(block.norm1.weight), a(block.norm1.bias)
@@ -289,5 +291,6 @@ def save_augreg_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     if path.suffix != ".npz":
         raise ValueError(f"{path}: an AugReg file must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append .npz to a name
+    # a file object: np.savez would append .npz to a name; the ignore: numpy's stub reads a key as allow_pickle
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     return path

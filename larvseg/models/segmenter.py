@@ -38,6 +38,9 @@ class Segmenter(nn.Module):
     """Takes RGB pixel values (0..255, any dtype) and standardises them itself (``preprocess``), so
     every caller (training, evaluation, prediction) hands it the same thing: images as decoded."""
 
+    pixel_mean: Tensor  # buffers of register_pixel_stats, declared for the type checker
+    pixel_std: Tensor
+
     def __init__(self, backbone: VisionTransformer, classifier: CosineClassifier, bank: MemoryBank | None = None) -> None:
         super().__init__()
         self.backbone = backbone

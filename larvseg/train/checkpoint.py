@@ -148,8 +148,8 @@ def load_resume(resume: str | None, work_dir: str | os.PathLike,
             except CheckpointError as exc:
                 say(f"skipping checkpoint {path.name} for auto-resume: {exc}")
         return None, None
-    path = resolve_resume(resume, work_dir)
-    return (path, load_resumable(path)) if path is not None else (None, None)
+    given = resolve_resume(resume, work_dir)
+    return (given, load_resumable(given)) if given is not None else (None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }

@@ -155,8 +155,8 @@ def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
     for b in batch.seg:
         labels = b.labels.reshape(-1)
         seen[labels[labels < n]] = True  # IGNORE_INDEX (and padding) is >= n
-    for b in batch.tag:
-        tags = b.tags.reshape(-1)
+    for tb in batch.tag:
+        tags = tb.tags.reshape(-1)
         seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
 
 
@@ -192,10 +192,12 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     amp = choose(t.amp, device, vit_workload(segmenter.backbone, "training")) if is_main else None
     if world > 1:
         amp = distributed.broadcast_object(amp)
+    if amp is None:  # every rank has rank 0's choice
+        raise RuntimeError("no precision choice was broadcast from rank 0")
     log.info("larvseg: %s", amp.line)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
-        model = data_parallel(objective, device)
+        model: torch.nn.Module = data_parallel(objective, device)
     else:
         model = objective
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on a GPU
@@ -224,6 +226,10 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
                           tensorboard=t.tensorboard)
     last_good = resume_path
 
+    def close_run() -> None:  # before a non-finite stop: the metric files, then the process group
+        logger.close()
+        distributed.cleanup()
+
     def supervised_ids() -> list[int]:  # a collective: call on every rank
         seen = distributed.all_reduce_sum(supervised.to(device, torch.int32)).cpu() > 0
         return seen.nonzero().flatten().tolist()
@@ -237,6 +243,8 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         return checkpointer.path(step)
 
     def run_eval(step: int) -> None:
+        if evaluator is None:  # checked on entry: train.eval_interval >= 0 needs one
+            raise ValueError("train() was handed no evaluator")
         results = evaluator.run(segmenter, out_dir=work_dir / f"eval_iter_{step}")
         logger.log_eval(step, results, images=lambda: evaluator.overlays(segmenter, OVERLAY_IMAGES))
 
@@ -257,7 +265,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
             values = reduce_terms(terms)
             # every rank sees the same reduced values, so on a non-finite one all stop here together
             optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, last_good, work_dir,
-                                   close=lambda: (logger.close(), distributed.cleanup()))
+                                   close=close_run)
 
             steps_done = step + 1
             logger.update(steps_done, lr, values)

@@ -67,6 +67,9 @@ CLASSES_FILE = "classes.txt"  # the head's classes, one per line, in head order
 class ImageClassifier(nn.Module):
     """ViT + a linear head on the class token (AugReg's classification model)."""
 
+    pixel_mean: Tensor  # buffers of register_pixel_stats, declared for the type checker
+    pixel_std: Tensor
+
     def __init__(self, backbone: VisionTransformer, num_classes: int, loss: str) -> None:
         super().__init__()
         self.backbone = backbone
@@ -170,7 +173,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     start_step = 0
     resume_path, state = checkpointer.pick(resume if resume is not None else "auto")
-    if resume_path is not None:
+    if resume_path is not None and state is not None:  # pick() gives both or neither
         if state.get("kind") != "pretrain":
             raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
         start_step, _ = checkpointer.restore(resume_path, state, vocab.names, model, optimizer)

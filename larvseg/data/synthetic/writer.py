@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 A847_UNLABELED = 65535
 COCO_UNLABELED = 255
-FAMILIES = {"habitat": HabitatFamily, "uniform": UniformFamily}  # spec.family -> its scenes
+# spec.family -> its scenes
+FAMILIES: dict[str, type[HabitatFamily | UniformFamily]] = {"habitat": HabitatFamily, "uniform": UniformFamily}
 
 
 # ----------------------------------------------------------------------------------------------
