@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from common import parser, report, setup, time_side_by_side
 
@@ -62,7 +61,7 @@ def main() -> None:
 
     def predictor(classes):
         pred = LarvSegPredictor(model, names, classes=classes, eval_cfg=eval_cfg, amp="off")
-        pred.resolver  # built once, outside the timing
+        _ = pred.resolver  # built once, outside the timing
         return pred
 
     dog = predictor("dog*")

@@ -25,7 +25,8 @@ from larvseg.config import Config, DataConfig, SourceConfig
 from larvseg.data import testing as T
 from larvseg.data.mixing import MixedLoader, sample_seed
 from larvseg.data.shard_writer import ShardWriter
-from larvseg.data.vocabulary import build_vocabulary, imagenet_subset
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import imagenet_subset
 
 
 def timed_rates(fns: dict, n: int, repeats: int) -> dict[str, float]:

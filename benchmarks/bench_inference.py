@@ -94,7 +94,8 @@ def checkpoint_agreement(path: str, data_root: str, classes: str, device: torch.
     """bf16 vs fp32 label maps of a trained checkpoint on its evaluation set (see the module doc)."""
     import dataclasses
 
-    from larvseg.data.vocabulary import Vocabulary, build_vocabulary
+    from larvseg.data.sources import build_vocabulary
+    from larvseg.data.vocabulary import Vocabulary
     from larvseg.eval.evaluate import evaluate
     from larvseg.models.io import load_segmenter
 

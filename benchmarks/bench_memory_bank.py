@@ -41,7 +41,7 @@ def main() -> None:
     # Identical scores: fill both banks from the same K pixel features per slot (two full wraps).
     g = torch.Generator().manual_seed(0)
     full = torch.zeros(vc, m, k, d)
-    for wrap in range(2):
+    for _wrap in range(2):
         pixels = F.normalize(torch.randn(vc, m, k, d, generator=g), dim=-1)
         full.copy_(pixels)
         ids = torch.arange(vc).repeat_interleave(m)

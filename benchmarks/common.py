@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from larvseg.log import setup_logging
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Threads (printed), seed, device. --device cuda needs a visible GPU: a clear error otherwise."""
+    """Threads (printed), seed, device, LarvSeg's console logging (larvseg.log: the library's status lines
+    are shown, as under the larvseg command). --device cuda needs a visible GPU: a clear error otherwise."""
+    setup_logging()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False")

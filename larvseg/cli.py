@@ -15,7 +15,9 @@
 Modules are imported only when their command runs, so ``larvseg --help`` is instant. ``key=value``
 overrides may stand anywhere on the line. Errors the user can fix (bad data, config, checkpoint, an
 unwritable output, a full disk) print one line naming the file and what to do, and exit with 1; the
-traceback only with ``--debug`` or ``LARVSEG_DEBUG=1`` (larvseg.errors).
+traceback only with ``--debug`` or ``LARVSEG_DEBUG=1`` (larvseg.errors). Status lines are logged
+(larvseg.log, set up here): the main process (rank 0) shows them, the other ranks only warnings; with
+``--debug`` every rank shows everything.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    AMP, CLASSES, COMPARE_OPTION, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME,
-    SIZE, TEXT, one_of,
+    AMP, CLASSES, COMPARE_OPTION, DATASET_FORMATS, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR,
+    OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
+from larvseg.log import setup_logging
 
 METRIC = one_of("mIoU")
-SHARD_FORMAT = one_of("imagenet", "custom_tags", "ade150", "ade847", "coco171", "custom_seg")
+DATASET_FORMAT = one_of(*DATASET_FORMATS)  # `data shard` refuses the formats it cannot write (larvseg.data.formats)
 
 
 class _Parser(argparse.ArgumentParser):
     """A wrong command line is one line on stderr (what is wrong, where the help is) and exit code 1,
     like every other error a user can fix; argparse's default is the usage block and exit code 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(1, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
@@ -58,7 +61,22 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
+
+
+EXPORT_DESCRIPTION = (
+    "Export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime. The model is a trace of "
+    "larvseg.models.inference.whole_image_segmentation, the whole-mode segmentation that predict, eval and serve "
+    "share (segment_image). "
+    "It differs from larvseg predict in exactly these ways: (1) no resizing: predict resizes the image to "
+    "eval.short_side first and the logits back to the image's size; the model segments the image as given "
+    "(32 to 8192 px a side), so resize it yourself; (2) whole image only: no sliding windows, whatever the "
+    "checkpoint's eval.mode; (3) float32 only: predict's --amp auto may run the backbone in bf16; (4) the argmax "
+    "takes all N classes at once (N x H x W floats of memory; predict bounds it, with the same labels); (5) labels "
+    "are positions in the exported class list, not the model's class ids. So with --short-side 0 --amp off and a "
+    "checkpoint whose eval.mode is whole, larvseg predict gives the labels the model gives in PyTorch "
+    "(onnxruntime's arithmetic may differ in the last bits: the export's check measures it)."
+)
 
 
 def _sub(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -147,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uploads waiting or running at once; more are answered 503 with Retry-After")
     p.set_defaults(handler="larvseg.serve:main")
 
-    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime")
+    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime",
+             description=EXPORT_DESCRIPTION)
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
     p.add_argument("--onnx", type=OUTPUT_FILE.option(), required=True, help="output .onnx file (required)")
     p.add_argument("--classes", type=CLASSES.option(), default=None,
@@ -215,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(data_sub, "shard", "write a folder source as WebDataset tar shards (resumable: run it again)")
     s.add_argument("source", help="the source's folder (for --format imagenet: the folder holding fall11_whole)")
     s.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
-    s.add_argument("--format", type=SHARD_FORMAT.option(), required=True,
-                   help="the folder's layout, as in configs (required)")
+    s.add_argument("--format", type=DATASET_FORMAT.option(), required=True,
+                   help="the folder's layout, as in configs; every folder format, not shards (required)")
     s.add_argument("--split", type=TEXT.option(), default="",
                    help="split sub-folder of segmentation formats (default: detected, the training split in either "
                         "spelling, e.g. train2017 or training)")
@@ -275,15 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(parser, argv)
     except SystemExit as exc:  # --help (0), or a wrong command line: its one line is printed already (1)
         return exc.code if isinstance(exc.code, int) else 1
+    debug = debug_requested(getattr(args, "debug", False))
+    setup_logging(debug)
     module_name, func_name = args.handler.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    if debug_requested(getattr(args, "debug", False)):
+    if debug:
         return int(func(args) or 0)
     with warnings.catch_warnings():  # restored on return: in-process callers (tests) keep their own
         warnings.showwarning = _one_line_warnings(args.command)
         try:
             return int(func(args) or 0)
-        except Exception as exc:  # noqa: BLE001 - only user-facing errors are caught; describe() returns None for bugs
+        except Exception as exc:  # only user-facing errors are caught; describe() returns None for bugs
             line = describe(exc)
             if line is None:
                 raise

@@ -26,10 +26,9 @@ from typing import Any, ClassVar
 import yaml
 
 from larvseg.domains import (  # AMP_MODES is part of config's interface too
-    AMP, AMP_MODES, BOOL, CLASSES, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE, NON_NEGATIVE_INT,
-    NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
+    AMP, AMP_MODES, BOOL, CLASSES, DATASET_FORMATS, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE,
+    NON_NEGATIVE_INT, NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
 )
-from larvseg.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_DATA_ROOT = "/workspace/dataset"  # the original project's default
@@ -39,10 +38,9 @@ IGNORE_INDEX = 65535  # label value ignored by losses and metrics; also A847's "
 # the data layer only needs the mean, to pad crops with a colour that standardises to 0.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-# the keys of larvseg.models.vit.VIT_BUILDERS and larvseg.data.datasets.DATASET_BUILDERS (tests check
-# that they agree): listed here so that a config is checked when it is loaded, not when a model is built
+# the keys of larvseg.models.vit.VIT_BUILDERS (tests check that they agree): listed here so that a config
+# is checked when it is loaded, not when a model is built (dataset formats: larvseg.domains.DATASET_FORMATS)
 VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
-DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
 EVAL_MODES = ("slide", "whole")
 SOURCE_FORMAT = Domain(f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)", str,
                        lambda v: v in ("", *DATASET_FORMATS), ("nonsense",))
@@ -72,13 +70,13 @@ _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_i
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.in"))
 # booleans are true/false only (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans, so that
 # `train.amp=off` would reach a string key as "False"
-for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+for _resolvers in _Loader.yaml_implicit_resolvers.values():
     _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:bool"]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 
 
-def _float_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+def _float_constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     text = loader.construct_scalar(node)
     try:
         return float(text)
@@ -104,7 +102,7 @@ class SourceConfig:
     """
 
     name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
-    format: str = ""  # key of larvseg.data.datasets.DATASET_BUILDERS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
+    format: str = ""  # key of larvseg.data.formats.FORMATS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
     root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
     split: str = ""  # sub-folder of images/ and annotations/; "" = detect the training (data.eval: validation) split's folder
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
@@ -365,7 +363,7 @@ def _build(cls: type, tree: Any, where: str, here: bool = True) -> Any:
 
 
 def _convert(f: dataclasses.Field, value: Any, where: str, here: bool = True) -> Any:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if dataclasses.is_dataclass(default):
         return _build(type(default), value, where, here)
     if isinstance(default, list):

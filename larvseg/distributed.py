@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from larvseg.domains import DEVICE
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -50,10 +53,10 @@ def init_from_env(device: str = "auto") -> torch.device:
     ``device``: see :func:`select_device` (a bare "cuda" means this rank's LOCAL_RANK device).
     Returns the device this rank computes on.
     """
-    dev = select_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    dev = select_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
         )
@@ -93,7 +96,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:s] for g, s in zip(gathered, sizes_list)], dim=0)
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: T, src: int = 0) -> T:
     if not is_distributed():
         return obj
     box = [obj]

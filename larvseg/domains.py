@@ -107,6 +107,10 @@ FRACTION = Domain("a number from 0 to 1 (0 excluded)", float, lambda v: _finite(
 PROBABILITY_BELOW_1 = Domain("a number >= 0 and < 1", float, lambda v: _finite(v) and 0 <= v < 1, ("1", "-0.1", "nan"))
 MULTIPLE_OF_16 = Domain("a positive multiple of 16", int, lambda v: _integer(v) and v > 0 and v % 16 == 0, ("0", "-16", "50"))
 AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast where measured faster on this machine (larvseg.precision)
+# the keys of larvseg.data.formats.FORMATS, in its order (tests/test_data_formats.py checks that they agree):
+# named here, below the data layer, so that a config is checked when it is loaded and `larvseg --help`
+# stays instant; everything else about a format is its FORMATS entry
+DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
 PORT = Domain("a port from 1 to 65535", int, lambda v: _integer(v) and 1 <= v <= 65535, ("0", "70000", "http"))
 SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)  # 512MB, 1GB, 1GiB, 4096
 SIZE = Domain("a size such as 512MB, 1GB or 1GiB", str, lambda v: isinstance(v, str) and SIZE_PATTERN.fullmatch(v) is not None,

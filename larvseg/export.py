@@ -6,10 +6,12 @@ with onnxruntime against PyTorch.
 The ONNX graph (``ExportableSegmenter``) takes ``image``: float32 (1, 3, H, W), RGB 0..255, any H and W
 from 32 to 8192, and returns ``logits`` (1, N, ceil(H/16), ceil(W/16)) over the N exported classes and
 ``labels`` (1, H, W) int64: the index into the class list, stored as JSON in the model's metadata (``classes``)
-and in ``<model>.classes.json``. It is whole-image inference exactly as
-``larvseg.models.inference.segment_image`` in whole mode: standardise (the segmenter's preprocess),
-zero-pad bottom/right to a multiple of 16, backbone, cosine classifier standardised over the N classes, bilinear upsampling to the padded
-size, crop, argmax. Resizing the image (``larvseg predict`` uses short side 512) is left to the caller.
+and in ``<model>.classes.json``. The graph is a trace of ``larvseg.models.inference.whole_image_segmentation``,
+the function ``segment_image`` (predict, eval, serve) runs in whole mode when the output has the image's
+size: standardise, zero-pad bottom/right to a multiple of 16, backbone, cosine classifier standardised over
+the N classes, bilinear upsampling to the padded size, crop, argmax. How the model differs from ``larvseg predict``
+(no resizing, whole image only, float32, all classes in one argmax step) is spelled out in
+``larvseg export --help`` (``larvseg.cli.EXPORT_DESCRIPTION``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from larvseg.models.segmenter import Segmenter
 from larvseg import atomic
+from larvseg.models.cosine_classifier import CenteredClasses
+from larvseg.models.inference import centered_classes, whole_image_segmentation
+from larvseg.models.segmenter import Segmenter
 from larvseg.errors import UserError
 from larvseg.predict import LarvSegPredictor, read_image
 from larvseg.threads import configure_threads
@@ -40,35 +43,32 @@ class OnnxMismatchError(UserError, RuntimeError):
 
     hint = "raise --tolerance if the difference is acceptable, or report it with the versions of torch and onnxruntime"
 
-PATCH = 16
 OPSET = 18
 MIN_SIDE = 32  # smaller images would need a 1-token grid, which the exported shapes exclude
 
 
 class ExportableSegmenter(nn.Module):
-    """Raw RGB image -> (logits over a fixed class list at feature resolution, label map at image size)."""
+    """``whole_image_segmentation`` (what ``segment_image`` runs in whole mode) for a fixed class list:
+    raw RGB image (1, 3, H, W) -> (logits (1, N, ceil(H/16), ceil(W/16)), labels (1, H, W) positions in
+    the class list)."""
+
+    class_centered: Tensor  # buffers (register_buffer), declared for the type checker
+    class_cov: Tensor
 
     def __init__(self, segmenter: Segmenter, class_ids: Tensor) -> None:
         super().__init__()
-        self.backbone = segmenter.backbone
-        self.classifier = segmenter.classifier
-        with torch.no_grad():  # a constant of the graph: the vocabulary is fixed
-            self.register_buffer("class_vectors", segmenter.classifier.class_vectors(class_ids).detach().clone())
-        # the segmenter's pixel statistics, applied by its own preprocess (Segmenter.preprocess below)
-        self.register_buffer("pixel_mean", segmenter.pixel_mean.detach().clone())
-        self.register_buffer("pixel_std", segmenter.pixel_std.detach().clone())
+        self.segmenter = segmenter
+        # constants of the graph (the vocabulary is fixed): the classes prepared as predict prepares them
+        prepared = centered_classes(segmenter.classifier, class_ids)
+        self.register_buffer("class_centered", prepared.centered.detach().clone())
+        self.register_buffer("class_cov", prepared.cov.detach().clone())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        h, w = image.shape[-2:]
-        x = Segmenter.preprocess(self, image)  # one definition of the standardisation
-        # padded size written as 16 * ceil(x / 16) so that the exporter can prove it is a multiple of 16
-        x = F.pad(x, (0, (w + PATCH - 1) // PATCH * PATCH - w, 0, (h + PATCH - 1) // PATCH * PATCH - h))
-        features = self.backbone(x)
-        b, _, fh, fw = features.shape
-        scores = self.classifier.pixel_vectors(features) @ self.class_vectors.T  # (B, hw, N)
-        logits = self.classifier.logits_from_scores(scores).transpose(1, 2).reshape(b, -1, fh, fw)
-        up = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, up[:, :, :h, :w].argmax(1)
+        classes = CenteredClasses(self.class_centered, self.class_cov)
+        # one class chunk: the chunk size predict derives from the image size would be symbolic here
+        logits, labels = whole_image_segmentation(self.segmenter, image[0], classes,
+                                                  class_chunk=self.class_centered.shape[0])
+        return logits[None], labels[None]
 
 
 def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequence[str],
@@ -93,11 +93,13 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
         # become runtime asserts instead of guards that would pin the size to the example's.
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
                                       prefer_deferred_runtime_asserts_over_guards=True)
-        program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
-    program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
+                                         output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
+    if onnx_program is None:  # dynamo=True always returns the program; None is the legacy exporter's answer
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
+    onnx_program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
     try:
-        program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
+        onnx_program.save(tmp)  # ViT-B with all 21,843 classes: about 0.4 GB, one file
         if check is not None:
             check(tmp)
     except BaseException:

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +50,8 @@ import torch
 from larvseg.atomic import write_text
 from larvseg.cache_dir import default_cache_dir
 from larvseg.config import check_amp
+
+log = logging.getLogger(__name__)
 
 MIN_SPEEDUP = 1.10  # bf16 must be at least this much faster: it costs some accuracy, noise must not pick it
 CALIBRATION_ROUNDS = 3  # timed rounds (float32, bf16 interleaved) after one warm-up of each
@@ -185,10 +187,10 @@ def _read_cache(path: Path) -> dict[str, dict]:
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        print(f"larvseg: {path}: unreadable amp calibration cache ({exc}); measuring again", file=sys.stderr, flush=True)
+        log.warning("%s: unreadable amp calibration cache (%s); measuring again", path, exc)
         return {}
     if not isinstance(entries, dict):
-        print(f"larvseg: {path}: not a JSON object; measuring again", file=sys.stderr, flush=True)
+        log.warning("%s: not a JSON object; measuring again", path)
         return {}
     return entries
 
@@ -199,8 +201,7 @@ def cached_entry(device: torch.device, workload: Workload) -> dict | None:
 
 
 def _calibrate(key: str, workload: Workload, device: torch.device, path: Path) -> dict:
-    print(f"larvseg: amp=auto: timing float32 vs bf16 once on this machine for {workload.kind} "
-          f"({workload.shape})", file=sys.stderr, flush=True)
+    log.info("larvseg: amp=auto: timing float32 vs bf16 once on this machine for %s (%s)", workload.kind, workload.shape)
     timing = measure(workload, device)
     entry = {"bf16": decide(timing), "fp32_s": timing.fp32_s, "bf16_s": timing.bf16_s,
              "speedup": timing.fp32_s / timing.bf16_s, "early_stop": timing.early_stop,
@@ -211,8 +212,7 @@ def _calibrate(key: str, workload: Workload, device: torch.device, path: Path) -
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
     except OSError as exc:
-        print(f"larvseg: {path}: could not save the amp calibration ({exc}); it holds for this process only",
-              file=sys.stderr, flush=True)
+        log.warning("%s: could not save the amp calibration (%s); it holds for this process only", path, exc)
     return entry
 
 
@@ -222,8 +222,8 @@ _DECIDED: dict[str, AmpChoice] = {}
 
 def choose(amp: str, device: torch.device, workload: Workload | None = None, *, announce: bool = False) -> AmpChoice:
     """What ``amp`` ("auto" | "bf16" | "off") means here for ``workload``. "auto" reads the cached
-    calibration or measures it (``workload`` is required then). ``announce``: print the decision's line
-    to stderr the first time this process makes it."""
+    calibration or measures it (``workload`` is required then). ``announce``: log the decision's line
+    (INFO) the first time this process makes it."""
     check_amp(amp)
     if amp != "auto":
         return AmpChoice(amp == "bf16", f"amp={amp}: {'bf16' if amp == 'bf16' else 'float32'}")
@@ -252,7 +252,7 @@ def choose(amp: str, device: torch.device, workload: Workload | None = None, *, 
     choice = AmpChoice(bool(entry["bf16"]), f"amp=auto: {'bf16' if entry['bf16'] else 'float32'} ({why}; {where})")
     _DECIDED[key] = choice
     if announce:
-        print(f"larvseg: {choice.line}", file=sys.stderr, flush=True)
+        log.info("larvseg: %s", choice.line)
     return choice
 
 

@@ -32,10 +32,11 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import cv2
 import numpy as np
@@ -49,7 +50,8 @@ from larvseg.data.io import IMAGE_SUFFIXES
 from larvseg.data.overlay import Prediction, class_areas, colours_by_area, label_png_dtype, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
 from larvseg.data.class_query import ClassQuery, ClassResolver
-from larvseg.data.vocabulary import UnknownClassError, class_terms
+from larvseg.data.vocabulary import UnknownClassError as UnknownClassError  # re-exported: part of this API
+from larvseg.data.vocabulary import class_terms
 from larvseg.distributed import select_device
 from larvseg.errors import UserError
 from larvseg.models.inference import segment_image, slide_windows
@@ -57,6 +59,8 @@ from larvseg.models.io import load_segmenter
 from larvseg.models.segmenter import Segmenter
 from larvseg.progress import progress_bar
 from larvseg.threads import configure_threads
+
+log = logging.getLogger(__name__)
 
 
 class ImageReadError(UserError, ValueError):
@@ -123,6 +127,10 @@ class LarvSegPredictor:
                     f"and predictions of them are noise", UserWarning, stacklevel=2)
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
+    @overload
+    def resolve(self, classes: None) -> None: ...
+    @overload
+    def resolve(self, classes: str | Sequence[str]) -> ClassQuery: ...
     def resolve(self, classes: str | Sequence[str] | None) -> ClassQuery | None:
         """A ``classes`` value resolved over this model's vocabulary (larvseg.data.class_query); None = default.
         Ambiguous words take the sense among the trained classes; concepts hold trained classes only."""
@@ -163,19 +171,19 @@ class LarvSegPredictor:
         h, w = rescale_size(*image_hw, e.max_long_side, e.short_side) if e.short_side > 0 else image_hw
         return len(slide_windows(h, w, e.crop_size, e.stride))
 
-    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], None] | None = None,
+    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], object] | None = None,
                  classes: str | Sequence[str] | None = None) -> Prediction:
         """``progress(done, total)`` is called after every window (sliding-window mode). ``classes``: this
         call's vocabulary (names, WordNet lemmas, wnids, concepts ``dog*``; comma-separated or a file, as the
         constructor's); None = the predictor's."""
-        if classes is None:
+        query = self.resolve(classes)  # None when classes is None
+        if query is None:
             return self.segment(as_rgb_array(image), self.class_ids, progress, self.query)
-        query = self.resolve(classes)
         return self.segment(as_rgb_array(image), torch.from_numpy(query.class_ids), progress, query)
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray, class_ids: torch.Tensor | None,
-                progress: Callable[[int, int], None] | None = None, query: ClassQuery | None = None) -> Prediction:
+                progress: Callable[[int, int], object] | None = None, query: ClassQuery | None = None) -> Prediction:
         """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class).
         ``query``: the resolved class query the ids come from (its names, aliases and concepts label the
         result); None = the model's own class names."""
@@ -238,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for note in [] if predictor.query is None else predictor.query.notes:
-        print(f"note: {note}", file=sys.stderr)
+        log.info("note: %s", note)
     names = predictor.output_names
     dtype = label_png_dtype(len(names))
     atomic.write_text(out / "classes.json", json.dumps(names, indent=0, ensure_ascii=False))
@@ -253,12 +261,12 @@ def main(args: argparse.Namespace) -> int:
             image = read_image(path)
         except ImageReadError as exc:
             failed.append(str(exc))
-            progress_bar.write(f"skipped: {exc}", file=sys.stderr)
+            log.warning("skipped %s", exc)
             continue
         windows = predictor.windows(image.shape[:2])
         with progress_bar(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
                   disable=windows < 2) as window_bar:  # large images: progress inside the image too
-            pred = predictor(image, progress=lambda done, total: window_bar.update(done - window_bar.n))
+            pred = predictor(image, progress=lambda done, total: window_bar.update(int(done - window_bar.n)))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
         _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours_by_area(pred)),

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from larvseg.config import Config, load_config, parse_yaml
+from larvseg.data.formats import FORMATS
 from larvseg.data.mixing import source_batches
 from larvseg.data.transforms import source_scale
+from larvseg.log import setup_logging
 
 TABLE_PATH = Path(__file__).with_name("reproductions.yaml")
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "CONFIGS.md"
@@ -103,7 +105,7 @@ def constants(cfg: Config) -> dict[str, Any]:
         if role == "tag" and m.cac:
             out[f"{name}: λ_cac"] = source.cac_weight
             out[f"{name}: K"] = source.cac_topk
-        if source.format == "imagenet":  # no label map: nothing to retry a crop on
+        if FORMATS[source.format].image_level_only:  # no label map: nothing to retry a crop on
             out[f"{name}: crop retry"] = "none (no label map)"
     return out
 
@@ -193,4 +195,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from larvseg.data.class_query import ClassQuery, suggest
 from larvseg.data.overlay import colours_by_area
@@ -114,7 +114,7 @@ def _bits_per_sample(im: Image.Image, data: bytes) -> int:
     """Bits per channel as stored in the file (Pillow silently opens 16-bit RGB PNG/TIFF as 8-bit RGB)."""
     if im.format == "PNG" and data[12:16] == b"IHDR":
         return data[24]
-    if im.format == "TIFF":
+    if isinstance(im, TiffImagePlugin.TiffImageFile):  # im.format == "TIFF"
         bits = im.tag_v2.get(258, (8,))
         return max(bits) if isinstance(bits, tuple) else int(bits)
     return 16 if im.mode.startswith("I;16") else 8
@@ -128,7 +128,7 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
         raise UploadError(f"{name}: the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB "
                           "(larvseg serve --max-upload-mb)", 413)
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # hundreds of megapixels: refused by Pillow before decoding
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "hundreds of megapixels"
@@ -145,8 +145,9 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
     notices = []
     try:
         im.load()
-        if getattr(im, "n_frames", 1) > 1:
-            notices.append(f"{name} has {im.n_frames} frames; the first one is segmented")
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            notices.append(f"{name} has {frames} frames; the first one is segmented")
         bits = _bits_per_sample(im, data)  # before exif_transpose, whose copy has no format
         im = ImageOps.exif_transpose(im)  # what the browser shows is what gets segmented
         if im.mode == "CMYK":
@@ -338,7 +339,7 @@ class SegmentationService:
         overlay = cv2.addWeighted(rgb, 0.5, painted, 0.5, 0.0)  # uint8 throughout: no float copies of a 25 MP image
         counts = np.bincount(pred.label_map.ravel(), minlength=len(names))
         present = pred.present
-        rows = [{"id": int(i), "name": names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
+        rows = [{"id": int(i), "name": names[i], "color": "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colours[i])),
                  "pixels": int(counts[i]), "fraction": float(counts[i] / pred.label_map.size),
                  "members": pred.breakdown.get(names[i], {})} for i in present]
         scored = len(class_ids)

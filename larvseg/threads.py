@@ -11,13 +11,17 @@ usefully, and with more threads than free cores every parallel region waits for 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from larvseg.domains import DomainError
+
+log = logging.getLogger(__name__)
 
 PARAMS_PER_THREAD = 20_000_000
 
@@ -35,7 +39,7 @@ def default_threads(num_params: int, cores: int | None = None) -> int:
     return max(1, min(cores, math.ceil(num_params / PARAMS_PER_THREAD)))
 
 
-def choose_threads(model: nn.Module | int, requested: int = 0, env: dict[str, str] | None = None) -> tuple[int, str]:
+def choose_threads(model: nn.Module | int, requested: int = 0, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """(threads, where the number comes from) for ``model`` (a module or its parameter count)."""
     env = os.environ if env is None else env
     if requested > 0:
@@ -50,10 +54,9 @@ def choose_threads(model: nn.Module | int, requested: int = 0, env: dict[str, st
     return default_threads(params), f"default for {params / 1e6:.1f} M parameters on {available_cores()} cores"
 
 
-def configure_threads(model: nn.Module | int, requested: int = 0, verbose: bool = True) -> int:
-    """Set torch's intra-op thread count (see the module doc) and print it; returns it."""
+def configure_threads(model: nn.Module | int, requested: int = 0) -> int:
+    """Set torch's intra-op thread count (see the module doc) and log it (INFO); returns it."""
     threads, source = choose_threads(model, requested)
     torch.set_num_threads(threads)
-    if verbose:
-        print(f"larvseg: {threads} intra-op thread{'s' if threads > 1 else ''} ({source})", flush=True)
+    log.info("larvseg: %d intra-op thread%s (%s)", threads, "s" if threads > 1 else "", source)
     return threads

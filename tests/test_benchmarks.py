@@ -38,7 +38,7 @@ def test_inference_benchmark_bf16_labels_of_a_checkpoint(tmp_path):
 
     from larvseg.config import Config, EvalConfig, ModelConfig
     from larvseg.data import testing as T
-    from larvseg.data.vocabulary import build_vocabulary
+    from larvseg.data.sources import build_vocabulary
     from larvseg.models.segmenter import build_segmenter
     from larvseg.train.checkpoint import save_checkpoint
 
@@ -55,7 +55,7 @@ def test_inference_benchmark_bf16_labels_of_a_checkpoint(tmp_path):
                            "--data-root", str(tmp_path / "data")], capture_output=True, text=True, env=env,
                           timeout=240, cwd=BENCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("inference_checkpoint:")][0]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("inference_checkpoint:"))
     fields = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
     assert fields["images"] == "3"
     assert 0.0 <= float(fields["bf16_pixel_agreement"]) <= 1.0 and 0.0 <= float(fields["bf16_miou_vs_fp32"]) <= 1.0

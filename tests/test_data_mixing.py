@@ -9,8 +9,10 @@ import torch
 from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import testing as T
 from larvseg.data.batch import TAG_PAD
-from larvseg.data.mixing import MixedLoader, SourceSchedule, build_eval_dataset, sample_seed, split_counts
-from larvseg.data.vocabulary import build_vocabulary, imagenet_subset
+from larvseg.data.eval_dataset import build_eval_dataset
+from larvseg.data.mixing import MixedLoader, SourceSchedule, sample_seed, split_counts
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import imagenet_subset
 
 WNIDS = imagenet_subset("ade847")[:3]
 

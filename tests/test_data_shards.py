@@ -17,12 +17,12 @@ from larvseg.cli import main as cli_main
 from larvseg.config import IGNORE_INDEX, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data import testing as T
-from larvseg.data.datasets import ShardFiles, ShardStream, build_source_checked
 from larvseg.data.io import DataError, read_label
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.shard_stream import StreamPlan
 from larvseg.data.shard_writer import ShardWriter, parse_size
-from larvseg.data.vocabulary import build_vocabulary, imagenet_names, imagenet_subset
+from larvseg.data.sources import build_source_checked, build_vocabulary
+from larvseg.data.vocabulary import imagenet_names, imagenet_subset, normalize_name
 
 WNIDS = imagenet_subset("ade847")[:4]
 
@@ -119,13 +119,23 @@ def test_every_sample_once_with_its_label_or_tag(data, name):
     assert index["class_counts"] == totals.tolist() and totals.sum() >= len(images)
 
 
-def test_shuffled_order_mixes_classes(data):
-    root, _ = data
-    first = json.loads((root / "IN_shards" / "index.json").read_text())["shards"][0]
+def test_shuffled_order_is_the_seeded_permutation_of_the_folder(data):
+    """Position k of the shards holds the folder's sample permutation(seed 0)[k]: the shards mix classes
+    (the folder order would put all of a class together) and the order is reproducible."""
+    root, sources = data
+    folder_src = sources["IN"][0]
+    cfg = T.make_config(root, tag=[folder_src])
+    folder = build_source(folder_src, cfg.data, build_vocabulary(cfg), "tag")
+    folder_paths = [str(Path(folder.load(i)["path"]).relative_to(folder_src.root)) for i in range(len(folder))]
     samples = read_shards(root / "IN_shards")
-    keys = sorted(samples)[: first["samples"]]
+    keys = sorted(samples)
+    assert keys == [f"{k:09d}" for k in range(len(folder_paths))]  # every position once, in shard order
     order = [json.loads(samples[k]["json"])["path"] for k in keys]
-    assert order != sorted(order)  # not the folder order
+    assert order == [folder_paths[i] for i in np.random.default_rng(0).permutation(len(folder_paths))]
+    first = json.loads((root / "IN_shards" / "index.json").read_text())["shards"][0]["samples"]
+    # the first shard: all 4 classes; in folder order its 5 samples would hold 2 (3 images per class)
+    assert len({Path(p).parts[-2] for p in order[:first]}) == 4
+    assert len({Path(p).parts[-2] for p in folder_paths[:first]}) == 2
 
 
 def test_random_access_equals_folders(data):
@@ -139,14 +149,16 @@ def test_random_access_equals_folders(data):
         vocab = build_vocabulary(cfg)
         folder = build_source(folder_src, cfg.data, vocab, role)
         sharded = build_source(shard_src, cfg.data, vocab, role)
-        assert isinstance(sharded, ShardFiles) and len(sharded) == len(folder)
+        assert len(sharded) == len(folder)
         assert np.array_equal(sharded.class_ids, folder.class_ids)
         by_path = {}
         for i in range(len(folder)):
             item = folder.load(i)
             by_path[str(Path(item["path"]).relative_to(folder_src.root))] = item
         samples = read_shards(root / f"{name}_shards")
-        for i, key in enumerate(sorted(samples)):
+        keys = sorted(samples)
+        for i in reversed(range(len(keys))):  # random access: any index, in any order, is that sample
+            key = keys[i]
             got = sharded.load(i)
             want = by_path[json.loads(samples[key]["json"])["path"]]
             assert np.array_equal(got["image"], want["image"])
@@ -214,7 +226,7 @@ def test_stream_plan_partitions_shards_per_epoch():
     plan = StreamPlan([f"s{k}" for k in range(11)], np.arange(1, 12), seed=1, source_index=0, streams=4)
     for epoch in range(3):
         parts = [plan.shards_of(g, epoch).tolist() for g in range(4)]
-        assert sorted(sum(parts, [])) == list(range(11))  # every shard once, no two streams share one
+        assert sorted(s for part in parts for s in part) == list(range(11))  # every shard once, no two streams share one
     assert plan.shards_of(0, 0).tolist() != plan.shards_of(0, 1).tolist()
     # a position maps to (epoch, shard, sample) consistently with the per-epoch lengths
     n0 = int(plan.counts[plan.shards_of(2, 0)].sum())
@@ -269,9 +281,24 @@ def test_streams_of_ranks_and_workers_read_disjoint_shards(data):
 
 
 def test_local_shards_can_stream(data):
+    """``stream: true`` on local shards: read in sequence (no random access), every sample with its tag."""
     root, _ = data
-    cfg = T.make_config(root, tag=[SourceConfig(name="IN", format="webdataset", root="IN_shards", stream=True)])
-    assert isinstance(build_source(cfg.data.tag_sources[0], cfg.data, build_vocabulary(cfg), "tag"), ShardStream)
+    cfg = T.make_config(root, tag_batch_size=4, tag=[SourceConfig(name="IN", format="webdataset", root="IN_shards",
+                                                                  stream=True, crop_size=16)])
+    vocab = build_vocabulary(cfg)
+    source = build_source(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
+    with pytest.raises(TypeError, match="streamed shards have no random access"):
+        source.load(0)
+    samples = read_shards(root / "IN_shards")
+    names = imagenet_names(str(root / "w.txt"))
+    batches = take(cfg, vocab, 0, 1, 0, 3)  # 12 samples: one epoch
+    streamed = [(p, tags[0].item()) for b in batches for p, tags in zip(b.tag[0].paths, b.tag[0].tags)]
+    assert len({p for p, _ in streamed}) == len(samples) == 12  # each sample once
+    for path, tag in streamed:
+        shard, key = path.rsplit(":", 1)[0], path.rsplit(":", 1)[1].split(".")[0]
+        assert Path(shard).parent == root / "IN_shards" and key in samples  # read from the local shard files
+        folder = Path(json.loads(samples[key]["json"])["path"]).parts[-2]
+        assert vocab.names[tag] == normalize_name(names[WNIDS.index(folder)])  # the sample's own class
 
 
 def test_bad_shard_lists_are_named(data, tmp_path):

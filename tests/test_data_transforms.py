@@ -25,7 +25,8 @@ from larvseg.data.transforms import (
     source_scale,
     train_transform,
 )
-from larvseg.data.vocabulary import build_vocabulary, imagenet_subset
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import imagenet_subset
 from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import build_vit

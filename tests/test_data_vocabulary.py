@@ -10,12 +10,11 @@ import pytest
 
 from larvseg.config import Config, DataConfig, SourceConfig
 from larvseg.data.testing import make_config
+from larvseg.data.sources import base_novel_split, build_vocabulary
 from larvseg.data.vocabulary import (
     CLASSLIST_DIR,
     Vocabulary,
     VocabularyError,
-    base_novel_split,
-    build_vocabulary,
     imagenet_class_names,
     imagenet_names,
     imagenet_subset,

@@ -33,7 +33,9 @@ from larvseg.demo.run import BASELINE, LARVSEG, PROFILES, SEG_ONLY
 
 
 def test_option_syntax():
-    assert parse_option("model.image_loss.pooling=region") == LossOption("pooling=region", ("model.image_loss.pooling=region",))
+    assert parse_option("model.image_loss.pooling=region") == LossOption(
+        "pooling=region", ("model.image_loss.pooling=region",)
+    )
     both = parse_option("region+conf: model.image_loss.pooling=region model.image_loss.confident_base=0.5")
     assert both.label == "region+conf"
     assert both.overrides == ("model.image_loss.pooling=region", "model.image_loss.confident_base=0.5")
@@ -58,17 +60,37 @@ def test_option_syntax():
 
 
 def test_cli_collects_options_after_the_overrides():
-    args = parse_args(build_parser(), ["demo", "--quick", "train.iters=5", "--compare", "model.image_loss.pooling=topk",
-                                       "r: model.image_loss.pooling=region", "--compare", "model.image_loss.confident_base=0.5"])
+    args = parse_args(
+        build_parser(),
+        [
+            "demo",
+            "--quick",
+            "train.iters=5",
+            "--compare",
+            "model.image_loss.pooling=topk",
+            "r: model.image_loss.pooling=region",
+            "--compare",
+            "model.image_loss.confident_base=0.5",
+        ],
+    )
     assert args.overrides == ["train.iters=5"]
-    assert args.compare == ["model.image_loss.pooling=topk", "r: model.image_loss.pooling=region",
-                            "model.image_loss.confident_base=0.5"]
+    assert args.compare == [
+        "model.image_loss.pooling=topk",
+        "r: model.image_loss.pooling=region",
+        "model.image_loss.confident_base=0.5",
+    ]
 
 
 def test_the_reference_stays_the_papers_loss(tmp_path):
     with pytest.raises(CompareOptionError, match="reference would not be the paper's loss"):
-        run_compare(tmp_path, tmp_path / "data", PROFILES["quick"], 1, parse_options(["model.image_loss.pooling=topk"]),
-                    ["model.image_loss.pooling=region"])
+        run_compare(
+            tmp_path,
+            tmp_path / "data",
+            PROFILES["quick"],
+            1,
+            parse_options(["model.image_loss.pooling=topk"]),
+            ["model.image_loss.pooling=region"],
+        )
     assert not (tmp_path / "data").exists()  # refused before generating anything
 
 
@@ -78,8 +100,13 @@ def test_leakage_matches_a_per_pixel_count():
     gt = rng.integers(0, 5, 4000)
     pred = rng.integers(0, 6, 4000)  # 5 = "other"
     matrix = np.bincount(gt * 6 + pred, minlength=36).reshape(6, 6)
-    is_base = lambda c: c < 5 and base[c]
-    is_novel = lambda c: c < 5 and not base[c]
+
+    def is_base(c: int) -> bool:
+        return c < 5 and bool(base[c])
+
+    def is_novel(c: int) -> bool:
+        return c < 5 and not base[c]
+
     b2n = 100.0 * sum(is_base(g) and is_novel(p) for g, p in zip(gt, pred)) / sum(is_base(g) for g in gt)
     n2b = 100.0 * sum(is_novel(g) and is_base(p) for g, p in zip(gt, pred)) / sum(is_novel(g) for g in gt)
     assert leakage(matrix, base) == pytest.approx((b2n, n2b), rel=1e-12)
@@ -89,8 +116,15 @@ def test_leakage_matches_a_per_pixel_count():
 
 
 def _record(loss, variant, seed, base, novel, b2n=1.0, n2b=2.0):
-    return {"loss": loss, "variant": variant.label, "seed": seed, "mIoU_base": base, "mIoU_novel": novel,
-            "base_to_novel": b2n, "novel_to_base": n2b}
+    return {
+        "loss": loss,
+        "variant": variant.label,
+        "seed": seed,
+        "mIoU_base": base,
+        "mIoU_novel": novel,
+        "base_to_novel": b2n,
+        "novel_to_base": n2b,
+    }
 
 
 def test_rows_pair_by_seed_against_the_paper():
@@ -103,12 +137,18 @@ def test_rows_pair_by_seed_against_the_paper():
         for variant, values in zip((BASELINE, LARVSEG), per_variant):
             records += [_record(loss, variant, s, b, n, b2n=10.0 * s) for s, (b, n) in values.items()]
     rows = build_rows(records, [PAPER, "opt"])
-    assert [(r.loss, r.variant) for r in rows] == [(SEG_ONLY.label, SEG_ONLY.label), (PAPER, BASELINE.label),
-                                                   (PAPER, LARVSEG.label), ("opt", BASELINE.label), ("opt", LARVSEG.label)]
+    assert [(r.loss, r.variant) for r in rows] == [
+        (SEG_ONLY.label, SEG_ONLY.label),
+        (PAPER, BASELINE.label),
+        (PAPER, LARVSEG.label),
+        ("opt", BASELINE.label),
+        ("opt", LARVSEG.label),
+    ]
     ob, ol = rows[3], rows[4]
     expected = t_interval([opt_b[s][0] - paper_b[s][0] for s in range(3)])
     assert (ob.vs_paper["base"].mean, ob.vs_paper["base"].lo, ob.vs_paper["base"].hi) == pytest.approx(
-        (expected.mean, expected.lo, expected.hi))
+        (expected.mean, expected.lo, expected.hi)
+    )
     assert ob.improved == {"base": 3, "novel": 1}  # novel: +0.0 (not improved), -0.5, +1.1
     assert ob.base_vs_seg == pytest.approx(np.mean([48, 49, 46]) - 49.5)
     assert ob.novel_gain_kept == pytest.approx(100 * np.mean([8, 8.5, 8.1]) / 8.0)
@@ -117,8 +157,12 @@ def test_rows_pair_by_seed_against_the_paper():
     assert ol.improved == {"base": 1, "novel": 3}
     assert rows[1].vs_paper == {} and np.mean(list(rows[1].base_to_novel.values())) == pytest.approx(10.0)
     table = format_table(rows)
-    assert re.search(r"^\| opt \| baseline \(CAC off\) \| 47\.7 \| 8\.2 \| \+17\.7 \[[+-]\d+\.\d, [+-]\d+\.\d\] \| .* \| 3/3 / 1/3 \| "
-                     r"-1\.8 \| 103 % \| 10\.0 \| 2\.0 \| yes \|$", table, re.MULTILINE), table
+    assert re.search(
+        r"^\| opt \| baseline \(CAC off\) \| 47\.7 \| 8\.2 \| \+17\.7 \[[+-]\d+\.\d, [+-]\d+\.\d\] \| .* \| 3/3 / 1/3 \| "
+        r"-1\.8 \| 103 % \| 10\.0 \| 2\.0 \| yes \|$",
+        table,
+        re.MULTILINE,
+    ), table
 
 
 def test_reuse_is_keyed_on_the_resolved_config(tmp_path):
@@ -127,12 +171,25 @@ def test_reuse_is_keyed_on_the_resolved_config(tmp_path):
     assert finished_record(cfg, key) is None  # nothing there yet
     (tmp_path / RUN_RECORD).write_text(json.dumps({"key": key, "mIoU_base": 1.0}))
     assert finished_record(cfg, key)["mIoU_base"] == 1.0
-    assert finished_record(cfg, run_key(load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=1"]),
-                                        "backbone-hash", "benchmark-hash")) is not None  # an identical config, rebuilt
-    for other in (run_key(load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=2"]), "backbone-hash", "benchmark-hash"),
-                  run_key(load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=1", "model.image_loss.pooling=topk"]),
-                          "backbone-hash", "benchmark-hash"),
-                  run_key(cfg, "another backbone", "benchmark-hash"), run_key(cfg, "backbone-hash", "another benchmark")):
+    assert (
+        finished_record(
+            cfg,
+            run_key(
+                load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=1"]), "backbone-hash", "benchmark-hash"
+            ),
+        )
+        is not None
+    )  # an identical config, rebuilt
+    for other in (
+        run_key(load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=2"]), "backbone-hash", "benchmark-hash"),
+        run_key(
+            load_config("demo", [f"train.work_dir={tmp_path}", "train.seed=1", "model.image_loss.pooling=topk"]),
+            "backbone-hash",
+            "benchmark-hash",
+        ),
+        run_key(cfg, "another backbone", "benchmark-hash"),
+        run_key(cfg, "backbone-hash", "another benchmark"),
+    ):
         assert finished_record(cfg, other) is None
 
 
@@ -144,8 +201,13 @@ def test_compare_quick_end_to_end_and_resume(tmp_path, capsys):
     assert "5 runs (0 finished ones reused), training 5" in printed
     md, data = (out / "compare.md").read_text(), json.loads((out / "compare.json").read_text())
     labels = [(r["loss"], r["variant"]) for r in data["rows"]]
-    assert labels == [(SEG_ONLY.label, SEG_ONLY.label), (PAPER, BASELINE.label), (PAPER, LARVSEG.label),
-                      ("pooling=region", BASELINE.label), ("pooling=region", LARVSEG.label)]
+    assert labels == [
+        (SEG_ONLY.label, SEG_ONLY.label),
+        (PAPER, BASELINE.label),
+        (PAPER, LARVSEG.label),
+        ("pooling=region", BASELINE.label),
+        ("pooling=region", LARVSEG.label),
+    ]
     for row in data["rows"]:
         assert f"| {row['variant']} | {row['mean']['base']:.1f} | {row['mean']['novel']:.1f} |" in md
         assert 0.0 <= row["mean"]["base_to_novel"] <= 100.0 and 0.0 <= row["mean"]["novel_to_base"] <= 100.0
@@ -155,9 +217,12 @@ def test_compare_quick_end_to_end_and_resume(tmp_path, capsys):
     # the leakage in the table is the one of the run's own confusion matrix
     run = out / "runs" / "seed0" / "pooling=region" / "baseline"
     base_mask = np.array([c.role == "base" for c in DEMO_CLASSES])
-    assert leakage(np.load(run / "compare_eval" / "confusion.npy"), base_mask)[0] == pytest.approx(region["mean"]["base_to_novel"])
-    assert data["options"] == [{"label": "pooling=region", "overrides": ["model.image_loss.pooling=region"],
-                                "folder": "pooling=region"}]
+    assert leakage(np.load(run / "compare_eval" / "confusion.npy"), base_mask)[0] == pytest.approx(
+        region["mean"]["base_to_novel"]
+    )
+    assert data["options"] == [
+        {"label": "pooling=region", "overrides": ["model.image_loss.pooling=region"], "folder": "pooling=region"}
+    ]
 
     # a second compare on the same folder: the paper's and segmentation only's runs are reused, a run whose record is
     # missing (killed before it finished) is trained again, a new option is trained

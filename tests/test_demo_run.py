@@ -34,13 +34,35 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     text = report.read_text()
     assert "| variant | mIoU (all) | mIoU base | mIoU novel |" in text
+    miou = {}  # variant label -> (all, base, novel) of the main table
     for variant in VARIANTS:
         m = re.search(rf"^\| {re.escape(variant.label)} \| {CELL} \| {CELL} \| {CELL} \|$", text, re.M)
         assert m, f"no table row for {variant.label!r}"
         values = [float(x) for x in m.groups()]
         assert all(0.0 <= x <= 100.0 for x in values)
         assert values[1::2] == [0.0, 0.0, 0.0]  # one seed: std 0
+        miou[variant.label] = tuple(values[0::2])
         assert (out / "runs" / "seed0" / variant.directory / "final.safetensors").is_file()
+        # the "Every run" table: the same numbers for the one seed
+        assert re.search(rf"^\| {re.escape(variant.label)} \| 0 \| {miou[variant.label][0]:.1f} \| "
+                         rf"{miou[variant.label][1]:.1f} \| {miou[variant.label][2]:.1f} \| \d+ \| \d+ \|$", text, re.M)
+    # the per-class IoU table averages to the mIoU columns (each cell rounded to 0.1: within 0.05 + 0.05)
+    per_class = {c.name: [float(x) for x in re.search(rf"^\| {c.name} \| {c.role} \| ([\d.]+) \| ([\d.]+) \| "
+                                                      rf"([\d.]+) \| ([\d.]+) \|$", text, re.M).groups()]
+                 for c in DEMO_CLASSES}
+    for k, variant in enumerate(VARIANTS):
+        for col, role in ((0, None), (1, "base"), (2, "novel")):
+            cells = [per_class[c.name][k] for c in DEMO_CLASSES if role in (None, c.role)]
+            assert abs(sum(cells) / len(cells) - miou[variant.label][col]) <= 0.1, (variant.label, role)
+    assert miou[VARIANTS[0].label][2] == 0.0  # segmentation only: novel classes never get a mask
+    # `larvseg eval` on the LarvSeg checkpoint, restricted to the benchmark's classes, gives the report's row
+    larvseg_run = next(v for v in VARIANTS if v.directory == "larvseg")
+    run_dir = out / "runs" / "seed0" / larvseg_run.directory
+    assert cli_main(["eval", str(run_dir / "config.yaml"), str(run_dir / "final.safetensors"),
+                     "--classes", ",".join(c.name for c in DEMO_CLASSES), "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert evaluated["num_images"] == 16 and evaluated["skipped_images"] == 0
+    assert tuple(round(evaluated[k], 1) for k in ("mIoU", "mIoU_base", "mIoU_novel")) == miou[larvseg_run.label]
     # the claim check: the rule first, then every check with a number, then the verdict (one seed: no interval)
     assert text.index(CLAIM_RULE) < text.index("| P1 premise |") < text.index("**Verdict (habitat benchmark): ")
     assert re.search(r"^\| P1 premise \|.*= \*\*\d+\.\d\d\*\* \| (yes|no) \|$", text, re.M)
@@ -59,8 +81,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     m = re.search(r"training top-1 accuracy .*: \*\*(\d+\.\d) %\*\*", text)
     assert m and 0.0 <= float(m.group(1)) <= 100.0
     assert "model.pretrained=backbone.npz" in text and "![pretraining curve](pretraining.png)" in text
-    # paired differences
-    assert re.search(r"^\| 0 \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \|$", text, re.M)
+    # paired differences: LarvSeg - baseline of the table's numbers (rounded there to 0.1), and the claim's Δ
+    delta_novel, delta_base = map(float, re.search(r"^\| 0 \| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \|$", text, re.M).groups())
+    baseline_label = next(v.label for v in VARIANTS if v.directory == "baseline")
+    assert abs(delta_novel - (miou[larvseg_run.label][2] - miou[baseline_label][2])) <= 0.1
+    assert abs(delta_base - (miou[larvseg_run.label][1] - miou[baseline_label][1])) <= 0.1
+    assert f"**{delta_novel:+.2f} (n = 1: no interval)**" in text
     # diagnostics: base -> novel share for every variant, AUCs for every class of the LarvSeg run
     for variant in VARIANTS:
         assert re.search(rf"^\| {re.escape(variant.label)} \| \d+\.\d \|", text, re.M)
@@ -76,7 +102,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     command = re.search(r"`larvseg predict ([^`]+)`", text).group(1).split()
     assert command[0] == str(out / "runs" / "seed0" / "larvseg" / "final.safetensors")
     assert cli_main(["predict", *command]) == 0
-    assert len(json.loads((Path(command[command.index("--out") + 1]) / "areas.json").read_text())) > 0
+    predicted = Path(command[command.index("--out") + 1])
+    areas = json.loads((predicted / "areas.json").read_text())
+    images = sorted((out / "data" / "A847" / "images" / "validation").iterdir())
+    assert sorted(areas) == [str(p) for p in images]  # one entry per evaluation image
+    names = json.loads((predicted / "classes.json").read_text())  # the name of every label value
+    for path, entry in areas.items():
+        assert set(entry["areas"]) <= {c.name for c in DEMO_CLASSES}  # the trained (default) vocabulary
+        assert abs(sum(entry["areas"].values()) - 1.0) < 1e-6
+        label_map = np.asarray(Image.open(predicted / entry["labels"]))
+        assert label_map.shape == np.asarray(Image.open(path)).shape[:2]
+        values, counts = np.unique(label_map, return_counts=True)  # the areas are the label map's histogram
+        assert {names[v]: round(n / label_map.size, 4) for v, n in zip(values, counts)} == \
+            {k: round(v, 4) for k, v in entry["areas"].items()}
 
     for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500), ("pretraining.png", 500)):
         with Image.open(out / name) as im:

@@ -12,8 +12,8 @@ import torch
 
 from cli_parsers import all_parsers
 from larvseg import cli
-from larvseg.config import DATASET_FORMATS, VIT_ARCHES, Config, SourceConfig, load_config
-from larvseg.domains import TEXT, Domain
+from larvseg.config import VIT_ARCHES, Config, SourceConfig, load_config
+from larvseg.domains import DATASET_FORMATS, TEXT, Domain
 
 # type-wrong values of each kind (as typed after key=), besides each domain's own out-of-range examples
 WRONG_BY_TYPE = {
@@ -62,10 +62,10 @@ def test_every_config_field_declares_its_domain():
 
 
 def test_packaged_names_match_the_builders():
-    from larvseg.data.datasets import DATASET_BUILDERS
+    from larvseg.data.formats import FORMATS
     from larvseg.models.vit import VIT_BUILDERS
 
-    assert set(VIT_ARCHES) == set(VIT_BUILDERS) and set(DATASET_FORMATS) == set(DATASET_BUILDERS)
+    assert set(VIT_ARCHES) == set(VIT_BUILDERS) and DATASET_FORMATS == tuple(FORMATS)
 
 
 def _wrong_values(domain: Domain, kind: type) -> list[str]:

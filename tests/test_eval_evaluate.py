@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from larvseg.cli import main as cli_main
 from larvseg.config import EvalConfig, ModelConfig, SourceConfig, dump_config
 from larvseg.data import testing as T
 from larvseg.data.io import CorruptImageError
-from larvseg.data.vocabulary import build_vocabulary
+from larvseg.data.sources import build_vocabulary
 from larvseg.eval.evaluate import evaluate, format_table
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import save_checkpoint
@@ -26,7 +27,7 @@ def _segmenter(num_classes: int, seed: int = 0):
     return build_segmenter(ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), num_classes).eval()
 
 
-def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_classes(tmp_path, capsys):
+def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_classes(tmp_path, caplog):
     T.write_ade847(tmp_path / "A847", n=4, size=(24, 32), values=[5, 300, 65535], split="validation")
     broken = sorted((tmp_path / "A847" / "images" / "validation").glob("*.jpg"))[2]
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -36,13 +37,14 @@ def test_eval_skip_bad_counts_a_corrupt_image_and_the_table_collapses_idle_class
     segmenter = _segmenter(len(vocab))
     with pytest.raises(CorruptImageError, match=broken.name):
         evaluate(cfg, segmenter, vocab)
-    capsys.readouterr()
+    caplog.clear()
     cfg.data.eval.skip_bad = True  # was ignored: the same traceback
-    results = evaluate(cfg, segmenter, vocab, out_dir=tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="larvseg"):
+        results = evaluate(cfg, segmenter, vocab, out_dir=tmp_path / "out")
     assert results["skipped_images"] == 1 and results["num_images"] == 3
-    captured = capsys.readouterr()
-    assert f"skipped an evaluation image (data.eval.skip_bad): {broken}" in captured.err
-    table = captured.out
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(f"skipped an evaluation image (data.eval.skip_bad): {broken}")
+    table = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
     # 847 classes, 2 in the ground truth: the ones never predicted either are one line, not 800 rows of nan
     rows = [r for r in results["per_class"] if r["gt_pixels"] or r["pred_pixels"]]
     idle = len(results["per_class"]) - len(rows)

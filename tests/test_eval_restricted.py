@@ -12,8 +12,9 @@ import torch
 
 from larvseg.config import IGNORE_INDEX, EvalConfig, ModelConfig, SourceConfig
 from larvseg.data import testing as T
-from larvseg.data.mixing import build_eval_dataset
-from larvseg.data.vocabulary import UnknownClassError, build_vocabulary, load_class_names, normalize_name
+from larvseg.data.eval_dataset import build_eval_dataset
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import UnknownClassError, load_class_names, normalize_name
 from larvseg.eval.evaluate import evaluate, scored_classes
 from larvseg.models.inference import segment_image
 from larvseg.models.segmenter import build_segmenter

@@ -18,7 +18,10 @@ from PIL import Image
 
 from larvseg.cli import main as cli_main
 from larvseg.config import Config, EvalConfig, ModelConfig
+from larvseg.data.synthetic.appearance import DEMO_CLASSES, NOVEL_CLASSES, render_scene
+from larvseg.export import ExportableSegmenter
 from larvseg.models.inference import segment_image
+from larvseg.predict import LarvSegPredictor, read_image
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train.checkpoint import save_checkpoint
 
@@ -36,9 +39,11 @@ def exported(tmp_path_factory):
     segmenter = build_segmenter(cfg.model, len(NAMES)).eval()
     ckpt = tmp / "small.pth"
     save_checkpoint(ckpt, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": NAMES})
-    rng = np.random.default_rng(1)
-    photo = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((71, 50), Image.BICUBIC))
-    Image.fromarray(photo).save(tmp / "photo.png")
+    # a textured scene as the benchmark draws them (background regions, objects, sensor noise), as a PNG file
+    scene = render_scene(np.random.default_rng(1), (50, 71), [DEMO_CLASSES.index(c) for c in NOVEL_CLASSES[:2]],
+                         [(0.1, 0.3)] * 2)
+    Image.fromarray(scene.image).save(tmp / "photo.png")
+    photo = np.array(read_image(tmp / "photo.png"))  # decoded from the file, writable
     onnx_path = tmp / "out" / "model.onnx"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -62,7 +67,7 @@ def test_export_matches_pytorch_at_any_size(exported):
     assert json.loads(onnx_path.with_suffix(".classes.json").read_text()) == classes
     ids = torch.tensor([NAMES.index(c) for c in classes])
     for h, w in ((50, 71), (32, 48), (97, 33)):
-        image = photo if (h, w) == photo.shape[:2] else np.asarray(Image.fromarray(photo).resize((w, h)))
+        image = photo if (h, w) == photo.shape[:2] else np.array(Image.fromarray(photo).resize((w, h)))
         logits, labels = session.run(["logits", "labels"], {"image": image.astype(np.float32).transpose(2, 0, 1)[None]})
         assert logits.shape == (1, 3, -(-h // 16), -(-w // 16)) and labels.shape == (1, h, w)
         # the same prediction as larvseg's own whole-image inference over the same classes
@@ -71,6 +76,28 @@ def test_export_matches_pytorch_at_any_size(exported):
         agreement = (ids[torch.from_numpy(labels[0])] == expected).float().mean().item()
         assert agreement > 0.999, (h, w, agreement)
         assert len(np.unique(labels)) > 1  # a non-trivial map, or the check above proves little
+
+
+def test_exported_function_is_predicts_segmentation(exported):
+    """The traced module gives exactly the labels of `larvseg predict` in whole mode (no resizing, float32)."""
+    segmenter, onnx_path, photo, _ = exported
+    ckpt = onnx_path.parent.parent / "small.pth"
+    predictor = LarvSegPredictor.from_checkpoint(ckpt, classes="road,Sky,person", device="cpu", amp="off", short_side=0)
+    assert predictor.eval_cfg.mode == "whole"
+    ids = predictor.class_ids
+    module = ExportableSegmenter(predictor.segmenter, ids).eval()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for image in (photo, photo[:41, 5:]):  # the file as decoded, and a crop of another size
+        expected = predictor(image).label_map  # union ids at the image's size
+        with torch.no_grad():
+            logits, labels = module(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+        assert labels.shape == (1, *image.shape[:2])
+        np.testing.assert_array_equal(ids[labels[0]].numpy(), expected)
+        assert len(np.unique(expected)) > 1  # a non-trivial map, or the equality proves little
+        onnx_logits, onnx_labels = session.run(["logits", "labels"],
+                                               {"image": image.astype(np.float32).transpose(2, 0, 1)[None]})
+        np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-3)
+        assert (ids[torch.from_numpy(onnx_labels[0])].numpy() == expected).mean() > 0.999
 
 
 def test_readme_snippet_runs_without_pytorch(exported, tmp_path):

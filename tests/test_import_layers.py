@@ -24,6 +24,7 @@ LAYERS = {
     "larvseg.distributed": 0,
     "larvseg.precision": 0,  # amp choice: imports only torch and config
     "larvseg.threads": 0,  # intra-op thread count: imports only torch
+    "larvseg.log": 0,  # the console handler of the larvseg logger (set up by entry points): imports only larvseg.progress
     "larvseg.tensorboard": 0,  # TensorBoard event files (training's logger and `larvseg eval`): numpy + tensorboardX
     "larvseg.data": 1,
     "larvseg.models": 2,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larvseg.models.augreg import CheckpointLoadError, load_augreg, load_pretrained
+from larvseg.models.pretrained_weights import CheckpointLoadError, load_augreg_npz, load_pretrained
 from larvseg.models.vit import VIT_BUILDERS, VisionTransformer, build_vit, resize_pos_grid
 
 D, HEADS, HD, DEPTH, GRID = 64, 4, 16, 2, 4
@@ -82,7 +82,7 @@ def npz_file(tmp_path):
 def test_npz_mapping_tensor_by_tensor(npz_file):
     path, a = npz_file
     model = VisionTransformer(D, DEPTH, HEADS, pos_grid=GRID)
-    report = load_augreg(model, path)
+    report = load_augreg_npz(model, path)
     assert report.missing == [] and report.unexpected == []
     assert sorted(report.unused) == ["head/bias", "head/kernel"]
     sd = model.state_dict()
@@ -121,7 +121,7 @@ def test_pos_grid_resized_bicubically(npz_file, tmp_path):
     model = VisionTransformer(D, DEPTH, HEADS, pos_grid=6)
     path = tmp_path / "g.npz"
     np.savez(path, **a)
-    load_augreg(model, path)
+    load_augreg_npz(model, path)
     pos = torch.from_numpy(a["Transformer/posembed_input/pos_embedding"])
     grid = pos[0, 1:].reshape(GRID, GRID, D).permute(2, 0, 1)[None]
     ref = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)[0].permute(1, 2, 0).reshape(36, D)
@@ -139,11 +139,11 @@ def test_missing_unexpected_and_shape_errors(npz_file, tmp_path):
     b["Transformer/extra/kernel"] = np.zeros(3, np.float32)
     path = tmp_path / "partial.npz"
     np.savez(path, **b)
-    report = load_augreg(VisionTransformer(D, DEPTH, HEADS, pos_grid=GRID), path)
+    report = load_augreg_npz(VisionTransformer(D, DEPTH, HEADS, pos_grid=GRID), path)
     assert report.missing == ["norm.weight"]
     assert report.unexpected == ["Transformer/extra/kernel"]
     with pytest.raises(CheckpointLoadError, match=r"partial.npz: .*wrong architecture"):
-        load_augreg(VisionTransformer(32, DEPTH, 2, pos_grid=GRID), tmp_path / "partial.npz")
+        load_augreg_npz(VisionTransformer(32, DEPTH, 2, pos_grid=GRID), tmp_path / "partial.npz")
 
 
 def test_truncated_foreign_and_missing_files(npz_file, tmp_path):
@@ -153,13 +153,13 @@ def test_truncated_foreign_and_missing_files(npz_file, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     model = VisionTransformer(D, DEPTH, HEADS, pos_grid=GRID)
     with pytest.raises(CheckpointLoadError, match="cut.npz.*truncated or corrupt"):
-        load_augreg(model, cut)
+        load_augreg_npz(model, cut)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, weights=np.zeros(3))
     with pytest.raises(CheckpointLoadError, match="foreign.npz: not an AugReg"):
-        load_augreg(model, foreign)
+        load_augreg_npz(model, foreign)
     with pytest.raises(CheckpointLoadError, match="not found"):
-        load_augreg(model, tmp_path / "nope.npz")
+        load_augreg_npz(model, tmp_path / "nope.npz")
     with pytest.raises(CheckpointLoadError, match="unknown pretrained file type"):
         load_pretrained(model, tmp_path / "w.ckpt")
 

@@ -159,11 +159,36 @@ def test_objective_zero_images_and_normalisation():
     assert half.item() == pytest.approx(full.item() / 2, rel=1e-5)
 
 
-def test_build_segmenter_forward_shapes():
-    seg = build_segmenter(ModelConfig(arch="vit_tiny", cac=True, memory_bank_size=3), num_classes=7)
-    assert seg.bank.slots.shape == (7, 3, 192)
-    out = seg(torch.randn(1, 3, 32, 48), torch.tensor([1, 3]))
-    assert out.logits.shape == (1, 2, 2, 3) and out.features.shape == (1, 192, 2, 3)
+def test_build_segmenter_forward_is_the_cosine_formula_on_standardised_pixels():
+    """A built segmenter: an empty bank of the configured size, and logits = gamma * standardize_N(p . c) + beta
+    of the backbone's features of the images standardised with the ImageNet mean/std, written out per pixel."""
+    torch.manual_seed(0)
+    seg = build_segmenter(ModelConfig(arch="vit_tiny", cac=True, memory_bank_size=3, drop_path=0.0), num_classes=7)
+    seg.eval()
+    assert seg.bank.slots.shape == (7, 3, 192) and not seg.bank.slots.any() and not seg.bank.ptr.any()
+    with torch.no_grad():
+        seg.classifier.gamma.fill_(1.7)
+        seg.classifier.beta.fill_(-0.3)
+        images = torch.rand(1, 3, 32, 48) * 255  # RGB pixel values, standardised by the segmenter
+        ids = torch.tensor([1, 3, 6, 0])
+        out = seg(images, ids)
+        assert out.logits.shape == (1, 4, 2, 3) and out.features.shape == (1, 192, 2, 3)
+        mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+        std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+        x = seg.backbone(((images - mean) / std))[0]  # (192, 2, 3)
+        clf = seg.classifier
+        for i in range(2):
+            for j in range(3):
+                pv = x[:, i, j] @ clf.proj_patch
+                pv = pv / pv.norm()
+                s = [float(pv @ (clf.class_embed[c] @ clf.proj_class) / (clf.class_embed[c] @ clf.proj_class).norm())
+                     for c in ids.tolist()]
+                m = sum(s) / len(s)
+                var = sum((v - m) ** 2 for v in s) / len(s)  # biased
+                for n, v in enumerate(s):
+                    ref = 1.7 * (v - m) / math.sqrt(var + 1e-5) - 0.3
+                    assert out.logits[0, n, i, j].item() == pytest.approx(ref, abs=1e-4)
+                torch.testing.assert_close(out.features[0, :, i, j], pv, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("feat_hw,loss_hw", [((4, 4), (8, 8)), ((5, 7), (13, 11)), ((20, 20), (160, 160)), ((6, 6), (6, 6)), ((8, 6), (4, 3))])

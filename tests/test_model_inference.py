@@ -13,7 +13,14 @@ from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
 from larvseg.models import chunked_argmax as chunked_argmax_module
 from larvseg.models.chunked_argmax import chunked_argmax
-from larvseg.models.inference import argmax_path, centered_classes, segment_image, segment_image_detailed, slide_windows
+from larvseg.models.inference import (
+    argmax_path,
+    centered_classes,
+    segment_image,
+    segment_image_detailed,
+    slide_windows,
+    upsample_crop_matrix,
+)
 from larvseg.models.segmenter import Segmenter
 from larvseg.models.vit import VisionTransformer
 
@@ -45,6 +52,20 @@ def _reference_slide(seg, image, crop, stride, out_size, class_ids=None):
                 count[y1:y2, x1:x2] += 1
     canvas = F.interpolate((canvas / count)[None], size=out_size, mode="bilinear", align_corners=False)[0]
     return ids[canvas.argmax(0)]
+
+
+def test_upsample_crop_matrix_is_interpolate_exactly_in_float32():
+    """The traced whole-image function builds its upsampling matrices in float32 (onnxruntime has no float64
+    resize), predict's slide path in float64: the same values, since every x16 weight is a multiple of 1/32."""
+    for n_feat in [1, 2, 3, 7, 16, 33, 64]:
+        full = resize_matrix(n_feat, 16 * n_feat, dtype=torch.float64)
+        for n_out in {1, 16 * n_feat - 15, 16 * n_feat - 1, 16 * n_feat}:
+            f64 = upsample_crop_matrix(n_feat, n_out, torch.float64)
+            assert torch.equal(f64, full[:n_out])
+            assert torch.equal(upsample_crop_matrix(n_feat, n_out), f64.float()), (n_feat, n_out)
+    x = torch.randn(1, 5, 3, 4)
+    up = F.interpolate(x, size=(48, 64), mode="bilinear", align_corners=False)[0, :, :41, :50]
+    assert torch.allclose(upsample_crop_matrix(3, 41) @ x[0] @ upsample_crop_matrix(4, 50).T, up, atol=1e-6)
 
 
 def test_slide_windows_mmseg_grid():

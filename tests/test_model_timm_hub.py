@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from larvseg.models.augreg import CheckpointLoadError, load_pretrained
+from larvseg.models.pretrained_weights import CheckpointLoadError, load_pretrained
 from larvseg.models.vit import VisionTransformer
-from test_model_augreg import D, DEPTH, GRID, HD, HEADS, augreg_arrays
+from test_model_augreg import D, DEPTH, GRID, HEADS, augreg_arrays
 
 HUB_REPO = "timm/vit_base_patch16_384.augreg_in21k_ft_in1k"
 POS = "Transformer/posembed_input/pos_embedding"
@@ -164,7 +164,7 @@ def _hub_cache(root, t: dict[str, np.ndarray], revision: str = "0123456789abcdef
 _HUB_SCRIPT = """
 import json, sys
 import numpy as np, torch
-from larvseg.models.augreg import CheckpointLoadError, load_pretrained
+from larvseg.models.pretrained_weights import CheckpointLoadError, load_pretrained
 from larvseg.models.vit import VisionTransformer
 d, depth, heads, grid = json.loads(sys.argv[1])
 model = VisionTransformer(d, depth, heads, pos_grid=grid).eval()

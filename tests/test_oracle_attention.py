@@ -15,7 +15,7 @@ from larvseg.config import ConfigError, load_config
 from larvseg.data.io import AnnotationError, LabelValueError
 from larvseg.data.mixing import MixedLoader, build_training_sources
 from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
-from larvseg.data.vocabulary import build_vocabulary
+from larvseg.data.sources import build_vocabulary
 from larvseg.models.oracle_attention import oracle_attention_loss
 
 

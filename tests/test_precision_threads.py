@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -50,10 +51,11 @@ def calibration(monkeypatch, tmp_path):
     return state
 
 
-def test_amp_auto_chooses_bf16_only_where_measured_faster(calibration, capsys):
-    choice = precision.choose("auto", CPU, _workload(), announce=True)
+def test_amp_auto_chooses_bf16_only_where_measured_faster(calibration, caplog):
+    with caplog.at_level(logging.INFO, logger="larvseg"):
+        choice = precision.choose("auto", CPU, _workload(), announce=True)
     assert choice.bf16 and "amp=auto: bf16 (measured 2.00x faster here for inference" in choice.line
-    assert choice.line in capsys.readouterr().err  # announced, with the measured ratio
+    assert f"larvseg: {choice.line}" in caplog.messages  # announced, with the measured ratio
     for name in ("1.05x", "0.2x"):  # within noise of float32, or slower: float32
         calibration["timing"] = TIMINGS[name]
         precision._DECIDED.clear()
@@ -229,13 +231,14 @@ def test_thread_choice_order():
         threads.choose_threads(1, env={"LARVSEG_THREADS": "many"})
 
 
-def test_configure_threads_sets_and_prints(capsys, monkeypatch):
+def test_configure_threads_sets_and_logs(caplog, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("LARVSEG_THREADS", raising=False)
     try:
-        assert threads.configure_threads(torch.nn.Linear(4, 4), requested=1) == 1
+        with caplog.at_level(logging.INFO, logger="larvseg"):
+            assert threads.configure_threads(torch.nn.Linear(4, 4), requested=1) == 1
         assert torch.get_num_threads() == 1
-        assert "larvseg: 1 intra-op thread (config)" in capsys.readouterr().out
+        assert caplog.messages == ["larvseg: 1 intra-op thread (config)"]
     finally:
         torch.set_num_threads(before)
 

@@ -155,7 +155,7 @@ def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_score
     from larvseg.cli import main as cli_main
     from larvseg.config import dump_config
     from larvseg.data import testing as T
-    from larvseg.data.vocabulary import build_vocabulary
+    from larvseg.data.sources import build_vocabulary
 
     names = ["sky", "tree", "road", "person"]
     T.write_custom_seg(tmp_path / "myseg", names, n=3, size=(48, 70))

@@ -13,7 +13,7 @@ import torch
 from larvseg.cli import main as cli_main
 from larvseg.config import ConfigError, load_config
 from larvseg.data.testing import write_coco171, write_custom_tags
-from larvseg.models.augreg import load_pretrained
+from larvseg.models.pretrained_weights import load_pretrained
 from larvseg.models.segmenter import build_segmenter
 from larvseg.models.vit import build_vit
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
@@ -133,6 +133,33 @@ def test_pretrain_multi_tag_source_and_losses(tmp_path):
     torch.testing.assert_close(classification_loss_sum(logits, target, "softmax"), expected)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
     torch.testing.assert_close(classification_loss_sum(logits, target, "sigmoid"), bce)
+
+
+def test_pretrain_stops_on_a_non_finite_loss_keeping_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """The same stop as `larvseg train` (train.loop.optimizer_step_or_stop): before backward, the step's
+    terms named, the last good checkpoint kept and named, exit code 2."""
+    from larvseg.train import pretrain as pretrain_module
+
+    real = pretrain_module.step_terms
+    calls = []
+
+    def poisoned(model, batch, num_classes, loss):
+        terms = real(model, batch, num_classes, loss)
+        calls.append(1)
+        if len(calls) == 4:  # step 3
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(pretrain_module, "step_terms", poisoned)
+    cfg_file, cfg = tiny_config(tmp_path, "nan")
+    with pytest.raises(pretrain_module.NonFiniteLossError,
+                       match=r"non-finite loss at step 3 \(lr .*\): loss=nan, top1=.*iter_00000002\.pth"):
+        pretrain(cfg, resume="none")
+    assert [s for s, _ in list_checkpoints(tmp_path / "nan")] == [2]
+    assert not (tmp_path / "nan" / BACKBONE_FILE).exists()
+    calls.clear()
+    assert cli_main(["pretrain", str(cfg_file), f"pretrain.work_dir={tmp_path / 'nan2'}", "--resume", "none"]) == 2
+    assert "non-finite loss at step 3" in capsys.readouterr().err
 
 
 def test_pretrain_needs_tag_sources(tmp_path):

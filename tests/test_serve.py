@@ -25,9 +25,9 @@ from live_server import chromium, serving
 
 pytest.importorskip("fastapi", reason="the [web] extra is not installed")
 pytest.importorskip("httpx", reason="fastapi.testclient needs httpx (the [test] extra)")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from larvseg.serve import SegmentationService, create_app  # noqa: E402
+from larvseg.serve import SegmentationService, create_app
 
 NAMES = ["sky", "tree", "road", "person", "car", "building", "unicornfish"]  # the last one is in no preset
 

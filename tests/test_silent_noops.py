@@ -7,6 +7,7 @@ on the predictor, warnings as one line, every command prints its threads."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from types import SimpleNamespace
 
@@ -139,7 +140,7 @@ def test_data_check_writes_nothing(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []  # tiny_cpu's generated data was checked in a temporary folder
 
 
-def test_a_finished_run_without_its_final_evaluation_evaluates_on_restart(tmp_path, monkeypatch, capsys):
+def test_a_finished_run_without_its_final_evaluation_evaluates_on_restart(tmp_path, monkeypatch, caplog):
     """The final evaluation failed (a bad label); restarted with data.eval.skip_bad=true it runs, instead
     of "nothing to do"."""
     import larvseg.train.loop as loop
@@ -183,11 +184,14 @@ train: {iters: 2, lr: 0.05, checkpoint_interval: 2, eval_interval: 0, amp: "off"
         loop.train(cfg, *build(cfg, "cpu"), resume="none", evaluator=evaluator(cfg))
     assert (tmp_path / "work" / "iter_00000002.pth").is_file() and calls == [False]
     cfg = load_config(tmp_path / "tiny.yaml", [f"train.work_dir={tmp_path / 'work'}", "data.eval.skip_bad=true"])
+    caplog.set_level(logging.INFO, logger="larvseg")
+    caplog.clear()
     loop.train(cfg, *build(cfg, "cpu"), evaluator=evaluator(cfg))
     assert calls == [False, True]
-    assert "running the missing final evaluation" in capsys.readouterr().out
+    assert "resumed at step 2 >= train.iters 2: running the missing final evaluation" in caplog.messages
+    caplog.clear()
     loop.train(cfg, *build(cfg, "cpu"), evaluator=evaluator(cfg))  # now it is there: nothing to do
-    assert calls == [False, True] and "nothing to do" in capsys.readouterr().out
+    assert calls == [False, True] and "nothing to do: resumed at step 2 >= train.iters 2" in caplog.messages
 
 
 def test_serve_prints_its_threads(ckpt, monkeypatch, capsys):

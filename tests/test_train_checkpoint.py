@@ -4,6 +4,7 @@ RNG state round trip, the safetensors export; plus the poly schedule and the met
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 
@@ -222,7 +223,7 @@ def test_export_with_a_json_of_another_vocabulary_is_a_clear_error(tmp_path):
         ck.load_checkpoint(path)
 
 
-def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, capsys):
+def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, caplog):
     """The one checkpointer of train and pretrain: work dir + config.yaml + killed saves' temps removed,
     atomic saves with the RNG states and extra entries, latest.pth, keep-last-k, and a resume that restores
     the model, the optimizer's momentum and the RNG streams."""
@@ -230,9 +231,10 @@ def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, capsys
     work.mkdir()
     orphan = orphan_temp(work, ck.checkpoint_name(9))
     checkpointer = ck.Checkpointer(work, keep_last=2)
-    checkpointer.prepare("train: {iters: 6}\n")
+    with caplog.at_level(logging.INFO, logger="larvseg"):
+        checkpointer.prepare("train: {iters: 6}\n")
     assert (work / "config.yaml").read_text() == "train: {iters: 6}\n" and not orphan.exists()
-    assert f"removed {orphan.name}: temp file of a killed save" in capsys.readouterr().out
+    assert f"removed {orphan.name}: temp file of a killed save" in caplog.messages
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -12,6 +12,7 @@ loop, not image decoding; tests/test_train_tools.py runs the real data layer thr
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ from larvseg import distributed
 from larvseg.cli import build_parser
 from larvseg.data.testing import SyntheticLoader
 from larvseg.data.vocabulary import Vocabulary
+from larvseg.log import setup_logging
 from larvseg.models.segmenter import build_segmenter
 from larvseg.train import loop
 
@@ -69,6 +71,7 @@ def build(cfg, device):
     return (Vocabulary({names!r}), build_segmenter(cfg.model, {n}),
             SyntheticLoader(cfg, distributed.rank(), distributed.world_size(), {n}))
 
+setup_logging()  # an entry point, as larvseg.cli.main: rank 0 shows the status lines
 sys.exit(loop.main(build_parser().parse_args(sys.argv[1:]), build=build))
 """
 
@@ -140,7 +143,7 @@ def test_killed_and_resumed_matches_uninterrupted(setup):
     _assert_same(got["model"], ref["model"], 1e-6)
     _assert_same({str(k): v["momentum_buffer"] for k, v in got["optimizer"]["state"].items()},
                  {str(k): v["momentum_buffer"] for k, v in ref["optimizer"]["state"].items()}, 1e-6)
-    steps = [r for r in (work / "metrics.jsonl").read_text().splitlines()]
+    steps = (work / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3  # one record per logged step, none duplicated by the restart
 
 
@@ -223,7 +226,7 @@ def test_mark_supervised_counts_labelled_pixels_and_tags_only():
     assert seen.nonzero().flatten().tolist() == [1, 4]
 
 
-def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(setup, capsys):
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(setup, caplog):
     import shutil
 
     from test_train_checkpoint import orphan_temp
@@ -236,11 +239,12 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_removes_orphan_temps(se
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     orphan = orphan_temp(work, "iter_00000006.pth")
     cfg = load_config(setup / "tiny.yaml", [f"train.work_dir={work}"])
-    loop.train(cfg, *synthetic_build(cfg, "cpu"))  # resume: auto
-    out, err = capsys.readouterr()
-    assert "skipping checkpoint iter_00000004.pth for auto-resume" in err and "truncated or corrupt" in err
-    assert f"resumed from {work / 'iter_00000002.pth'} at step 2" in out
-    assert f"removed {orphan.name}" in out and not orphan.exists()
+    with caplog.at_level(logging.INFO, logger="larvseg"):
+        loop.train(cfg, *synthetic_build(cfg, "cpu"))  # resume: auto
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "skipping checkpoint iter_00000004.pth for auto-resume" in warned and "truncated or corrupt" in warned
+    assert f"resumed from {work / 'iter_00000002.pth'} at step 2" in caplog.messages
+    assert f"removed {orphan.name}: temp file of a killed save" in caplog.messages and not orphan.exists()
     _assert_same(_weights(work / "iter_00000006.pth"), _weights(setup / "ref" / "iter_00000006.pth"), 0)
     # the fake data labels classes 0..3 and tags 3..5: all six had supervision
     assert load_checkpoint(work / "iter_00000006.pth")["supervised"] == list(range(NUM_CLASSES))

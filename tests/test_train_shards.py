@@ -157,5 +157,6 @@ def test_two_nodes_of_two_processes_match_one_process(shards):
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, out[-2000:] + err[-3000:]
     assert sum(out.count("done:") for out, _ in outputs) == 1  # global rank 0 (on node 0) reports
+    assert outputs[1][0] == ""  # ranks 2 and 3 (node 1) log their status at INFO, which only rank 0 shows
     _assert_same(load_checkpoint(root / "multi" / "iter_00000002.pth")["model"],
                  load_checkpoint(root / "one" / "iter_00000002.pth")["model"], 1e-5)

@@ -6,13 +6,24 @@ and tags are in the experiment's *union* vocabulary (larvseg.data.vocabulary.Voc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 import torch
 
 from larvseg.config import IGNORE_INDEX
 
 TAG_PAD = -1  # padding value of TagBatch.tags
+
+
+_Batch = TypeVar("_Batch", "SegBatch", "TagBatch")
+
+
+def _tensors_to(batch: _Batch, device: torch.device, non_blocking: bool) -> _Batch:
+    """A copy of the dataclass ``batch`` with every tensor field on ``device`` (None fields stay None)."""
+    moved = {f.name: getattr(batch, f.name).to(device, non_blocking=non_blocking) for f in fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return replace(batch, **moved)
 
 
 @dataclass
@@ -28,12 +39,7 @@ class SegBatch:
     paths: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "SegBatch":
-        return replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            class_ids=self.class_ids.to(device, non_blocking=non_blocking),
-        )
+        return _tensors_to(self, device, non_blocking)
 
 
 @dataclass
@@ -53,13 +59,7 @@ class TagBatch:
     object_masks: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "TagBatch":
-        return replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            tags=self.tags.to(device, non_blocking=non_blocking),
-            class_ids=self.class_ids.to(device, non_blocking=non_blocking),
-            object_masks=None if self.object_masks is None else self.object_masks.to(device, non_blocking=non_blocking),
-        )
+        return _tensors_to(self, device, non_blocking)
 
 
 @dataclass

@@ -21,10 +21,11 @@ import numpy as np
 from larvseg.progress import progress_bar
 
 from larvseg.config import Config, SourceConfig, load_config
-from larvseg.data.datasets import ImageTagFolder, build_source_checked
+from larvseg.data.datasets import ImageTagFolder, ShardStream
 from larvseg.data.io import DataError
 from larvseg.data.transforms import source_scale
-from larvseg.data.vocabulary import VocabularyError, build_vocabulary
+from larvseg.data.sources import build_source_checked, build_vocabulary
+from larvseg.data.vocabulary import VocabularyError
 
 
 @dataclass
@@ -87,13 +88,13 @@ def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images
     seen: set[int] = set()
     if isinstance(dataset, ImageTagFolder):  # coverage from the folders; images are still decoded below
         seen.update(dataset.class_ids[np.unique(dataset.file_class)].tolist())
-    if getattr(dataset, "streamed", False):  # no random access: coverage from the shard index, nothing decoded
+    if isinstance(dataset, ShardStream):  # no random access: coverage from the shard index, nothing decoded
         counts = dataset.shards.index["class_counts"]
         report.classes_seen = len({int(i) for i, c in zip(dataset.class_ids, counts) if c})
         return report
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     # spread the decoded sample over the whole set (files are sorted by class folder)
-    indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)) if n else []
+    indices = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)) if n else np.zeros(0, int)
     for i in progress_bar(indices, desc=f"checking {report.name}", unit="img", leave=False):
         try:
             item = dataset.load(int(i))

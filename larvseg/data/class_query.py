@@ -118,9 +118,9 @@ class ClassResolver:
                     self.by_wnid.setdefault(wnid, i)
         for i, name in enumerate(self.names):
             m = _WNID_SUFFIX.search(name)
-            wnid = m.group(1) if m else (name if is_wnid(name) else None)
-            if wnid is not None:
-                self.by_wnid.setdefault(wnid, i)
+            own = m.group(1) if m else (name if is_wnid(name) else None)
+            if own is not None:
+                self.by_wnid.setdefault(own, i)
         self._subtrees: dict[str, frozenset[int]] = {}
         self.wnids_of: dict[int, list[str]] = {}
         for wnid, i in sorted(self.by_wnid.items()):
@@ -143,9 +143,9 @@ class ClassResolver:
         """The first candidate of the best rank, and notes naming it and the other senses."""
         ranked = [(self._rank(ids_of(w)), k, w) for k, w in enumerate(candidates)]
         best = min(ranked, default=(2, 0, None))
-        if best[0] == 2:
-            return None, []
         chosen = best[2]
+        if best[0] == 2 or chosen is None:  # None: no candidates
+            return None, []
         others = [w for w in candidates if w != chosen and ids_of(w)]  # the senses one could pick instead
         notes = []
         if others:
@@ -176,7 +176,7 @@ class ClassResolver:
                 listed = "; ".join(self.wn[w].describe() for w in others[:MAX_LISTED_SENSES])
                 notes.append(f"{word!r} is the class {self.names[i]!r}; the word also names {listed}. "
                              f"Ask for a wnid (e.g. {others[0]}) to pick another")
-            return QueryClass(key, [i], False, (self.wnids_of.get(i) or [None])[0]), notes
+            return QueryClass(key, [i], False, next(iter(self.wnids_of.get(i) or []), None)), notes
         if is_wnid(key):
             if key not in self.by_wnid:
                 known = f" ({self.wn[key].describe()})" if key in self.wn else ""
@@ -279,12 +279,12 @@ def suggest(prefix: str, resolver: ClassResolver, limit: int = 20) -> list[dict]
     key = normalize_name(prefix)
     if not key:
         return []
-    words = set(w for w in resolver.by_name if w.startswith(key)) | set(w for w in resolver.wn.words() if w.startswith(key))
+    words = {w for w in resolver.by_name if w.startswith(key)} | {w for w in resolver.wn.words() if w.startswith(key)}
     out: dict[str, dict] = {}
 
     def add(text: str, qc: QueryClass) -> None:
         out.setdefault(text, {"text": text, "class": None if qc.concept else resolver.names[qc.members[0]],
-                              "wnid": qc.wnid, "gloss": resolver.wn[qc.wnid].gloss if qc.wnid in resolver.wn else "",
+                              "wnid": qc.wnid, "gloss": resolver.wn[qc.wnid].gloss if qc.wnid is not None and qc.wnid in resolver.wn else "",
                               "classes": len(qc.members)})
 
     for word in sorted(words, key=lambda w: (len(w), w)):

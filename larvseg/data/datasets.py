@@ -1,4 +1,7 @@
-"""One dataset class per kind of on-disk layout, and a dict of builders by ``SourceConfig.format``.
+"""One dataset class per kind of on-disk layout, and the builder of each dataset format.
+
+Each builder is the ``build`` of its format's entry in larvseg.data.formats.FORMATS (which also holds
+the format's class list, default folder and split-folder spellings); larvseg.data.sources calls it.
 
 Layouts (under ``data.root``, default ``/workspace/dataset`` or ``$LARVSEG_DATA``):
 
@@ -25,7 +28,7 @@ webdataset <root>/shard-*.tar + index.json (or a brace    any of the above writt
 
 ``<split>`` is the source's ``split``. Left empty (the default) it is detected: the training split for
 training sources, the validation split for the evaluation source, under whichever of its spellings
-exists on disk (``SPLIT_FOLDERS``: COCO-Stuff's ``train2017``/``val2017`` as COCO names them, or
+exists on disk (the format's ``split_folders``: COCO-Stuff's ``train2017``/``val2017`` as COCO names them, or
 ``training``/``validation`` as the original project's README lays C171 out). A ``split`` that is set
 is used as given. ``larvseg data check`` prints the folder each source used.
 
@@ -37,8 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,6 @@ from larvseg.data.io import (
     read_image,
     read_label,
     require_dir,
-    source_root,
 )
 from larvseg.data.vocabulary import (
     Vocabulary,
@@ -110,6 +110,9 @@ class SourceDataset(torch.utils.data.Dataset):
         # several may share a union id: COCO-Stuff's wall-brick and wall-stone are both "wall")
 
     def load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -176,6 +179,8 @@ class ImageTagFolder(SourceDataset):
 
     def object_mask(self, image_path: Path, hw: tuple[int, ...]) -> np.ndarray:
         """The tagged object's mask of an image (uint16: 1 = object, 0 = not), checked against the image."""
+        if self.object_masks is None:
+            raise ValueError(f"{self.name}: this source has no object masks")
         mask_path = self.object_masks / image_path.parent.name / f"{image_path.stem}.png"
         if not mask_path.is_file():
             raise AnnotationError(mask_path, f"no object mask for {image_path}")
@@ -208,7 +213,7 @@ class ShardSource(SourceDataset):
     def decode(self, image: tuple[str, bytes], label: tuple[str, bytes] | None, cls: int, coding: int) -> dict[str, Any]:
         """A sample from its members' (name, bytes); ``cls`` the class index (tag shards), ``coding`` the
         label coding (segmentation shards)."""
-        item = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
+        item: dict[str, Any] = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
         if label is not None:
             raw = read_label(label[0], label[1])
             if raw.shape != item["image"].shape[:2]:
@@ -251,7 +256,7 @@ class ShardFiles(ShardSource):
         if f is None:
             if len(self._files) >= self.MAX_OPEN:
                 self._files.pop(next(iter(self._files))).close()
-            f = open(self.shards.urls[shard], "rb")
+            f = open(self.shards.urls[shard], "rb")  # noqa: SIM115 - kept open in the LRU, closed on eviction
         self._files[shard] = f  # most recently used last
         f.seek(offset)
         data = f.read(size)
@@ -297,73 +302,6 @@ class ShardStream(ShardSource):
 # Layout helpers
 
 
-# Default folder of each format under data.root (a source's ``root`` overrides it).
-DEFAULT_ROOTS: dict[str, str] = {"ade150": "A150", "ade847": "A847", "coco171": "C171", "imagenet": "I22K",
-                                 "custom_seg": "", "custom_tags": ""}
-
-
-@dataclass(frozen=True)
-class SplitFolders:
-    """Accepted spellings of a format's training / validation split folders (images/<split>,
-    annotations/<split>), in order of preference when several exist."""
-
-    training: tuple[str, ...]
-    validation: tuple[str, ...]
-    optional: bool = False  # the files may also lie directly in images/ and annotations/
-
-    def accepted(self, role: str) -> tuple[str, ...]:
-        return self.validation if role == "eval" else self.training
-
-
-SPLIT_FOLDERS: dict[str, SplitFolders] = {
-    "ade150": SplitFolders(("training",), ("validation",)),
-    "ade847": SplitFolders(("training",), ("validation",)),
-    # COCO's own names (our packaged configs) and the original project's README layout
-    "coco171": SplitFolders(("train2017", "training"), ("val2017", "validation")),
-    "custom_seg": SplitFolders(("training",), ("validation",), optional=True),
-}
-
-
-@dataclass
-class ResolvedSplit:
-    folder: str  # the split folder used ("" = none: a flat custom_seg folder)
-    detected: bool  # True when ``split`` was left empty and the folder was looked up on disk
-    accepted: tuple[str, ...] = ()  # the spellings looked for when detecting
-
-    def describe(self) -> str:
-        if not self.detected:
-            return f"{self.folder} (as configured)"
-        return f"{self.folder or '(none: files directly in images/)'} (detected; looked for {', '.join(self.accepted)})"
-
-
-def resolve_split(source: SourceConfig, data_root: Path, role: str) -> ResolvedSplit | None:
-    """The split folder a source uses (None for formats without split folders): ``source.split`` when
-    set, else the first accepted spelling of the role's split (validation for "eval", else training)
-    that exists on disk. A configured split whose folder is missing while another accepted spelling
-    exists is an error that says so."""
-    layout = SPLIT_FOLDERS.get(source.format)
-    if layout is None:
-        return None
-    images = source_root(source, data_root, DEFAULT_ROOTS[source.format]) / "images"
-    if source.split:
-        if not layout.optional and images.is_dir() and not (images / source.split).is_dir():
-            present = [f for f in layout.training + layout.validation if (images / f).is_dir()]
-            if present:
-                raise DatasetRootError(images / source.split, f"split folder not found; {images} holds "
-                                       f"{', '.join(present)}: set the source's split to one of them, or leave "
-                                       "split empty to detect it")
-        return ResolvedSplit(source.split, detected=False)
-    accepted = layout.accepted(role)
-    found = next((f for f in accepted if (images / f).is_dir()), None)
-    if found is None and layout.optional:
-        found = ""  # no split sub-folders: images/ and annotations/ hold the files
-    if found is None and images.is_dir():
-        raise DatasetRootError(images, f"no {'validation' if role == 'eval' else 'training'} split folder: "
-                               f"looked for {', '.join(accepted)} (or set the source's split)")
-    # (a missing images/ folder is reported by the builder, naming it)
-    return ResolvedSplit(accepted[0] if found is None else found, detected=True, accepted=accepted)
-
-
 def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool,
                  problems: list[str]) -> list[tuple[Path, Path]]:
     """(image, annotation) pairs; the first matching suffix wins. A missing annotation is an error, or a
@@ -391,12 +329,11 @@ def _ids(vocab: Vocabulary, names: list[str]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Builders: (source, data_cfg, vocab, problems) -> dataset; skipped files are appended to problems
+# Builders: (source, root, data_cfg, vocab, problems) -> dataset. ``root`` is the source's folder (its
+# ``root``, or the format's default_root, under data.root); skipped files are appended to ``problems``
 
 
-def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, DEFAULT_ROOTS["ade150"])
+def build_ade150(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     names = load_class_names("ade150")
     ids = _ids(vocab, names)
     lut = make_lut({v + 1: v for v in range(len(names))}, ids, ignore_values=(0,))
@@ -404,9 +341,7 @@ def build_ade150(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, 
     return SegmentationFolder(source.name or "A150", names, ids, pairs, lut)
 
 
-def build_ade847(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, DEFAULT_ROOTS["ade847"])
+def build_ade847(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     names = load_class_names("ade847")
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
@@ -427,9 +362,7 @@ class CocoStuffFolder(SegmentationFolder):
         return self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
 
 
-def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, DEFAULT_ROOTS["coco171"])
+def build_coco171(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     classes = coco_stuff_classes()
     names = [c["merged_name"] for c in classes]
     ids = _ids(vocab, names)
@@ -442,10 +375,8 @@ def build_coco171(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary,
     return CocoStuffFolder(source.name or "C171", names, ids, pairs, raw_lut, train_id_lut=train_lut)
 
 
-def build_custom_seg(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
-    data_root = data_cfg.resolved_root()
-    root = source_root(source, data_root, "")
-    names = custom_seg_names(source, data_root)
+def build_custom_seg(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+    names = custom_seg_names(source, root)
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(255, 65535) if len(names) < 255 else (65535,))
     image_dir, label_dir = root / "images", root / "annotations"
@@ -468,33 +399,35 @@ def check_class_folders(table: FileTable, skip_bad: bool, problems: list[str]) -
         problems.append(str(error))
 
 
-def imagenet_table(source: SourceConfig, data_cfg: DataConfig, wnids: list[str], problems: list[str]) -> FileTable:
-    root = require_dir(source_root(source, data_cfg.resolved_root(), DEFAULT_ROOTS["imagenet"]) / "fall11_whole", "ImageNet folder fall11_whole")
+def imagenet_table(source: SourceConfig, root: Path, data_cfg: DataConfig, wnids: list[str], problems: list[str]) -> FileTable:
+    root = require_dir(root / "fall11_whole", "ImageNet folder fall11_whole")
     cache_dir = Path(data_cfg.index_cache_dir).expanduser() if data_cfg.index_cache_dir else None
     table = FolderIndex(root, cache_dir).table(wnids)
     check_class_folders(table, source.skip_bad, problems)
     return table
 
 
-def build_imagenet(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_imagenet(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
     wnids = imagenet_subset(source.classes)
     names = imagenet_names(source.classes)
-    table = imagenet_table(source, data_cfg, wnids, problems)
+    table = imagenet_table(source, root, data_cfg, wnids, problems)
     masks = (require_dir(data_cfg.resolved_root() / source.object_masks, "object_masks folder")
              if source.object_masks else None)
     return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table, masks)
 
 
-def build_custom_tags(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
-    root = require_dir(source_root(source, data_cfg.resolved_root(), ""), "image-level folder")
-    names = custom_tag_names(source, data_cfg.resolved_root())
+def build_custom_tags(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+    require_dir(root, "image-level folder")
+    names = custom_tag_names(source, root)
     # small user folders: listed directly, no cache
     table = FileTable.from_listing(root, names, {n: list_folder(root / n) if (root / n).is_dir() else None for n in names})
     check_class_folders(table, source.skip_bad, problems)
     return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), table)
 
 
-def build_webdataset(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabulary", problems: list[str]) -> SourceDataset:
+def build_webdataset(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+    """``root`` is unused: a shard source's ``root`` is a folder, brace pattern, URL or pipe: command that
+    larvseg.data.shards resolves."""
     shards = wds.resolve_shards(source.root, source.index, data_cfg.resolved_root())
     ids = _ids(vocab, list(shards.index["class_names"]))
     name = source.name or shards.index.get("name", "shards")
@@ -503,50 +436,7 @@ def build_webdataset(source: SourceConfig, data_cfg: DataConfig, vocab: "Vocabul
     return ShardFiles(name, ids, shards)
 
 
-DATASET_BUILDERS: dict[str, Callable[..., SourceDataset]] = {
-    "ade150": build_ade150,
-    "ade847": build_ade847,
-    "coco171": build_coco171,
-    "imagenet": build_imagenet,
-    "custom_seg": build_custom_seg,
-    "custom_tags": build_custom_tags,
-    "webdataset": build_webdataset,
-}
-
-
-def _check_format(source: SourceConfig) -> None:
-    if source.format not in DATASET_BUILDERS:
-        raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(DATASET_BUILDERS)}")
-
-
-@dataclass
-class BuiltSource:
-    dataset: SourceDataset
-    problems: list[str]  # skipped files (only with skip_bad), one line each
-    split: ResolvedSplit | None = None  # the split folder used (None for formats without split folders)
-
-
-def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: Vocabulary, role: str) -> BuiltSource:
-    """The dataset of one source and the files it skipped (``role``: seg | tag | eval; a segmentation
-    format can serve any role, an image-folder format only as a tag source)."""
-    _check_format(source)
-    if role not in ("seg", "tag", "eval"):
-        raise ValueError(f"role must be seg, tag or eval, got {role!r}")
-    if role != "tag" and source.format in ("imagenet", "custom_tags"):
-        raise ValueError(f"source {source.name}: format {source.format} has no masks; it can only be a tag source")
-    problems: list[str] = []
-    split = resolve_split(source, data_cfg.resolved_root(), role)
-    if split is not None:
-        source = replace(source, split=split.folder)
-    dataset = DATASET_BUILDERS[source.format](source, data_cfg, vocab, problems)
-    if role != "tag" and getattr(dataset, "kind", "seg") == "tag":
-        raise ValueError(f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source")
-    if role == "eval" and getattr(dataset, "streamed", False):
-        raise ValueError(f"source {source.name}: evaluation reads images by index; use local shards without stream: true")
-    return BuiltSource(dataset, problems, split)
-
-
 __all__ = [
-    "DATASET_BUILDERS", "SPLIT_FOLDERS", "SourceDataset", "SegmentationFolder", "ImageTagFolder", "BuiltSource",
-    "build_source_checked",
+    "SourceDataset", "SegmentationFolder", "ImageTagFolder", "ShardFiles", "ShardStream", "build_ade150", "build_ade847",
+    "build_coco171", "build_custom_seg", "build_imagenet", "build_custom_tags", "build_webdataset",
 ]

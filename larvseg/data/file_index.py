@@ -30,7 +30,7 @@ INDEX_VERSION = 3  # 3: the suffixes of larvseg.data.io.IMAGE_SUFFIXES (was .jpe
 
 def cache_file(root: Path, cache_dir: Path) -> Path:
     """One cache file per dataset root, keyed by its resolved path."""
-    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha1(str(Path(root).resolve()).encode(), usedforsecurity=False).hexdigest()[:16]
     return Path(cache_dir) / f"file_index_{Path(root).name}_{key}.npz"
 
 

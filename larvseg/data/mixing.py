@@ -22,23 +22,26 @@ rank's share, the per-position augmentation seeds and class sampling, but not th
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from larvseg.config import IGNORE_INDEX, Config, DataConfig, SourceConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
-from larvseg.data.datasets import ShardStream, SourceDataset, build_source_checked
+from larvseg.data.datasets import ShardStream, SourceDataset
 from larvseg.data.io import DataError
 from larvseg.data.shard_stream import StreamPlan
-from larvseg.data.transforms import TrainTransform, eval_resize, train_transform
+from larvseg.data.sources import build_source_checked
+from larvseg.data.transforms import TrainTransform, train_transform
 from larvseg.data.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:
@@ -109,7 +112,8 @@ class _Samples(torch.utils.data.Dataset):
         return len(self.spec.dataset)
 
     def _load(self, index: int) -> tuple[dict[str, Any], list[str]]:
-        dataset, skipped = self.spec.dataset, []
+        dataset = self.spec.dataset
+        skipped: list[str] = []
         for attempt in range(len(dataset)):
             try:
                 return dataset.load((index + attempt) % len(dataset)), skipped
@@ -178,13 +182,16 @@ class _StreamSteps(torch.utils.data.IterableDataset):
         self.rank, self.workers, self.start, self.stop = rank, max(1, workers), start_step, stop_step
         self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
         dataset = samples.spec.dataset
+        if not isinstance(dataset, ShardStream):
+            raise TypeError(f"{dataset.name}: a streamed source must be a ShardStream, got {type(dataset).__name__}")
+        self.dataset = dataset
         self.plan = StreamPlan(dataset.shards.urls, dataset.counts, schedule.seed, schedule.source_index,
                                world_size * self.workers)
 
     def _decoded(self, stream: int, position: int) -> Iterator[tuple[dict[str, Any], list[str]]]:
         """Decoded samples of a stream; with skip_bad an unreadable one is replaced by the previous good
         sample (or the next, at the start), so that positions, and resume, never shift."""
-        dataset, skip_bad = self.samples.spec.dataset, self.samples.spec.config.skip_bad
+        dataset, skip_bad = self.dataset, self.samples.spec.config.skip_bad
         last, owed = None, []
         for url, key, members in self.plan.samples(stream, position):
             try:
@@ -222,7 +229,7 @@ class _StreamSteps(torch.utils.data.IterableDataset):
             yield self.collate(items)
 
 
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+def _as_is(batch: Any) -> Any:  # the collate_fn of batch_size=None: one item, already a batch
     return batch
 
 
@@ -251,9 +258,9 @@ def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) 
         if n == 0:
             continue
         built = build_source_checked(source, d, vocab, role)
-        if built.problems and report:
-            print(f"warning: source {source.name}: skipped {len(built.problems)} files (skip_bad); first: {built.problems[0]}",
-                  file=sys.stderr, flush=True)
+        if built.problems and report:  # every rank finds the same problems: one of them says so
+            log.warning("source %s: skipped %d files (skip_bad); first: %s", source.name, len(built.problems),
+                        built.problems[0])
         specs.append(_SourceSpec(source, role, index, built.dataset, n))
     if not specs:
         raise ValueError("no training source: data.seg_sources and data.tag_sources give 0 images per step")
@@ -277,10 +284,9 @@ class MixedLoader:
             transform = train_transform(spec.config, d)
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
-                if start_step and rank == 0:  # the interrupted run's layout is not recorded: say what exactness needs
-                    print(f"note: streamed source {spec.config.name} resumes at step {start_step} exactly only if the "
-                          f"interrupted run also had {world_size} processes and data.num_workers={d.num_workers}",
-                          file=sys.stderr, flush=True)
+                if start_step:  # the interrupted run's layout is not recorded: say what exactness needs
+                    log.info("note: streamed source %s resumes at step %d exactly only if the interrupted run also had "
+                             "%d processes and data.num_workers=%d", spec.config.name, start_step, world_size, d.num_workers)
                 self.loaders.append(torch.utils.data.DataLoader(
                     _StreamSteps(_Samples(spec, transform), _Collate(spec), schedule, rank, world_size, d.num_workers,
                                  start_step, stop_step),
@@ -304,16 +310,17 @@ class MixedLoader:
         for loader in self.loaders:
             if isinstance(loader.dataset, _StreamSteps):  # streamed shards: skips its streams' samples
                 loader.dataset.start = step
-                if step and loader.dataset.rank == 0:  # the interrupted run's layout is not recorded
-                    print(f"note: a streamed source resumes at step {step} exactly only if the interrupted run had "
-                          f"the same number of processes and data.num_workers", file=sys.stderr, flush=True)
+                if step:  # the interrupted run's layout is not recorded
+                    log.info("note: a streamed source resumes at step %d exactly only if the interrupted run had "
+                             "the same number of processes and data.num_workers", step)
             else:
-                loader.batch_sampler.start = step
+                cast(_StepSampler, loader.batch_sampler).start = step  # every other loader has one
 
     def __iter__(self) -> Iterator[StepBatch]:
         iterators = [iter(loader) for loader in self.loaders]
         for step in count(self.start_step):
-            seg, tag = [], []
+            seg: list[SegBatch] = []
+            tag: list[TagBatch] = []
             for spec, it in zip(self.specs, iterators):
                 try:
                     data = next(it)
@@ -322,35 +329,10 @@ class MixedLoader:
                 batch, skipped = make_batch(spec, data), data["skipped"]
                 if skipped:
                     self.skipped[spec.config.name].extend(skipped)
-                    print(f"warning: step {step}: skipped {len(skipped)} unreadable samples of {spec.config.name}: {skipped[0]}",
-                          file=sys.stderr, flush=True)
-                (seg if spec.role == "seg" else tag).append(batch)
+                    log.warning("step %d: skipped %d unreadable samples of %s: %s", step, len(skipped), spec.config.name,
+                                skipped[0])
+                if isinstance(batch, SegBatch):  # make_batch's type follows spec.role
+                    seg.append(batch)
+                else:
+                    tag.append(batch)
             yield StepBatch(step, seg, tag)
-
-
-class EvalDataset(torch.utils.data.Dataset):
-    """The evaluation source with images resized for inference (labels stay at their resolution)."""
-
-    def __init__(self, dataset: SourceDataset, short_side: int, max_long_side: int) -> None:
-        self.dataset, self.short_side, self.max_long_side = dataset, short_side, max_long_side
-        self.class_ids, self.class_names, self.name = dataset.class_ids, dataset.class_names, dataset.name
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, index: int) -> dict[str, Any]:
-        item = dict(self.dataset.load(index))
-        item["image"] = eval_resize(item["image"], self.short_side, self.max_long_side)
-        return item
-
-    __getitem__ = load
-
-
-def build_eval_dataset(cfg: Config, vocab: Vocabulary) -> EvalDataset:
-    """Items: image (uint8 RGB, resized so the short side is eval.short_side), label (uint16 union ids at
-    the original resolution), path."""
-    built = build_source_checked(cfg.data.eval, cfg.data, vocab, "eval")
-    if built.problems:
-        print(f"warning: eval source {cfg.data.eval.name}: skipped {len(built.problems)} files; first: {built.problems[0]}",
-              file=sys.stderr, flush=True)
-    return EvalDataset(built.dataset, cfg.eval.short_side, cfg.eval.max_long_side)

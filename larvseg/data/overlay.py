@@ -31,7 +31,7 @@ def class_areas(label_map: np.ndarray, names: Sequence[str]) -> dict[str, float]
     counts = np.bincount(label_map.ravel(), minlength=len(names))
     ids = np.flatnonzero(counts)
     ids = ids[np.argsort(-counts[ids], kind="stable")]
-    return {names[i]: float(counts[i] / label_map.size) for i in ids}
+    return {names[i]: float(counts[i] / label_map.size) for i in ids.tolist()}
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``larvseg data shard SOURCE --out DIR --format FMT``: a folder source written as WebDataset tar shards.
 
-Any folder format (``imagenet`` I22K layout, ``custom_tags``, ``ade150``, ``ade847``, ``coco171``,
-``custom_seg``) is listed with its own dataset builder, so the shards hold exactly the samples training
+Any folder format (every entry of larvseg.data.formats.FORMATS with ``shardable``: all but
+``webdataset``) is listed with its own dataset builder, so the shards hold exactly the samples training
 from the folder would use. Image and label files are copied byte for byte (nothing re-encoded); each
 label map is decoded once to validate it and count the classes it contains. The layout is in
 larvseg.data.shards.
@@ -29,12 +29,11 @@ from larvseg.progress import progress_bar
 
 from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
-from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut, build_source_checked
+from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut
 from larvseg.data.io import DataError, read_label
-from larvseg.data.vocabulary import source_class_names
+from larvseg.data.formats import dataset_format, shardable_formats
+from larvseg.data.sources import build_source_checked, source_class_names
 from larvseg.domains import SIZE_PATTERN
-
-TAG_FORMATS = ("imagenet", "custom_tags")
 
 
 class _OwnClasses:
@@ -117,7 +116,10 @@ class ShardWriter:
 
     def __init__(self, source: SourceConfig, data_cfg: DataConfig, out: Path, shard_bytes: int,
                  shard_samples: int = 0, seed: int | None = 0, progress: bool = True) -> None:
-        role = "tag" if source.format in TAG_FORMATS else "seg"
+        fmt = dataset_format(source)
+        if not fmt.shardable:
+            raise ConfigError(f"--format {fmt.name}: cannot be written as shards; choose one of {', '.join(shardable_formats())}")
+        role = "tag" if fmt.image_level_only else "seg"
         built = build_source_checked(source, data_cfg, _OwnClasses(), role)  # type: ignore[arg-type]
         self.build_problems, self.skip_bad = list(built.problems), source.skip_bad  # files left out by the listing
         self.problems: list[str] = []  # label maps left out while writing (skip_bad)
@@ -127,7 +129,7 @@ class ShardWriter:
         n = len(self.records)
         self.order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
         names = source_class_names(source, data_cfg.resolved_root())
-        self.plan = {
+        self.plan: dict[str, Any] = {
             "format": wds.INDEX_FORMAT, "version": wds.INDEX_VERSION, "complete": False,
             "name": built.dataset.name, "kind": self.records.kind,
             "source": {"format": source.format, "root": str(self.root), "split": source.split, "classes": source.classes},
@@ -193,7 +195,8 @@ class ShardWriter:
                 key = f"{pos:09d}"
                 image_ext = image_path.suffix.lower().lstrip(".")
                 off, n = _add(tar, f"{key}.{image_ext}", image)
-                cols["image_offset"].append(off), cols["image_size"].append(n)
+                cols["image_offset"].append(off)
+                cols["image_size"].append(n)
                 cols["image_ext"].append(_ext_code(image_ext, wds.IMAGE_EXTS, image_path))
                 meta: dict[str, Any] = {"path": _relative(image_path, self.root)}
                 if label_path is not None:
@@ -206,17 +209,21 @@ class ShardWriter:
                     cols["label_ext"].append(-1)
                     _add(tar, f"{key}.cls", str(cls).encode())
                     meta["class"] = self.plan["class_names"][cls]
-                cols["label_offset"].append(off), cols["label_size"].append(n)
+                cols["label_offset"].append(off)
+                cols["label_size"].append(n)
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
-                cols["key"].append(pos), cols["cls"].append(cls), cols["coding"].append(coding)
+                cols["key"].append(pos)
+                cols["cls"].append(cls)
+                cols["coding"].append(coding)
                 classes.append(present)
                 pos += 1
                 bar.update(1)
         hist_classes, hist_counts = np.unique(np.concatenate(classes or [np.zeros(0, np.int64)]), return_counts=True)
         os.replace(tmp, self.out / name)
         tmp_npz = self.out / f"{Path(name).stem}.tmp{os.getpid()}.npz"
-        np.savez(tmp_npz, hist_classes=hist_classes.astype(np.int64), hist_counts=hist_counts.astype(np.int64),
-                 **{c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
+        arrays = {"hist_classes": hist_classes.astype(np.int64), "hist_counts": hist_counts.astype(np.int64)}
+        arrays.update({c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
+        np.savez(tmp_npz, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a key as allow_pickle
         os.replace(tmp_npz, wds.sidecar_path(self.out / name))  # written last: the shard is finished
         entry = {"name": name, "samples": len(cols["key"]), "bytes": (self.out / name).stat().st_size,
                  "first": first, "end": pos, "skipped": self.problems[problems_before:]}

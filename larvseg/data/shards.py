@@ -114,8 +114,10 @@ class PipeStream(io.RawIOBase):
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
-        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+        # a file, not a pipe: a chatty command cannot block on it (closed in close())
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        # shell=True: a `pipe:` shard names the user's own shell command (as in WebDataset)
+        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)  # noqa: S602
         self._eof = False
 
     def readable(self) -> bool:
@@ -162,7 +164,8 @@ def open_url(url: str) -> IO[bytes]:
 
 def iter_tar_samples(stream: IO[bytes], where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) of each sample of a tar stream, read sequentially (WebDataset grouping)."""
-    key, group = None, {}
+    key: str | None = None
+    group: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:

@@ -181,7 +181,8 @@ def train_transform(source: SourceConfig, data: DataConfig) -> TrainTransform:
     cat_max_ratio and photometric switch. A source's object masks (the oracle attention's) never steer
     the crop: their transform skips the cat_max_ratio retries, so it draws the same crops as without them."""
     cat_max_ratio = 1.0 if source.object_masks else data.cat_max_ratio
-    return TrainTransform(source.crop_size, source_scale(source, data), tuple(data.ratio_range), cat_max_ratio,
+    ratio_range = (data.ratio_range[0], data.ratio_range[1])
+    return TrainTransform(source.crop_size, source_scale(source, data), ratio_range, cat_max_ratio,
                           photometric=data.photometric)
 
 

@@ -1,8 +1,8 @@
-"""Class lists, the union vocabulary of an experiment, and its base/novel split.
+"""Class lists and the :class:`Vocabulary` they are joined into.
 
 Every source has its own class list (ADE-150 names, ADE-847 short names, COCO-Stuff merged names,
-ImageNet synsets, or a custom file). An experiment's vocabulary is their union *by normalised name*
-(first occurrence order: segmentation sources, then image-level sources, then the evaluation set), so
+ImageNet synsets, or a custom file); each dataset format names its reader (larvseg.data.formats). An
+experiment's vocabulary is their union *by normalised name* (larvseg.data.sources.build_vocabulary), so
 COCO-Stuff's "wall-brick" (merged name "wall") and ADE's "wall" are one class. Labels and tags in the
 data layer are union ids.
 
@@ -17,20 +17,19 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
-from larvseg.data.io import EmptyDatasetError, require_dir, source_root
-from larvseg.data.shards import resolve_shards
+from larvseg.data.io import EmptyDatasetError, require_dir
 from larvseg.domains import classes_problem
 from larvseg.errors import UserError
 
 if TYPE_CHECKING:
-    from larvseg.config import Config, SourceConfig
+    from larvseg.config import SourceConfig
 
 CLASSLIST_DIR = Path(__file__).resolve().parent / "classlists"
 MAX_CLASSES = 65535  # IGNORE_INDEX is 65535, labels are uint16
@@ -208,6 +207,10 @@ class UnknownClassError(UserError, KeyError):
         return str(self.args[0])
 
 
+@overload
+def class_terms(classes: None) -> None: ...
+@overload
+def class_terms(classes: str | Sequence[str]) -> list[str]: ...
 def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
     """The terms of a ``--classes`` value: None (all), a list of names, a comma-separated string, or a file
     with one name per line."""
@@ -228,65 +231,17 @@ def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
     return wanted
 
 
-def custom_seg_names(source: "SourceConfig", data_root: Path) -> list[str]:
-    root = source_root(source, data_root, "")
-    return read_class_file(Path(source.classes).expanduser() if source.classes else root / "classes.txt")
+def custom_seg_names(source: "SourceConfig", folder: Path) -> list[str]:
+    """The class file of a custom segmentation source: ``classes``, else ``<folder>/classes.txt``."""
+    return read_class_file(Path(source.classes).expanduser() if source.classes else folder / "classes.txt")
 
 
-def custom_tag_names(source: "SourceConfig", data_root: Path) -> list[str]:
+def custom_tag_names(source: "SourceConfig", folder: Path) -> list[str]:
+    """The classes of a custom image-level source: its ``classes`` file, else every sub-folder of ``folder``."""
     if source.classes:
         return read_class_file(Path(source.classes).expanduser())
-    root = require_dir(source_root(source, data_root, ""), "image-level folder")
+    root = require_dir(folder, "image-level folder")
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not names:
         raise EmptyDatasetError(root, "no class folders")
     return names
-
-
-# The class list of each source format, without listing its images (cheap even for ImageNet-21K).
-# The same keys as larvseg.data.datasets.DATASET_BUILDERS (tests/test_data_datasets.py checks it).
-CLASS_NAMES: dict[str, Callable[["SourceConfig", Path], list[str]]] = {
-    "ade150": lambda s, r: load_class_names("ade150"),
-    "ade847": lambda s, r: load_class_names("ade847"),
-    "coco171": lambda s, r: load_class_names("coco171"),
-    "imagenet": lambda s, r: imagenet_names(s.classes),
-    "custom_seg": custom_seg_names,
-    "custom_tags": custom_tag_names,
-    "webdataset": lambda s, r: list(resolve_shards(s.root, s.index, r).index["class_names"]),  # from index.json
-}
-
-
-def source_class_names(source: "SourceConfig", data_root: Path) -> list[str]:
-    """A source's own class list, in its train-id order."""
-    if source.format not in CLASS_NAMES:
-        raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(CLASS_NAMES)}")
-    return CLASS_NAMES[source.format](source, data_root)
-
-
-def build_vocabulary(cfg: "Config") -> Vocabulary:
-    """The union vocabulary of an experiment: segmentation sources, then tag sources, then the eval set."""
-    root = cfg.data.resolved_root()
-    sources = [(f"data.seg_sources.{i}", s) for i, s in enumerate(cfg.data.seg_sources)]
-    sources += [(f"data.tag_sources.{i}", s) for i, s in enumerate(cfg.data.tag_sources)]
-    if cfg.data.eval.format:
-        sources.append(("data.eval", cfg.data.eval))
-    lists = []
-    for key, source in sources:
-        try:
-            lists.append(source_class_names(source, root))
-        except VocabularyError as exc:  # say which config entry to fix (the message has the value)
-            raise VocabularyError(f"{key} ({source.name or source.format}): {exc}") from None
-    return Vocabulary.union(*lists)
-
-
-def base_novel_split(vocab: Vocabulary, cfg: "Config") -> tuple[np.ndarray, np.ndarray]:
-    """Union ids of the evaluation classes (eval-set order) and a bool mask: True = base.
-
-    Base = the class also has pixel masks in a segmentation source of the experiment; novel = the rest.
-    """
-    root = cfg.data.resolved_root()
-    eval_names = source_class_names(cfg.data.eval, root)
-    seg_names = {normalize_name(n) for s in cfg.data.seg_sources for n in source_class_names(s, root)}
-    ids = vocab.ids(eval_names)
-    base = np.array([normalize_name(n) in seg_names for n in eval_names], dtype=bool)
-    return ids, base

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import re
 import shlex
 import sys
@@ -63,6 +64,8 @@ from larvseg.demo.run import main as demo_main
 from larvseg.domains import split_compare_option
 from larvseg.errors import UserError
 from larvseg.models.image_loss import is_paper
+
+log = logging.getLogger(__name__)
 
 PAPER = "paper"  # the label of the paper's loss (model.image_loss at its defaults)
 COMPARED = (BASELINE, LARVSEG)  # the variants trained with every loss
@@ -107,18 +110,24 @@ def parse_options(texts: list[str]) -> list[LossOption]:
     options = [parse_option(t) for t in texts]
     for o in options:
         if o.label in (PAPER, SEG_ONLY.label):
-            raise CompareOptionError(f"--compare {o.label!r}: the label is taken by a reference row; give it another LABEL:")
+            raise CompareOptionError(
+                f"--compare {o.label!r}: the label is taken by a reference row; give it another LABEL:"
+            )
     for attr in ("label", "folder"):
         seen: dict[str, str] = {}
         for o in options:
             key = getattr(o, attr)
             if key in seen:
-                raise CompareOptionError(f"--compare: {seen[key]!r} and {o.label!r} have the same {attr} {key!r}; give one a LABEL:")
+                raise CompareOptionError(
+                    f"--compare: {seen[key]!r} and {o.label!r} have the same {attr} {key!r}; give one a LABEL:"
+                )
             seen[key] = o.label
     taken = {v.directory for v in (SEG_ONLY, BASELINE, LARVSEG)}
     for o in options:
         if o.folder in taken:
-            raise CompareOptionError(f"--compare {o.label!r}: its run folder {o.folder!r} is a demo variant's; give it a LABEL:")
+            raise CompareOptionError(
+                f"--compare {o.label!r}: its run folder {o.folder!r} is a demo variant's; give it a LABEL:"
+            )
     return options
 
 
@@ -161,8 +170,11 @@ def file_sha256(path: Path) -> str:
 
 def run_key(cfg: Config, backbone_sha256: str, benchmark_sha256: str) -> dict[str, Any]:
     """What identifies a run: the resolved config (JSON-normalised), the backbone's and the benchmark's hashes."""
-    return {"config": json.loads(json.dumps(cfg.to_dict())), "backbone_sha256": backbone_sha256,
-            "benchmark_sha256": benchmark_sha256}
+    return {
+        "config": json.loads(json.dumps(cfg.to_dict())),
+        "backbone_sha256": backbone_sha256,
+        "benchmark_sha256": benchmark_sha256,
+    }
 
 
 def finished_record(cfg: Config, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -196,11 +208,17 @@ def run_compare_job(job: CompareJob) -> dict[str, Any]:
     base_to_novel, novel_to_base = leakage(matrix, evaluator.classes[1])
     record = {
         "key": job.key,
-        "loss": job.loss, "variant": job.variant.label, "seed": job.seed,
-        "mIoU": results["mIoU"], "mIoU_base": results["mIoU_base"], "mIoU_novel": results["mIoU_novel"],
-        "base_to_novel": base_to_novel, "novel_to_base": novel_to_base,
+        "loss": job.loss,
+        "variant": job.variant.label,
+        "seed": job.seed,
+        "mIoU": results["mIoU"],
+        "mIoU_base": results["mIoU_base"],
+        "mIoU_novel": results["mIoU_novel"],
+        "base_to_novel": base_to_novel,
+        "novel_to_base": novel_to_base,
         "IoU": {c["class"]: c["IoU"] for c in results["per_class"]},
-        "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1,
+        "train_seconds": t1 - t0,
+        "eval_seconds": time.perf_counter() - t1,
     }
     path = Path(job.cfg.work_dir()) / RUN_RECORD
     atomic.atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
@@ -208,9 +226,11 @@ def run_compare_job(job: CompareJob) -> dict[str, Any]:
 
 
 def _say_run(i: int, total: int, record: dict[str, Any]) -> None:
-    _say(f"[{i + 1}/{total}] {record['loss']}, {record['variant']}, seed {record['seed']}: base {record['mIoU_base']:.1f}, "
-         f"novel {record['mIoU_novel']:.1f}, base -> novel {record['base_to_novel']:.1f} % "
-         f"(train {record['train_seconds']:.0f} s, eval {record['eval_seconds']:.0f} s)")
+    _say(
+        f"[{i + 1}/{total}] {record['loss']}, {record['variant']}, seed {record['seed']}: base {record['mIoU_base']:.1f}, "
+        f"novel {record['mIoU_novel']:.1f}, base -> novel {record['base_to_novel']:.1f} % "
+        f"(train {record['train_seconds']:.0f} s, eval {record['eval_seconds']:.0f} s)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,14 +262,21 @@ def _mean(values: dict[int, float]) -> float:
 def build_rows(records: list[dict[str, Any]], losses: list[str]) -> list[Row]:
     """Segmentation only, then per loss (paper first) the baseline and LarvSeg rows, with the paired
     differences against the paper's loss on the seeds both have."""
+
     def row(loss: str, variant: str) -> Row:
         mine = [r for r in records if r["loss"] == loss and r["variant"] == variant]
 
         def per_seed(k: str) -> dict[int, float]:
             return {r["seed"]: r[k] for r in mine}
 
-        return Row(loss, variant, per_seed("mIoU_base"), per_seed("mIoU_novel"), per_seed("base_to_novel"),
-                   per_seed("novel_to_base"))
+        return Row(
+            loss,
+            variant,
+            per_seed("mIoU_base"),
+            per_seed("mIoU_novel"),
+            per_seed("base_to_novel"),
+            per_seed("novel_to_base"),
+        )
 
     seg = row(SEG_ONLY.label, SEG_ONLY.label)
     rows = [seg]
@@ -260,7 +287,9 @@ def build_rows(records: list[dict[str, Any]], losses: list[str]) -> list[Row]:
             ref = paper[v.label]
             r.base_vs_seg = _mean(r.base) - _mean(seg.base)
             paper_gain = _mean(ref.novel) - _mean(seg.novel)
-            r.novel_gain_kept = 100.0 * (_mean(r.novel) - _mean(seg.novel)) / paper_gain if paper_gain > 0 else float("nan")
+            r.novel_gain_kept = (
+                100.0 * (_mean(r.novel) - _mean(seg.novel)) / paper_gain if paper_gain > 0 else float("nan")
+            )
             if loss != PAPER:
                 for metric in ("base", "novel"):
                     mine, theirs = getattr(r, metric), getattr(ref, metric)
@@ -286,42 +315,59 @@ def _pct(value: float) -> str:
 def format_table(rows: list[Row]) -> str:
     """The markdown table of :func:`build_rows`."""
     lines = [
-        (f"| loss | variant | base mIoU | novel mIoU | base − paper [{CONFIDENCE:.0%} CI] | novel − paper [{CONFIDENCE:.0%} CI] "
-         "| seeds improved (base / novel) | base − seg. only | novel gain kept | base → novel % | novel → base % | bar |"),
+        (
+            f"| loss | variant | base mIoU | novel mIoU | base − paper [{CONFIDENCE:.0%} CI] | novel − paper [{CONFIDENCE:.0%} CI] "
+            "| seeds improved (base / novel) | base − seg. only | novel gain kept | base → novel % | novel → base % | bar |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
         n = len(r.base)
-        improved = (f"{r.improved['base']}/{n} / {r.improved['novel']}/{n}" if r.improved else "—")
+        improved = f"{r.improved['base']}/{n} / {r.improved['novel']}/{n}" if r.improved else "—"
         is_seg = r.variant == SEG_ONLY.label
         lines.append(
             f"| {r.loss if not is_seg else '—'} | {r.variant} | {_mean(r.base):.1f} | {_mean(r.novel):.1f} | "
             f"{_cell(r.vs_paper.get('base'))} | {_cell(r.vs_paper.get('novel'))} | {improved} | "
             f"{'—' if is_seg else f'{r.base_vs_seg:+.1f}'} | {'—' if is_seg or np.isnan(r.novel_gain_kept) else f'{r.novel_gain_kept:.0f} %'} | "
             f"{_pct(_mean(r.base_to_novel))} | {_pct(_mean(r.novel_to_base))} | "
-            f"{'—' if is_seg else ('yes' if r.meets_bar else 'no')} |")
+            f"{'—' if is_seg else ('yes' if r.meets_bar else 'no')} |"
+        )
     return "\n".join(lines)
 
 
-BAR_RULE = (f"bar: base mIoU at most {BASE_TOLERANCE:.0f} points below segmentation only (base − seg. only >= "
-            f"−{BASE_TOLERANCE:.0f}) and novel gain kept >= {NOVEL_GAIN_KEPT:.0f} %, where the novel gain kept is "
-            "(novel − segmentation only's novel) / (the paper's novel − segmentation only's novel) of the same variant")
+BAR_RULE = (
+    f"bar: base mIoU at most {BASE_TOLERANCE:.0f} points below segmentation only (base − seg. only >= "
+    f"−{BASE_TOLERANCE:.0f}) and novel gain kept >= {NOVEL_GAIN_KEPT:.0f} %, where the novel gain kept is "
+    "(novel − segmentation only's novel) / (the paper's novel − segmentation only's novel) of the same variant"
+)
 
 
 def write_comparison(out: Path, rows: list[Row], header: dict[str, str], options: list[LossOption]) -> Path:
     """``<out>/compare.md`` (header lines, the table, how to read it) and ``<out>/compare.json``; returns the .md."""
     md = ["# Image-level loss options against the paper's loss (paired seeds)", ""]
     md += [f"- **{k}**: {v}" for k, v in header.items()]
-    md += ["", format_table(rows), "",
-           (f"Means over seeds; differences against the paper's loss are paired by seed, with their {CONFIDENCE:.0%} "
+    md += [
+        "",
+        format_table(rows),
+        "",
+        (
+            f"Means over seeds; differences against the paper's loss are paired by seed, with their {CONFIDENCE:.0%} "
             "Student-t interval. Leakage (→) is the share of a group's ground-truth pixels predicted as a class of "
-            f"the other group, from the evaluation's confusion matrix, mean over seeds. {BAR_RULE}."), ""]
+            f"the other group, from the evaluation's confusion matrix, mean over seeds. {BAR_RULE}."
+        ),
+        "",
+    ]
     path = out / "compare.md"
     atomic.atomic_write(path, lambda f: f.write("\n".join(md).encode()))
 
     def interval(i: Interval) -> dict[str, Any]:
-        return {"mean": i.mean, "lo": None if np.isnan(i.lo) else i.lo, "hi": None if np.isnan(i.hi) else i.hi,
-                "n": i.n, "values": i.values}
+        return {
+            "mean": i.mean,
+            "lo": None if np.isnan(i.lo) else i.lo,
+            "hi": None if np.isnan(i.hi) else i.hi,
+            "n": i.n,
+            "values": i.values,
+        }
 
     def finite(x: float) -> float | None:
         return None if np.isnan(x) else x
@@ -330,17 +376,28 @@ def write_comparison(out: Path, rows: list[Row], header: dict[str, str], options
         "header": header,
         "options": [{"label": o.label, "overrides": list(o.overrides), "folder": o.folder} for o in options],
         "bar": BAR_RULE,
-        "rows": [{
-            "loss": r.loss, "variant": r.variant,
-            "base": {str(s): v for s, v in r.base.items()}, "novel": {str(s): v for s, v in r.novel.items()},
-            "base_to_novel": {str(s): v for s, v in r.base_to_novel.items()},
-            "novel_to_base": {str(s): v for s, v in r.novel_to_base.items()},
-            "mean": {"base": _mean(r.base), "novel": _mean(r.novel), "base_to_novel": _mean(r.base_to_novel),
-                     "novel_to_base": _mean(r.novel_to_base)},
-            "vs_paper": {k: interval(i) for k, i in r.vs_paper.items()}, "improved": r.improved,
-            "base_vs_segmentation_only": finite(r.base_vs_seg), "novel_gain_kept": finite(r.novel_gain_kept),
-            "meets_bar": None if r.variant == SEG_ONLY.label else r.meets_bar,
-        } for r in rows],
+        "rows": [
+            {
+                "loss": r.loss,
+                "variant": r.variant,
+                "base": {str(s): v for s, v in r.base.items()},
+                "novel": {str(s): v for s, v in r.novel.items()},
+                "base_to_novel": {str(s): v for s, v in r.base_to_novel.items()},
+                "novel_to_base": {str(s): v for s, v in r.novel_to_base.items()},
+                "mean": {
+                    "base": _mean(r.base),
+                    "novel": _mean(r.novel),
+                    "base_to_novel": _mean(r.base_to_novel),
+                    "novel_to_base": _mean(r.novel_to_base),
+                },
+                "vs_paper": {k: interval(i) for k, i in r.vs_paper.items()},
+                "improved": r.improved,
+                "base_vs_segmentation_only": finite(r.base_vs_seg),
+                "novel_gain_kept": finite(r.novel_gain_kept),
+                "meets_bar": None if r.variant == SEG_ONLY.label else r.meets_bar,
+            }
+            for r in rows
+        ],
     }
     atomic.atomic_write(out / "compare.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
     return path
@@ -350,8 +407,16 @@ def write_comparison(out: Path, rows: list[Row], header: dict[str, str], options
 # The command
 
 
-def compare_jobs(out: Path, layout: Any, npz: Path, profile: Profile, seeds: int, extra: list[str] | None,
-                 options: list[LossOption], key_hashes: tuple[str, str]) -> list[CompareJob]:
+def compare_jobs(
+    out: Path,
+    layout: Any,
+    npz: Path,
+    profile: Profile,
+    seeds: int,
+    extra: list[str] | None,
+    options: list[LossOption],
+    key_hashes: tuple[str, str],
+) -> list[CompareJob]:
     """Every run of the comparison, segmentation only first, then per seed the paper's loss and each option."""
     seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
     common = [f"model.pretrained={npz.resolve()}", *(extra or [])]
@@ -364,19 +429,31 @@ def compare_jobs(out: Path, layout: Any, npz: Path, profile: Profile, seeds: int
     for seed in range(seeds):
         jobs += [job(PAPER, v, seed, run_dir(out, seed, v)) for v in COMPARED]
         for o in options:
-            jobs += [job(o.label, v, seed, run_dir(out, seed, v).parent / o.folder / v.directory, o.overrides)
-                     for v in COMPARED]
+            jobs += [
+                job(o.label, v, seed, run_dir(out, seed, v).parent / o.folder / v.directory, o.overrides)
+                for v in COMPARED
+            ]
     return jobs
 
 
-def run_compare(out: Path, data: Path, profile: Profile, seeds: int, options: list[LossOption],
-                extra: list[str] | None = None, jobs: int | None = None, benchmark: str = "habitat",
-                command: str = "") -> Path:
+def run_compare(
+    out: Path,
+    data: Path,
+    profile: Profile,
+    seeds: int,
+    options: list[LossOption],
+    extra: list[str] | None = None,
+    jobs: int | None = None,
+    benchmark: str = "habitat",
+    command: str = "",
+) -> Path:
     """The comparison (module docstring); returns ``<out>/compare.md``."""
     start = time.perf_counter()
     if not is_paper(load_config("demo", list(extra or [])).model.image_loss):
-        raise CompareOptionError("--compare: the overrides before --compare change model.image_loss, so the reference "
-                                 "would not be the paper's loss; give image-loss overrides as an OPTION")
+        raise CompareOptionError(
+            "--compare: the overrides before --compare change model.image_loss, so the reference "
+            "would not be the paper's loss; give image-loss overrides as an OPTION"
+        )
     for o in options:  # a misspelt key fails now, not after stage 0
         load_config("demo", [*(extra or []), *o.overrides])
     layout, npz, _ = prepare_backbone(out, data, profile, extra, benchmark)
@@ -385,8 +462,10 @@ def run_compare(out: Path, data: Path, profile: Profile, seeds: int, options: li
     records: list[dict[str, Any] | None] = [finished_record(j.cfg, j.key) for j in job_list]
     todo = [j for j, r in zip(job_list, records) if r is None]
     workers = max(1, min(jobs or default_jobs(), len(todo) or 1))
-    _say(f"compare on the {benchmark} family: {len(job_list)} runs ({len(job_list) - len(todo)} finished ones reused), "
-         f"training {len(todo)} in {workers} parallel single-threaded process(es)")
+    _say(
+        f"compare on the {benchmark} family: {len(job_list)} runs ({len(job_list) - len(todo)} finished ones reused), "
+        f"training {len(todo)} in {workers} parallel single-threaded process(es)"
+    )
     fresh = iter(run_jobs(todo, workers, run_compare_job, _say_run) if todo else [])
     done = [r if r is not None else next(fresh) for r in records]
 
@@ -395,15 +474,19 @@ def run_compare(out: Path, data: Path, profile: Profile, seeds: int, options: li
     header = {
         "command": f"`{command}`" if command else "—",
         "benchmark": f"the {benchmark} family, {layout.root}",
-        "profile": (f"{profile_name(profile)}: {job_list[-1].cfg.train.iters} iterations per run, {seeds} paired seed(s), "
-                    f"segmentation only on seed(s) {', '.join(map(str, seg_seeds))}, stage 0 `{npz}`"),
-        "losses": "; ".join([f"{PAPER}: model.image_loss at its defaults (mean pooling)"]
-                            + [f"{o.label}: `{' '.join(o.overrides)}`" for o in options]),
+        "profile": (
+            f"{profile_name(profile)}: {job_list[-1].cfg.train.iters} iterations per run, {seeds} paired seed(s), "
+            f"segmentation only on seed(s) {', '.join(map(str, seg_seeds))}, stage 0 `{npz}`"
+        ),
+        "losses": "; ".join(
+            [f"{PAPER}: model.image_loss at its defaults (mean pooling)"]
+            + [f"{o.label}: `{' '.join(o.overrides)}`" for o in options]
+        ),
         "evaluation": f"the demo's (its {len(DEMO_CLASSES)} classes)",
         "runs": f"{len(job_list)} ({len(job_list) - len(todo)} reused), {(time.perf_counter() - start) / 60:.1f} min",
     }
     path = write_comparison(out, rows, header, options)
-    print(format_table(rows), flush=True)
+    log.info(format_table(rows))
     _say(f"comparison: {path.resolve()} (and compare.json)")
     return path
 
@@ -414,10 +497,34 @@ def main(args: argparse.Namespace) -> int:
         return demo_main(args)
     profile, seeds, out, data, jobs = demo_arguments(args)
     command = "larvseg demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
-    run_compare(out, data, profile, seeds, parse_options(args.compare), getattr(args, "overrides", None), jobs,
-                getattr(args, "benchmark", "habitat"), command)
+    run_compare(
+        out,
+        data,
+        profile,
+        seeds,
+        parse_options(args.compare),
+        getattr(args, "overrides", None),
+        jobs,
+        getattr(args, "benchmark", "habitat"),
+        command,
+    )
     return 0
 
 
-__all__ = ["BAR_RULE", "CompareOptionError", "LossOption", "Row", "build_rows", "compare_jobs", "finished_record", "format_table", "leakage", "main",
-           "parse_option", "parse_options", "run_compare", "run_key", "write_comparison"]
+__all__ = [
+    "BAR_RULE",
+    "CompareOptionError",
+    "LossOption",
+    "Row",
+    "build_rows",
+    "compare_jobs",
+    "finished_record",
+    "format_table",
+    "leakage",
+    "main",
+    "parse_option",
+    "parse_options",
+    "run_compare",
+    "run_key",
+    "write_comparison",
+]

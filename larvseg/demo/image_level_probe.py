@@ -27,6 +27,7 @@ from larvseg.data.transforms import pad_to, rescale_size, resize_image, resize_l
 from larvseg.demo.checks import habitat_counts, per_class_mean, within_image_auc
 from larvseg.models.attentive_classifier import BackgroundRule, attention_scores
 from larvseg.models.memory_bank import MemoryBank
+from larvseg.models.segmenter import Segmenter
 
 _DEMO_OF_ADE = np.full(A847_UNLABELED + 1, -1, dtype=np.int64)  # ADE-847 train id -> demo class index
 _DEMO_OF_ADE[[c.ade_train_id for c in DEMO_CLASSES]] = np.arange(len(DEMO_CLASSES))
@@ -46,7 +47,7 @@ def _patch_grid(label: np.ndarray, patch: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def probe_image_level(segmenter: torch.nn.Module, cfg: Config, layout: BenchmarkLayout, union_ids: np.ndarray,
+def probe_image_level(segmenter: Segmenter, cfg: Config, layout: BenchmarkLayout, union_ids: np.ndarray,
                       bank: MemoryBank | None, rule: BackgroundRule) -> ImageLevelProbe:
     """P2 counts and M AUCs of one trained model over every I22K image of the benchmark (one batch per class)."""
     segmenter.eval()

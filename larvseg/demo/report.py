@@ -16,11 +16,11 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
 
-from larvseg.demo.checks import (  # noqa: E402
+from larvseg.demo.checks import (
     BASE_TOLERANCE,
     CLAIM_RULE,
     P1_MIN_RATIO,
@@ -320,7 +320,7 @@ def diagnostics_lines(diagnostics: dict, variants: Sequence[str], class_names: S
              for v in variants if any(vv == v for vv, _ in diagnostics)}
     dropped = {v: g for v, g in (gaps or {}).items() if g < -BASE_TOLERANCE}
     if dropped:
-        worst = min(dropped, key=dropped.get)
+        worst = min(dropped, key=lambda v: dropped[v])
         lines += ["", f"- Base mIoU drops with image-level data ({worst}: {dropped[worst]:+.1f} vs segmentation only; "
                   f"{leaks.get(worst, float('nan')):.1f} % of the base-labelled patches predicted as a novel class). Cause: "
                   "the image-level loss pools the logits of single-tag images whose tagged object is a minority of "

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -61,12 +62,16 @@ from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.image_level_probe import ImageLevelProbe, probe_image_level
 from larvseg.demo.report import ClaimInputs, PanelRow, PretrainSummary, RunResult, write_report
 from larvseg.eval.evaluate import Evaluator
+from larvseg.log import has_console, setup_logging
 from larvseg.models.io import load_checkpoint, load_segmenter
 from larvseg.models.memory_bank import MemoryBank
-from larvseg.models.segmenter import memory_bank_from_weights
+from larvseg.models.segmenter import Segmenter, memory_bank_from_weights
 from larvseg.models.vit import VisionTransformer
 from larvseg.train.checkpoint import FINAL_WEIGHTS, latest_checkpoint
 from larvseg.train.loop import build, train
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -116,7 +121,7 @@ def run_dir(out: Path, seed: int, variant: Variant) -> Path:
 
 
 def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    log.info("[demo] %s", msg)
 
 
 def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int,
@@ -190,7 +195,7 @@ def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
     )
 
 
-def train_variant(cfg: Config) -> tuple[torch.nn.Module, Vocabulary]:
+def train_variant(cfg: Config) -> tuple[Segmenter, Vocabulary]:
     """Train with the real loop (from scratch) and return the final model, loaded from its exported
     weights, with the run's vocabulary."""
     vocab, segmenter, loader = build(cfg, distributed.init_from_env(cfg.train.device))
@@ -227,7 +232,7 @@ def evaluate_variant(evaluator: Evaluator, segmenter: torch.nn.Module, panel_ima
     return metrics, panel
 
 
-def describe_model(cfg: Config, segmenter: torch.nn.Module) -> str:
+def describe_model(cfg: Config, segmenter: Segmenter) -> str:
     """The report's model line, from the config and the model actually trained."""
     backbone: VisionTransformer = segmenter.backbone
     init = (f"initialised from `{cfg.model.pretrained}` (`model.pretrained={Path(cfg.model.pretrained).name}`, "
@@ -243,7 +248,10 @@ def trained_bank(cfg: Config) -> MemoryBank | None:
     leave it out), or None for a run without the CAC."""
     if not cfg.model.cac or cfg.model.oracle_attention:  # the oracle run never fills its bank
         return None
-    return memory_bank_from_weights(load_checkpoint(latest_checkpoint(cfg.work_dir()))["model"])
+    path = latest_checkpoint(cfg.work_dir())
+    if path is None:
+        raise FileNotFoundError(f"{cfg.work_dir()}: no training checkpoint to read the CAC memory bank from")
+    return memory_bank_from_weights(load_checkpoint(path)["model"])
 
 
 @dataclass
@@ -267,6 +275,14 @@ class JobOutput:
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ["LARVSEG_THREADS"] = str(threads)  # train() configures its threads from this (larvseg.threads)
+
+
+def _init_worker_process(threads: int, console: bool, debug: bool) -> None:
+    """A worker process is a fresh interpreter: it shows its status as this process does (``console``:
+    this process has set up its console logging, larvseg.log)."""
+    if console:
+        setup_logging(debug)
+    _init_worker(threads)
 
 
 def run_job(job: Job) -> JobOutput:
@@ -314,8 +330,9 @@ def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job
                 os.environ["LARVSEG_THREADS"] = env_before
         return outputs
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(THREADS_PER_RUN,)) as pool:
+    logs = (has_console(), log.isEnabledFor(logging.DEBUG))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker_process,
+                             initargs=(THREADS_PER_RUN, *logs)) as pool:
         futures = {pool.submit(work, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
@@ -341,7 +358,8 @@ def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] |
     _say(f"mini benchmark ({benchmark} family): {data}")
     spec = BENCHMARKS[benchmark]
     if profile.benchmark_size:
-        spec = dataclasses.replace(spec, **dict(zip(("num_seg", "per_class", "num_eval"), profile.benchmark_size)))
+        num_seg, per_class, num_eval = profile.benchmark_size
+        spec = dataclasses.replace(spec, num_seg=num_seg, per_class=per_class, num_eval=num_eval)
     layout = ensure_benchmark(data, spec, progress=_say)
 
     threads_before = torch.get_num_threads()

@@ -7,7 +7,7 @@ Images are sharded across ranks (rank r takes the r-th contiguous chunk, as the 
 rank predicts its images with whole-image or sliding-window inference (``cfg.eval``), restricted to
 the evaluation classes, at the resolution of the label, and accumulates a confusion matrix on its
 device with bincount; the matrices are summed across ranks (integers, so N processes give exactly the
-numbers of one). Rank 0 prints the per-class table and writes ``eval_results.json``,
+numbers of one). The per-class table is logged (INFO: rank 0 shows it); rank 0 writes ``eval_results.json``,
 ``eval_per_class.csv`` and ``confusion.npy`` (eval order; last row/column = "other", see
 larvseg.eval.confusion).
 
@@ -32,8 +32,8 @@ import argparse
 import csv
 import functools
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,18 +45,22 @@ from larvseg.progress import progress_bar
 from larvseg import atomic, distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
 from larvseg.data.io import DataError
-from larvseg.data.mixing import build_eval_dataset
+from larvseg.data.eval_dataset import build_eval_dataset
 from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.transforms import to_chw
 from larvseg.data.class_query import ClassQuery, resolve_query
-from larvseg.data.vocabulary import Vocabulary, base_novel_split, build_vocabulary, class_terms
+from larvseg.data.sources import base_novel_split, build_vocabulary
+from larvseg.data.vocabulary import Vocabulary, class_terms
 from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
 from larvseg.models.io import load_segmenter
 from larvseg.models.model_repo import EVAL_RESULTS  # written last by save_results: its presence means the evaluation finished
+from larvseg.models.segmenter import Segmenter
 from larvseg.tensorboard import OVERLAY_IMAGES, log_evaluation
 from larvseg.threads import configure_threads
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_METRICS = ("mIoU",)  # --eval of the original's dist_test.sh; mIoU brings mAcc and aAcc too
 SUMMARY_KEYS = ("mIoU", "mAcc", "aAcc")
@@ -128,7 +132,7 @@ class Evaluator:
 
     @functools.cached_property
     def dataset(self) -> Any:
-        """The evaluation dataset (larvseg.data.mixing.EvalDataset)."""
+        """The evaluation dataset (larvseg.data.eval_dataset.EvalDataset)."""
         return build_eval_dataset(self.cfg, self.vocab)
 
     @functools.cached_property
@@ -148,16 +152,16 @@ class Evaluator:
         ``cfg.eval.classes`` restricts prediction and metrics to these evaluation classes; ground-truth pixels
         of the other classes then count as unlabeled. ``keep_predictions`` > 0 also returns, under
         ``predictions``, this rank's first ``keep_predictions`` items as dicts (path, image uint8 HxWx3,
-        label and prediction as int64 union ids). Rank 0 shows progress and prints the table unless
-        ``verbose`` is False; with ``out_dir`` it writes JSON, CSV and the matrix there.
+        label and prediction as int64 union ids). Rank 0 shows progress and the table is logged (INFO)
+        unless ``verbose`` is False; with ``out_dir`` rank 0 writes JSON, CSV and the matrix there.
         """
         cfg, vocab = self.cfg, self.vocab
         device = next(segmenter.parameters()).device
         dataset = self.dataset
         eval_ids, base_mask = self.classes
-        if cfg.eval.classes and verbose and distributed.is_main_process():  # which sense a word took, concepts' sizes
+        if cfg.eval.classes and verbose:  # which sense a word took, concepts' sizes
             for note in _class_query(cfg, vocab, base_novel_split(vocab, cfg)[0]).notes:
-                print(f"note: {note}", flush=True)
+                log.info("note: %s", note)
         limit = max_images or cfg.eval.max_images
         n = min(len(dataset), limit) if limit else len(dataset)
         rank, world = distributed.rank(), distributed.world_size()
@@ -178,7 +182,7 @@ class Evaluator:
                                                disable=not (verbose and distributed.is_main_process())):
             if image is None:  # unreadable, data.eval.skip_bad
                 skipped.append(path)
-                print(f"warning: skipped an evaluation image (data.eval.skip_bad): {path}", file=sys.stderr, flush=True)
+                log.warning("skipped an evaluation image (data.eval.skip_bad): %s", path)
                 continue
             pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
                                  out_size=tuple(label.shape[-2:]))
@@ -200,15 +204,14 @@ class Evaluator:
         results["seconds"] = time.perf_counter() - start
         if keep_predictions:
             results["predictions"] = kept
-        if distributed.is_main_process():
-            if verbose:
-                print(format_table(results), flush=True)
-            if out_dir is not None:
-                save_results(results, matrix, Path(out_dir))
+        if verbose:
+            log.info("%s", format_table(results))
+        if out_dir is not None and distributed.is_main_process():
+            save_results(results, matrix, Path(out_dir))
         return results
 
     @torch.no_grad()
-    def overlays(self, segmenter: torch.nn.Module, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
+    def overlays(self, segmenter: Segmenter, count: int = OVERLAY_IMAGES) -> list[np.ndarray]:
         """Overlays (image blended with the predicted classes, legend on the right) of the first ``count``
         evaluation images, predicted over the scored classes as ``run`` predicts."""
         dataset = self.dataset
@@ -323,10 +326,10 @@ def main(args: argparse.Namespace) -> int:
         loaded = load_segmenter(args.checkpoint, device)
         segmenter, names = loaded.segmenter, loaded.class_names
         if device.type == "cpu":
-            configure_threads(segmenter, cfg.eval.threads or cfg.train.threads, verbose=distributed.is_main_process())
+            configure_threads(segmenter, cfg.eval.threads or cfg.train.threads)
         vocab = Vocabulary.union(names, build_vocabulary(cfg).names)
-        if len(vocab) != len(names) and distributed.is_main_process():
-            print(f"note: {len(vocab) - len(names)} classes of the config are not in the checkpoint's vocabulary")
+        if len(vocab) != len(names):
+            log.info("note: %d classes of the config are not in the checkpoint's vocabulary", len(vocab) - len(names))
         evaluator = Evaluator(cfg, vocab)
         results = evaluator.run(segmenter, out_dir=out_dir)
         if distributed.is_main_process():

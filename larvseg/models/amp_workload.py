@@ -12,11 +12,12 @@ that calibrates and one that reads the cache train identically.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
 
-from larvseg.models.vit import VisionTransformer
+from larvseg.models.vit import Block, VisionTransformer
 from larvseg.precision import Workload, bf16_autocast
 
 CALIBRATION_TOKENS = 1 + (512 // 16) ** 2  # a 512 x 512 crop of 16 x 16 patches + the class token
@@ -27,7 +28,7 @@ def vit_workload(backbone: VisionTransformer, kind: str) -> Workload:
     """``Workload`` of ``kind`` ("inference" | "training") for this backbone's shapes."""
     if kind not in ("inference", "training"):
         raise ValueError(f"workload kind must be 'inference' or 'training', got {kind!r}")
-    block = backbone.blocks[0]
+    block = cast(Block, backbone.blocks[0])
     dim, heads, hidden = backbone.embed_dim, backbone.num_heads, block.mlp.fc1.out_features
     shape = f"vit block dim={dim} heads={heads} mlp={hidden} tokens={CALIBRATION_TOKENS} batch=1"
 

@@ -181,7 +181,7 @@ def cac_loss(
     tag_sub = tags[img, slot]
     pair_classes = class_ids[tag_sub]
     warmed = bank.warmed_up(pair_classes, warm_up)
-    if is_paper(options):
+    if options is None or is_paper(options):
         loss_sum = pooled_tag_ce(pooled, tags, pad, weights=warmed.to(pooled.dtype))
     else:  # the same attention weights, pooled as the options say
         loss_sum = pooled_pairs_ce(logits, weights[img, slot], tags, pad, options, base, pair_weights=warmed)

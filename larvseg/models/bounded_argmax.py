@@ -43,6 +43,7 @@ at the cell's pixels (16 x 16 at 512 px: cheaper than more corner levels).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +101,7 @@ def build_axis(matrix: Tensor) -> Axis:
     new[1:] = (nz[1:] != nz[:-1]).any(1)
     starts = new.nonzero().squeeze(1).tolist() + [m.shape[0]]
     runs: list[tuple[int, int]] = []
-    for a, b in zip(starts[:-1], starts[1:]):  # loop over groups (about 2 per feature row), not pixels
+    for a, b in itertools.pairwise(starts):  # loop over groups (about 2 per feature row), not pixels
         w = weights[a:b]
         d = w[-1] - w[0]
         if b - a <= 2 or float(d.abs().max()) == 0.0:
@@ -135,7 +136,9 @@ def build_axis(matrix: Tensor) -> Axis:
         na = torch.stack([a[split], mid[split]], 1).reshape(-1)
         nb = torch.stack([mid[split] - 1, b[split]], 1).reshape(-1)
         nh = torch.stack([mid[split], hi[split]], 1).reshape(-1)
-        nodes_a.append(na), nodes_b.append(nb), nodes_hi.append(nh)
+        nodes_a.append(na)
+        nodes_b.append(nb)
+        nodes_hi.append(nh)
         offset, level = offset + n, (na, nb, nh)
     a, b, hi = torch.cat(nodes_a), torch.cat(nodes_b), torch.cat(nodes_hi)
     kid = torch.cat(kids)
@@ -328,14 +331,16 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
         ubs.append(ub.view(gr * gc, -1))
         kk = min(k, blk.shape[-1])
         v, i_ = c_sum.view(gr * gc, -1).topk(kk, dim=-1)  # per cell
-        top_val.append(v), top_idx.append(i_ + a)
+        top_val.append(v)
+        top_idx.append(i_ + a)
         v, i_ = blk.view(hf * wf, -1).topk(kk, dim=-1)  # per feature pixel
-        px_val.append(v), px_idx.append(i_ + a)
+        px_val.append(v)
+        px_idx.append(i_ + a)
     del blk, r_max, r_sum, c_sum
-    top_idx = torch.cat(top_idx, 1).gather(1, torch.cat(top_val, 1).topk(k, dim=-1).indices)  # (cells, k)
+    top_cell = torch.cat(top_idx, 1).gather(1, torch.cat(top_val, 1).topk(k, dim=-1).indices)  # (cells, k)
     top_px = torch.cat(px_idx, 1).gather(1, torch.cat(px_val, 1).topk(k, dim=-1).indices).view(hf, wf, k)
     # 2. thresholds: seeds are these and the top classes of every support feature pixel
-    seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), top_idx], 1)
+    seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), top_cell], 1)
     seeds = seeds.sort(1).values
     seeds = torch.where(torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1),
                         seeds, -1)  # duplicates of a cell marked -1
@@ -347,13 +352,13 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
 
     # 3. level 0: the classes whose upper bound reaches the cell's threshold
     painter = _Painter((r.shape[0], c.shape[0]), n, device)
-    found = []
+    hits: list[Tensor] = []
     for a, ub in zip(range(0, n, chunk), ubs):
         hit = (ub >= t_cell[:, None]).nonzero()  # (cell, class in chunk)
         hit[:, 1] += a
-        found.append(hit)
+        hits.append(hit)
     del ubs
-    found = torch.cat(found)  # (cell, class)
+    found = torch.cat(hits)  # (cell, class)
     stats["level0_pairs"] = float(found.shape[0])
     # 4. refinement down to decided rectangles, small sub-cells evaluated at every pixel
     _refine(logits, rows, cols, (cell_r[found[:, 0]], cell_c[found[:, 0]], found[:, 1], found[:, 0]), painter, None, stats)

@@ -3,7 +3,7 @@
     model.pretrained=hf-hub:timm/vit_base_patch16_384.augreg_in21k_ft_in1k
 
 is the AugReg ViT-B/16 of the paper (``B_16-i21k-300ep-...-res_384.npz``) as timm publishes it
-(safetensors, timm's key names; larvseg.models.augreg maps them). ``huggingface_hub`` resolves the name:
+(safetensors, timm's key names; larvseg.models.pretrained_weights maps them). ``huggingface_hub`` resolves the name:
 from its local cache (``$HF_HOME/hub``, or ``$HF_HUB_CACHE``) when the file is there, downloading it
 there first when online; with ``HF_HUB_OFFLINE=1`` only the cache is used. Optional dependency:
 ``pip install "larvseg[hub]"``.

@@ -171,7 +171,7 @@ def image_level_loss(logits: Tensor, tags: Tensor, pad: int, downsample: int, cr
                      options: ImageLossConfig | None = None, base: Tensor | None = None) -> Tensor:
     """L_cls's sum over pairs: the paper's (losses.image_level_ce_sum) when every option is off, else
     pooled_pairs_ce with the paper's pixel weights ω = U^T 1 / L."""
-    if is_paper(options):
+    if options is None or is_paper(options):
         return image_level_ce_sum(logits, tags, pad, downsample, crop_hw)
     weights = upsampled_mean_weights(tuple(logits.shape[-2:]), loss_size(crop_hw, downsample), logits.device)
     return pooled_pairs_ce(logits, weights, tags, pad, options, base)

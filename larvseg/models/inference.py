@@ -30,6 +30,10 @@ The logits come from one GEMM per window (``CosineClassifier.logits_one_gemm``: 
 over classes folded in), classes first; the centred class vectors and their covariance are cached per
 classifier and class set (``centered_classes``), so only the first image of a class set pays for them.
 
+In whole mode at the image's own size (no ``out_size``, or the image's) with the dense argmax,
+``segment_image`` runs ``whole_image_segmentation``: the pipeline above for one window, written so that
+it traces with symbolic image sizes (``torch.export``); ``larvseg export`` traces exactly it.
+
 Memory besides the backbone: the feature-resolution logits of every window ((N, h, w) float32: 90 MB
 for one 512 x 512 window at 21,843 classes), the cached class vectors (N x D: 67 MB), the bounded
 path's per-cell maxima (cells x N: 95 MB at 512 px), R and C, and chunks of ``CHUNK_ELEMS``.
@@ -78,6 +82,16 @@ def _boxes_grid(boxes: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int,
     return row_boxes, col_boxes
 
 
+def upsample_crop_matrix(n_feat: int, n_out: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(n_out, n_feat): one axis of a window's feature map bilinearly upsampled x16 (align_corners=False)
+    to its zero-padded size, then cropped to the window's ``n_out`` pixels. F.interpolate's own arithmetic
+    on the identity; traceable with symbolic sizes (``torch.export``). Every weight is a multiple of 1/32,
+    so float32 and float64 give the same values."""
+    eye = torch.eye(n_feat, dtype=dtype).view(n_feat, 1, n_feat, 1)
+    up = F.interpolate(eye, size=(16 * n_feat, 1), mode="bilinear", align_corners=False)
+    return up[:, 0, :n_out, 0].T
+
+
 def _axis_matrix(extent: int, out: int, boxes: list[tuple[int, int]]) -> Tensor:
     """(out, sum of feature sizes) float64: per box, upsample its features to the padded box, crop,
     average where boxes overlap, then resize the canvas axis (``extent``) to ``out``."""
@@ -86,9 +100,9 @@ def _axis_matrix(extent: int, out: int, boxes: list[tuple[int, int]]) -> Tensor:
         count[y1:y2] += 1
     blocks = []
     for y1, y2 in boxes:
-        padded = -(-(y2 - y1) // 16) * 16
-        block = torch.zeros(extent, padded // 16, dtype=torch.float64)
-        block[y1:y2] = resize_matrix(padded // 16, padded, dtype=torch.float64)[: y2 - y1] / count[y1:y2, None]
+        n_feat = -(-(y2 - y1) // 16)
+        block = torch.zeros(extent, n_feat, dtype=torch.float64)
+        block[y1:y2] = upsample_crop_matrix(n_feat, y2 - y1, torch.float64) / count[y1:y2, None]
         blocks.append(block)
     canvas = torch.cat(blocks, 1)
     return canvas if out == extent else resize_matrix(extent, out, dtype=torch.float64) @ canvas
@@ -124,10 +138,22 @@ def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
     return prepared
 
 
+def window_logits(segmenter, window: Tensor, classes: CenteredClasses, bf16: bool = False) -> Tensor:
+    """(N, ceil(h/16), ceil(w/16)) float32 logits of one standardised (3, h, w) window: zero-padded at the
+    bottom/right to a multiple of 16, backbone (bf16 autocast when ``bf16``), classifier in float32 as
+    one GEMM (gamma * standardize(s) + beta over ``classes``). Traceable with symbolic h, w."""
+    h, w = window.shape[-2:]
+    # the padded size written as 16 * ceil(x / 16), so that torch.export can prove it is a multiple of 16
+    window = F.pad(window, (0, (w + 15) // 16 * 16 - w, 0, (h + 15) // 16 * 16 - h))
+    with bf16_autocast(bf16, window.device):
+        x = segmenter.backbone(window[None])
+    p = segmenter.classifier.pixel_vectors(x.float())[0]  # (hw, D); the classifier stage in float32
+    return segmenter.classifier.logits_one_gemm(p, classes).view(-1, x.shape[2], x.shape[3])
+
+
 def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, bf16: bool,
-                    progress: Callable[[int, int], None] | None = None) -> Tensor:
+                    progress: Callable[[int, int], object] | None = None) -> Tensor:
     """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
-    clf = segmenter.classifier
     row_boxes, col_boxes = _boxes_grid(boxes)
     row_at = {b: i for i, b in enumerate(row_boxes)}
     col_at = {b: j for j, b in enumerate(col_boxes)}
@@ -137,31 +163,29 @@ def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, b
     c0 = [sum(ws[:j]) for j in range(len(ws))]
     out = None if len(boxes) == 1 else torch.empty(classes.centered.shape[0], sum(hs), sum(ws), device=image.device)
     for done, (y1, y2, x1, x2) in enumerate(boxes, 1):  # loop over windows
-        crop = image[:, y1:y2, x1:x2]
-        ph, pw = -(-crop.shape[1] // 16) * 16, -(-crop.shape[2] // 16) * 16
-        crop = F.pad(crop, (0, pw - crop.shape[2], 0, ph - crop.shape[1]))
-        with bf16_autocast(bf16, image.device):
-            x = segmenter.backbone(crop[None])
-        p = clf.pixel_vectors(x.float())[0]  # (hw, D); the classifier stage in float32
-        logits = clf.logits_one_gemm(p, classes).view(-1, ph // 16, pw // 16)  # gamma * standardize(s) + beta
+        logits = window_logits(segmenter, image[:, y1:y2, x1:x2], classes, bf16)
         if out is None:  # one window is the whole grid: no copy
             out = logits
         else:
             i, j = row_at[(y1, y2)], col_at[(x1, x2)]
-            out[:, r0[i] : r0[i] + ph // 16, c0[j] : c0[j] + pw // 16] = logits
+            out[:, r0[i] : r0[i] + logits.shape[1], c0[j] : c0[j] + logits.shape[2]] = logits
         if progress is not None:  # the backbone pass per window is the cost: report each
             progress(done, len(boxes))
+    if out is None:
+        raise ValueError("no windows to segment")  # unreachable: every image has at least one window
     return out
 
 
-def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_ELEMS) -> Tensor:
+def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_ELEMS,
+                 class_chunk: int | None = None) -> Tensor:
     """argmax over classes of R L_c C^T for (N, H_f, W_f) logits, all classes at all pixels, in class
     chunks (two batched matmuls per chunk, one per class: identical classes get identical values).
-    Ties: the lowest class position."""
+    Ties: the lowest class position. Classes per chunk: ``class_chunk``, else as many as keep a chunk's
+    output pixels x classes near ``chunk_elems``."""
     n, hf, wf = logits.shape
     r32, c32 = r.to(logits.device, torch.float32), c.to(logits.device, torch.float32)
     out_hw = (r.shape[0], c.shape[0])
-    chunk = max(1, chunk_elems // (out_hw[0] * max(out_hw[1], wf)))
+    chunk = class_chunk or max(1, chunk_elems // (out_hw[0] * max(out_hw[1], wf)))
     best_val = torch.full(out_hw, float("-inf"), device=logits.device)
     best_idx = torch.zeros(out_hw, dtype=torch.long, device=logits.device)
     for a in range(0, n, chunk):
@@ -171,6 +195,20 @@ def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_
         best_val = torch.where(better, val, best_val)
         best_idx = torch.where(better, arg + a, best_idx)
     return best_idx
+
+
+def whole_image_segmentation(segmenter, image: Tensor, classes: CenteredClasses, *, bf16: bool = False,
+                             class_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Whole-image segmentation of a (3, H, W) RGB image (0..255) at its own size: (N, ceil(H/16),
+    ceil(W/16)) logits and (H, W) positions into ``classes`` from the dense argmax. ``segment_image``
+    runs it in whole mode when the output has the image's size and the problem is small enough for the
+    dense argmax; ``larvseg export`` traces it (float32, all classes in one chunk, since the image size is
+    symbolic there)."""
+    x = segmenter.preprocess(image)  # zero padding after this is the mean colour
+    logits = window_logits(segmenter, x, classes, bf16)
+    r = upsample_crop_matrix(logits.shape[1], x.shape[1]).to(x.device)
+    c = upsample_crop_matrix(logits.shape[2], x.shape[2]).to(x.device)
+    return logits, dense_argmax(logits, r, c, class_chunk=class_chunk)
 
 
 # the large-problem argmax paths (both exact): fewest values on CPUs, dense bf16 GEMMs on GPUs
@@ -199,7 +237,7 @@ def segment_image_detailed(
     amp: str = "off",
     dense_max_elems: int = DENSE_MAX_ELEMS,
     argmax: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> tuple[Tensor, dict[str, float | str]]:
     """``segment_image`` plus how the argmax was taken: {"path": "dense" | "bounded" | "chunked",
     counters...}. ``argmax``: "auto" (``argmax_path``) or one of the paths, forced (tests, benchmarks)."""
@@ -213,24 +251,30 @@ def segment_image_detailed(
     device = next(segmenter.parameters()).device
     # before the backbone runs: validates amp; "auto" is measured once per machine (larvseg.precision)
     bf16 = choose(amp, device, vit_workload(segmenter.backbone, "inference"), announce=True).bf16
-    image = segmenter.preprocess(image.to(device))  # before windowing: padding is 0 = the mean colour
+    image = image.to(device)
     hh, ww = image.shape[-2:]
-    out_hw = tuple(out_size) if out_size is not None else (hh, ww)
+    out_hw = (out_size[0], out_size[1]) if out_size is not None else (hh, ww)
     classes = (
         torch.arange(segmenter.num_classes, device=device) if class_ids is None else class_ids.to(device).long()
     )
     if classes.numel() == 0:
         raise ValueError("class_ids is empty")
     boxes = modes[mode](hh, ww)
+    path = argmax if argmax != "auto" else argmax_path(device, out_hw[0] * out_hw[1] * classes.numel(), dense_max_elems)
     was_training = segmenter.training
     segmenter.eval()
     try:
-        logits = _feature_logits(segmenter, image, boxes, centered_classes(segmenter.classifier, classes), bf16,
-                                 progress)
+        prepared = centered_classes(segmenter.classifier, classes)
+        if mode == "whole" and path == "dense" and out_hw == (hh, ww):  # the function `larvseg export` traces
+            _, idx = whole_image_segmentation(segmenter, image, prepared, bf16=bf16)
+            if progress is not None:
+                progress(1, 1)
+            return classes[idx], {"path": "dense"}
+        # preprocess before windowing: the windows' zero padding is the mean colour
+        logits = _feature_logits(segmenter, segmenter.preprocess(image), boxes, prepared, bf16, progress)
     finally:
         segmenter.train(was_training)
     r, c = _pipeline_matrices(hh, ww, boxes, out_hw)
-    path = argmax if argmax != "auto" else argmax_path(device, out_hw[0] * out_hw[1] * classes.numel(), dense_max_elems)
     if path == "dense":
         return classes[dense_argmax(logits, r.to(device), c.to(device))], {"path": "dense"}
     idx, stats = ARGMAX_PATHS[path](logits, r.to(device), c.to(device))
@@ -244,7 +288,7 @@ def segment_image(
     *,
     class_ids: Tensor | None = None,
     out_size: tuple[int, int] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> Tensor:
     """Predicted union class ids (H_out, W_out) int64 for an RGB (3, H, W) image (pixel values 0..255,
     uint8 or float; the segmenter's ``preprocess`` standardises them).

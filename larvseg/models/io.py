@@ -56,14 +56,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         head = f.read(4)
     if size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes) - a save that never completed?")
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC)):
+    if not head.startswith((ZIP_MAGIC, LEGACY_MAGIC)):
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({size} bytes of {kind}, starting {head!r})")
     try:
         with warnings.catch_warnings():  # the weights-only unpickler warns about foreign pickle protocols
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to decode these bytes means the file is unreadable
+    except Exception as exc:  # any failure to decode these bytes means the file is unreadable
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({size} bytes) - truncated or corrupt, or holding objects other "
             f"than tensors and plain data? ({type(exc).__name__}: {_first_line(exc)})"

@@ -19,6 +19,8 @@ loss cheap at 913 or 21K classes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,11 +29,11 @@ from larvseg.config import IGNORE_INDEX
 from larvseg.models.bilinear import resize_matrix
 
 
-def loss_size(label_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
+def loss_size(label_hw: Sequence[int], downsample: int) -> tuple[int, int]:
     return (label_hw[0] // downsample, label_hw[1] // downsample)
 
 
-def attended_mean_weights(z: Tensor, loss_hw: tuple[int, int]) -> Tensor:
+def attended_mean_weights(z: Tensor, loss_hw: Sequence[int]) -> Tensor:
     """(P, h, w) attention logits at feature resolution -> (P, h*w) weights W = U^T sigmoid(U z) / L.
 
     So that mean_loss_pixels((U x) * sigmoid(U z)) = x . W for any feature-resolution map x: the
@@ -59,7 +61,7 @@ def attention_mean_weights(att: Tensor, feat_hw: tuple[int, int]) -> Tensor:
     return pooled.reshape(p, feat_hw[0] * feat_hw[1]) / float(big_h * big_w)
 
 
-def upsampled_mean_weights(feat_hw: tuple[int, int], loss_hw: tuple[int, int], device: torch.device) -> Tensor:
+def upsampled_mean_weights(feat_hw: Sequence[int], loss_hw: Sequence[int], device: torch.device) -> Tensor:
     """(hw,) w = U^T 1 / L, so that mean_loss_pixels(U z) = z . w."""
     uh = resize_matrix(feat_hw[0], loss_hw[0], dtype=torch.float64)  # float64: summed over many rows
     uw = resize_matrix(feat_hw[1], loss_hw[1], dtype=torch.float64)
@@ -78,7 +80,7 @@ class _UpsampledPixelCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, labels: Tensor, uh: Tensor, uw: Tensor, ignore_index: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, labels: Tensor, uh: Tensor, uw: Tensor, ignore_index: int) -> Tensor:
         b, n = z.shape[:2]
         big_h, big_w = labels.shape[-2:]
         need_grad = ctx.needs_input_grad[0]
@@ -94,17 +96,17 @@ class _UpsampledPixelCE(torch.autograd.Function):
             safe = torch.where(valid, lab, torch.zeros_like(lab))[:, None]
             lse = torch.logsumexp(x, dim=1)
             total = total + ((lse - x.gather(1, safe)[:, 0]) * valid).sum()
-            if need_grad:
+            if grad_zw is not None:
                 prob = x.sub_(lse[:, None]).exp_()  # softmax, in place
                 prob.scatter_add_(1, safe, -valid[:, None].to(prob.dtype))
                 prob.mul_(valid[:, None])
                 grad_zw += torch.matmul(uh_r.T, prob)
-        if need_grad:
+        if grad_zw is not None:
             ctx.save_for_backward(torch.matmul(grad_zw, uw))
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         (grad_z,) = ctx.saved_tensors
         return grad_z * grad_out, None, None, None, None
 

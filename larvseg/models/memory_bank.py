@@ -21,6 +21,10 @@ from larvseg import distributed
 
 
 class MemoryBank(nn.Module):
+    slots: Tensor  # buffers (register_buffer), declared for the type checker
+    ptr: Tensor
+    wraps: Tensor
+
     def __init__(self, num_classes: int, size: int, dim: int) -> None:
         super().__init__()
         if size < 1:

@@ -18,6 +18,7 @@ eval, export) accepts a saved folder or an ``hf-hub:`` name. Optional dependency
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ REPO_FILES = (WEIGHTS, CONFIG, CLASSES, SUPERVISED, EVAL_RESULTS, CARD)
 LIBRARY = "larvseg"
 
 
-def is_model_repo(spec: str | Path) -> bool:
+def is_model_repo(spec: str | os.PathLike[str]) -> bool:
     """An ``hf-hub:`` name, or a folder holding a saved model (model.safetensors and config.json)."""
     text = str(spec)
     if text.startswith(HF_HUB_PREFIX):
@@ -42,7 +43,7 @@ def is_model_repo(spec: str | Path) -> bool:
     return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
-def repo_folder(spec: str | Path) -> Path:
+def repo_folder(spec: str | os.PathLike[str]) -> Path:
     """The local folder of a saved model: the folder itself, or the Hub cache's snapshot of ``hf-hub:`` (downloaded
     when online and not cached). CheckpointError naming the repository when it cannot be had."""
     text = str(spec)
@@ -65,7 +66,7 @@ def repo_folder(spec: str | Path) -> Path:
         raise CheckpointError(f"{text}: cannot fetch {repo_id}: {exc}") from None
 
 
-def load_model_repo(spec: str | Path) -> dict[str, Any]:
+def load_model_repo(spec: str | os.PathLike[str]) -> dict[str, Any]:
     """A saved model (folder or ``hf-hub:`` name) as ``load_checkpoint`` returns checkpoints: model, config,
     vocab, step, supervised (when saved)."""
     folder = repo_folder(spec)

@@ -14,6 +14,8 @@ logger should all_reduce-mean them (or, equivalently here, read rank 0's value o
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,7 @@ from larvseg.models.class_sampling import (
 )
 from larvseg.models.image_loss import image_level_loss, needs_base
 from larvseg.models.losses import loss_size, pixel_ce_sum
+from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.oracle_attention import oracle_attention_loss
 from larvseg.models.segmenter import Segmenter
 
@@ -46,9 +49,17 @@ class TrainingObjective(nn.Module):
             raise ValueError("model.cac is on but the segmenter has no memory bank (build it with cac=True)")
         self.rule = BackgroundRule(model_cfg.bg_topk, model_cfg.bg_score_thresh, model_cfg.bg_mse_thresh)
 
+    @property
+    def _bank(self) -> MemoryBank:
+        """The segmenter's memory bank, which model.cac needs (checked in __init__)."""
+        if self.segmenter.bank is None:
+            raise ValueError("model.cac is on but the segmenter has no memory bank (build it with cac=True)")
+        return self.segmenter.bank
+
     def _zero(self) -> Tensor:
         """An exact zero connected to every trainable parameter (for a rank without images of a source)."""
-        return sum((p.view(-1)[:1] * 0.0).sum() for p in self.segmenter.parameters() if p.requires_grad)
+        zeros = [(p.view(-1)[:1] * 0.0).sum() for p in self.segmenter.parameters() if p.requires_grad]
+        return cast(Tensor, sum(zeros))  # a tensor: the segmenter has trainable parameters, never the start 0
 
     def _subset(self, present: Tensor, pool: Tensor, step: int, index: int) -> ClassSubset:
         vocab = self.segmenter.num_classes
@@ -82,13 +93,13 @@ class TrainingObjective(nn.Module):
         scale = distributed.world_size() / global_pairs.clamp(min=1.0)[0]  # 0-d, like the other terms
         if batch.images.shape[0] == 0 or batch.tags.shape[1] == 0:
             if self.use_cac:
-                d = self.segmenter.bank.dim
+                d = self._bank.dim
                 entries.append((torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, d, device=device)))
             zero = self._zero()
             return zero, zero
         out = self.segmenter(batch.images, subset.class_ids)
         tags = subset.remap(batch.tags, pad=TAG_PAD)
-        crop_hw = tuple(batch.images.shape[-2:])
+        crop_hw = (batch.images.shape[-2], batch.images.shape[-1])
         cls = image_level_loss(out.logits, tags, TAG_PAD, self.cfg.loss_downsample, crop_hw, self.cfg.image_loss, base)
         cls = cls * scale * batch.loss_weight
         if not self.use_cac:
@@ -100,7 +111,7 @@ class TrainingObjective(nn.Module):
                                            loss_size(crop_hw, self.cfg.loss_downsample))
             return cls, oracle * scale * batch.cac_weight
         res = cac_loss(
-            out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self.segmenter.bank,
+            out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self._bank,
             loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), topk=batch.cac_topk,
             warm_up=self.cfg.warm_up, rule=self.rule, options=self.cfg.image_loss, base=base,
         )
@@ -110,7 +121,7 @@ class TrainingObjective(nn.Module):
     def forward(self, batch: StepBatch) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         entries: list[tuple[Tensor, Tensor]] = []
-        every_class = torch.cat([b.class_ids for b in [*batch.seg, *batch.tag]]).unique()  # sorted: same on every rank
+        every_class = torch.cat([b.class_ids for b in batch.seg] + [b.class_ids for b in batch.tag]).unique()  # sorted: same on every rank
         for index, seg in enumerate(batch.seg):
             pool = seg.class_ids if self.cfg.seg_class_pool == "source" else every_class
             terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index, pool)
@@ -129,13 +140,13 @@ class TrainingObjective(nn.Module):
             # whole batch enqueues: source by source, each source's entries in rank order (its batch order),
             # so that a class tagged in two sources fills the same slots with any number of processes.
             # The source index rides in the class id (one gather for ids, one for features).
-            vocab = self.segmenter.bank.num_classes
+            vocab = self._bank.num_classes
             keyed = distributed.all_gather_cat(torch.cat([c + j * vocab for j, (c, _) in enumerate(entries)]))
             feats = distributed.all_gather_cat(torch.cat([f for _, f in entries]).contiguous())
             order = torch.sort(torch.div(keyed, vocab, rounding_mode="floor"), stable=True).indices
-            self.segmenter.bank.enqueue(keyed[order] % vocab, feats[order], gather=False)
+            self._bank.enqueue(keyed[order] % vocab, feats[order], gather=False)
         if not terms:
             raise ValueError(f"step {batch.step}: the StepBatch holds no source")
-        terms = {"loss": sum(terms.values()), **terms}
+        terms = {"loss": cast(Tensor, sum(terms.values())), **terms}  # cast: terms is not empty (checked above)
         return terms
 

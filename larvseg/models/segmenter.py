@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from larvseg.config import PIXEL_MEAN, PIXEL_STD, Config, ModelConfig, config_from_dict
 from larvseg.errors import CheckpointError
-from larvseg.models.augreg import load_pretrained
+from larvseg.models.pretrained_weights import load_pretrained
 from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.vit import VisionTransformer, build_vit
@@ -37,6 +37,9 @@ def standardize_pixels(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 class Segmenter(nn.Module):
     """Takes RGB pixel values (0..255, any dtype) and standardises them itself (``preprocess``), so
     every caller (training, evaluation, prediction) hands it the same thing: images as decoded."""
+
+    pixel_mean: Tensor  # buffers of register_pixel_stats, declared for the type checker
+    pixel_std: Tensor
 
     def __init__(self, backbone: VisionTransformer, classifier: CosineClassifier, bank: MemoryBank | None = None) -> None:
         super().__init__()

@@ -32,10 +32,10 @@ empty file) is a CheckpointError naming it, which auto-resume skips like any oth
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,8 @@ from larvseg.atomic import atomic_write, remove_stale_temps, temp_path
 from larvseg.errors import CheckpointError  # defined there so the model layer can raise it too
 from larvseg.models.io import load_checkpoint  # the one reader of checkpoint files (re-exported here)
 from larvseg.models.segmenter import BANK_PREFIX
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -133,7 +135,7 @@ def load_resumable(path: Path) -> dict[str, Any]:
 
 
 def load_resume(resume: str | None, work_dir: str | os.PathLike,
-                say: Callable[[str], None] = print) -> tuple[Path | None, dict[str, Any] | None]:
+                say: Callable[[str], None] = log.warning) -> tuple[Path | None, dict[str, Any] | None]:
     """(path, state) to resume from, as ``resolve_resume`` picks it, loaded; (None, None) to start fresh.
 
     Auto-resume falls back: an unreadable newest checkpoint (a kill or a full disk while it was written
@@ -144,10 +146,10 @@ def load_resume(resume: str | None, work_dir: str | os.PathLike,
             try:
                 return path, load_resumable(path)
             except CheckpointError as exc:
-                say(f"warning: skipping checkpoint {path.name} for auto-resume: {exc}")
+                say(f"skipping checkpoint {path.name} for auto-resume: {exc}")
         return None, None
-    path = resolve_resume(resume, work_dir)
-    return (path, load_resumable(path)) if path is not None else (None, None)
+    given = resolve_resume(resume, work_dir)
+    return (given, load_resumable(given)) if given is not None else (None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +177,12 @@ class Checkpointer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "config.yaml").write_text(config_text)
         for p in remove_stale_temps(self.work_dir):  # a save killed mid-write leaves .iter_N.pth.tmp-PID
-            print(f"removed {p.name}: temp file of a killed save", flush=True)
+            log.info("removed %s: temp file of a killed save", p.name)
 
     def pick(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
         """(path, state) of the checkpoint to resume from, or (None, None) to start fresh: ``load_resume``
-        ("auto" = the newest readable one, an unreadable newer one skipped with a message on stderr)."""
-        return load_resume(resume, self.work_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        ("auto" = the newest readable one, an unreadable newer one skipped with a warning)."""
+        return load_resume(resume, self.work_dir)
 
     def restore(self, path: Path, state: dict[str, Any] | None, class_names: list[str], model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
@@ -215,7 +217,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }

@@ -1,4 +1,4 @@
-"""Training metrics: a tqdm progress bar, a text line every ``log_interval`` steps, ``metrics.jsonl``,
+"""Training metrics: a tqdm progress bar, a text line every ``log_interval`` steps (logged at INFO), ``metrics.jsonl``,
 a training-curve PNG and, when tensorboardX is installed, TensorBoard event files (larvseg.tensorboard)
 in the work dir. Only rank 0 writes (``enabled``); the values it receives are
 already averaged over ranks by the loop.
@@ -13,6 +13,7 @@ iterations.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from larvseg.tensorboard import TensorBoardLog, log_images, tensorboard_availabl
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "training_curve.png"
+
+log = logging.getLogger(__name__)
 
 
 def format_eta(seconds: float) -> str:
@@ -90,8 +93,8 @@ class MetricLogger:
         if self.tb is not None:
             self.tb.scalars("train/", step, {k: v for k, v in record.items() if k not in ("kind", "step", "eta_s")})
         terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step", "lr", "images_per_s", "eta_s"))
-        self.bar.write(f"[{step}/{self.total_iters}] lr {lr:.3e}  {terms}  "
-                       f"{record['images_per_s']:.1f} img/s  eta {format_eta(record['eta_s'])}")
+        log.info("[%d/%d] lr %.3e  %s  %.1f img/s  eta %s", step, self.total_iters, lr, terms, record["images_per_s"],
+                 format_eta(record["eta_s"]))
         self._sums, self._count = {}, 0
         self._window_start = time.perf_counter()
 

@@ -29,6 +29,7 @@ import the evaluation code.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import random
@@ -46,7 +47,8 @@ from larvseg import distributed
 from larvseg.config import Config, dump_config, load_config
 from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
-from larvseg.data.vocabulary import Vocabulary, build_vocabulary
+from larvseg.data.sources import build_vocabulary
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.data.synthetic import ensure_smoke_data
 from larvseg.domains import require_writable
 from larvseg.models.model_repo import EVAL_RESULTS
@@ -59,6 +61,8 @@ from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import FINAL_WEIGHTS, Checkpointer, export_weights
 from larvseg.train.logger import MetricLogger
 from larvseg.train.schedule import poly_lr, set_lr
+
+log = logging.getLogger(__name__)
 
 
 class Evaluation(Protocol):
@@ -76,6 +80,23 @@ class Evaluation(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the run stops, the last good checkpoint stays on disk."""
+
+
+def optimizer_step_or_stop(optimizer: torch.optim.Optimizer, loss: torch.Tensor, values: dict[str, float], step: int,
+                           lr: float, last_good: Path | str | None, work_dir: Path, close: Callable[[], None]) -> None:
+    """Backward ``loss`` and one optimizer step, unless a term of ``values`` is NaN or inf: then
+    ``close()`` (the metric logger, the process group) and raise NonFiniteLossError naming the terms and
+    the last good checkpoint. The check comes before backward, so the weights in memory and the last
+    checkpoint on disk are both still good. (``larvseg train`` and ``larvseg pretrain``.)"""
+    if not all(math.isfinite(v) for v in values.values()):
+        close()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (lr {lr:.3e}): " + ", ".join(f"{k}={v}" for k, v in values.items())
+            + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -134,8 +155,8 @@ def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
     for b in batch.seg:
         labels = b.labels.reshape(-1)
         seen[labels[labels < n]] = True  # IGNORE_INDEX (and padding) is >= n
-    for b in batch.tag:
-        tags = b.tags.reshape(-1)
+    for tb in batch.tag:
+        tags = tb.tags.reshape(-1)
         seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
 
 
@@ -166,16 +187,17 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
 
     segmenter = segmenter.to(device)
     if device.type == "cpu":
-        configure_threads(segmenter, t.threads, verbose=is_main)
+        configure_threads(segmenter, t.threads)
     # amp: rank 0 decides ("auto" is measured once per machine, larvseg.precision), every rank follows it
     amp = choose(t.amp, device, vit_workload(segmenter.backbone, "training")) if is_main else None
     if world > 1:
         amp = distributed.broadcast_object(amp)
-    if is_main:
-        print(f"larvseg: {amp.line}", flush=True)
+    if amp is None:  # every rank has rank 0's choice
+        raise RuntimeError("no precision choice was broadcast from rank 0")
+    log.info("larvseg: %s", amp.line)
     objective = TrainingObjective(segmenter, cfg.model, t.seed)
     if world > 1:
-        model = data_parallel(objective, device)
+        model: torch.nn.Module = data_parallel(objective, device)
     else:
         model = objective
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on a GPU
@@ -196,14 +218,17 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     if resume_path is not None:
         start_step, state = checkpointer.restore(resume_path, state, vocab.names, segmenter, optimizer)
         supervised[torch.as_tensor(state.get("supervised", []), dtype=torch.long)] = True
-        if is_main:
-            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        log.info("resumed from %s at step %d", resume_path, start_step)
 
     loader.start_at(start_step)
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
     logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
                           tensorboard=t.tensorboard)
     last_good = resume_path
+
+    def close_run() -> None:  # before a non-finite stop: the metric files, then the process group
+        logger.close()
+        distributed.cleanup()
 
     def supervised_ids() -> list[int]:  # a collective: call on every rank
         seen = distributed.all_reduce_sum(supervised.to(device, torch.int32)).cpu() > 0
@@ -218,6 +243,8 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         return checkpointer.path(step)
 
     def run_eval(step: int) -> None:
+        if evaluator is None:  # checked on entry: train.eval_interval >= 0 needs one
+            raise ValueError("train() was handed no evaluator")
         results = evaluator.run(segmenter, out_dir=work_dir / f"eval_iter_{step}")
         logger.log_eval(step, results, images=lambda: evaluator.overlays(segmenter, OVERLAY_IMAGES))
 
@@ -236,19 +263,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
             with bf16_autocast(amp.bf16, device):
                 terms = model(batch.to(device))
             values = reduce_terms(terms)
-            if not all(math.isfinite(v) for v in values.values()):
-                # Every rank sees the same reduced values, so all stop here together, before backward: the
-                # weights in memory and the last checkpoint on disk are both still good.
-                logger.close()
-                distributed.cleanup()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (lr {lr:.3e}): "
-                    + ", ".join(f"{k}={v}" for k, v in values.items())
-                    + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            # every rank sees the same reduced values, so on a non-finite one all stop here together
+            optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, last_good, work_dir,
+                                   close=close_run)
 
             steps_done = step + 1
             logger.update(steps_done, lr, values)
@@ -261,12 +278,11 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         # final evaluation is missing (it failed, e.g. on a bad label, before data.eval.skip_bad=true).
         final_eval_missing = not (work_dir / f"eval_iter_{t.iters}" / EVAL_RESULTS).is_file()
         if t.eval_interval >= 0 and (start_step < t.iters or final_eval_missing):
-            if start_step >= t.iters and is_main:
-                print(f"resumed at step {start_step} >= train.iters {t.iters}: running the missing final evaluation",
-                      flush=True)
+            if start_step >= t.iters:
+                log.info("resumed at step %d >= train.iters %d: running the missing final evaluation", start_step, t.iters)
             run_eval(t.iters)
-        elif start_step >= t.iters and is_main:
-            print(f"nothing to do: resumed at step {start_step} >= train.iters {t.iters}", flush=True)
+        elif start_step >= t.iters:
+            log.info("nothing to do: resumed at step %d >= train.iters %d", start_step, t.iters)
     except BaseException:
         logger.close()
         raise
@@ -276,8 +292,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
                        supervised=seen)
         logger.plot()
     logger.close()
-    if is_main:
-        print(f"done: {work_dir}", flush=True)
+    log.info("done: %s", work_dir)
     distributed.barrier()
     distributed.cleanup()
     return work_dir

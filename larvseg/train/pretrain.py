@@ -7,7 +7,7 @@ images that later serve as image-level supervision. This command does the same f
 trains the config's ViT (``model.arch``, optionally starting from ``model.pretrained``) to classify the
 images of its image-level sources (``data.tag_sources``: ImageNet-style folders, custom tag folders, or
 segmentation sets used for tags) and writes the backbone as an ``.npz`` in the exact AugReg key layout,
-``head/*`` included (larvseg.models.augreg.augreg_state), so ``model.pretrained=<it>`` loads it through
+``head/*`` included (larvseg.models.pretrained_weights.augreg_state), so ``model.pretrained=<it>`` loads it through
 the same loader as Google's file. A user with a new domain (aerial, medical) and many tagged images
 pretrains their own backbone this way.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -43,9 +44,10 @@ from larvseg import distributed
 from larvseg.config import Config, ConfigError, dump_config, load_config
 from larvseg.data.batch import TAG_PAD, TagBatch
 from larvseg.data.mixing import MixedLoader
-from larvseg.data.vocabulary import Vocabulary, source_class_names
+from larvseg.data.sources import source_class_names
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
-from larvseg.models.augreg import augreg_state, load_pretrained, save_augreg
+from larvseg.models.pretrained_weights import augreg_state, load_pretrained, save_augreg_npz
 from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
@@ -53,8 +55,10 @@ from larvseg.models.vit import VisionTransformer, build_vit
 from larvseg.threads import configure_threads
 from larvseg.train.checkpoint import CheckpointError, Checkpointer
 from larvseg.train.logger import MetricLogger
-from larvseg.train.loop import NonFiniteLossError, seed_everything, step_seed
+from larvseg.train.loop import NonFiniteLossError, optimizer_step_or_stop, seed_everything, step_seed
 from larvseg.train.schedule import poly_lr, set_lr
+
+log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.npz"
 CLASSES_FILE = "classes.txt"  # the head's classes, one per line, in head order
@@ -62,6 +66,9 @@ CLASSES_FILE = "classes.txt"  # the head's classes, one per line, in head order
 
 class ImageClassifier(nn.Module):
     """ViT + a linear head on the class token (AugReg's classification model)."""
+
+    pixel_mean: Tensor  # buffers of register_pixel_stats, declared for the type checker
+    pixel_std: Tensor
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, loss: str) -> None:
         super().__init__()
@@ -161,16 +168,16 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if device.type == "cpu":
         configure_threads(model, t.threads)  # train.threads, else LARVSEG_THREADS / OMP_NUM_THREADS, else by size
     amp = choose(t.amp, device, vit_workload(backbone, "training"))  # "auto": measured once per machine
-    print(f"larvseg: {amp.line}", flush=True)
+    log.info("larvseg: %s", amp.line)
     optimizer = build_optimizer(model, cfg)
 
     start_step = 0
     resume_path, state = checkpointer.pick(resume if resume is not None else "auto")
-    if resume_path is not None:
+    if resume_path is not None and state is not None:  # pick() gives both or neither
         if state.get("kind") != "pretrain":
             raise CheckpointError(f"{resume_path}: not a `larvseg pretrain` checkpoint")
         start_step, _ = checkpointer.restore(resume_path, state, vocab.names, model, optimizer)
-        print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        log.info("resumed from %s at step %d", resume_path, start_step)
 
     loader = MixedLoader(loader_config(cfg), vocab, 0, 1, start_step=start_step, pin_memory=device.type == "cuda")
     logger = MetricLogger(work_dir, p.iters, start_step, p.batch_size, t.log_interval, enabled=True)
@@ -185,13 +192,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         with bf16_autocast(amp.bf16, device):
             terms = step_terms(model, batch.to(device).tag, len(vocab), p.loss)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        if not math.isfinite(values["loss"]):
-            logger.close()
-            raise NonFiniteLossError(f"non-finite pretraining loss at step {step} (lr {lr:.3e}); "
-                                     f"last good checkpoint: {checkpointer.latest() or 'none'}")
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, checkpointer.latest(), work_dir,
+                               close=logger.close)
         steps_done = step + 1
         logger.update(steps_done, lr, values)
         if steps_done % t.checkpoint_interval == 0 or steps_done == p.iters:
@@ -199,9 +201,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     logger.plot()
     logger.close()
 
-    save_augreg(out_path, augreg_state(model.backbone, model.head.weight, model.head.bias))
+    save_augreg_npz(out_path, augreg_state(model.backbone, model.head.weight, model.head.bias))
     (work_dir / CLASSES_FILE).write_text("".join(f"{n}\n" for n in vocab.names))
-    print(f"done: backbone {out_path} ({len(vocab)}-class head; load it with model.pretrained={out_path})", flush=True)
+    log.info("done: backbone %s (%d-class head; load it with model.pretrained=%s)", out_path, len(vocab), out_path)
     return out_path
 
 

@@ -139,9 +139,10 @@ class HabitatFamily:
             left = xx < rng.uniform(0.3, 0.7) * w + np.tan(np.radians(rng.uniform(-25, 25))) * (yy - h / 2)
             background = [(classes[0], upper), (classes[1], ~upper & ~left), (classes[2], ~upper & left)]
         lo, hi = self.spec.eval_objects
+        area = (self.spec.eval_object_area[0], self.spec.eval_object_area[1])
         objects, placed = [], []
         for _ in range(int(rng.integers(lo, hi + 1))):
-            c, mask, in_habitat = self._place(rng, size, background, ALL_IDS, tuple(self.spec.eval_object_area))
+            c, mask, in_habitat = self._place(rng, size, background, ALL_IDS, area)
             objects.append((c, mask))
             placed.append(in_habitat)
         scene = paint(rng, size, background + objects, len(background), BOUNDARY_UNLABELED)

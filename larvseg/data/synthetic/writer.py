@@ -27,6 +27,7 @@ order or the number of processes that write it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,12 +44,15 @@ from larvseg.data.synthetic.habitat import HabitatFamily
 from larvseg.data.synthetic.spec import FORMAT_VERSION, BenchmarkSpec
 from larvseg.data.synthetic.uniform import UniformFamily
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from larvseg.config import DataConfig
 
 A847_UNLABELED = 65535
 COCO_UNLABELED = 255
-FAMILIES = {"habitat": HabitatFamily, "uniform": UniformFamily}  # spec.family -> its scenes
+# spec.family -> its scenes
+FAMILIES: dict[str, type[HabitatFamily | UniformFamily]] = {"habitat": HabitatFamily, "uniform": UniformFamily}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def ensure_smoke_data(data_cfg: "DataConfig") -> BenchmarkLayout | None:
     root = data_cfg.resolved_root()
     if not data_cfg.demo_benchmark or root.exists():
         return None
-    print(f"data.demo_benchmark: writing a small mini benchmark to {root}", flush=True)
+    log.info("data.demo_benchmark: writing a small mini benchmark to %s", root)
     return ensure_benchmark(root, SMOKE_SPEC)
 
 

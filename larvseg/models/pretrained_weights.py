@@ -1,8 +1,14 @@
-"""Initialise the ViT backbone from an AugReg ``.npz`` (Flax tree, keys joined by '/'), a timm-format state
-dict (``.safetensors`` / ``.pth`` / ``.bin``, e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k`` from
-the Hugging Face Hub, ``hf-hub:`` names resolved by larvseg.models.hub) or our own checkpoint, and
-write a backbone (+ classification head) back in the AugReg layout (``larvseg pretrain``'s output). Every
-format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
+"""Pretrained weights for the ViT backbone (``model.pretrained``), one loader per source format:
+
+- ``load_augreg_npz``: Google's AugReg ``.npz`` (Flax tree, keys joined by '/');
+- ``load_torch_state_dict``: a PyTorch state dict file (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``):
+  a timm-format ViT (e.g. ``timm/vit_base_patch16_384.augreg_in21k_ft_in1k``) or a LarvSeg checkpoint
+  (its ``backbone.*`` tensors);
+- ``load_hf_hub``: ``hf-hub:<repo>``, timm weights from the Hugging Face Hub (resolved by larvseg.models.hub);
+- ``load_pretrained``: the one the value of ``model.pretrained`` names (prefix, then suffix).
+
+and the writer of the AugReg layout (``augreg_state``, ``save_augreg_npz``: ``larvseg pretrain``'s output).
+Every format goes through ``_copy_checked``: the same shape checks and the same missing/unexpected-key report.
 
 timm layout (the same network, PyTorch layout; ours differs only in ``patch_embed.proj.`` -> ``patch_embed.``):
   patch_embed.proj.{weight (D,3,16,16), bias} · cls_token (1,1,D) · pos_embed (1, 1+24*24, D) ·
@@ -25,8 +31,10 @@ from __future__ import annotations
 import logging
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,7 +42,7 @@ from torch import Tensor
 
 from larvseg.atomic import atomic_write
 from larvseg.models.hub import HF_HUB_PREFIX, CheckpointLoadError, resolve_hf_hub
-from larvseg.models.vit import VisionTransformer, resize_pos_grid
+from larvseg.models.vit import Block, VisionTransformer, resize_pos_grid
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,7 @@ def _augreg_mapping(model: VisionTransformer, arrays: dict[str, np.ndarray], pat
     return out
 
 
-def load_augreg(model: VisionTransformer, path: str | Path) -> LoadReport:
+def load_augreg_npz(model: VisionTransformer, path: str | Path) -> LoadReport:
     """Copy every tensor of an AugReg ``.npz`` into ``model`` (shape-checked); returns and logs a report.
 
     Raises CheckpointLoadError for an unreadable/truncated file, a file without AugReg keys, or a
@@ -171,7 +179,7 @@ def _copy_checked(model: VisionTransformer, mapping: dict[str, tuple[str, Tensor
     return report
 
 
-def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _extract_backbone_state(state: dict[str, Any]) -> dict[str, Tensor]:
     """Backbone tensors of a checkpoint: a bare backbone state dict, or any state dict whose keys contain
     'backbone.' (Segmenter, TrainingObjective, DDP 'module.' prefixes), possibly nested under 'model' or
     'state_dict'."""
@@ -183,9 +191,10 @@ def _extract_backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return picked or tensors
 
 
-def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Backbone weights from our own checkpoint or a timm-format ViT state dict (.safetensors, or
-    .pth / .bin read with weights_only=True)."""
+def load_torch_state_dict(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Backbone weights from a PyTorch state dict file (.safetensors, or .pth / .pt / .bin read with
+    weights_only=True): a LarvSeg checkpoint (its ``backbone.*`` tensors, under 'model' or not) or a
+    timm-format ViT state dict (timm's names mapped to ours)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: checkpoint not found")
@@ -196,7 +205,7 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | Path) -> Load
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path; torch/safetensors raise many types
+    except Exception as exc:  # re-raised with the path; torch/safetensors raise many types
         raise CheckpointLoadError(f"{path}: cannot read checkpoint: {exc}") from exc
     if not isinstance(state, dict):
         raise CheckpointLoadError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
@@ -211,19 +220,29 @@ def _timm_to_ours(name: str) -> str:
     return name
 
 
+def load_hf_hub(model: VisionTransformer, name: str) -> LoadReport:
+    """``hf-hub:<repo>[@revision]``: the repository's timm weights from the Hugging Face Hub cache,
+    downloaded when online (larvseg.models.hub), loaded as a state dict."""
+    return load_torch_state_dict(model, resolve_hf_hub(name))
+
+
+# the loader of each file suffix of ``model.pretrained`` (``hf-hub:`` names go to load_hf_hub)
+LOADERS_BY_SUFFIX = {".npz": load_augreg_npz, ".pth": load_torch_state_dict, ".pt": load_torch_state_dict,
+                     ".bin": load_torch_state_dict, ".safetensors": load_torch_state_dict}
+
+
 def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
-    """Dispatch on the name: ``hf-hub:<repo>`` (timm weights from the Hugging Face Hub cache, downloaded when
-    online), AugReg ``.npz``, or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict (ours or timm's)."""
+    """The loader ``model.pretrained`` names: ``hf-hub:<repo>`` (load_hf_hub), an AugReg ``.npz``
+    (load_augreg_npz), or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict, LarvSeg's or timm's
+    (load_torch_state_dict)."""
     if str(path).startswith(HF_HUB_PREFIX):
-        path = resolve_hf_hub(str(path))
+        return load_hf_hub(model, str(path))
     suffix = Path(path).suffix
-    loaders = {".npz": load_augreg, ".pth": load_backbone_checkpoint, ".pt": load_backbone_checkpoint,
-               ".bin": load_backbone_checkpoint, ".safetensors": load_backbone_checkpoint}
-    if suffix not in loaders:
+    if suffix not in LOADERS_BY_SUFFIX:
         raise CheckpointLoadError(
-            f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(loaders)} or {HF_HUB_PREFIX}<repo>"
+            f"{path}: unknown pretrained file type {suffix!r}; expected {sorted(LOADERS_BY_SUFFIX)} or {HF_HUB_PREFIX}<repo>"
         )
-    return loaders[suffix](model, path)
+    return LOADERS_BY_SUFFIX[suffix](model, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +267,7 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
         "head/kernel": a(head_weight.T),
         "head/bias": a(head_bias),
     }
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(cast(Iterable[Block], model.blocks)):
         src = f"Transformer/encoderblock_{i}/"
         attn = src + "MultiHeadDotProductAttention_1/"
         out[src + "LayerNorm_0/scale"], out[src + "LayerNorm_0/bias"] = a(block.norm1.weight), a(block.norm1.bias)
@@ -265,12 +284,13 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
     return out
 
 
-def save_augreg(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+def save_augreg_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` as an uncompressed ``.npz`` (as Google's files), atomically (larvseg.atomic: a temp
     file renamed over ``path``, so a crash never leaves a truncated file under the final name)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: an AugReg file must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append .npz to a name
+    # a file object: np.savez would append .npz to a name; the ignore: numpy's stub reads a key as allow_pickle
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     return path
