@@ -49,13 +49,13 @@ def test_option_syntax():
         parse_option("label:")
     with pytest.raises(ValueError, match="unbalanced|quotation"):
         parse_option("'model.image_loss.pooling=topk")
-    with pytest.raises(ValueError, match="taken by a reference row"):
+    with pytest.raises(ValueError, match="is taken by"):
         parse_options(["paper: model.image_loss.pooling=topk"])
-    with pytest.raises(ValueError, match="taken by a reference row"):
+    with pytest.raises(ValueError, match="is taken by"):
         parse_options([f"{SEG_ONLY.label}: model.image_loss.pooling=topk"])
-    with pytest.raises(ValueError, match="same label"):
+    with pytest.raises(ValueError, match="label 'a' is taken by another OPTION"):
         parse_options(["a: model.image_loss.pooling=topk", "a: model.image_loss.pooling=region"])
-    with pytest.raises(ValueError, match="same folder"):  # two labels, one run folder: they would overwrite each other
+    with pytest.raises(ValueError, match="have the same overrides"):  # one run folder
         parse_options(["a: model.image_loss.pooling=topk", "b: model.image_loss.pooling=topk"])
 
 

@@ -105,29 +105,21 @@ def parse_option(text: str) -> LossOption:
 
 
 def parse_options(texts: list[str]) -> list[LossOption]:
-    """Every OPTION of ``--compare`` (larvseg.demo.compare_option); labels and run folders must be distinct and
-    differ from the reference rows'."""
+    """Every OPTION of ``--compare`` (syntax: larvseg.domains.split_compare_option). Labels must be distinct and
+    differ from the reference rows'; overrides (which name the run folder) must be distinct."""
     options = [parse_option(t) for t in texts]
+    labels: dict[str, str] = {PAPER: "the paper's loss", SEG_ONLY.label: "segmentation only"}
+    folders: dict[str, str] = {}
     for o in options:
-        if o.label in (PAPER, SEG_ONLY.label):
+        if o.label in labels:
             raise CompareOptionError(
-                f"--compare {o.label!r}: the label is taken by a reference row; give it another LABEL:"
+                f"--compare: the label {o.label!r} is taken by {labels[o.label]}; give another LABEL:"
             )
-    for attr in ("label", "folder"):
-        seen: dict[str, str] = {}
-        for o in options:
-            key = getattr(o, attr)
-            if key in seen:
-                raise CompareOptionError(
-                    f"--compare: {seen[key]!r} and {o.label!r} have the same {attr} {key!r}; give one a LABEL:"
-                )
-            seen[key] = o.label
-    taken = {v.directory for v in (SEG_ONLY, BASELINE, LARVSEG)}
-    for o in options:
-        if o.folder in taken:
+        if o.folder in folders:
             raise CompareOptionError(
-                f"--compare {o.label!r}: its run folder {o.folder!r} is a demo variant's; give it a LABEL:"
+                f"--compare: {folders[o.folder]!r} and {o.label!r} have the same overrides; compare each option once"
             )
+        labels[o.label], folders[o.folder] = "another OPTION", o.label
     return options
 
 
