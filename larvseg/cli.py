@@ -8,6 +8,7 @@
     larvseg export CHECKPOINT --onnx model.onnx     ONNX model for a fixed vocabulary (larvseg.export)
     larvseg hub save CHECKPOINT DIR | push DIR ORG/NAME   share a model on the Hugging Face Hub (larvseg.hub)
     larvseg demo [--quick|--full] [--benchmark uniform] [--jobs N]   the mini benchmark end to end (larvseg.demo.run)
+    larvseg demo ... --compare OPTION [OPTION ...]   image-level loss options vs the paper's (larvseg.demo.compare)
     larvseg data check CONFIG [key=value ...]       validate datasets against the disk (larvseg.data.check)
     larvseg data shard FOLDER --out DIR --format F  write a folder source as tar shards (larvseg.data.shard_writer)
 
@@ -28,8 +29,8 @@ import warnings
 from typing import Any, Callable
 
 from larvseg.domains import (
-    AMP, CLASSES, DATASET_FORMATS, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR, OUTPUT_FILE, PORT,
-    POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
+    AMP, CLASSES, COMPARE_OPTION, DATASET_FORMATS, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR,
+    OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
 from larvseg.log import setup_logging
@@ -212,8 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired seeds of the baseline and LarvSeg (default: 5, quick: 1; segmentation only: 3 of them)")
     p.add_argument("--jobs", type=POSITIVE_INT.option(), default=None,
                    help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
+    p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="OPTION", type=COMPARE_OPTION.option(),
+                   help="instead of the claim check (the default, without --compare): train the paper's image-level loss and each OPTION (baseline and "
+                        "LarvSeg, paired seeds, plus segmentation only) and write <out>/compare.md and compare.json "
+                        "(larvseg.demo.compare). OPTION is one argument: '[LABEL:] KEY=VALUE [KEY=VALUE ...]', e.g. "
+                        "model.image_loss.pooling=region or 'region+conf: model.image_loss.pooling=region "
+                        "model.image_loss.confident_base=0.5'. Finished runs of the identical config are reused. Put "
+                        "demo overrides before --compare (after it, every KEY=VALUE is an OPTION)")
     _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")
-    p.set_defaults(handler="larvseg.demo.run:main")
+    p.set_defaults(handler="larvseg.demo.compare:main")  # larvseg.demo.run:main unless --compare
 
     p = _sub(sub, "data", "dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -231,6 +232,34 @@ def resume_problem(value: Any) -> str | None:
 
 
 RESUME = Domain("auto, none or a checkpoint file", str, wrong=("no/such/iter_1.pth",), explain=resume_problem)
+
+COMPARE_OPTION_SYNTAX = "[LABEL:] KEY=VALUE [KEY=VALUE ...] (e.g. model.image_loss.pooling=region)"
+
+
+def split_compare_option(text: str) -> tuple[str, list[str]]:
+    """One OPTION of ``larvseg demo --compare`` -> (label, "" when none; its KEY=VALUE overrides); ValueError
+    saying what is wrong. A colon is a label's only when no "=" comes before it (else it is in a value)."""
+    label, sep, rest = text.partition(":")
+    if not sep or "=" in label:
+        label, rest = "", text
+    overrides = shlex.split(rest)  # ValueError on an unbalanced quote
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if not overrides or bad:
+        raise ValueError(f"expected {COMPARE_OPTION_SYNTAX}; "
+                         + (f"not KEY=VALUE: {', '.join(map(repr, bad))}" if bad else "no override"))
+    return label.strip(), overrides
+
+
+def compare_option_problem(value: Any) -> str | None:
+    try:
+        split_compare_option(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+COMPARE_OPTION = Domain(COMPARE_OPTION_SYNTAX, str, wrong=("pooling", "label:", "'unbalanced=1"),
+                        explain=compare_option_problem)
 
 
 def check_fields(instance: Any, domains: dict[str, Domain], where: str, here: bool = True,

@@ -3,6 +3,8 @@
     larvseg demo [--quick | --full] [--benchmark habitat|uniform] [--out DIR] [--data DIR] [--seeds N] [--jobs N]
                  [key=value ...]
 
+(With ``--compare OPTION ...``, larvseg.demo.compare: stages 1-2 as below, then the comparison instead of 3-5.)
+
 1. generate the mini benchmark (larvseg.data.synthetic; ``--benchmark``: the habitat family, the default,
    or the uniform-context control) under ``<out>/data`` unless it is there;
 2. stage 0: pretrain the demo's ViT by image classification on every synset folder of the benchmark's
@@ -42,10 +44,12 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -304,33 +308,37 @@ def run_job(job: Job) -> JobOutput:
     return JobOutput(result, rows, diag, probe)
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[JobOutput]:
-    """Every job in its own single-threaded worker, ``workers`` at a time; outputs in job order."""
-    outputs: list[JobOutput | None] = [None] * len(jobs)
+def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job,
+             done: Callable[[int, int, Any], None] | None = None) -> list[Any]:
+    """``work(job)`` for every job (default: :func:`run_job`) in its own single-threaded worker, ``workers`` at
+    a time; ``done(i, total, output)`` reports each as it finishes (default: the demo's per-run line);
+    outputs in job order. ``work`` must be a module-level function (the workers are spawned)."""
+    done = done or _say_done
+    outputs: list[Any] = [None] * len(jobs)
     if workers <= 1:  # in this process: its thread settings are restored afterwards
         threads_before, env_before = torch.get_num_threads(), os.environ.get("LARVSEG_THREADS")
         _init_worker(THREADS_PER_RUN)
         try:
             for i, job in enumerate(jobs):
-                out = outputs[i] = run_job(job)
-                _say_done(i, len(jobs), out)
+                outputs[i] = work(job)
+                done(i, len(jobs), outputs[i])
         finally:
             torch.set_num_threads(threads_before)
             if env_before is None:
                 os.environ.pop("LARVSEG_THREADS", None)
             else:
                 os.environ["LARVSEG_THREADS"] = env_before
-        return outputs  # type: ignore[return-value]
+        return outputs
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
     logs = (has_console(), log.isEnabledFor(logging.DEBUG))
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker_process,
                              initargs=(THREADS_PER_RUN, *logs)) as pool:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(work, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
-            out = outputs[i] = fut.result()
-            _say_done(i, len(jobs), out)
-    return outputs  # type: ignore[return-value]
+            outputs[i] = fut.result()
+            done(i, len(jobs), outputs[i])
+    return outputs
 
 
 def _say_done(i: int, total: int, out: JobOutput) -> None:
@@ -343,9 +351,10 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
-             jobs: int | None = None, benchmark: str = "habitat") -> Path:
-    start = time.perf_counter()
+def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] | None,
+                     benchmark: str) -> tuple[BenchmarkLayout, Path, PretrainSummary]:
+    """Stages 1-2: the mini benchmark under ``data`` (generated unless there) and the stage-0 backbone under
+    ``<out>/pretrain`` (reused when finished); returns the layout, the backbone's ``.npz`` and its summary."""
     _say(f"mini benchmark ({benchmark} family): {data}")
     spec = BENCHMARKS[benchmark]
     if profile.benchmark_size:
@@ -363,6 +372,13 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     finally:
         torch.set_num_threads(threads_before)
     _say(f"stage 0: train top-1 {pre.top1[-1]:.1f} % at the end ({pre.seconds:.0f} s); backbone {npz}")
+    return layout, npz, pre
+
+
+def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
+             jobs: int | None = None, benchmark: str = "habitat") -> Path:
+    start = time.perf_counter()
+    layout, npz, pre = prepare_backbone(out, data, profile, extra, benchmark)
 
     seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
     variants = [v for v in VARIANTS if v != ORACLE or profile.oracle]
@@ -427,7 +443,8 @@ def profile_name(profile: Profile) -> str:
     return next(name for name, p in PROFILES.items() if p == profile)
 
 
-def main(args: argparse.Namespace) -> int:
+def demo_arguments(args: argparse.Namespace) -> tuple[Profile, int, Path, Path, int | None]:
+    """``larvseg demo``'s arguments: (profile, seeds, out, data, jobs)."""
     profile = PROFILES["quick" if args.quick else "full" if getattr(args, "full", False) else "default"]
     seeds = args.seeds or profile.seeds
     if seeds < 1:
@@ -437,6 +454,11 @@ def main(args: argparse.Namespace) -> int:
     jobs = getattr(args, "jobs", None)
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    return profile, seeds, out, data, jobs
+
+
+def main(args: argparse.Namespace) -> int:
+    profile, seeds, out, data, jobs = demo_arguments(args)
     report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs,
                       getattr(args, "benchmark", "habitat"))
     _say(f"report: {report.resolve()}")
