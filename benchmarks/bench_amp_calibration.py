@@ -16,7 +16,6 @@ import tempfile
 import time
 
 from common import parser, report, setup
-
 from larvseg import precision
 from larvseg.models.amp_workload import vit_workload
 from larvseg.models.vit import build_vit

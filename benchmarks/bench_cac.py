@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from common import parser, report, setup, time_side_by_side
-
 from larvseg.models.attentive_classifier import BackgroundRule, cac_loss
 from larvseg.models.cosine_classifier import standardize
 from larvseg.models.memory_bank import MemoryBank
@@ -110,8 +109,9 @@ def main() -> None:
         npairs = int((tags != PAD).sum())
 
         def ours():
-            res = cac_loss(logits, scores, feats, tags, PAD, class_ids, bank, loss_hw=loss_hw, topk=k, warm_up=1,
-                           rule=rule)
+            res = cac_loss(
+                logits, scores, feats, tags, PAD, class_ids, bank, loss_hw=loss_hw, topk=k, warm_up=1, rule=rule
+            )
             return res.loss_sum / npairs
 
         def reference():

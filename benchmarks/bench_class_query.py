@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from common import parser, report, setup, time_side_by_side
-
 from larvseg.config import EvalConfig, ModelConfig
 from larvseg.data.class_query import ClassResolver, suggest
 from larvseg.data.vocabulary import Vocabulary, imagenet_names
@@ -70,15 +69,34 @@ def main() -> None:
     everything = predictor("entity*")
     plain_all = predictor(None)
     assert plain_all.class_ids is None and len(everything.query.class_ids) == len(names)
-    t = time_side_by_side({"dog_concept": lambda: dog(image), "dog_plain": lambda: dog_plain(image),
-                           "all_concept": lambda: everything(image), "all_plain": lambda: plain_all(image)},
-                          device, repeats)
-    same = bool(np.array_equal(dog(image).label_map, dog.query.label_lut[dog_plain(image).label_map])
-                and np.array_equal(everything(image).label_map, everything.query.label_lut[plain_all(image).label_map]))
-    report("class_query", classes=len(names), dog_members=len(members), image=f"{h}x{w}", resolver_build_s=build_s,
-           resolve_ms=resolve_ms, entity_resolve_ms=entity_ms, suggest_ms=suggest_ms,
-           dog_concept_vs_plain=t["dog_concept"] / t["dog_plain"], all_concept_vs_plain=t["all_concept"] / t["all_plain"],
-           all_plain_s=t["all_plain"], identical=same)
+    t = time_side_by_side(
+        {
+            "dog_concept": lambda: dog(image),
+            "dog_plain": lambda: dog_plain(image),
+            "all_concept": lambda: everything(image),
+            "all_plain": lambda: plain_all(image),
+        },
+        device,
+        repeats,
+    )
+    same = bool(
+        np.array_equal(dog(image).label_map, dog.query.label_lut[dog_plain(image).label_map])
+        and np.array_equal(everything(image).label_map, everything.query.label_lut[plain_all(image).label_map])
+    )
+    report(
+        "class_query",
+        classes=len(names),
+        dog_members=len(members),
+        image=f"{h}x{w}",
+        resolver_build_s=build_s,
+        resolve_ms=resolve_ms,
+        entity_resolve_ms=entity_ms,
+        suggest_ms=suggest_ms,
+        dog_concept_vs_plain=t["dog_concept"] / t["dog_plain"],
+        all_concept_vs_plain=t["all_concept"] / t["all_plain"],
+        all_plain_s=t["all_plain"],
+        identical=same,
+    )
     if not same:
         raise SystemExit("a concept's labels differ from its members' labels mapped to the concept")
 

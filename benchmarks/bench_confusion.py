@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from common import parser, report, setup, time_side_by_side
-
 from larvseg.config import IGNORE_INDEX
 from larvseg.eval.confusion import confusion_matrix
 
 
-def confusion_per_class_loop(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def confusion_per_class_loop(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
     valid = label != ignore_index
     pred, label = pred[valid], label[valid]
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=pred.device)
@@ -40,7 +41,9 @@ def main() -> None:
     label = torch.randint(0, n, (images, h, w), generator=g)
     label[:, :4] = IGNORE_INDEX
     # predictions mostly right, as for a trained model
-    pred = torch.where(torch.rand(images, h, w, generator=g) < 0.7, label, torch.randint(0, n, (images, h, w), generator=g))
+    pred = torch.where(
+        torch.rand(images, h, w, generator=g) < 0.7, label, torch.randint(0, n, (images, h, w), generator=g)
+    )
     pred[label == IGNORE_INDEX] = 0
     label, pred = label.to(device), pred.to(device)
 

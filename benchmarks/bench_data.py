@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from common import parser, report, setup
-
 from larvseg.config import Config, DataConfig, SourceConfig
 from larvseg.data import testing as T
 from larvseg.data.mixing import MixedLoader, sample_seed
@@ -78,27 +77,63 @@ def main() -> None:
         T.write_coco171(root / "C171", n=n, size=seg_hw, rng=rng)
         T.write_imagenet(root / "I22K", wnids, per_class=max(1, n // 4), size=in_hw, rng=rng)
         (root / "w.txt").write_text("\n".join(wnids))
-        folders = [SourceConfig(name="C171", format="coco171", root=str(root / "C171"), split="train2017", crop_size=seg_crop),
-                   SourceConfig(name="IN", format="imagenet", root=str(root / "I22K"), classes=str(root / "w.txt"), crop_size=in_crop)]
+        folders = [
+            SourceConfig(name="C171", format="coco171", root=str(root / "C171"), split="train2017", crop_size=seg_crop),
+            SourceConfig(
+                name="IN", format="imagenet", root=str(root / "I22K"), classes=str(root / "w.txt"), crop_size=in_crop
+            ),
+        ]
         data = DataConfig(root=str(root), num_workers=0, index_cache_dir=str(root / "cache"))
         for source in folders:  # 2 shards each, so the stream crosses a shard boundary
-            ShardWriter(source, data, root / f"{source.name}_shards", 10**12, shard_samples=max(1, n // 2), progress=False).run()
+            ShardWriter(
+                source, data, root / f"{source.name}_shards", 10**12, shard_samples=max(1, n // 2), progress=False
+            ).run()
         shard = {s.name: dict(format="webdataset", root=f"{s.name}_shards", crop_size=s.crop_size) for s in folders}
-        cfg = Config(data=DataConfig(
-            root=str(root), num_workers=0, index_cache_dir=str(root / "cache"), seg_batch_size=3, tag_batch_size=3,
-            seg_sources=[folders[0], SourceConfig(name="Cs", **shard["C171"]), SourceConfig(name="Ct", stream=True, **shard["C171"])],
-            tag_sources=[folders[1], SourceConfig(name="INs", **shard["IN"]), SourceConfig(name="INt", stream=True, **shard["IN"])],
-            eval=SourceConfig(format="ade150"),
-        ))
+        cfg = Config(
+            data=DataConfig(
+                root=str(root),
+                num_workers=0,
+                index_cache_dir=str(root / "cache"),
+                seg_batch_size=3,
+                tag_batch_size=3,
+                seg_sources=[
+                    folders[0],
+                    SourceConfig(name="Cs", **shard["C171"]),
+                    SourceConfig(name="Ct", stream=True, **shard["C171"]),
+                ],
+                tag_sources=[
+                    folders[1],
+                    SourceConfig(name="INs", **shard["IN"]),
+                    SourceConfig(name="INt", stream=True, **shard["IN"]),
+                ],
+                eval=SourceConfig(format="ade150"),
+            )
+        )
         loader = MixedLoader(cfg, build_vocabulary(cfg), 0, 1)
-        seg = timed_rates({"folder": indexed(loader, 0, n, 2), "offset": indexed(loader, 1, n, 2), "stream": streamed(loader, 2, n)},
-                          n, repeats)
-        inet = timed_rates({"folder": indexed(loader, 3, n, 5), "offset": indexed(loader, 4, n, 5), "stream": streamed(loader, 5, n)},
-                           n, repeats)
-    report("data", seg_folder=seg["folder"], seg_shard_offset=seg["offset"], seg_shard_stream=seg["stream"],
-           seg_crop=seg_crop, imagenet_folder=inet["folder"], imagenet_shard_offset=inet["offset"],
-           imagenet_shard_stream=inet["stream"], imagenet_crop=in_crop, images=n, unit="images_per_s_per_worker",
-           mfu="n/a")  # decoding + augmentation on the host, any --device
+        seg = timed_rates(
+            {"folder": indexed(loader, 0, n, 2), "offset": indexed(loader, 1, n, 2), "stream": streamed(loader, 2, n)},
+            n,
+            repeats,
+        )
+        inet = timed_rates(
+            {"folder": indexed(loader, 3, n, 5), "offset": indexed(loader, 4, n, 5), "stream": streamed(loader, 5, n)},
+            n,
+            repeats,
+        )
+    report(
+        "data",
+        seg_folder=seg["folder"],
+        seg_shard_offset=seg["offset"],
+        seg_shard_stream=seg["stream"],
+        seg_crop=seg_crop,
+        imagenet_folder=inet["folder"],
+        imagenet_shard_offset=inet["offset"],
+        imagenet_shard_stream=inet["stream"],
+        imagenet_crop=in_crop,
+        images=n,
+        unit="images_per_s_per_worker",
+        mfu="n/a",
+    )  # decoding + augmentation on the host, any --device
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 import torch
 
 from common import parser, report
-
 from larvseg.config import ModelConfig
 from larvseg.data.batch import SegBatch, StepBatch, TagBatch
 from larvseg.models.objective import TrainingObjective
@@ -41,10 +40,15 @@ def _step_fn(size: int, batch: int):
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 8, (batch, size, size), generator=g)
     tags = torch.randint(8, 22, (batch, 1), generator=g)
-    step_batch = StepBatch(0, [SegBatch("S", torch.randn(batch, 3, size, size, generator=g), labels,
-                                        torch.arange(50), batch)],
-                           [TagBatch("T", torch.randn(batch, 3, size, size, generator=g), tags, torch.arange(8, 22),
-                                     batch, True, 0.2, 0.1, 4)])
+    step_batch = StepBatch(
+        0,
+        [SegBatch("S", torch.randn(batch, 3, size, size, generator=g), labels, torch.arange(50), batch)],
+        [
+            TagBatch(
+                "T", torch.randn(batch, 3, size, size, generator=g), tags, torch.arange(8, 22), batch, True, 0.2, 0.1, 4
+            )
+        ],
+    )
 
     def step() -> None:
         terms = objective(step_batch)
@@ -86,9 +90,13 @@ def main() -> None:
             if burner:
                 stop.set()
                 burner.join(timeout=10)
-    report("demo_threads", **out,
-           load_slowdown_t1=out["load_t1_s"] / out["idle_t1_s"], load_slowdown_t2=out["load_t2_s"] / out["idle_t2_s"],
-           idle_t2_over_t1=out["idle_t2_s"] / out["idle_t1_s"])
+    report(
+        "demo_threads",
+        **out,
+        load_slowdown_t1=out["load_t1_s"] / out["idle_t1_s"],
+        load_slowdown_t2=out["load_t2_s"] / out["idle_t2_s"],
+        idle_t2_over_t1=out["idle_t2_s"] / out["idle_t1_s"],
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from common import parser, report, setup, time_side_by_side
-
 from larvseg.config import ImageLossConfig
 from larvseg.models.image_loss import image_level_loss
 

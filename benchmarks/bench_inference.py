@@ -44,7 +44,6 @@ import numpy as np
 import torch
 
 from common import efficiency, parser, peak_gflops, report, setup, time_side_by_side, vit_flops
-
 from larvseg.config import ModelConfig
 from larvseg.data.transforms import eval_resize, to_chw
 from larvseg.models.inference import segment_image_detailed
@@ -60,7 +59,9 @@ def build(arch: str, classes: int, device: torch.device | str = "cpu", seed: int
 def make_confident(model, image: torch.Tensor, clusters: int = 150, steps: int = 5) -> None:
     """Set class vectors 0..clusters-1 to k-means centres of the image's projected pixel features."""
     clf = model.classifier
-    p = clf.pixel_vectors(model.backbone(model.preprocess(image[None].to(clf.class_embed.device))))[0]  # (hw, D), L2-normalised
+    p = clf.pixel_vectors(model.backbone(model.preprocess(image[None].to(clf.class_embed.device))))[
+        0
+    ]  # (hw, D), L2-normalised
     g = torch.Generator().manual_seed(0)
     clusters = min(clusters, p.shape[0])
     centres = p[torch.randperm(p.shape[0], generator=g)[:clusters].to(p.device)].clone()
@@ -76,8 +77,9 @@ def make_confident(model, image: torch.Tensor, clusters: int = 150, steps: int =
 def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
     """A photo-like uint8 RGB image: random colours on a coarse grid, cubic-interpolated."""
     rng = np.random.default_rng(seed)
-    return cv2.resize(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8), (width, height),
-                      interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(
+        rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8), (width, height), interpolation=cv2.INTER_CUBIC
+    )
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, classes: int) -> tuple[float, float]:
@@ -112,12 +114,20 @@ def checkpoint_agreement(path: str, data_root: str, classes: str, device: torch.
     fp32 = torch.cat([torch.from_numpy(p["prediction"]).reshape(-1) for p in runs["off"]["predictions"]])
     bf16 = torch.cat([torch.from_numpy(p["prediction"]).reshape(-1) for p in runs["bf16"]["predictions"]])
     pixel, miou = agreement(bf16, fp32, len(vocab))
-    report("inference_checkpoint", images=runs["off"]["num_images"], classes=len(names),
-           eval_classes=len(runs["off"]["per_class"]),
-           bf16_pixel_agreement=pixel, bf16_miou_vs_fp32=miou, fp32_mIoU=runs["off"]["mIoU"],
-           bf16_mIoU=runs["bf16"]["mIoU"], fp32_mIoU_novel=runs["off"]["mIoU_novel"],
-           bf16_mIoU_novel=runs["bf16"]["mIoU_novel"], fp32_eval_s=runs["off"]["seconds"],
-           bf16_eval_s=runs["bf16"]["seconds"])
+    report(
+        "inference_checkpoint",
+        images=runs["off"]["num_images"],
+        classes=len(names),
+        eval_classes=len(runs["off"]["per_class"]),
+        bf16_pixel_agreement=pixel,
+        bf16_miou_vs_fp32=miou,
+        fp32_mIoU=runs["off"]["mIoU"],
+        bf16_mIoU=runs["bf16"]["mIoU"],
+        fp32_mIoU_novel=runs["off"]["mIoU_novel"],
+        bf16_mIoU_novel=runs["bf16"]["mIoU_novel"],
+        fp32_eval_s=runs["off"]["seconds"],
+        bf16_eval_s=runs["bf16"]["seconds"],
+    )
 
 
 def child(arch: str, size: int, classes: int, device: str) -> None:
@@ -142,8 +152,11 @@ def main() -> None:
     p.add_argument("--checkpoint", default="", help="only bf16 vs fp32 labels of this trained checkpoint")
     p.add_argument("--data-root", default="", help="with --checkpoint: data.root of its eval set")
     p.add_argument("--eval-classes", default="", help="with --checkpoint: eval.classes (comma-separated names)")
-    p.add_argument("--argmax", default="auto", help="argmax path of the 21K cases: auto (bounded on the CPU, "
-                   "chunked on CUDA) | bounded | chunked")
+    p.add_argument(
+        "--argmax",
+        default="auto",
+        help="argmax path of the 21K cases: auto (bounded on the CPU, chunked on CUDA) | bounded | chunked",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.checkpoint:
@@ -167,9 +180,17 @@ def main() -> None:
 
     def run(net, name: str, amp: str, class_ids, img=image):
         def fn():
-            _, paths[name] = segment_image_detailed(net, img, class_ids=class_ids, mode="whole", crop_size=args.size,
-                                                    stride=args.size, amp=amp,
-                                                    argmax="auto" if class_ids is not None else args.argmax)
+            _, paths[name] = segment_image_detailed(
+                net,
+                img,
+                class_ids=class_ids,
+                mode="whole",
+                crop_size=args.size,
+                stride=args.size,
+                amp=amp,
+                argmax="auto" if class_ids is not None else args.argmax,
+            )
+
         return fn
 
     t = time_side_by_side(
@@ -206,9 +227,23 @@ def main() -> None:
         max(1, min(args.repeats, 3)),
     )
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", "--arch", args.arch, "--size", str(args.size), "--classes",
-         str(args.classes), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else []),
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--arch",
+            args.arch,
+            "--size",
+            str(args.size),
+            "--classes",
+            str(args.classes),
+            "--device",
+            args.device,
+        ]
+        + (["--threads", str(args.threads)] if args.threads else []),
+        check=True,
+        capture_output=True,
+        text=True,
     )
     child_out = json.loads(proc.stdout.strip().splitlines()[-1])
     dim, depth = model.backbone.embed_dim, len(model.backbone.blocks)
@@ -229,8 +264,11 @@ def main() -> None:
         random_path_all=paths["fp32_all"]["path"],
         confident_ratio_all_vs_150=t["conf_all"] / t["conf_150"],
         confident_path_all=paths["conf_all"]["path"],
-        **{f"{k}_near_ties": paths[n]["near_ties"] for k, n in (("random", "fp32_all"), ("confident", "conf_all"))
-           if "near_ties" in paths[n]},  # the chunked path's pixels re-checked in float32
+        **{
+            f"{k}_near_ties": paths[n]["near_ties"]
+            for k, n in (("random", "fp32_all"), ("confident", "conf_all"))
+            if "near_ties" in paths[n]
+        },  # the chunked path's pixels re-checked in float32
         peak_rss_GB=child_out["peak_rss"] / 1e9,
         photo=f"{photo_w}x{photo_h}",
         photo_s_14=tp["photo_14"],

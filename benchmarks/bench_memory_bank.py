@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from common import parser, report, setup
-
 from larvseg.models.memory_bank import MemoryBank
 
 

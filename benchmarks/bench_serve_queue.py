@@ -66,8 +66,14 @@ service.close()
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--queues", type=int, nargs=2, default=[2, 100], metavar=("CAPPED", "UNCAPPED"),
-                   help="--max-queue of the two runs")
+    p.add_argument(
+        "--queues",
+        type=int,
+        nargs=2,
+        default=[2, 100],
+        metavar=("CAPPED", "UNCAPPED"),
+        help="--max-queue of the two runs",
+    )
     args = p.parse_args()
     import cv2
     import numpy as np
@@ -83,13 +89,23 @@ def main() -> None:
         Image.fromarray(photo).save(png, compress_level=1)
         print(f"# upload: {png.stat().st_size / 2**20:.1f} MB PNG, {w}x{h} = {w * h / 1e6:.1f} MP, 8 at once")
         for q in args.queues:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(q), str(png)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(q), str(png)], capture_output=True, text=True, check=True
+            )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print("#", json.dumps(runs[-1]), flush=True)
     capped, uncapped = runs
-    report("serve_queue", megapixels=round(w * h / 1e6, 1), capped_queue=capped["max_queue"], capped_taken=capped["taken"],
-           capped_503=capped["refused_503"], capped_peak_rss_mb=capped["peak_rss_mb"], uncapped_taken=uncapped["taken"],
-           uncapped_peak_rss_mb=uncapped["peak_rss_mb"], wall_ratio=uncapped["seconds"] / max(capped["seconds"], 1e-9))
+    report(
+        "serve_queue",
+        megapixels=round(w * h / 1e6, 1),
+        capped_queue=capped["max_queue"],
+        capped_taken=capped["taken"],
+        capped_503=capped["refused_503"],
+        capped_peak_rss_mb=capped["peak_rss_mb"],
+        uncapped_taken=uncapped["taken"],
+        uncapped_peak_rss_mb=uncapped["peak_rss_mb"],
+        wall_ratio=uncapped["seconds"] / max(capped["seconds"], 1e-9),
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import efficiency, parser, peak_gflops, report, setup, time_side_by_side, vit_flops
-
 from larvseg.config import ModelConfig
 from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.models.objective import TrainingObjective
@@ -37,7 +36,9 @@ from larvseg.models.segmenter import build_segmenter
 from larvseg.precision import bf16_autocast
 
 
-def make_batch(batch: int, seg_size: int, tag_size: int, vocab: int, counts: list[int], g: torch.Generator) -> StepBatch:
+def make_batch(
+    batch: int, seg_size: int, tag_size: int, vocab: int, counts: list[int], g: torch.Generator
+) -> StepBatch:
     """``batch`` segmentation + ``batch`` image-level images; tag counts alternate over ``counts``."""
     seg_pool = torch.arange(min(160, vocab))
     tag_pool = torch.arange(vocab - min(847, vocab), vocab)
@@ -48,10 +49,23 @@ def make_batch(batch: int, seg_size: int, tag_size: int, vocab: int, counts: lis
         tags[i, :n] = tag_pool[torch.randperm(tag_pool.numel(), generator=g)[:n]]
     return StepBatch(
         step=0,
-        seg=[SegBatch("C171", torch.rand(batch, 3, seg_size, seg_size, generator=g) * 255, labels, seg_pool,
-                      global_size=batch)],
-        tag=[TagBatch("A847w", torch.rand(batch, 3, tag_size, tag_size, generator=g) * 255, tags, tag_pool,
-                      global_size=batch, loss_weight=0.2, cac_weight=0.1, cac_topk=20)],
+        seg=[
+            SegBatch(
+                "C171", torch.rand(batch, 3, seg_size, seg_size, generator=g) * 255, labels, seg_pool, global_size=batch
+            )
+        ],
+        tag=[
+            TagBatch(
+                "A847w",
+                torch.rand(batch, 3, tag_size, tag_size, generator=g) * 255,
+                tags,
+                tag_pool,
+                global_size=batch,
+                loss_weight=0.2,
+                cac_weight=0.1,
+                cac_topk=20,
+            )
+        ],
     )
 
 
@@ -92,6 +106,7 @@ def main() -> None:
             with bf16_autocast(bf16, device):
                 loss = objective(step_batch)["loss"]
             loss.backward()
+
         return fn
 
     def plain(bf16: bool):
@@ -100,26 +115,51 @@ def main() -> None:
             with bf16_autocast(bf16, device):
                 loss = model.backbone(seg_images).float().sum() + model.backbone(tag_images).float().sum()
             loss.backward()
+
         return fn
 
     def train_step():
         full(True)()
         optimizer.step()
 
-    t = time_side_by_side({"full": full(False), "plain": plain(False), "bf16": full(True),
-                           "bf16_plain": plain(True), "train": train_step}, device, repeats)
+    t = time_side_by_side(
+        {
+            "full": full(False),
+            "plain": plain(False),
+            "bf16": full(True),
+            "bf16_plain": plain(True),
+            "train": train_step,
+        },
+        device,
+        repeats,
+    )
     with FlopCounterMode(display=False) as counter:
         full(True)()
     counted = counter.get_total_flops()
     dim, depth = model.backbone.embed_dim, len(model.backbone.blocks)
-    backbone_flops = 3 * batch * (vit_flops((seg_size // 16) ** 2 + 1, dim, depth) + vit_flops((tag_size // 16) ** 2 + 1, dim, depth))
+    backbone_flops = (
+        3
+        * batch
+        * (vit_flops((seg_size // 16) ** 2 + 1, dim, depth) + vit_flops((tag_size // 16) ** 2 + 1, dim, depth))
+    )
     images = 2 * batch
     fields: dict[str, object] = dict(
-        arch=args.arch, batch=f"{batch}x{seg_size}+{batch}x{tag_size}", vocab=vocab, tags=args.tags.replace(",", "+"),
-        full_s=t["full"], plain_s=t["plain"], ratio=t["full"] / t["plain"], bf16_s=t["bf16"],
-        bf16_plain_s=t["bf16_plain"], bf16_ratio=t["bf16"] / t["bf16_plain"], bf16_speedup=t["full"] / t["bf16"],
-        train_s=t["train"], train_img_s=images / t["train"], fp32_img_s=images / t["full"],
-        counted_tflop=counted / 1e12, backbone_tflop=backbone_flops / 1e12,
+        arch=args.arch,
+        batch=f"{batch}x{seg_size}+{batch}x{tag_size}",
+        vocab=vocab,
+        tags=args.tags.replace(",", "+"),
+        full_s=t["full"],
+        plain_s=t["plain"],
+        ratio=t["full"] / t["plain"],
+        bf16_s=t["bf16"],
+        bf16_plain_s=t["bf16_plain"],
+        bf16_ratio=t["bf16"] / t["bf16_plain"],
+        bf16_speedup=t["full"] / t["bf16"],
+        train_s=t["train"],
+        train_img_s=images / t["train"],
+        fp32_img_s=images / t["full"],
+        counted_tflop=counted / 1e12,
+        backbone_tflop=backbone_flops / 1e12,
     )
     peak, kind = peak_gflops(device, args.tiny)
     if device.type == "cuda":  # MFU of the bf16 training iteration against the bf16 peak
@@ -129,7 +169,9 @@ def main() -> None:
     if args.loader_img_s:
         seg_rate, tag_rate = (float(v) for v in args.loader_img_s.split(","))
         steps_s = 1 / t["train"]
-        fields.update(workers_seg=math.ceil(batch * steps_s / seg_rate), workers_tag=math.ceil(batch * steps_s / tag_rate))
+        fields.update(
+            workers_seg=math.ceil(batch * steps_s / seg_rate), workers_tag=math.ceil(batch * steps_s / tag_rate)
+        )
     fields["params_M"] = sum(q.numel() for q in params) / 1e6
     report("train_step", **fields)
 

@@ -78,7 +78,9 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5
+) -> float:
     """Achieved GFLOP/s of a square matmul: the practical peak this machine reaches."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -88,8 +90,17 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common GPUs, by a substring of the device name.
 # A GPU not listed is measured (a large bf16 matmul) and the line says so.
-GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-                        "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+GPU_BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 
 
 def interesting_cpu_flags() -> list[str]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from larvseg.errors import OutputWriteError
 
@@ -58,8 +59,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         tmp.unlink(missing_ok=True)
         if isinstance(exc, PermissionError):
             raise
-        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError)
-                                        and any(s in str(exc) for s in _TORCH_WRITE_FAILURES)):
+        if isinstance(exc, OSError) or (
+            isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILURES)
+        ):
             raise _write_failure(path, exc) from exc
         raise
 

@@ -26,11 +26,27 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from larvseg.domains import (
-    AMP, CLASSES, COMPARE_OPTION, DATASET_FORMATS, DEVICE, EXISTING_FILE, HUB_REPO_ID, NON_NEGATIVE_INT, OUTPUT_DIR,
-    OUTPUT_FILE, PORT, POSITIVE, POSITIVE_INT, RESUME, SIZE, TEXT, one_of,
+    AMP,
+    CLASSES,
+    COMPARE_OPTION,
+    DATASET_FORMATS,
+    DEVICE,
+    EXISTING_FILE,
+    HUB_REPO_ID,
+    NON_NEGATIVE_INT,
+    OUTPUT_DIR,
+    OUTPUT_FILE,
+    PORT,
+    POSITIVE,
+    POSITIVE_INT,
+    RESUME,
+    SIZE,
+    TEXT,
+    one_of,
 )
 from larvseg.errors import DEBUG_ENV, DEBUG_NOTE, debug_requested, describe
 from larvseg.log import setup_logging
@@ -81,8 +97,12 @@ EXPORT_DESCRIPTION = (
 
 def _sub(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=f"show the full traceback of an error (or set {DEBUG_ENV}=1) (default: off)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1) (default: off)",
+    )
     return p
 
 
@@ -96,159 +116,328 @@ def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="larvseg", description="Large-vocabulary semantic segmentation.",
-                                     formatter_class=_HelpFormatter)
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="one of the commands below; larvseg COMMAND --help describes its arguments")
+    parser = _Parser(
+        prog="larvseg", description="Large-vocabulary semantic segmentation.", formatter_class=_HelpFormatter
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="one of the commands below; larvseg COMMAND --help describes its arguments",
+    )
 
     p = _sub(sub, "train", "train a segmenter (run under torchrun for several processes)")
     _add_config_args(p)
-    p.add_argument("--work-dir", type=OUTPUT_DIR.option(), default=None,
-                   help="output folder (default: train.work_dir or work_dirs/<config>)")
-    p.add_argument("--resume", type=RESUME.option(), default=None,
-                   help="checkpoint to resume from; 'auto' = newest readable one in the work dir, 'none' = start "
-                        "fresh (default: train.resume, whose default is auto)")
+    p.add_argument(
+        "--work-dir",
+        type=OUTPUT_DIR.option(),
+        default=None,
+        help="output folder (default: train.work_dir or work_dirs/<config>)",
+    )
+    p.add_argument(
+        "--resume",
+        type=RESUME.option(),
+        default=None,
+        help="checkpoint to resume from; 'auto' = newest readable one in the work dir, 'none' = start "
+        "fresh (default: train.resume, whose default is auto)",
+    )
     p.set_defaults(handler="larvseg.cli:train_command")
 
     p = _sub(sub, "pretrain", "pretrain the backbone by image classification on the tag sources; writes an AugReg .npz")
     _add_config_args(p)
-    p.add_argument("--work-dir", type=OUTPUT_DIR.option(), default=None,
-                   help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)")
-    p.add_argument("--resume", type=RESUME.option(), default=None,
-                   help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh")
+    p.add_argument(
+        "--work-dir",
+        type=OUTPUT_DIR.option(),
+        default=None,
+        help="output folder (default: pretrain.work_dir or work_dirs/<config>_pretrain)",
+    )
+    p.add_argument(
+        "--resume",
+        type=RESUME.option(),
+        default=None,
+        help="checkpoint to resume from; 'auto' (default) = newest in the work dir, 'none' = start fresh",
+    )
     p.set_defaults(handler="larvseg.train.pretrain:main")
 
     p = _sub(sub, "eval", "evaluate a checkpoint (mIoU; run under torchrun for several processes)")
     p.add_argument("config", help="config file or packaged config name: its data.eval is the evaluation set")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json)")
     _add_overrides(p, "config overrides, e.g. eval.mode=whole; allowed anywhere on the line")
-    p.add_argument("--eval", dest="metrics", nargs="*", type=_metric, default=["mIoU"],
-                   help="metrics to compute (mIoU, which brings mAcc and aAcc; accepted for the original's scripts)")
-    p.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="predict and score only these classes: comma-separated names or a file with one per line; "
-                        "WordNet lemmas and wnids work, 'animal*' = every evaluation class at or below the synset "
-                        "(default: eval.classes, whose default '' = every class of the evaluation set)")
-    p.add_argument("--out", type=OUTPUT_DIR.option(), default=None,
-                   help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)")
+    p.add_argument(
+        "--eval",
+        dest="metrics",
+        nargs="*",
+        type=_metric,
+        default=["mIoU"],
+        help="metrics to compute (mIoU, which brings mAcc and aAcc; accepted for the original's scripts)",
+    )
+    p.add_argument(
+        "--classes",
+        type=CLASSES.option(),
+        default=None,
+        help="predict and score only these classes: comma-separated names or a file with one per line; "
+        "WordNet lemmas and wnids work, 'animal*' = every evaluation class at or below the synset "
+        "(default: eval.classes, whose default '' = every class of the evaluation set)",
+    )
+    p.add_argument(
+        "--out",
+        type=OUTPUT_DIR.option(),
+        default=None,
+        help="folder for per-class results (default: eval_<checkpoint> next to the checkpoint)",
+    )
     p.set_defaults(handler="larvseg.eval.evaluate:main")
 
     p = _sub(sub, "predict", "segment images with a trained checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it), a folder "
-                                      "written by `larvseg hub save`, or hf-hub:<owner>/<name>")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file (.pth, or .safetensors with its .json next to it), a folder "
+        "written by `larvseg hub save`, or hf-hub:<owner>/<name>",
+    )
     p.add_argument("images", nargs="+", help="image files or folders (every image file in a folder, not recursive)")
-    p.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="restrict to these classes: comma-separated, or a file with one per line. Class names, any "
-                        "WordNet lemma (automobile) or wnid (n02958343); 'dog*' = the synset and every class below "
-                        "it, reported as one class 'dog' (default: the classes that had training data, masks or tags)")
+    p.add_argument(
+        "--classes",
+        type=CLASSES.option(),
+        default=None,
+        help="restrict to these classes: comma-separated, or a file with one per line. Class names, any "
+        "WordNet lemma (automobile) or wnid (n02958343); 'dog*' = the synset and every class below "
+        "it, reported as one class 'dog' (default: the classes that had training data, masks or tags)",
+    )
     p.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder (required)")
-    p.add_argument("--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    p.add_argument("--amp", type=AMP.option(), default="auto",
-                   help="auto (bf16 where measured faster on this machine, cached) | bf16 | off")
-    p.add_argument("--short-side", type=NON_NEGATIVE_INT.option(), default=None,
-                   help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
-                        "so predictions match `larvseg eval`")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also write, per concept of --classes (dog*), the area of each of its classes to areas.json")
+    p.add_argument(
+        "--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N"
+    )
+    p.add_argument(
+        "--amp",
+        type=AMP.option(),
+        default="auto",
+        help="auto (bf16 where measured faster on this machine, cached) | bf16 | off",
+    )
+    p.add_argument(
+        "--short-side",
+        type=NON_NEGATIVE_INT.option(),
+        default=None,
+        help="resize so the short side has this length (0 = keep); default: the checkpoint's eval.short_side, "
+        "so predictions match `larvseg eval`",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also write, per concept of --classes (dog*), the area of each of its classes to areas.json",
+    )
     p.set_defaults(handler="larvseg.predict:main")
 
     p = _sub(sub, "serve", "a local web page: upload an image, pick a vocabulary, see the segmentation")
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
-    p.add_argument("--host", type=TEXT.option(), default="127.0.0.1",
-                   help="address to listen on (0.0.0.0 = reachable from other machines)")
+    p.add_argument(
+        "--host",
+        type=TEXT.option(),
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 = reachable from other machines)",
+    )
     p.add_argument("--port", type=PORT.option(), default=8000, help="port to listen on (1-65535)")
-    p.add_argument("--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--device", type=DEVICE.option(), default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N"
+    )
     p.add_argument("--max-upload-mb", type=POSITIVE.option(), default=20.0, help="largest accepted upload")
     p.add_argument("--max-megapixels", type=POSITIVE.option(), default=25.0, help="largest accepted image")
-    p.add_argument("--max-queue", type=POSITIVE_INT.option(), default=4,
-                   help="uploads waiting or running at once; more are answered 503 with Retry-After")
+    p.add_argument(
+        "--max-queue",
+        type=POSITIVE_INT.option(),
+        default=4,
+        help="uploads waiting or running at once; more are answered 503 with Retry-After",
+    )
     p.set_defaults(handler="larvseg.serve:main")
 
-    p = _sub(sub, "export", "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime",
-             description=EXPORT_DESCRIPTION)
+    p = _sub(
+        sub,
+        "export",
+        "export a checkpoint for a fixed vocabulary to ONNX, checked with onnxruntime",
+        description=EXPORT_DESCRIPTION,
+    )
     p.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
     p.add_argument("--onnx", type=OUTPUT_FILE.option(), required=True, help="output .onnx file (required)")
-    p.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="the fixed vocabulary: comma-separated names or a file with one per line "
-                        "(default: the classes that had training data, as larvseg predict)")
-    p.add_argument("--check-images", type=EXISTING_FILE.option(), nargs="*", default=None, metavar="IMAGE",
-                   help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)")
-    p.add_argument("--tolerance", type=POSITIVE.option(), default=1e-3, help="largest accepted max abs logit difference")
+    p.add_argument(
+        "--classes",
+        type=CLASSES.option(),
+        default=None,
+        help="the fixed vocabulary: comma-separated names or a file with one per line "
+        "(default: the classes that had training data, as larvseg predict)",
+    )
+    p.add_argument(
+        "--check-images",
+        type=EXISTING_FILE.option(),
+        nargs="*",
+        default=None,
+        metavar="IMAGE",
+        help="images for the onnxruntime-vs-PyTorch check (default: two synthetic ones)",
+    )
+    p.add_argument(
+        "--tolerance", type=POSITIVE.option(), default=1e-3, help="largest accepted max abs logit difference"
+    )
     p.set_defaults(handler="larvseg.export:main")
 
     p = _sub(sub, "hub", "share a trained model: save it as a Hugging Face model repository, push it to the Hub")
-    hub_sub = p.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND",
-                               help="save: write the repository folder; push: upload it (huggingface_hub)")
-    h = _sub(hub_sub, "save", "write a checkpoint as a Hugging Face model repository folder (weights, config, classes, "
-                              "model card)")
+    hub_sub = p.add_subparsers(
+        dest="hub_command",
+        required=True,
+        metavar="HUB_COMMAND",
+        help="save: write the repository folder; push: upload it (huggingface_hub)",
+    )
+    h = _sub(
+        hub_sub,
+        "save",
+        "write a checkpoint as a Hugging Face model repository folder (weights, config, classes, model card)",
+    )
     h.add_argument("checkpoint", help="checkpoint file (.pth, or .safetensors with its .json next to it)")
     h.add_argument("out_dir", type=OUTPUT_DIR.option(), help="output folder")
-    h.add_argument("--eval-results", type=EXISTING_FILE.option(), default=None,
-                   help="eval_results.json for the card's metrics (default: eval_<checkpoint>/ or eval_iter_<step>/ "
-                        "next to the checkpoint, when there)")
-    h.add_argument("--title", type=TEXT.option(), default=None, help="the model card's title (default: the folder's name)")
-    h.add_argument("--repo-id", type=HUB_REPO_ID.option(), default=None, help="owner/name used in the card's usage snippet (default: ORG/<folder>)")
+    h.add_argument(
+        "--eval-results",
+        type=EXISTING_FILE.option(),
+        default=None,
+        help="eval_results.json for the card's metrics (default: eval_<checkpoint>/ or eval_iter_<step>/ "
+        "next to the checkpoint, when there)",
+    )
+    h.add_argument(
+        "--title", type=TEXT.option(), default=None, help="the model card's title (default: the folder's name)"
+    )
+    h.add_argument(
+        "--repo-id",
+        type=HUB_REPO_ID.option(),
+        default=None,
+        help="owner/name used in the card's usage snippet (default: ORG/<folder>)",
+    )
     h.set_defaults(handler="larvseg.hub:main_save")
     h = _sub(hub_sub, "push", "upload a folder written by `larvseg hub save` to the Hugging Face Hub")
     h.add_argument("folder", help="the folder written by larvseg hub save")
-    h.add_argument("repo_id", type=HUB_REPO_ID.option(), help="owner/name of the model repository (created if it does not exist)")
+    h.add_argument(
+        "repo_id", type=HUB_REPO_ID.option(), help="owner/name of the model repository (created if it does not exist)"
+    )
     h.add_argument("--private", action="store_true", help="create the repository as private")
     h.add_argument("--revision", type=TEXT.option(), default=None, help="branch to upload to (default: main)")
     h.set_defaults(handler="larvseg.hub:main_push")
 
     p = _sub(sub, "demo", "generate the mini benchmark, train the variants, check the paper's claim, write a report")
     profile = p.add_mutually_exclusive_group()
-    profile.add_argument("--quick", action="store_true",
-                         help="smoke version: one seed, fewer iterations, every check (including the oracle run U)")
-    profile.add_argument("--full", action="store_true",
-                         help="the default profile plus the oracle-attention upper bound U and segmentation only on every seed")
-    p.add_argument("--benchmark", type=one_of("habitat", "uniform").option(), default="habitat",
-                   help="benchmark family: habitat (default: context-biased, cluttered image-level photos) or uniform "
-                        "(the control: backgrounds drawn uniformly)")
+    profile.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke version: one seed, fewer iterations, every check (including the oracle run U)",
+    )
+    profile.add_argument(
+        "--full",
+        action="store_true",
+        help="the default profile plus the oracle-attention upper bound U and segmentation only on every seed",
+    )
+    p.add_argument(
+        "--benchmark",
+        type=one_of("habitat", "uniform").option(),
+        default="habitat",
+        help="benchmark family: habitat (default: context-biased, cluttered image-level photos) or uniform "
+        "(the control: backgrounds drawn uniformly)",
+    )
     p.add_argument("--out", type=OUTPUT_DIR.option(), default="work_dirs/demo", help="report and run folder")
-    p.add_argument("--data", type=OUTPUT_DIR.option(), default=None,
-                   help="where the mini benchmark is generated (default: <out>/data)")
-    p.add_argument("--seeds", type=POSITIVE_INT.option(), default=None,
-                   help="paired seeds of the baseline and LarvSeg (default: 5, quick: 1; segmentation only: 3 of them)")
-    p.add_argument("--jobs", type=POSITIVE_INT.option(), default=None,
-                   help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)")
-    p.add_argument("--compare", nargs="+", action="extend", default=None, metavar="OPTION", type=COMPARE_OPTION.option(),
-                   help="instead of the claim check (the default, without --compare): train the paper's image-level loss and each OPTION (baseline and "
-                        "LarvSeg, paired seeds, plus segmentation only) and write <out>/compare.md and compare.json "
-                        "(larvseg.demo.compare). OPTION is one argument: '[LABEL:] KEY=VALUE [KEY=VALUE ...]', e.g. "
-                        "model.image_loss.pooling=region or 'region+conf: model.image_loss.pooling=region "
-                        "model.image_loss.confident_base=0.5'. Finished runs of the identical config are reused. Put "
-                        "demo overrides before --compare (after it, every KEY=VALUE is an OPTION)")
+    p.add_argument(
+        "--data",
+        type=OUTPUT_DIR.option(),
+        default=None,
+        help="where the mini benchmark is generated (default: <out>/data)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=POSITIVE_INT.option(),
+        default=None,
+        help="paired seeds of the baseline and LarvSeg (default: 5, quick: 1; segmentation only: 3 of them)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=POSITIVE_INT.option(),
+        default=None,
+        help="runs trained in parallel, one single-threaded process each (default: the usable CPUs)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="OPTION",
+        type=COMPARE_OPTION.option(),
+        help="instead of the claim check (the default, without --compare): train the paper's image-level loss and each OPTION (baseline and "
+        "LarvSeg, paired seeds, plus segmentation only) and write <out>/compare.md and compare.json "
+        "(larvseg.demo.compare). OPTION is one argument: '[LABEL:] KEY=VALUE [KEY=VALUE ...]', e.g. "
+        "model.image_loss.pooling=region or 'region+conf: model.image_loss.pooling=region "
+        "model.image_loss.confident_base=0.5'. Finished runs of the identical config are reused. Put "
+        "demo overrides before --compare (after it, every KEY=VALUE is an OPTION)",
+    )
     _add_overrides(p, "overrides of the demo config for stage 0 and every variant, e.g. train.iters=800")
     p.set_defaults(handler="larvseg.demo.compare:main")  # larvseg.demo.run:main unless --compare
 
     p = _sub(sub, "data", "dataset utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND",
-                                help="check: validate a config's datasets against the disk; shard: write a folder "
-                                     "source as tar shards")
+    data_sub = p.add_subparsers(
+        dest="data_command",
+        required=True,
+        metavar="DATA_COMMAND",
+        help="check: validate a config's datasets against the disk; shard: write a folder source as tar shards",
+    )
     c = _sub(data_sub, "check", "validate every source of a config against the disk")
     _add_config_args(c)
-    c.add_argument("--max-images", type=NON_NEGATIVE_INT.option(), default=0, help="decode at most this many images per source (0 = all)")
+    c.add_argument(
+        "--max-images",
+        type=NON_NEGATIVE_INT.option(),
+        default=0,
+        help="decode at most this many images per source (0 = all)",
+    )
     c.set_defaults(handler="larvseg.data.check:main")
     s = _sub(data_sub, "shard", "write a folder source as WebDataset tar shards (resumable: run it again)")
     s.add_argument("source", help="the source's folder (for --format imagenet: the folder holding fall11_whole)")
-    s.add_argument("--out", type=OUTPUT_DIR.option(), required=True, help="output folder for shard-*.tar, shard-*.npz and index.json (required)")
-    s.add_argument("--format", type=DATASET_FORMAT.option(), required=True,
-                   help="the folder's layout, as in configs; every folder format, not shards (required)")
-    s.add_argument("--split", type=TEXT.option(), default="",
-                   help="split sub-folder of segmentation formats (default: detected, the training split in either "
-                        "spelling, e.g. train2017 or training)")
-    s.add_argument("--classes", type=CLASSES.option(), default=None,
-                   help="imagenet (required): ade150 | ade847 | all | wnid file; custom formats: class file "
-                        "(default: custom_seg <folder>/classes.txt, custom_tags every class folder)")
-    s.add_argument("--name", type=TEXT.option(), default=None, help="source name stored in the index (default: the format's)")
+    s.add_argument(
+        "--out",
+        type=OUTPUT_DIR.option(),
+        required=True,
+        help="output folder for shard-*.tar, shard-*.npz and index.json (required)",
+    )
+    s.add_argument(
+        "--format",
+        type=DATASET_FORMAT.option(),
+        required=True,
+        help="the folder's layout, as in configs; every folder format, not shards (required)",
+    )
+    s.add_argument(
+        "--split",
+        type=TEXT.option(),
+        default="",
+        help="split sub-folder of segmentation formats (default: detected, the training split in either "
+        "spelling, e.g. train2017 or training)",
+    )
+    s.add_argument(
+        "--classes",
+        type=CLASSES.option(),
+        default=None,
+        help="imagenet (required): ade150 | ade847 | all | wnid file; custom formats: class file "
+        "(default: custom_seg <folder>/classes.txt, custom_tags every class folder)",
+    )
+    s.add_argument(
+        "--name", type=TEXT.option(), default=None, help="source name stored in the index (default: the format's)"
+    )
     s.add_argument("--shard-size", type=SIZE.option(), default="1GB", help="maximum bytes per shard, e.g. 512MB, 1GB")
-    s.add_argument("--shard-samples", type=NON_NEGATIVE_INT.option(), default=0, help="maximum samples per shard (0 = no limit)")
+    s.add_argument(
+        "--shard-samples", type=NON_NEGATIVE_INT.option(), default=0, help="maximum samples per shard (0 = no limit)"
+    )
     s.add_argument("--seed", type=NON_NEGATIVE_INT.option(), default=0, help="seed of the random sample order")
-    s.add_argument("--no-shuffle", action="store_true", help="keep the folder order (shards then hold few classes each)")
-    s.add_argument("--skip-bad", action="store_true", help="leave out (and list in index.json) samples with bad annotations")
-    s.add_argument("--index-cache-dir", type=OUTPUT_DIR.option(), default=None, help="where the ImageNet file list is cached (default: ~/.cache/larvseg)")
+    s.add_argument(
+        "--no-shuffle", action="store_true", help="keep the folder order (shards then hold few classes each)"
+    )
+    s.add_argument(
+        "--skip-bad", action="store_true", help="leave out (and list in index.json) samples with bad annotations"
+    )
+    s.add_argument(
+        "--index-cache-dir",
+        type=OUTPUT_DIR.option(),
+        default=None,
+        help="where the ImageNet file list is cached (default: ~/.cache/larvseg)",
+    )
     s.set_defaults(handler="larvseg.data.shard_writer:main")
     return parser
 

@@ -26,8 +26,26 @@ from typing import Any, ClassVar
 import yaml
 
 from larvseg.domains import (  # AMP_MODES is part of config's interface too
-    AMP, AMP_MODES, BOOL, CLASSES, DATASET_FORMATS, DEVICE, FRACTION, INTEGER, MULTIPLE_OF_16, NON_NEGATIVE,
-    NON_NEGATIVE_INT, NUMBER, POSITIVE, POSITIVE_INT, PROBABILITY_BELOW_1, TEXT, Domain, DomainError, one_of, pair,
+    AMP,
+    AMP_MODES,
+    BOOL,
+    CLASSES,
+    DATASET_FORMATS,
+    DEVICE,
+    FRACTION,
+    INTEGER,
+    MULTIPLE_OF_16,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    NUMBER,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY_BELOW_1,
+    TEXT,
+    Domain,
+    DomainError,
+    one_of,
+    pair,
 )
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -42,14 +60,23 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 # is checked when it is loaded, not when a model is built (dataset formats: larvseg.domains.DATASET_FORMATS)
 VIT_ARCHES = ("vit_mini", "vit_tiny", "vit_small", "vit_base")
 EVAL_MODES = ("slide", "whole")
-SOURCE_FORMAT = Domain(f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)", str,
-                       lambda v: v in ("", *DATASET_FORMATS), ("nonsense",))
+SOURCE_FORMAT = Domain(
+    f"one of {', '.join(DATASET_FORMATS)} ('' = no evaluation set: data.eval only)",
+    str,
+    lambda v: v in ("", *DATASET_FORMATS),
+    ("nonsense",),
+)
 _SCALE_PAIR = pair(POSITIVE_INT)
 # a source's own rescale target, or [] for data.scale
-SOURCE_SCALE = Domain(f"[] (= data.scale) or {_SCALE_PAIR.allowed} [long, short]", list,
-                      lambda v: v == [] or _SCALE_PAIR.test(v), _SCALE_PAIR.wrong)
-SOURCES: Domain = Domain("a list of sources (mappings with name, format, root, ...)", list,
-                         lambda v: isinstance(v, list))
+SOURCE_SCALE = Domain(
+    f"[] (= data.scale) or {_SCALE_PAIR.allowed} [long, short]",
+    list,
+    lambda v: v == [] or _SCALE_PAIR.test(v),
+    _SCALE_PAIR.wrong,
+)
+SOURCES: Domain = Domain(
+    "a list of sources (mappings with name, format, root, ...)", list, lambda v: isinstance(v, list)
+)
 
 
 class ConfigError(DomainError):
@@ -64,16 +91,20 @@ class _Loader(yaml.SafeLoader):
     Booleans are true/false only (not on/off/yes/no)."""
 
 
-_FLOAT = re.compile(r"""^[-+]?(?:(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9_]+)?|[0-9][0-9_]*[eE][-+]?[0-9_]+
-                     |\.(?:inf|Inf|INF)|(?:inf|Inf|INF|infinity|Infinity)|\.(?:nan|NaN|NAN)|(?:nan|NaN|NAN))$""", re.X)
+_FLOAT = re.compile(
+    r"""^[-+]?(?:(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9_]+)?|[0-9][0-9_]*[eE][-+]?[0-9_]+
+                     |\.(?:inf|Inf|INF)|(?:inf|Inf|INF|infinity|Infinity)|\.(?:nan|NaN|NAN)|(?:nan|NaN|NAN))$""",
+    re.X,
+)
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.in"))
 # booleans are true/false only (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans, so that
 # `train.amp=off` would reach a string key as "False"
 for _resolvers in _Loader.yaml_implicit_resolvers.values():
     _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:bool"]
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _float_constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
@@ -103,8 +134,12 @@ class SourceConfig:
 
     name: str = ""  # short name for logs and metrics, e.g. "C171", "A847w", "IN585"
     format: str = ""  # key of larvseg.data.formats.FORMATS: ade150 | ade847 | coco171 | imagenet | custom_seg | custom_tags | webdataset
-    root: str = ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
-    split: str = ""  # sub-folder of images/ and annotations/; "" = detect the training (data.eval: validation) split's folder
+    root: str = (
+        ""  # dataset folder; relative paths are under data.root; "" = the format's default (A150, A847, C171, I22K)
+    )
+    split: str = (
+        ""  # sub-folder of images/ and annotations/; "" = detect the training (data.eval: validation) split's folder
+    )
     classes: str = ""  # imagenet: "ade150" (124 synsets), "ade847" (585), "all" (21,843) or a file of wnids; custom formats: class-name file
     share: float = 1.0  # tag sources: relative share of the image-level batch
     crop_size: int = 512  # training crop (512 for segmentation sets, 320 for ImageNet)
@@ -124,9 +159,21 @@ class SourceConfig:
     stream: bool = False  # webdataset: read shards sequentially even when local (URLs and pipe: always stream)
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "name": TEXT, "format": SOURCE_FORMAT, "root": TEXT, "split": TEXT, "classes": TEXT,
-        "share": POSITIVE, "crop_size": MULTIPLE_OF_16, "loss_weight": NON_NEGATIVE, "cac_weight": NON_NEGATIVE,
-        "cac_topk": POSITIVE_INT, "skip_bad": BOOL, "index": TEXT, "stream": BOOL, "scale": SOURCE_SCALE, "object_masks": TEXT,
+        "name": TEXT,
+        "format": SOURCE_FORMAT,
+        "root": TEXT,
+        "split": TEXT,
+        "classes": TEXT,
+        "share": POSITIVE,
+        "crop_size": MULTIPLE_OF_16,
+        "loss_weight": NON_NEGATIVE,
+        "cac_weight": NON_NEGATIVE,
+        "cac_topk": POSITIVE_INT,
+        "skip_bad": BOOL,
+        "index": TEXT,
+        "stream": BOOL,
+        "scale": SOURCE_SCALE,
+        "object_masks": TEXT,
     }
 
 
@@ -145,14 +192,26 @@ class DataConfig:
     # defines the classes (the demo's benchmark: docs/BASE_COLLAPSE.md)
     photometric: bool = True
     index_cache_dir: str = ""  # where file indexes of large folders are cached; "" = ~/.cache/larvseg
-    demo_benchmark: bool = False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
-    eval: SourceConfig = field(default_factory=lambda: SourceConfig(name="A150", format="ade150"))  # split detected: validation
+    demo_benchmark: bool = (
+        False  # smoke runs: if data.root does not exist, write a small `larvseg demo` benchmark there
+    )
+    eval: SourceConfig = field(
+        default_factory=lambda: SourceConfig(name="A150", format="ade150")
+    )  # split detected: validation
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "root": TEXT, "seg_sources": SOURCES, "tag_sources": SOURCES, "seg_batch_size": NON_NEGATIVE_INT,
-        "tag_batch_size": NON_NEGATIVE_INT, "num_workers": NON_NEGATIVE_INT, "scale": pair(POSITIVE_INT),
-        "ratio_range": pair(POSITIVE, ordered=True), "cat_max_ratio": FRACTION, "photometric": BOOL,
-        "index_cache_dir": TEXT, "demo_benchmark": BOOL,
+        "root": TEXT,
+        "seg_sources": SOURCES,
+        "tag_sources": SOURCES,
+        "seg_batch_size": NON_NEGATIVE_INT,
+        "tag_batch_size": NON_NEGATIVE_INT,
+        "num_workers": NON_NEGATIVE_INT,
+        "scale": pair(POSITIVE_INT),
+        "ratio_range": pair(POSITIVE, ordered=True),
+        "cat_max_ratio": FRACTION,
+        "photometric": BOOL,
+        "index_cache_dir": TEXT,
+        "demo_benchmark": BOOL,
     }  # eval: a SourceConfig, checked by its own table
 
     def resolved_root(self) -> Path:
@@ -168,10 +227,14 @@ class ImageLossConfig:
     pooling: str = "mean"  # mean (the paper) | topk (each class over its top topk_fraction of pixels) | region (the tag's predicted region)
     topk_fraction: float = 0.1  # pooling=topk: k = ceil(topk_fraction * pixels), at least 1
     drop_base_negatives: bool = False  # single-tag images: classes with masks in a seg source are not softmax negatives
-    confident_base: float = 0.0  # > 0: leave out of the pool pixels where a base class other than the tag has probability >= this
+    confident_base: float = (
+        0.0  # > 0: leave out of the pool pixels where a base class other than the tag has probability >= this
+    )
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "pooling": one_of("mean", "topk", "region"), "topk_fraction": FRACTION, "drop_base_negatives": BOOL,
+        "pooling": one_of("mean", "topk", "region"),
+        "topk_fraction": FRACTION,
+        "drop_base_negatives": BOOL,
         "confident_base": PROBABILITY_BELOW_1,
     }
 
@@ -199,10 +262,19 @@ class ModelConfig:
     image_loss: ImageLossConfig = field(default_factory=ImageLossConfig)  # beyond the paper, off by default
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "arch": one_of(*VIT_ARCHES), "pretrained": TEXT, "drop_path": PROBABILITY_BELOW_1,
-        "num_sampled_classes": NON_NEGATIVE_INT, "seg_class_pool": one_of("source", "training"),
-        "loss_downsample": POSITIVE_INT, "cac": BOOL, "memory_bank_size": POSITIVE_INT, "warm_up": NON_NEGATIVE_INT,
-        "bg_topk": POSITIVE_INT, "bg_score_thresh": NUMBER, "bg_mse_thresh": NON_NEGATIVE, "oracle_attention": BOOL,
+        "arch": one_of(*VIT_ARCHES),
+        "pretrained": TEXT,
+        "drop_path": PROBABILITY_BELOW_1,
+        "num_sampled_classes": NON_NEGATIVE_INT,
+        "seg_class_pool": one_of("source", "training"),
+        "loss_downsample": POSITIVE_INT,
+        "cac": BOOL,
+        "memory_bank_size": POSITIVE_INT,
+        "warm_up": NON_NEGATIVE_INT,
+        "bg_topk": POSITIVE_INT,
+        "bg_score_thresh": NUMBER,
+        "bg_mse_thresh": NON_NEGATIVE,
+        "oracle_attention": BOOL,
     }
 
 
@@ -227,11 +299,23 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files in the work dir (when tensorboardX is installed)
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "work_dir": TEXT, "seed": NON_NEGATIVE_INT, "iters": POSITIVE_INT, "lr": POSITIVE,
-        "momentum": PROBABILITY_BELOW_1, "weight_decay": NON_NEGATIVE, "poly_power": NON_NEGATIVE,
-        "min_lr": NON_NEGATIVE, "amp": AMP, "threads": NON_NEGATIVE_INT, "device": DEVICE,
-        "log_interval": POSITIVE_INT, "checkpoint_interval": POSITIVE_INT, "keep_last": NON_NEGATIVE_INT,
-        "eval_interval": INTEGER, "resume": TEXT, "tensorboard": BOOL,
+        "work_dir": TEXT,
+        "seed": NON_NEGATIVE_INT,
+        "iters": POSITIVE_INT,
+        "lr": POSITIVE,
+        "momentum": PROBABILITY_BELOW_1,
+        "weight_decay": NON_NEGATIVE,
+        "poly_power": NON_NEGATIVE,
+        "min_lr": NON_NEGATIVE,
+        "amp": AMP,
+        "threads": NON_NEGATIVE_INT,
+        "device": DEVICE,
+        "log_interval": POSITIVE_INT,
+        "checkpoint_interval": POSITIVE_INT,
+        "keep_last": NON_NEGATIVE_INT,
+        "eval_interval": INTEGER,
+        "resume": TEXT,
+        "tensorboard": BOOL,
     }
 
 
@@ -244,15 +328,23 @@ class PretrainConfig:
     work_dir: str = ""  # "" = work_dirs/<config name>_pretrain
     iters: int = 800
     batch_size: int = 32  # images per step over all image-level sources (split by their share)
-    loss: str = "softmax"  # softmax (multi-tag images: the target spread over their tags) | sigmoid (one binary CE per class)
+    loss: str = (
+        "softmax"  # softmax (multi-tag images: the target spread over their tags) | sigmoid (one binary CE per class)
+    )
     lr: float = 1e-3  # AdamW, as AugReg's Adam with decoupled weight decay
     weight_decay: float = 0.05
     warmup_iters: int = 0  # linear warm-up to lr, then poly decay
     out: str = ""  # the backbone .npz; "" = <work_dir>/backbone.npz
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "work_dir": TEXT, "iters": POSITIVE_INT, "batch_size": POSITIVE_INT, "loss": one_of("softmax", "sigmoid"),
-        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE_INT, "out": TEXT,
+        "work_dir": TEXT,
+        "iters": POSITIVE_INT,
+        "batch_size": POSITIVE_INT,
+        "loss": one_of("softmax", "sigmoid"),
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_iters": NON_NEGATIVE_INT,
+        "out": TEXT,
     }
 
 
@@ -269,9 +361,15 @@ class EvalConfig:
     classes: str = ""  # predict and score only these eval classes: comma-separated names or a file; "" = all
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
-        "mode": one_of(*EVAL_MODES), "crop_size": POSITIVE_INT, "stride": POSITIVE_INT,
-        "short_side": NON_NEGATIVE_INT, "max_long_side": POSITIVE_INT, "amp": AMP,
-        "threads": NON_NEGATIVE_INT, "max_images": NON_NEGATIVE_INT, "classes": CLASSES,
+        "mode": one_of(*EVAL_MODES),
+        "crop_size": POSITIVE_INT,
+        "stride": POSITIVE_INT,
+        "short_side": NON_NEGATIVE_INT,
+        "max_long_side": POSITIVE_INT,
+        "amp": AMP,
+        "threads": NON_NEGATIVE_INT,
+        "max_images": NON_NEGATIVE_INT,
+        "classes": CLASSES,
     }
 
 
@@ -306,7 +404,9 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {str(name_or_path)!r} not found: not a file, and not one of the packaged configs {known}")
+    raise ConfigError(
+        f"config {str(name_or_path)!r} not found: not a file, and not one of the packaged configs {known}"
+    )
 
 
 def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -461,12 +561,18 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.{where}.{i}.format is required: one of {', '.join(DATASET_FORMATS)}")
             if s.object_masks and (where != "tag_sources" or s.format != "imagenet"):
                 raise ConfigError(f"data.{where}.{i}.object_masks: only imagenet-format tag sources have object masks")
-    if cfg.model.oracle_attention and not (cfg.model.cac and d.tag_sources and all(s.object_masks for s in d.tag_sources)):
-        raise ConfigError("model.oracle_attention needs model.cac=true and object_masks on every data.tag_sources entry")
+    if cfg.model.oracle_attention and not (
+        cfg.model.cac and d.tag_sources and all(s.object_masks for s in d.tag_sources)
+    ):
+        raise ConfigError(
+            "model.oracle_attention needs model.cac=true and object_masks on every data.tag_sources entry"
+        )
     for key, sources, size in (("seg", d.seg_sources, d.seg_batch_size), ("tag", d.tag_sources, d.tag_batch_size)):
         if sources and size == 0:
-            raise ConfigError(f"data.{key}_batch_size=0 but data.{key}_sources lists {len(sources)} source(s): they "
-                              f"would never be used; give data.{key}_batch_size >= 1 or remove the sources")
+            raise ConfigError(
+                f"data.{key}_batch_size=0 but data.{key}_sources lists {len(sources)} source(s): they "
+                f"would never be used; give data.{key}_batch_size >= 1 or remove the sources"
+            )
 
 
 def dump_config(cfg: Config) -> str:

@@ -16,9 +16,10 @@ import math
 import os
 import re
 import shlex
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from larvseg.errors import UserError
 
@@ -105,7 +106,9 @@ POSITIVE = Domain("a number > 0", float, lambda v: _finite(v) and v > 0, ("0", "
 NON_NEGATIVE = Domain("a number >= 0", float, lambda v: _finite(v) and v >= 0, ("-1", "nan", "inf"))
 FRACTION = Domain("a number from 0 to 1 (0 excluded)", float, lambda v: _finite(v) and 0 < v <= 1, ("0", "1.5", "nan"))
 PROBABILITY_BELOW_1 = Domain("a number >= 0 and < 1", float, lambda v: _finite(v) and 0 <= v < 1, ("1", "-0.1", "nan"))
-MULTIPLE_OF_16 = Domain("a positive multiple of 16", int, lambda v: _integer(v) and v > 0 and v % 16 == 0, ("0", "-16", "50"))
+MULTIPLE_OF_16 = Domain(
+    "a positive multiple of 16", int, lambda v: _integer(v) and v > 0 and v % 16 == 0, ("0", "-16", "50")
+)
 AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast where measured faster on this machine (larvseg.precision)
 # the keys of larvseg.data.formats.FORMATS, in its order (tests/test_data_formats.py checks that they agree):
 # named here, below the data layer, so that a config is checked when it is loaded and `larvseg --help`
@@ -113,14 +116,21 @@ AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 autocast where measured faster
 DATASET_FORMATS = ("ade150", "ade847", "coco171", "imagenet", "custom_seg", "custom_tags", "webdataset")
 PORT = Domain("a port from 1 to 65535", int, lambda v: _integer(v) and 1 <= v <= 65535, ("0", "70000", "http"))
 SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)  # 512MB, 1GB, 1GiB, 4096
-SIZE = Domain("a size such as 512MB, 1GB or 1GiB", str, lambda v: isinstance(v, str) and SIZE_PATTERN.fullmatch(v) is not None,
-              ("big", "-5MB"))
+SIZE = Domain(
+    "a size such as 512MB, 1GB or 1GiB",
+    str,
+    lambda v: isinstance(v, str) and SIZE_PATTERN.fullmatch(v) is not None,
+    ("big", "-5MB"),
+)
 
 
 HUB_REPO_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # a Hugging Face repository id
-HUB_REPO_ID = Domain("owner/name of a Hugging Face model repository", str,
-                     lambda v: isinstance(v, str) and HUB_REPO_PATTERN.fullmatch(v) is not None,
-                     ("noslash", "org/name/extra", "my org/model"))
+HUB_REPO_ID = Domain(
+    "owner/name of a Hugging Face model repository",
+    str,
+    lambda v: isinstance(v, str) and HUB_REPO_PATTERN.fullmatch(v) is not None,
+    ("noslash", "org/name/extra", "my org/model"),
+)
 
 
 def one_of(*choices: str) -> Domain:
@@ -129,11 +139,19 @@ def one_of(*choices: str) -> Domain:
 
 def pair(item: Domain, ordered: bool = False, what: str = "") -> Domain:
     """A list of two values of ``item`` (``ordered``: the first <= the second)."""
+
     def test(v: Any) -> bool:
-        return (isinstance(v, list) and len(v) == 2 and all(item.problem(x) is None for x in v)
-                and (not ordered or v[0] <= v[1]))
+        return (
+            isinstance(v, list)
+            and len(v) == 2
+            and all(item.problem(x) is None for x in v)
+            and (not ordered or v[0] <= v[1])
+        )
+
     order = ", the first <= the second" if ordered else ""
-    return Domain(f"a list of two values, each {item.allowed}{order}{what}", list, test, ("[1]", "[1, 2, 3]", "[-1, 5]"))
+    return Domain(
+        f"a list of two values, each {item.allowed}{order}{what}", list, test, ("[1]", "[1, 2, 3]", "[-1, 5]")
+    )
 
 
 def device_problem(value: Any) -> str | None:
@@ -157,8 +175,13 @@ def device_problem(value: Any) -> str | None:
 
 AMP = one_of(*AMP_MODES)
 
-DEVICE = Domain("auto, cpu, cuda or cuda:N (a device of this machine)", str, wrong=("tpu", "cuda:99", "gpu"),
-                machine=True, explain=device_problem)
+DEVICE = Domain(
+    "auto, cpu, cuda or cuda:N (a device of this machine)",
+    str,
+    wrong=("tpu", "cuda:99", "gpu"),
+    machine=True,
+    explain=device_problem,
+)
 
 CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".names", ".lst")
 
@@ -173,15 +196,22 @@ def classes_problem(value: Any) -> str | None:
     path = Path(text).expanduser()
     looks_like_path = "," not in text and (
         text.lower().endswith(CLASS_FILE_SUFFIXES)
-        or (os.sep in text and (text.startswith(("/", "./", "../", "~")) or path.parent.is_dir())))
+        or (os.sep in text and (text.startswith(("/", "./", "../", "~")) or path.parent.is_dir()))
+    )
     if looks_like_path and not path.is_file():
-        return ("looks like a file of class names, but there is no such file (give an existing file, "
-                "or class names separated by commas)")
+        return (
+            "looks like a file of class names, but there is no such file (give an existing file, "
+            "or class names separated by commas)"
+        )
     return None
 
 
-CLASSES = Domain("comma-separated class names or an existing file with one per line", str,
-                 wrong=("no/such/names.txt", "names.txt"), explain=classes_problem)
+CLASSES = Domain(
+    "comma-separated class names or an existing file with one per line",
+    str,
+    wrong=("no/such/names.txt", "names.txt"),
+    explain=classes_problem,
+)
 
 
 def writable_problem(value: Any, is_file: bool = False) -> str | None:
@@ -216,13 +246,24 @@ def require_writable(path: str | os.PathLike, what: str) -> Path:
     return Path(path)
 
 
-OUTPUT_DIR = Domain("a folder that exists or can be created, and is writable", str,
-                    wrong=("/proc/version/out", ""), explain=writable_problem)
-OUTPUT_FILE = Domain("a file path in a writable folder", str, wrong=("/proc/version/model.onnx", "/"),
-                     explain=lambda v: writable_problem(v, is_file=True))
-EXISTING_FILE = Domain("an existing file", str, wrong=("no/such/file.png",),
-                       explain=lambda v: None if isinstance(v, str) and Path(v).expanduser().is_file()
-                       else "no such file")
+OUTPUT_DIR = Domain(
+    "a folder that exists or can be created, and is writable",
+    str,
+    wrong=("/proc/version/out", ""),
+    explain=writable_problem,
+)
+OUTPUT_FILE = Domain(
+    "a file path in a writable folder",
+    str,
+    wrong=("/proc/version/model.onnx", "/"),
+    explain=lambda v: writable_problem(v, is_file=True),
+)
+EXISTING_FILE = Domain(
+    "an existing file",
+    str,
+    wrong=("no/such/file.png",),
+    explain=lambda v: None if isinstance(v, str) and Path(v).expanduser().is_file() else "no such file",
+)
 
 
 def resume_problem(value: Any) -> str | None:
@@ -245,8 +286,10 @@ def split_compare_option(text: str) -> tuple[str, list[str]]:
     overrides = shlex.split(rest)  # ValueError on an unbalanced quote
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if not overrides or bad:
-        raise ValueError(f"expected {COMPARE_OPTION_SYNTAX}; "
-                         + (f"not KEY=VALUE: {', '.join(map(repr, bad))}" if bad else "no override"))
+        raise ValueError(
+            f"expected {COMPARE_OPTION_SYNTAX}; "
+            + (f"not KEY=VALUE: {', '.join(map(repr, bad))}" if bad else "no override")
+        )
     return label.strip(), overrides
 
 
@@ -258,16 +301,17 @@ def compare_option_problem(value: Any) -> str | None:
     return None
 
 
-COMPARE_OPTION = Domain(COMPARE_OPTION_SYNTAX, str, wrong=("pooling", "label:", "'unbalanced=1"),
-                        explain=compare_option_problem)
+COMPARE_OPTION = Domain(
+    COMPARE_OPTION_SYNTAX, str, wrong=("pooling", "label:", "'unbalanced=1"), explain=compare_option_problem
+)
 
 
-def check_fields(instance: Any, domains: dict[str, Domain], where: str, here: bool = True,
-                 skip: Sequence[str] = ()) -> None:
+def check_fields(
+    instance: Any, domains: dict[str, Domain], where: str, here: bool = True, skip: Sequence[str] = ()
+) -> None:
     """Check every field of a config dataclass ``instance`` that has a domain (DomainError naming
     ``where.field``); ``here=False`` skips the machine-dependent ones (configs stored in checkpoints)."""
     for name, domain in domains.items():
         if name in skip or (domain.machine and not here):
             continue
         domain.check(getattr(instance, name), f"{where + '.' if where else ''}{name}")
-

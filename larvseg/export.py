@@ -22,18 +22,18 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from larvseg import atomic
+from larvseg.errors import UserError
 from larvseg.models.cosine_classifier import CenteredClasses
 from larvseg.models.inference import centered_classes, whole_image_segmentation
 from larvseg.models.segmenter import Segmenter
-from larvseg.errors import UserError
 from larvseg.predict import LarvSegPredictor, read_image
 from larvseg.threads import configure_threads
 
@@ -42,6 +42,7 @@ class OnnxMismatchError(UserError, RuntimeError):
     """The exported model's outputs differ from PyTorch's beyond the tolerance; nothing was written."""
 
     hint = "raise --tolerance if the difference is acceptable, or report it with the versions of torch and onnxruntime"
+
 
 OPSET = 18
 MIN_SIDE = 32  # smaller images would need a 1-token grid, which the exported shapes exclude
@@ -66,14 +67,19 @@ class ExportableSegmenter(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         classes = CenteredClasses(self.class_centered, self.class_cov)
         # one class chunk: the chunk size predict derives from the image size would be symbolic here
-        logits, labels = whole_image_segmentation(self.segmenter, image[0], classes,
-                                                  class_chunk=self.class_centered.shape[0])
+        logits, labels = whole_image_segmentation(
+            self.segmenter, image[0], classes, class_chunk=self.class_centered.shape[0]
+        )
         return logits[None], labels[None]
 
 
-def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequence[str],
-                example_hw: tuple[int, int] = (70, 90),
-                check: Callable[[Path], None] | None = None) -> Path:
+def export_onnx(
+    module: ExportableSegmenter,
+    path: str | Path,
+    class_names: Sequence[str],
+    example_hw: tuple[int, int] = (70, 90),
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``module`` to ``path`` (temp file + os.replace): batch 1, dynamic height and width (>= 32 px).
     ``check(temp_path)`` runs on the written temp file before it is renamed: when it raises, the temp
     file is removed and ``path`` is left as it was."""
@@ -87,14 +93,27 @@ def export_onnx(module: ExportableSegmenter, path: str | Path, class_names: Sequ
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         # torch's own exporter calls an API it deprecates (torch 2.9+): nothing a user can act on
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
         # Shape checks in Python (the ViT's multiple-of-16 test, the position grid's "same size?" shortcut)
         # become runtime asserts instead of guards that would pin the size to the example's.
-        program = torch.export.export(module.eval(), (example,), dynamic_shapes={"image": dims}, strict=False,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
-        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["image"],
-                                         output_names=["logits", "labels"], opset_version=OPSET, verbose=False)
+        program = torch.export.export(
+            module.eval(),
+            (example,),
+            dynamic_shapes={"image": dims},
+            strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
+        onnx_program = torch.onnx.export(
+            program,
+            (example,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["logits", "labels"],
+            opset_version=OPSET,
+            verbose=False,
+        )
     if onnx_program is None:  # dynamo=True always returns the program; None is the legacy exporter's answer
         raise RuntimeError("torch.onnx.export returned no ONNX program")
     onnx_program.model.metadata_props["classes"] = json.dumps(list(class_names), ensure_ascii=False)
@@ -121,9 +140,14 @@ def check_onnx(module: ExportableSegmenter, path: str | Path, images: Sequence[n
         onnx_logits, onnx_labels = session.run(["logits", "labels"], {"image": x})
         with torch.no_grad():
             logits, labels = module(torch.from_numpy(x))
-        results.append({"height": image.shape[0], "width": image.shape[1],
-                        "max_abs_logit_diff": float(np.abs(onnx_logits - logits.numpy()).max()),
-                        "label_agreement": float((onnx_labels == labels.numpy()).mean())})
+        results.append(
+            {
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "max_abs_logit_diff": float(np.abs(onnx_logits - logits.numpy()).max()),
+                "label_agreement": float((onnx_labels == labels.numpy()).mean()),
+            }
+        )
     return results
 
 
@@ -134,8 +158,10 @@ def _check_images(paths: Sequence[str]) -> list[np.ndarray]:
     import cv2
 
     rng = np.random.default_rng(0)
-    return [cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-            for h, w in ((200, 300), (157, 93))]
+    return [
+        cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        for h, w in ((200, 300), (157, 93))
+    ]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,13 +180,16 @@ def main(args: argparse.Namespace) -> int:
     def check(candidate: Path) -> None:  # on the temp file: the .onnx appears only once this passes
         worst_diff, worst_agree = 0.0, 1.0
         for r in check_onnx(module, candidate, images):
-            print(f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
-                  f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels")
+            print(
+                f"onnxruntime vs PyTorch on a {r['height']}x{r['width']} image: max abs logit diff "
+                f"{r['max_abs_logit_diff']:.2e}, labels agree on {100 * r['label_agreement']:.3f}% of pixels"
+            )
             worst_diff, worst_agree = max(worst_diff, r["max_abs_logit_diff"]), min(worst_agree, r["label_agreement"])
         if worst_diff > args.tolerance or worst_agree < 0.999:
             raise OnnxMismatchError(
                 f"{args.onnx}: not written: the ONNX model differs from PyTorch (max abs logit diff {worst_diff:.2e} "
-                f"> --tolerance {args.tolerance:g} or label agreement {100 * worst_agree:.3f}% < 99.9%)")
+                f"> --tolerance {args.tolerance:g} or label agreement {100 * worst_agree:.3f}% < 99.9%)"
+            )
 
     path = export_onnx(module, args.onnx, class_names, check=check)
     sidecar = path.with_suffix(".classes.json")

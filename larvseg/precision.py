@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -117,7 +117,7 @@ def speed_flags() -> list[str]:
     return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "asimd", "sve", "bf16")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpu_description() -> str:
     return f"cpu {cpu_model()} [{' '.join(speed_flags())}]"
 
@@ -132,8 +132,10 @@ def device_description(device: torch.device) -> str:
 def calibration_key(device: torch.device, workload: Workload) -> str:
     """Machine, software, threads and workload: what a cached decision is valid for."""
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return (f"v{CALIBRATION_VERSION} | {device_description(device)} | torch {torch.__version__} | "
-            f"threads {threads} | {workload.kind} | {workload.shape}")
+    return (
+        f"v{CALIBRATION_VERSION} | {device_description(device)} | torch {torch.__version__} | "
+        f"threads {threads} | {workload.kind} | {workload.shape}"
+    )
 
 
 def cache_path() -> Path:
@@ -152,6 +154,7 @@ def _timer(run: Callable[[bool], object], device: torch.device) -> Callable[[boo
         run(bf16)
         _sync(device)
         return time.perf_counter() - t0
+
     return timed
 
 
@@ -201,11 +204,19 @@ def cached_entry(device: torch.device, workload: Workload) -> dict | None:
 
 
 def _calibrate(key: str, workload: Workload, device: torch.device, path: Path) -> dict:
-    log.info("larvseg: amp=auto: timing float32 vs bf16 once on this machine for %s (%s)", workload.kind, workload.shape)
+    log.info(
+        "larvseg: amp=auto: timing float32 vs bf16 once on this machine for %s (%s)", workload.kind, workload.shape
+    )
     timing = measure(workload, device)
-    entry = {"bf16": decide(timing), "fp32_s": timing.fp32_s, "bf16_s": timing.bf16_s,
-             "speedup": timing.fp32_s / timing.bf16_s, "early_stop": timing.early_stop,
-             "calibration_s": timing.seconds, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    entry = {
+        "bf16": decide(timing),
+        "fp32_s": timing.fp32_s,
+        "bf16_s": timing.bf16_s,
+        "speedup": timing.fp32_s / timing.bf16_s,
+        "early_stop": timing.early_stop,
+        "calibration_s": timing.seconds,
+        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     entries = _read_cache(path)  # again: another process may have added its entries meanwhile
     entries[key] = entry
     try:

@@ -35,8 +35,9 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, overload
+from typing import Any, overload
 
 import cv2
 import numpy as np
@@ -46,10 +47,10 @@ from PIL import Image
 from larvseg import atomic
 from larvseg.config import EvalConfig, check_amp
 from larvseg.data import io as data_io
+from larvseg.data.class_query import ClassQuery, ClassResolver
 from larvseg.data.io import IMAGE_SUFFIXES
 from larvseg.data.overlay import Prediction, class_areas, colours_by_area, label_png_dtype, render_overlay
 from larvseg.data.transforms import eval_resize, rescale_size, to_chw
-from larvseg.data.class_query import ClassQuery, ClassResolver
 from larvseg.data.vocabulary import UnknownClassError as UnknownClassError  # re-exported: part of this API
 from larvseg.data.vocabulary import class_terms
 from larvseg.distributed import select_device
@@ -101,16 +102,25 @@ def read_image(path: str | Path) -> np.ndarray:
 class LarvSegPredictor:
     """A trained segmenter that turns RGB images into label maps over (a subset of) its vocabulary."""
 
-    def __init__(self, segmenter: Segmenter, class_names: Sequence[str], *, classes: str | Sequence[str] | None = None,
-                 eval_cfg: EvalConfig | None = None, amp: str = "auto", short_side: int | None = None,
-                 supervised: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        class_names: Sequence[str],
+        *,
+        classes: str | Sequence[str] | None = None,
+        eval_cfg: EvalConfig | None = None,
+        amp: str = "auto",
+        short_side: int | None = None,
+        supervised: Sequence[int] | None = None,
+    ) -> None:
         self.segmenter = segmenter.eval()
         self.class_names = list(class_names)
         self.device = next(segmenter.parameters()).device
         # amp "auto": bf16 where it is faster (larvseg.precision)
         e = eval_cfg or EvalConfig()
-        self.eval_cfg = dataclasses.replace(e, amp=check_amp(amp),
-                                            short_side=e.short_side if short_side is None else short_side)
+        self.eval_cfg = dataclasses.replace(
+            e, amp=check_amp(amp), short_side=e.short_side if short_side is None else short_side
+        )
         # supervised: union ids of the classes that had masks or tags in training (stored in checkpoints
         # since it exists; None = unknown, every class). The others' classifier rows never got a signal.
         self.supervised = None if supervised is None else np.unique(np.asarray(supervised, dtype=np.int64))
@@ -124,7 +134,10 @@ class LarvSegPredictor:
                 warnings.warn(
                     f"{len(untrained)} of the requested classes had no training data in this checkpoint (no masks "
                     f"or tags): {untrained[:10]}{' ...' if len(untrained) > 10 else ''}; their scores are untrained "
-                    f"and predictions of them are noise", UserWarning, stacklevel=2)
+                    f"and predictions of them are noise",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.class_ids = None if ids is None else torch.from_numpy(ids).to(self.device)
 
     @overload
@@ -150,15 +163,34 @@ class LarvSegPredictor:
         return self.class_names if self.query is None else self.query.output_names
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
-                        amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        classes: str | Sequence[str] | None = None,
+        device: str = "auto",
+        amp: str = "auto",
+        short_side: int | None = None,
+    ) -> LarvSegPredictor:
         loaded = load_segmenter(path, select_device(device))
-        return cls(loaded.segmenter, loaded.class_names, classes=classes, eval_cfg=loaded.config.eval, amp=amp,
-                   short_side=short_side, supervised=loaded.supervised)
+        return cls(
+            loaded.segmenter,
+            loaded.class_names,
+            classes=classes,
+            eval_cfg=loaded.config.eval,
+            amp=amp,
+            short_side=short_side,
+            supervised=loaded.supervised,
+        )
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, classes: str | Sequence[str] | None = None, device: str = "auto",
-                        amp: str = "auto", short_side: int | None = None) -> "LarvSegPredictor":
+    def from_pretrained(
+        cls,
+        name: str | Path,
+        classes: str | Sequence[str] | None = None,
+        device: str = "auto",
+        amp: str = "auto",
+        short_side: int | None = None,
+    ) -> LarvSegPredictor:
         """A model saved by ``larvseg hub save``: its folder, or ``hf-hub:<owner>/<name>[@revision]`` (from the
         Hugging Face cache, downloaded when online; larvseg.models.model_repo). Checkpoint files work too."""
         return cls.from_checkpoint(name, classes=classes, device=device, amp=amp, short_side=short_side)
@@ -171,8 +203,12 @@ class LarvSegPredictor:
         h, w = rescale_size(*image_hw, e.max_long_side, e.short_side) if e.short_side > 0 else image_hw
         return len(slide_windows(h, w, e.crop_size, e.stride))
 
-    def __call__(self, image: np.ndarray | Image.Image, progress: Callable[[int, int], object] | None = None,
-                 classes: str | Sequence[str] | None = None) -> Prediction:
+    def __call__(
+        self,
+        image: np.ndarray | Image.Image,
+        progress: Callable[[int, int], object] | None = None,
+        classes: str | Sequence[str] | None = None,
+    ) -> Prediction:
         """``progress(done, total)`` is called after every window (sliding-window mode). ``classes``: this
         call's vocabulary (names, WordNet lemmas, wnids, concepts ``dog*``; comma-separated or a file, as the
         constructor's); None = the predictor's."""
@@ -182,17 +218,30 @@ class LarvSegPredictor:
         return self.segment(as_rgb_array(image), torch.from_numpy(query.class_ids), progress, query)
 
     @torch.inference_mode()
-    def segment(self, rgb: np.ndarray, class_ids: torch.Tensor | None,
-                progress: Callable[[int, int], object] | None = None, query: ClassQuery | None = None) -> Prediction:
+    def segment(
+        self,
+        rgb: np.ndarray,
+        class_ids: torch.Tensor | None,
+        progress: Callable[[int, int], object] | None = None,
+        query: ClassQuery | None = None,
+    ) -> Prediction:
         """Segment an HxWx3 uint8 RGB array, scoring the union ids ``class_ids`` (None = every class).
         ``query``: the resolved class query the ids come from (its names, aliases and concepts label the
         result); None = the model's own class names."""
         resized = eval_resize(rgb, self.eval_cfg.short_side, self.eval_cfg.max_long_side)
-        label_map = segment_image(
-            self.segmenter, torch.from_numpy(to_chw(resized)), self.eval_cfg,
-            class_ids=None if class_ids is None else class_ids.to(self.device),
-            out_size=rgb.shape[:2], progress=progress,
-        ).cpu().numpy().astype(np.int64)
+        label_map = (
+            segment_image(
+                self.segmenter,
+                torch.from_numpy(to_chw(resized)),
+                self.eval_cfg,
+                class_ids=None if class_ids is None else class_ids.to(self.device),
+                out_size=rgb.shape[:2],
+                progress=progress,
+            )
+            .cpu()
+            .numpy()
+            .astype(np.int64)
+        )
         if query is not None:  # aliases renamed, concepts' member classes mapped to the concept's label
             return query.prediction(label_map)
         return Prediction(label_map, self.class_names, class_areas(label_map, self.class_names))
@@ -239,8 +288,9 @@ def main(args: argparse.Namespace) -> int:
     """Segment every image; an unreadable one is reported and skipped, the others are written, and the
     exit code is 1 if any was skipped (the list is printed at the end). Outputs are written atomically."""
     paths = expand_images(args.images)  # before loading the model: a typo fails fast
-    predictor = LarvSegPredictor.from_checkpoint(args.checkpoint, classes=args.classes, device=args.device,
-                                                 amp=args.amp, short_side=args.short_side)
+    predictor = LarvSegPredictor.from_checkpoint(
+        args.checkpoint, classes=args.classes, device=args.device, amp=args.amp, short_side=args.short_side
+    )
     if predictor.device.type == "cpu":
         configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
     out = Path(args.out)
@@ -264,13 +314,16 @@ def main(args: argparse.Namespace) -> int:
             log.warning("skipped %s", exc)
             continue
         windows = predictor.windows(image.shape[:2])
-        with progress_bar(total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True,
-                  disable=windows < 2) as window_bar:  # large images: progress inside the image too
+        with progress_bar(
+            total=windows, desc=f"  {path.name}", unit="window", leave=False, dynamic_ncols=True, disable=windows < 2
+        ) as window_bar:  # large images: progress inside the image too
             pred = predictor(image, progress=lambda done, total: window_bar.update(int(done - window_bar.n)))
         stem = _unique_stem(path, used)
         _write_png(out / f"{stem}_labels.png", pred.label_map.astype(dtype))
-        _write_png(out / f"{stem}_overlay.png", cv2.cvtColor(render_overlay(image, pred, colours_by_area(pred)),
-                                                             cv2.COLOR_RGB2BGR))
+        _write_png(
+            out / f"{stem}_overlay.png",
+            cv2.cvtColor(render_overlay(image, pred, colours_by_area(pred)), cv2.COLOR_RGB2BGR),
+        )
         given[str(path)] += 1  # the same file given twice: a second entry, "<path> (#2)", for its second outputs
         key = str(path) if given[str(path)] == 1 else f"{path} (#{given[str(path)]})"
         summary[key] = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png", "areas": pred.areas}
@@ -279,8 +332,10 @@ def main(args: argparse.Namespace) -> int:
     atomic.write_text(out / "areas.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"wrote label maps ({np.dtype(dtype).name}), overlays and areas.json for {len(summary)} image(s) to {out}")
     if failed:
-        print(f"larvseg predict: {len(failed)} of {len(paths)} image(s) could not be read and were skipped:",
-              file=sys.stderr)
+        print(
+            f"larvseg predict: {len(failed)} of {len(paths)} image(s) could not be read and were skipped:",
+            file=sys.stderr,
+        )
         for line in failed:
             print(f"  {line}", file=sys.stderr)
         return 1

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -28,9 +29,19 @@ class PlainProgress:
     """tqdm's interface as used here (iterate, update, set_postfix, write, close, ``n``), printing
     ``desc: n/total (pct%) rate unit/s eta postfix`` lines at most every ``interval`` seconds."""
 
-    def __init__(self, iterable: Iterable | None = None, total: int | None = None, initial: int = 0,
-                 desc: str = "", unit: str = "it", disable: bool = False, leave: bool = True,
-                 file: TextIO | None = None, interval: float = LOG_INTERVAL_S, **_ignored: Any) -> None:
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        total: int | None = None,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "it",
+        disable: bool = False,
+        leave: bool = True,
+        file: TextIO | None = None,
+        interval: float = LOG_INTERVAL_S,
+        **_ignored: Any,
+    ) -> None:
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -43,12 +54,12 @@ class PlainProgress:
         self.closed = False
 
     def __iter__(self) -> Iterator:
-        for item in (self.iterable if self.iterable is not None else ()):
+        for item in self.iterable if self.iterable is not None else ():
             yield item
             self.update(1)
         self.close()
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -74,7 +85,11 @@ class PlainProgress:
         eta = ""
         if self.total and rate > 0:
             left = (self.total - self.n) / rate
-            eta = f", eta {int(left // 3600):d}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if math.isfinite(left) else ""
+            eta = (
+                f", eta {int(left // 3600):d}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+                if math.isfinite(left)
+                else ""
+            )
         post = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc + ': ' if self.desc else ''}{done}{pct}, {rate:.2f} {self.unit}/s{eta}{post}"
 

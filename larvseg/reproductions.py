@@ -57,7 +57,9 @@ def load_table(path: Path = TABLE_PATH) -> tuple[dict[str, Any], list[Reproducti
         rows = []
         for constant, value in entry["constants"].items():
             if isinstance(value, dict):  # {original, ours?, why?}
-                rows.append(Row(constant, value["original"], value.get("ours", value["original"]), value.get("why", "")))
+                rows.append(
+                    Row(constant, value["original"], value.get("ours", value["original"]), value.get("why", ""))
+                )
             else:
                 rows.append(Row(constant, value, value))
         reproductions.append(Reproduction(name, entry["original"], entry["commit"], entry.get("choice", ""), rows))
@@ -82,22 +84,25 @@ def constants(cfg: Config) -> dict[str, Any]:
         "crop retry (cat_max_ratio)": d.cat_max_ratio,
         "photometric distortion": d.photometric,
         "evaluation": f"{d.eval.name} ({d.eval.format}, {d.eval.split or 'validation'})"
-                      + (f", classes {e.classes}" if e.classes else ""),
+        + (f", classes {e.classes}" if e.classes else ""),
         "evaluation protocol": f"{e.mode} {e.crop_size}/{e.stride}, short side {e.short_side}, long side <= {e.max_long_side}",
         "loss weighting": "λ × each source's mean loss",
         "CAC": m.cac,
     }
     if m.cac:
-        out.update({
-            "memory bank M": m.memory_bank_size,
-            "warm-up (ring wraps)": m.warm_up,
-            "background rule": f"top-{m.bg_topk} score > {m.bg_score_thresh:g}, MSE > {m.bg_mse_thresh:g}",
-            "memory bank scope": "one bank, every rank's entries gathered",
-        })
+        out.update(
+            {
+                "memory bank M": m.memory_bank_size,
+                "warm-up (ring wraps)": m.warm_up,
+                "background rule": f"top-{m.bg_topk} score > {m.bg_score_thresh:g}, MSE > {m.bg_mse_thresh:g}",
+                "memory bank scope": "one bank, every rank's entries gathered",
+            }
+        )
     for source, role, images in source_batches(d):
         name = source.name
         out[f"{name}: data"] = f"{'masks' if role == 'seg' else 'tags'}, {source.format}" + (
-            f" {source.classes}" if source.classes else "")
+            f" {source.classes}" if source.classes else ""
+        )
         out[f"{name}: images per step"] = images
         out[f"{name}: crop"] = source.crop_size
         out[f"{name}: rescale (long, short)"] = list(source_scale(source, d))
@@ -114,8 +119,11 @@ def mismatches(rep: Reproduction, cfg: Config) -> list[str]:
     """Every way in which ``cfg`` differs from its row of the table (empty: it matches)."""
     got = constants(cfg)
     expected = {row.constant: row.ours for row in rep.rows}
-    problems = [f"{rep.config}: {k}: table {expected[k]!r}, config {got[k]!r}"
-                for k in expected if k in got and got[k] != expected[k]]
+    problems = [
+        f"{rep.config}: {k}: table {expected[k]!r}, config {got[k]!r}"
+        for k in expected
+        if k in got and got[k] != expected[k]
+    ]
     problems += [f"{rep.config}: {k}: in the table, not a constant of the config" for k in expected if k not in got]
     problems += [f"{rep.config}: {k} = {got[k]!r}: not in the table" for k in got if k not in expected]
     return problems
@@ -156,9 +164,14 @@ def render(path: Path = TABLE_PATH) -> str:
         lines.append(f"| `{name}` | not a reproduction: {why} | |")
     lines += ["", "## Every constant", "", tree["legend"].strip()]
     for rep in reproductions:
-        lines += ["", f"### `{rep.config}`", "",
-                  f"Original: [`{rep.original}`](https://github.com/{repo}/blob/{rep.commit}/{rep.original}) "
-                  f"(commit `{rep.commit[:8]}`).", ""]
+        lines += [
+            "",
+            f"### `{rep.config}`",
+            "",
+            f"Original: [`{rep.original}`](https://github.com/{repo}/blob/{rep.commit}/{rep.original}) "
+            f"(commit `{rep.commit[:8]}`).",
+            "",
+        ]
         if rep.choice:
             lines += [rep.choice.strip(), ""]
         lines += ["| constant | original | packaged | why / note |", "|---|---|---|---|"]
@@ -177,8 +190,9 @@ def check_all() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m larvseg.reproductions", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/CONFIGS.md or a packaged config "
-                                                             "disagrees with the table")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/CONFIGS.md or a packaged config disagrees with the table"
+    )
     args = parser.parse_args(argv)
     problems = check_all()
     for p in problems:

@@ -40,10 +40,11 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -125,23 +126,34 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
     if not data:
         raise UploadError(f"{name}: the upload is empty")
     if len(data) > max_bytes:
-        raise UploadError(f"{name}: the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB "
-                          "(larvseg serve --max-upload-mb)", 413)
+        raise UploadError(
+            f"{name}: the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB "
+            "(larvseg serve --max-upload-mb)",
+            413,
+        )
     try:
         im: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # hundreds of megapixels: refused by Pillow before decoding
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "hundreds of megapixels"
-        raise UploadError(f"{name}: the image is {size}; the limit is {max_pixels / 1e6:.0f} megapixels "
-                          "(larvseg serve --max-megapixels)", 413) from None
+        raise UploadError(
+            f"{name}: the image is {size}; the limit is {max_pixels / 1e6:.0f} megapixels "
+            "(larvseg serve --max-megapixels)",
+            413,
+        ) from None
     except UnidentifiedImageError:  # its message names only an in-memory buffer
         raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF)", 415) from None
     except OSError as exc:
-        raise UploadError(f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF): {exc}", 415) from None
+        raise UploadError(
+            f"{name}: not an image that can be read (JPEG, PNG, TIFF, WebP, BMP, GIF): {exc}", 415
+        ) from None
     w, h = im.size
     if w * h > max_pixels:
-        raise UploadError(f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
-                          f"{max_pixels / 1e6:.0f} megapixels (larvseg serve --max-megapixels)", 413)
+        raise UploadError(
+            f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
+            f"{max_pixels / 1e6:.0f} megapixels (larvseg serve --max-megapixels)",
+            413,
+        )
     notices = []
     try:
         im.load()
@@ -151,8 +163,10 @@ def decode_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tu
         bits = _bits_per_sample(im, data)  # before exif_transpose, whose copy has no format
         im = ImageOps.exif_transpose(im)  # what the browser shows is what gets segmented
         if im.mode == "CMYK":
-            notices.append(f"{name} is a CMYK image; it was converted to RGB without a colour profile, "
-                           "so colours may differ slightly from what you see elsewhere")
+            notices.append(
+                f"{name} is a CMYK image; it was converted to RGB without a colour profile, "
+                "so colours may differ slightly from what you see elsewhere"
+            )
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: scale, do not clip at 255
             grey = np.asarray(im).astype(np.float64)
             top = 65535.0 if bits == 16 or grey.max() <= 65535 else float(grey.max())
@@ -206,17 +220,32 @@ class Job:
     seconds: float = 0.0  # from upload to done or error (the Retry-After estimate)
 
     def status(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "state": self.state, "stage": self.stage,
-                "progress": round(self.progress, 3), "windows_done": self.windows_done,
-                "windows_total": self.windows_total, "elapsed_s": round(time.perf_counter() - self.started, 2),
-                "notices": self.notices, "error": self.error, "result": self.result}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "stage": self.stage,
+            "progress": round(self.progress, 3),
+            "windows_done": self.windows_done,
+            "windows_total": self.windows_total,
+            "elapsed_s": round(time.perf_counter() - self.started, 2),
+            "notices": self.notices,
+            "error": self.error,
+            "result": self.result,
+        }
 
 
 class SegmentationService:
     """The model, the vocabularies and the jobs behind the page; usable without any web framework."""
 
-    def __init__(self, predictor: LarvSegPredictor, checkpoint: str, max_upload_mb: float = 20.0,
-                 max_megapixels: float = 25.0, max_queue: int = MAX_QUEUE) -> None:
+    def __init__(
+        self,
+        predictor: LarvSegPredictor,
+        checkpoint: str,
+        max_upload_mb: float = 20.0,
+        max_megapixels: float = 25.0,
+        max_queue: int = MAX_QUEUE,
+    ) -> None:
         self.predictor = predictor
         self.checkpoint = checkpoint
         self.names = predictor.class_names
@@ -235,17 +264,32 @@ class SegmentationService:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="larvseg-serve")
 
     def info(self) -> dict[str, Any]:
-        own = (f"all classes of this model ({len(self.names)})" if self.all_trained else
-               f"the {len(self.trained)} classes this model was trained on (of {len(self.names)})")
+        own = (
+            f"all classes of this model ({len(self.names)})"
+            if self.all_trained
+            else f"the {len(self.trained)} classes this model was trained on (of {len(self.names)})"
+        )
         presets = [{"key": "model", "label": own, "known": len(self.trained), "total": len(self.names)}]
         for p in PRESETS:
             names = p.names()
             ids, _ = preset_ids(names, self.index)
-            presets.append({"key": p.key, "label": f"{p.label}: {len(ids)} of {len(names)} in this model",
-                            "known": int(len(ids)), "total": len(names)})
-        return {"checkpoint": self.checkpoint, "num_classes": len(self.names), "trained_classes": len(self.trained),
-                "presets": presets, "max_upload_mb": self.max_bytes / 2**20, "max_megapixels": self.max_pixels / 1e6,
-                "max_queue": self.max_queue}
+            presets.append(
+                {
+                    "key": p.key,
+                    "label": f"{p.label}: {len(ids)} of {len(names)} in this model",
+                    "known": int(len(ids)),
+                    "total": len(names),
+                }
+            )
+        return {
+            "checkpoint": self.checkpoint,
+            "num_classes": len(self.names),
+            "trained_classes": len(self.trained),
+            "presets": presets,
+            "max_upload_mb": self.max_bytes / 2**20,
+            "max_megapixels": self.max_pixels / 1e6,
+            "max_queue": self.max_queue,
+        }
 
     def pending(self) -> int:
         """Jobs waiting or running."""
@@ -257,9 +301,12 @@ class SegmentationService:
         if pending >= self.max_queue:
             durations = [j.seconds for j in self.jobs.values() if j.seconds]  # of finished jobs
             per_job = sum(durations) / len(durations) if durations else 5.0
-            raise UploadError(f"the server is busy: {pending} uploads are waiting or running, the most it takes is "
-                              f"{self.max_queue} (larvseg serve --max-queue); try again in a few seconds", 503,
-                              retry_after=max(1, round(per_job * (pending - self.max_queue + 1))))
+            raise UploadError(
+                f"the server is busy: {pending} uploads are waiting or running, the most it takes is "
+                f"{self.max_queue} (larvseg serve --max-queue); try again in a few seconds",
+                503,
+                retry_after=max(1, round(per_job * (pending - self.max_queue + 1))),
+            )
 
     def class_names(self) -> list[str]:
         """Names worth typing: the trained classes."""
@@ -283,8 +330,14 @@ class SegmentationService:
                 raise UploadError(f"{exc}; pick the model's own vocabulary to see what it knows") from None
             ids = query.class_ids
             untrained = [self.names[i] for i in np.setdiff1d(ids, self.trained)]
-            notices = [f"{len(untrained)} of your classes had no training data in this checkpoint, their predictions "
-                       f"are noise: {', '.join(untrained[:10])}{' ...' if len(untrained) > 10 else ''}"] if untrained else []
+            notices = (
+                [
+                    f"{len(untrained)} of your classes had no training data in this checkpoint, their predictions "
+                    f"are noise: {', '.join(untrained[:10])}{' ...' if len(untrained) > 10 else ''}"
+                ]
+                if untrained
+                else []
+            )
             return ids, query.notes + notices, query
         if preset == "model":
             return self.trained, [], None
@@ -293,8 +346,14 @@ class SegmentationService:
         p = self.presets[preset]
         ids, unknown = preset_ids(p.names(), self.index)
         if not len(ids):
-            raise UploadError(f"none of the {p.label} classes is among the {len(self.trained)} classes this model was trained on")
-        notices = [f"{p.label}: {unknown} of its classes are not in this model's trained vocabulary and were left out"] if unknown else []
+            raise UploadError(
+                f"none of the {p.label} classes is among the {len(self.trained)} classes this model was trained on"
+            )
+        notices = (
+            [f"{p.label}: {unknown} of its classes are not in this model's trained vocabulary and were left out"]
+            if unknown
+            else []
+        )
         return ids, notices, None
 
     def submit(self, data: bytes, name: str, preset: str, classes: str) -> Job:
@@ -328,7 +387,11 @@ class SegmentationService:
             job.result, job.files = self._render(rgb, pred, class_ids)
             job.state, job.stage, job.progress = "done", "done", 1.0
         except Exception as exc:  # noqa: BLE001 - any failure is shown on the page, not lost in a thread
-            job.state, job.error, job.stage = "error", f"{job.name}: segmentation failed: {type(exc).__name__}: {exc}", "failed"
+            job.state, job.error, job.stage = (
+                "error",
+                f"{job.name}: segmentation failed: {type(exc).__name__}: {exc}",
+                "failed",
+            )
         finally:
             job.seconds = time.perf_counter() - job.started
 
@@ -339,9 +402,17 @@ class SegmentationService:
         overlay = cv2.addWeighted(rgb, 0.5, painted, 0.5, 0.0)  # uint8 throughout: no float copies of a 25 MP image
         counts = np.bincount(pred.label_map.ravel(), minlength=len(names))
         present = pred.present
-        rows = [{"id": int(i), "name": names[i], "color": "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colours[i])),
-                 "pixels": int(counts[i]), "fraction": float(counts[i] / pred.label_map.size),
-                 "members": pred.breakdown.get(names[i], {})} for i in present]
+        rows = [
+            {
+                "id": int(i),
+                "name": names[i],
+                "color": "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colours[i])),
+                "pixels": int(counts[i]),
+                "fraction": float(counts[i] / pred.label_map.size),
+                "members": pred.breakdown.get(names[i], {}),
+            }
+            for i in present
+        ]
         scored = len(class_ids)
         files = {
             "overlay.png": _png_bytes(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)),
@@ -351,8 +422,13 @@ class SegmentationService:
             "labels.png": _png_bytes(pred.label_map.astype(label_png_dtype(len(names)))),
             "classes.json": json.dumps(names, ensure_ascii=False).encode(),
         }
-        result = {"width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "classes": rows,
-                  "num_scored_classes": scored, "label_dtype": np.dtype(label_png_dtype(len(names))).name}
+        result = {
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "classes": rows,
+            "num_scored_classes": scored,
+            "label_dtype": np.dtype(label_png_dtype(len(names))).name,
+        }
         return result, files
 
     def close(self) -> None:
@@ -400,14 +476,20 @@ def create_app(service: SegmentationService):
             return error(str(exc), exc.status, exc.retry_after)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > service.max_bytes:
-            return error(f"{name}: the file is {int(declared) / 2**20:.1f} MB; the limit is "
-                         f"{service.max_bytes / 2**20:.0f} MB (larvseg serve --max-upload-mb)", 413)
+            return error(
+                f"{name}: the file is {int(declared) / 2**20:.1f} MB; the limit is "
+                f"{service.max_bytes / 2**20:.0f} MB (larvseg serve --max-upload-mb)",
+                413,
+            )
         body = bytearray()
         async for chunk in request.stream():  # stop reading an oversized body early
             body += chunk
             if len(body) > service.max_bytes:
-                return error(f"{name}: the file is larger than the limit of {service.max_bytes / 2**20:.0f} MB "
-                             "(larvseg serve --max-upload-mb)", 413)
+                return error(
+                    f"{name}: the file is larger than the limit of {service.max_bytes / 2**20:.0f} MB "
+                    "(larvseg serve --max-upload-mb)",
+                    413,
+                )
         try:
             job = await run_in_threadpool(service.submit, bytes(body), name, preset, classes)
         except UploadError as exc:
@@ -420,10 +502,19 @@ def create_app(service: SegmentationService):
     @app.get("/api/jobs/{job_id}")
     def job_status(job_id: str):
         job = find(job_id)
-        return error(f"no job {job_id!r} (finished jobs are kept for the last {MAX_JOBS} uploads)", 404) if job is None else job.status()
+        return (
+            error(f"no job {job_id!r} (finished jobs are kept for the last {MAX_JOBS} uploads)", 404)
+            if job is None
+            else job.status()
+        )
 
-    media = {"overlay.png": "image/png", "labels.png": "image/png", "classes.json": "application/json",
-             "image.jpg": "image/jpeg", "colors.png": "image/png"}
+    media = {
+        "overlay.png": "image/png",
+        "labels.png": "image/png",
+        "classes.json": "application/json",
+        "image.jpg": "image/jpeg",
+        "colors.png": "image/png",
+    }
 
     @app.get("/api/jobs/{job_id}/{file_name}")
     def job_file(job_id: str, file_name: str):
@@ -431,16 +522,29 @@ def create_app(service: SegmentationService):
         if job is None or file_name not in job.files:
             return error(f"no file {file_name!r} for job {job_id!r}", 404)
         stem = re.sub(r"[^\w.-]", "_", Path(job.name).stem)[:100] or "image"  # a safe header value
-        download = {"labels.png": f"{stem}_labels.png", "classes.json": "classes.json", "overlay.png": f"{stem}_overlay.png",
-                    "image.jpg": f"{stem}.jpg", "colors.png": f"{stem}_colors.png"}
-        return Response(job.files[file_name], media_type=media[file_name],
-                        headers={"Content-Disposition": f'inline; filename="{download[file_name]}"'})
+        download = {
+            "labels.png": f"{stem}_labels.png",
+            "classes.json": "classes.json",
+            "overlay.png": f"{stem}_overlay.png",
+            "image.jpg": f"{stem}.jpg",
+            "colors.png": f"{stem}_colors.png",
+        }
+        return Response(
+            job.files[file_name],
+            media_type=media[file_name],
+            headers={"Content-Disposition": f'inline; filename="{download[file_name]}"'},
+        )
 
     return app
 
 
-def build_service(checkpoint: str, device: str = "auto", max_upload_mb: float = 20.0,
-                  max_megapixels: float = 25.0, max_queue: int = MAX_QUEUE) -> SegmentationService:
+def build_service(
+    checkpoint: str,
+    device: str = "auto",
+    max_upload_mb: float = 20.0,
+    max_megapixels: float = 25.0,
+    max_queue: int = MAX_QUEUE,
+) -> SegmentationService:
     predictor = LarvSegPredictor.from_checkpoint(checkpoint, device=device)
     if predictor.device.type == "cpu":
         configure_threads(predictor.segmenter, predictor.eval_cfg.threads)
@@ -455,8 +559,11 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     service = build_service(args.checkpoint, args.device, args.max_upload_mb, args.max_megapixels, args.max_queue)
-    print(f"larvseg serve: {args.checkpoint} ({len(service.names)} classes) at http://{args.host}:{args.port}  "
-          "(Ctrl+C stops)", flush=True)
+    print(
+        f"larvseg serve: {args.checkpoint} ({len(service.names)} classes) at http://{args.host}:{args.port}  "
+        "(Ctrl+C stops)",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
     finally:

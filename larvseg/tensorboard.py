@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,13 +63,16 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def log_images(log: TensorBoardLog, tag: str, step: int, images: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]) -> None:
+def log_images(
+    log: TensorBoardLog, tag: str, step: int, images: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]
+) -> None:
     for k, image in enumerate(images() if callable(images) else images):
         log.image(f"{tag}_{k}", step, image)
 
 
-def log_evaluation(cfg: Any, out_dir: str | Path, step: int, results: dict[str, Any],
-                   images: Callable[[], Sequence[np.ndarray]]) -> Path | None:
+def log_evaluation(
+    cfg: Any, out_dir: str | Path, step: int, results: dict[str, Any], images: Callable[[], Sequence[np.ndarray]]
+) -> Path | None:
     """``larvseg eval``'s metrics and overlays as TensorBoard events in ``out_dir`` (when enabled and installed)."""
     if not (cfg.train.tensorboard and tensorboard_available()):
         return None

@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Iterator
 
 
-def all_parsers(parser: argparse.ArgumentParser, prefix: str = "larvseg") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+def all_parsers(
+    parser: argparse.ArgumentParser, prefix: str = "larvseg"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """(command line prefix, parser) of ``parser`` and of every sub-command below it, depth first."""
     yield prefix, parser
     for action in parser._actions:

@@ -24,8 +24,15 @@ class Foreign:
 def _good_state(step: int) -> dict:
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return {"format": 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "config": {}, "vocab": ["a", "b"], "rng": ck.rng_state()}
+    return {
+        "format": 1,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": {},
+        "vocab": ["a", "b"],
+        "rng": ck.rng_state(),
+    }
 
 
 def _damage(path, kind: str) -> None:

@@ -32,7 +32,13 @@ from larvseg.train.checkpoint import save_checkpoint
 from live_server import chromium, serving
 
 CAR, DOG, BEAGLE, CORGI, CRANE_MACHINE, CRANE_BIRD = (
-    "n02958343", "n02084071", "n02088364", "n02113186", "n03126707", "n02012849")
+    "n02958343",
+    "n02084071",
+    "n02088364",
+    "n02113186",
+    "n03126707",
+    "n02012849",
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,9 @@ def test_trained_classes_decide_ambiguity_and_concept_members():
     assert resolve_query(["crane"], names).classes[0].members == [0]  # the more frequent sense
     assert resolve_query(["crane"], names, preferred=[1, 2]).classes[0].members == [1]  # the one trained
     q = resolve_query(["dog*"], names, preferred=[2, 4])
-    assert q.classes[0].members == [2] and q.notes == ["dog*: 1 class(es) at or below n02084071 had no training data and are left out"]
+    assert q.classes[0].members == [2] and q.notes == [
+        "dog*: 1 class(es) at or below n02084071 had no training data and are left out"
+    ]
     assert resolve_query(["dog*"], names, preferred=[4]).classes[0].members == [2, 3]  # none trained: all
 
 
@@ -120,8 +128,13 @@ def test_union_is_the_max_over_member_logits_on_dense_and_bounded_paths():
     names = [imagenet_class_names()[w] for w in dogs + cars] + ["sky", "tree", "grass"]
     torch.manual_seed(0)
     model = build_segmenter(ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), len(names)).eval()
-    image = torch.from_numpy(cv2.resize(np.random.default_rng(2).integers(0, 256, (5, 6, 3), dtype=np.uint8), (80, 64),
-                                        interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)
+    image = torch.from_numpy(
+        cv2.resize(
+            np.random.default_rng(2).integers(0, 256, (5, 6, 3), dtype=np.uint8),
+            (80, 64),
+            interpolation=cv2.INTER_CUBIC,
+        )
+    ).permute(2, 0, 1)
     q = resolve_query(["dog*", "car*", "sky", "grass"], names)
     ids = torch.from_numpy(q.class_ids)
     # reference: every member's logits upsampled to the image, grouped by max, then the argmax over query classes
@@ -132,15 +145,22 @@ def test_union_is_the_max_over_member_logits_on_dense_and_bounded_paths():
     full = torch.einsum("hf,nfg,wg->nhw", r.float(), logits, c.float())  # (members, H, W)
     group = torch.from_numpy(q.label_lut[q.class_ids])
     grouped = torch.full((int(group.max()) + 1, 64, 80), float("-inf")).scatter_reduce(
-        0, group[:, None, None].expand_as(full), full, "amax")
+        0, group[:, None, None].expand_as(full), full, "amax"
+    )
     expected = grouped.argmax(0).numpy()
     for dense_max in (DENSE_MAX_ELEMS, 0):  # the dense argmax and the bounded (large-vocabulary) path
-        pred, info = segment_image_detailed(model, image, class_ids=ids, mode="slide", crop_size=64, stride=32,
-                                            dense_max_elems=dense_max)
+        pred, info = segment_image_detailed(
+            model, image, class_ids=ids, mode="slide", crop_size=64, stride=32, dense_max_elems=dense_max
+        )
         assert info["path"] == ("dense" if dense_max else "bounded")
         result = q.prediction(pred.numpy())
         assert (result.label_map == expected).mean() > 0.999  # float ties at most
-        assert set(np.unique(result.label_map)) <= {len(names), len(names) + 1, names.index("sky"), names.index("grass")}
+        assert set(np.unique(result.label_map)) <= {
+            len(names),
+            len(names) + 1,
+            names.index("sky"),
+            names.index("grass"),
+        }
     assert set(result.breakdown) == {"dog", "car"}
     assert sum(result.breakdown["dog"].values()) == pytest.approx(result.areas.get("dog", 0.0))
 
@@ -154,14 +174,17 @@ def _built_model(tmp_path, names):
     """A vit_mini over the 21K vocabulary whose classifier makes three stripes predictable: the car stripe's
     pixel features are the class vector of "car", the others those of beagle and Cardigan corgi."""
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False),
-                 eval=EvalConfig(mode="whole", short_side=0))
+    cfg = Config(
+        model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0)
+    )
     model = build_segmenter(cfg.model, len(names)).eval()
     with torch.no_grad():
         model.backbone.pos_embed.zero_()  # identical patches -> identical features: a stripe is one feature vector
         image = np.zeros((64, 192, 3), np.uint8)
         image[:, :64], image[:, 64:128], image[:, 128:] = (200, 40, 40), (40, 200, 40), (40, 40, 200)
-        p = model.classifier.pixel_vectors(model.backbone(model.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None])))[0]
+        p = model.classifier.pixel_vectors(
+            model.backbone(model.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None]))
+        )[0]
         p = p.view(4, 12, -1)
         w_c = model.classifier.proj_class
         for k, name in enumerate(["car", "beagle", f"cardigan ({CORGI})"]):
@@ -180,8 +203,25 @@ def test_predict_automobile_and_dog_concept_on_a_21k_model(tmp_path, in21k_names
     path, image = built21k
     cv2.imwrite(str(tmp_path / "street.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     out = tmp_path / "out"
-    assert cli_main(["predict", str(path), str(tmp_path / "street.png"), "--classes", "automobile, dog*", "--out",
-                     str(out), "--device", "cpu", "--amp", "off", "--breakdown"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(path),
+                str(tmp_path / "street.png"),
+                "--classes",
+                "automobile, dog*",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+                "--breakdown",
+            ]
+        )
+        == 0
+    )
     names = json.loads((out / "classes.json").read_text())
     labels = cv2.imread(str(out / "street_labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.dtype == np.uint16 and labels.shape == (64, 192)
@@ -219,7 +259,9 @@ def test_serve_concepts_and_suggestions(tmp_path, in21k_names, built21k):
     assert items[0]["text"] == "automobile" and items[0]["class"] == "car" and "motor vehicle" in items[0]["gloss"]
     assert len(client.get("/api/suggest", params={"q": "a", "limit": 5}).json()) == 5
     ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    job = client.post("/api/segment", params={"preset": "custom", "classes": "automobile, dog*"}, content=png.tobytes()).json()["job"]
+    job = client.post(
+        "/api/segment", params={"preset": "custom", "classes": "automobile, dog*"}, content=png.tobytes()
+    ).json()["job"]
     for _ in range(600):
         status = client.get(f"/api/jobs/{job}").json()
         if status["state"] in ("done", "error"):
@@ -230,7 +272,9 @@ def test_serve_concepts_and_suggestions(tmp_path, in21k_names, built21k):
     assert rows["dog"]["id"] == len(in21k_names) and set(rows["dog"]["members"]) == {"beagle", f"cardigan ({CORGI})"}
     assert any("ambiguous" in n for n in status["notices"])
     names = json.loads(client.get(f"/api/jobs/{job}/classes.json").content)
-    labels = cv2.imdecode(np.frombuffer(client.get(f"/api/jobs/{job}/labels.png").content, np.uint8), cv2.IMREAD_UNCHANGED)
+    labels = cv2.imdecode(
+        np.frombuffer(client.get(f"/api/jobs/{job}/labels.png").content, np.uint8), cv2.IMREAD_UNCHANGED
+    )
     assert {names[v] for v in np.unique(labels)} == {"automobile", "dog"}
     service.close()
 

@@ -7,8 +7,8 @@ import errno
 
 import pytest
 
-from larvseg import atomic
 from cli_parsers import all_parsers
+from larvseg import atomic
 from larvseg.cli import build_parser, main, parse_args
 from larvseg.config import ConfigError
 
@@ -25,16 +25,24 @@ def test_overrides_anywhere_on_the_line():
     # the order of tools/dist_test.sh's own usage line: overrides after --eval mIoU
     args = _parse(["eval", "cfg", "ck.pth", "--eval", "mIoU", "data.root=/d", "eval.mode=whole"])
     assert args.metrics == ["mIoU"] and args.overrides == ["data.root=/d", "eval.mode=whole"]
-    for bad in (["train", "tiny_cpu", "--nope"], ["train", "tiny_cpu", "--resume", "none", "stray"],
-                ["predict", "ck.pth", "a.jpg", "--out", "o", "x=1"]):  # predict takes no overrides
+    for bad in (
+        ["train", "tiny_cpu", "--nope"],
+        ["train", "tiny_cpu", "--resume", "none", "stray"],
+        ["predict", "ck.pth", "a.jpg", "--out", "o", "x=1"],
+    ):  # predict takes no overrides
         with pytest.raises(SystemExit):
             _parse(bad)
 
 
 def test_every_help_describes_every_argument_and_shows_defaults():
     parsers = list(all_parsers(build_parser()))
-    assert {p for p, _ in parsers} >= {"larvseg train", "larvseg eval", "larvseg predict", "larvseg demo",
-                                       "larvseg data check"}
+    assert {p for p, _ in parsers} >= {
+        "larvseg train",
+        "larvseg eval",
+        "larvseg predict",
+        "larvseg demo",
+        "larvseg data check",
+    }
     for prog, parser in parsers:
         text = parser.format_help()
         for action in parser._actions:
@@ -60,8 +68,9 @@ def _one_line_error(capsys, argv, *must_contain):
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
     monkeypatch.delenv("LARVSEG_DEBUG", raising=False)
-    line = _one_line_error(capsys, ["train", "tiny_cpu", "train.lr=fast"], "larvseg train: error:", "train.lr",
-                           "--debug")
+    line = _one_line_error(
+        capsys, ["train", "tiny_cpu", "train.lr=fast"], "larvseg train: error:", "train.lr", "--debug"
+    )
     assert "fix the config" in line
     with pytest.raises(ConfigError):
         main(["train", "tiny_cpu", "train.lr=fast", "--debug"])

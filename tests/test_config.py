@@ -31,8 +31,10 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
 
 
 def test_overrides(tmp_path):
-    cfg = load_config("c171_a150w_in124", ["train.iters=10", "model.cac=false", "data.tag_sources.1.share=0.25",
-                                           "train.work_dir=" + str(tmp_path)])
+    cfg = load_config(
+        "c171_a150w_in124",
+        ["train.iters=10", "model.cac=false", "data.tag_sources.1.share=0.25", "train.work_dir=" + str(tmp_path)],
+    )
     assert cfg.train.iters == 10 and cfg.model.cac is False
     assert [s.share for s in cfg.data.tag_sources] == [3.0, 0.25]
     assert cfg.work_dir() == tmp_path
@@ -44,8 +46,11 @@ def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
     (tmp_path / "a.yaml").write_text(
         "model: {arch: vit_tiny, drop_path: 0.0}\n"
         "data:\n  seg_sources: [{name: S1, format: custom_seg}, {name: S2, format: custom_seg}]\n"
-        "train: {iters: 7, lr: 0.5}\n")
-    (tmp_path / "b.yaml").write_text("_base_: a.yaml\ntrain: {iters: 9}\ndata:\n  seg_sources: [{name: S3, format: custom_seg}]\n")
+        "train: {iters: 7, lr: 0.5}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "_base_: a.yaml\ntrain: {iters: 9}\ndata:\n  seg_sources: [{name: S3, format: custom_seg}]\n"
+    )
     (tmp_path / "c.yaml").write_text("_base_: b.yaml\nmodel: {cac: false}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.name == "c"
@@ -65,8 +70,16 @@ def test_numbers_are_read_as_python_reads_them(tmp_path):
     # YAML 1.1 reads 1e-3 and 1.0e10 as strings ("not a number" before); every float Python accepts works
     path = tmp_path / "exp.yaml"
     path.write_text("_base_: tiny_cpu\ntrain: {lr: 1e-3, min_lr: 1E-6}\ndata: {ratio_range: [5e-1, 2e0]}\n")
-    cfg = load_config(path, ["model.bg_mse_thresh=1.0e10", "train.momentum=.95", "train.iters=2e3",
-                             "data.cat_max_ratio='7.5e-1'", "train.weight_decay=1_000.5e-8"])
+    cfg = load_config(
+        path,
+        [
+            "model.bg_mse_thresh=1.0e10",
+            "train.momentum=.95",
+            "train.iters=2e3",
+            "data.cat_max_ratio='7.5e-1'",
+            "train.weight_decay=1_000.5e-8",
+        ],
+    )
     assert (cfg.train.lr, cfg.train.min_lr) == (1e-3, 1e-6)
     assert cfg.data.ratio_range == [0.5, 2.0]
     assert cfg.model.bg_mse_thresh == 1e10 and cfg.train.momentum == 0.95

@@ -53,9 +53,19 @@ def test_data_check_counts_and_problems(tmp_path, capsys):
     assert cli_main(["data", "check", str(cfg)]) == 1
     out = capsys.readouterr().out
     assert "[seg] C171 (coco171): 3 images, classes 2/160, 1 problem(s)" in out and f"{image}: cannot decode" in out
-    assert "[tag] IN3 (imagenet): 4 images, classes 2/3, 1 problem(s)" in out and f"{WNIDS[2]}: class folder holds no image" in out
-    assert "[tag] A150w (ade150): 1 images, classes 2/150, 1 problem(s)" in out and f"annotation of {missing.stem}.jpg is missing" in out
-    assert "[eval] A847 (ade847): 4 images, classes 2/847, 1 problem(s)" in out and f"{labels[0]}: " in out and "[900]" in out
+    assert (
+        "[tag] IN3 (imagenet): 4 images, classes 2/3, 1 problem(s)" in out
+        and f"{WNIDS[2]}: class folder holds no image" in out
+    )
+    assert (
+        "[tag] A150w (ade150): 1 images, classes 2/150, 1 problem(s)" in out
+        and f"annotation of {missing.stem}.jpg is missing" in out
+    )
+    assert (
+        "[eval] A847 (ade847): 4 images, classes 2/847, 1 problem(s)" in out
+        and f"{labels[0]}: " in out
+        and "[900]" in out
+    )
     assert "4 sources, 4 problem(s)" in out
 
 
@@ -77,13 +87,20 @@ def test_packaged_config_on_the_seed_readme_layout(tmp_path, capsys):
     args = ["data", "check", "c171_a847w_in585", f"data.root={tmp_path}", f"data.index_cache_dir={tmp_path / 'cache'}"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "[seg] C171 (coco171): 2 images, classes 2/160, ok\n    split folder: training (detected; looked for train2017, training)" in out
+    assert (
+        "[seg] C171 (coco171): 2 images, classes 2/160, ok\n    split folder: training (detected; looked for train2017, training)"
+        in out
+    )
     assert "[tag] A847w (ade847): 2 images, classes 2/847, ok\n    split folder: training (as configured)" in out
     # no split line (no split folders); the training pipeline of each source: ImageNet its own (320, 320)
-    assert ("[tag] IN585 (imagenet): 585 images, classes 585/585, ok\n    training: rescale to fit (320, 320) "
-            "(its own scale) x ratio 0.5-2, crop 320 (not retried: no label map), pad to 320\n[eval]") in out
-    assert ("training: rescale to fit (2048, 512) (data.scale) x ratio 0.5-2, crop 512 (retried while one class "
-            "covers >= 0.75), pad to 512") in out
+    assert (
+        "[tag] IN585 (imagenet): 585 images, classes 585/585, ok\n    training: rescale to fit (320, 320) "
+        "(its own scale) x ratio 0.5-2, crop 320 (not retried: no label map), pad to 320\n[eval]"
+    ) in out
+    assert (
+        "training: rescale to fit (2048, 512) (data.scale) x ratio 0.5-2, crop 512 (retried while one class "
+        "covers >= 0.75), pad to 512"
+    ) in out
     assert "evaluation: resize to short side 512 (long side <= 2048), slide windows 512 / stride 512" in out
     assert "4 sources, 0 problem(s)" in out
     # an explicit split still wins: train2017 is not there, and the error says what is

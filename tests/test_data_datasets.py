@@ -52,8 +52,11 @@ def build(source, data_cfg, vocab, role="seg"):
 
 def test_ade150_png_values(tmp_path):
     T.write_ade150(tmp_path / "A150", n=2, size=(32, 40), values=[0, 1, 13, 150])
-    cfg = T.make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
-                        eval_source=SourceConfig(name="A150", format="ade150", split="training"))
+    cfg = T.make_config(
+        tmp_path,
+        seg=[SourceConfig(name="C171", format="coco171")],
+        eval_source=SourceConfig(name="A150", format="ade150", split="training"),
+    )
     vocab = build_vocabulary(cfg)  # union ids differ from ADE-150 train ids here
     ds = build(cfg.data.eval, cfg.data, vocab, "eval")
     names = load_class_names("ade150")
@@ -69,8 +72,9 @@ def test_ade150_png_values(tmp_path):
 
 def test_ade847_tif_keeps_16_bits(tmp_path):
     T.write_ade847(tmp_path / "A847", n=2, size=(32, 32), values=[0, 5, 300, 846, 65535])
-    cfg = T.make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
-                        tag=[SourceConfig(name="A847w", format="ade847")])
+    cfg = T.make_config(
+        tmp_path, seg=[SourceConfig(name="C171", format="coco171")], tag=[SourceConfig(name="A847w", format="ade847")]
+    )
     vocab = build_vocabulary(cfg)
     ds = build(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
     names = load_class_names("ade847")
@@ -135,8 +139,11 @@ def test_imagenet_folders_default_root_and_tags(tmp_path):
 def test_custom_segmentation_and_tag_folders(tmp_path):
     T.write_custom_seg(tmp_path / "myseg", ["red thing", "blue thing", "wall"], n=2, size=(24, 24))
     T.write_custom_tags(tmp_path / "mytags", ["green thing", "red thing"], per_class=2, size=(24, 24))
-    cfg = T.make_config(tmp_path, seg=[SourceConfig(name="mine", format="custom_seg", root="myseg")],
-                        tag=[SourceConfig(name="tags", format="custom_tags", root=str(tmp_path / "mytags"))])
+    cfg = T.make_config(
+        tmp_path,
+        seg=[SourceConfig(name="mine", format="custom_seg", root="myseg")],
+        tag=[SourceConfig(name="tags", format="custom_tags", root=str(tmp_path / "mytags"))],
+    )
     vocab = build_vocabulary(cfg)
     assert vocab.names[:4] == ["red thing", "blue thing", "wall", "green thing"]
     seg = build(cfg.data.seg_sources[0], cfg.data, vocab)
@@ -154,8 +161,12 @@ def test_custom_segmentation_and_tag_folders(tmp_path):
     # an empty class folder
     (tmp_path / "mytags" / "empty one").mkdir()
     with pytest.raises(EmptyDatasetError, match="empty one"):
-        build(SourceConfig(name="tags", format="custom_tags", root="mytags"), cfg.data,
-                     build_vocabulary(T.make_config(tmp_path, tag=[SourceConfig(format="custom_tags", root="mytags")])), "tag")
+        build(
+            SourceConfig(name="tags", format="custom_tags", root="mytags"),
+            cfg.data,
+            build_vocabulary(T.make_config(tmp_path, tag=[SourceConfig(format="custom_tags", root="mytags")])),
+            "tag",
+        )
 
 
 def test_file_index_reused_and_rebuilt(tmp_path, monkeypatch):
@@ -267,7 +278,9 @@ def test_wrong_root_and_empty_datasets(tmp_path):
     v2 = build_vocabulary(T.make_config(tmp_path, tag=[src]))
     with pytest.raises(EmptyDatasetError, match=rf"{WNIDS[1]}.*no image"):
         build(src, cfg.data, v2, "tag")
-    built = build_source_checked(SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag")
+    built = build_source_checked(
+        SourceConfig(name="IN", format="imagenet", classes=str(wf), skip_bad=True), cfg.data, v2, "tag"
+    )
     skipping, problems = built.dataset, built.problems
     assert len(skipping) == 1 and len(problems) == 2
     assert "no image" in problems[0] and "class folder not found" in problems[1]
@@ -294,7 +307,7 @@ def test_split_folder_detected_in_either_spelling_and_an_explicit_split_wins(tmp
     built = build_source_checked(src, cfg.data, vocab, "seg")
     assert built.split.folder == "training" and built.split.detected and len(built.dataset) == 2
     assert {p.parent.name for pair in built.dataset.pairs for p in pair} == {"training"}
-    assert "training (detected; looked for train2017, training)" == built.split.describe()
+    assert built.split.describe() == "training (detected; looked for train2017, training)"
     evaluated = build_source_checked(src, cfg.data, vocab, "eval")  # the evaluation source: validation split
     assert evaluated.split.folder == "validation" and len(evaluated.dataset) == 1
 

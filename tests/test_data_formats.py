@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_parsers import all_parsers
 
 import larvseg
+from cli_parsers import all_parsers
 from larvseg import cli
 from larvseg.config import ConfigError, DataConfig, SourceConfig, load_config
 from larvseg.data import datasets
@@ -28,7 +28,7 @@ REPO = PACKAGE.parent
 
 
 def test_the_names_below_the_data_layer_are_the_keys_of_FORMATS():
-    assert DATASET_FORMATS == tuple(FORMATS)  # same order: error messages list them as FORMATS does
+    assert tuple(FORMATS) == DATASET_FORMATS  # same order: error messages list them as FORMATS does
     assert all(name == fmt.name for name, fmt in FORMATS.items())
     format_domain = SourceConfig.DOMAINS["format"]
     assert all(format_domain.problem(name) is None for name in FORMATS)
@@ -62,8 +62,10 @@ def test_data_shard_refuses_exactly_the_formats_that_are_not_shardable(tmp_path,
 
 def test_an_unknown_format_in_the_data_layer_lists_the_choices(tmp_path):
     source = SourceConfig(name="X", format="ade2000")
-    for call in (lambda: source_class_names(source, tmp_path),
-                 lambda: build_source_checked(source, DataConfig(root=str(tmp_path)), None, "seg")):
+    for call in (
+        lambda: source_class_names(source, tmp_path),
+        lambda: build_source_checked(source, DataConfig(root=str(tmp_path)), None, "seg"),
+    ):
         with pytest.raises(ValueError, match=re.escape(f"unknown format 'ade2000'; choose one of {sorted(FORMATS)}")):
             call()
 
@@ -73,7 +75,9 @@ def test_image_level_formats_are_tag_sources_only(tmp_path, name):
     assert name in ("imagenet", "custom_tags")
     for role in ("seg", "eval"):  # refused before any file is read
         with pytest.raises(ValueError, match=f"format {name} has no masks"):
-            build_source_checked(SourceConfig(name="X", format=name), DataConfig(root=str(tmp_path / "none")), None, role)
+            build_source_checked(
+                SourceConfig(name="X", format=name), DataConfig(root=str(tmp_path / "none")), None, role
+            )
 
 
 def test_packaged_class_lists_are_the_formats_class_names(tmp_path):
@@ -91,11 +95,30 @@ def test_a_new_format_is_one_entry(tmp_path, monkeypatch):
         for f in files:
             shutil.move(f, tmp_path / "TOY" / kind / "trn" / f.name)
     T.write_custom_tags(tmp_path / "TOYTAGS", ["cat", "bird"])
-    monkeypatch.setitem(FORMATS, "toy_seg", DatasetFormat(
-        "toy_seg", "test layout", lambda s, folder, r: ["cat", "dog"], datasets.build_custom_seg, "TOY",
-        SplitFolders(("trn",), ("val",))))
-    monkeypatch.setitem(FORMATS, "toy_tags", DatasetFormat(
-        "toy_tags", "test tags", lambda s, folder, r: ["cat", "bird"], datasets.build_custom_tags, "TOYTAGS", image_level_only=True))
+    monkeypatch.setitem(
+        FORMATS,
+        "toy_seg",
+        DatasetFormat(
+            "toy_seg",
+            "test layout",
+            lambda s, folder, r: ["cat", "dog"],
+            datasets.build_custom_seg,
+            "TOY",
+            SplitFolders(("trn",), ("val",)),
+        ),
+    )
+    monkeypatch.setitem(
+        FORMATS,
+        "toy_tags",
+        DatasetFormat(
+            "toy_tags",
+            "test tags",
+            lambda s, folder, r: ["cat", "bird"],
+            datasets.build_custom_tags,
+            "TOYTAGS",
+            image_level_only=True,
+        ),
+    )
     seg, tag = SourceConfig(name="toy", format="toy_seg"), SourceConfig(name="tt", format="toy_tags")
     cfg = T.make_config(tmp_path, seg=[seg], tag=[tag], eval_source=seg)
     vocab = build_vocabulary(cfg)
@@ -105,7 +128,10 @@ def test_a_new_format_is_one_entry(tmp_path, monkeypatch):
     with pytest.raises(DatasetRootError, match="no validation split folder: looked for val"):
         build_source_checked(seg, cfg.data, vocab, "eval")
     tags = build_source_checked(tag, cfg.data, vocab, "tag").dataset
-    assert len(tags) == 4 and sorted(vocab.names[int(tags.load(i)["tags"][0])] for i in range(4)) == ["bird"] * 2 + ["cat"] * 2
+    assert (
+        len(tags) == 4
+        and sorted(vocab.names[int(tags.load(i)["tags"][0])] for i in range(4)) == ["bird"] * 2 + ["cat"] * 2
+    )
     with pytest.raises(ValueError, match="format toy_tags has no masks"):
         build_source_checked(tag, cfg.data, vocab, "seg")
     index = ShardWriter(tag, cfg.data, tmp_path / "shards", 10**9, progress=False).run()
@@ -125,7 +151,9 @@ def test_the_docs_show_FORMATS():
     page = (REPO / "docs" / "DATASETS.md").read_text()
     table = re.search(r"<!-- formats table: .*? -->\n(.*?)\n<!-- end of formats table -->", page, re.S)
     assert table and table.group(1) == markdown_table(), "paste markdown_table() into docs/DATASETS.md"
-    assert _layout_table_formats(ast.get_docstring(ast.parse((PACKAGE / "data" / "datasets.py").read_text()))) == list(FORMATS)
+    assert _layout_table_formats(ast.get_docstring(ast.parse((PACKAGE / "data" / "datasets.py").read_text()))) == list(
+        FORMATS
+    )
     named = set()
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         named |= {(doc.name, m) for m in re.findall(r"(?:\bformat[:=] ?|--format )`?([a-z0-9_]+)", doc.read_text())}
@@ -137,16 +165,25 @@ def test_the_docs_show_FORMATS():
 def _code_strings(path: Path) -> list[tuple[int, str]]:
     """String constants of a module's code (docstrings left out)."""
     tree = ast.parse(path.read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
 
 
 def test_no_other_module_decides_by_format_name():
     """Format names that are not also names of packaged class lists (ade150, ... name those too) appear in
     code only in FORMATS and in the names of larvseg.domains."""
+
     def packaged(name: str) -> bool:
         try:
             load_class_names(name)
@@ -159,7 +196,11 @@ def test_no_other_module_decides_by_format_name():
     allowed = {("larvseg/data/formats.py", n) for n in format_only} | {("larvseg/domains.py", n) for n in format_only}
     # the config cannot see FORMATS (it is checked below the data layer): object masks are an imagenet key
     allowed.add(("larvseg/config.py", "imagenet"))
-    found = [(str(p.relative_to(REPO)), line, s) for p in sorted(PACKAGE.rglob("*.py"))
-             for line, s in _code_strings(p) if s in format_only]
+    found = [
+        (str(p.relative_to(REPO)), line, s)
+        for p in sorted(PACKAGE.rglob("*.py"))
+        for line, s in _code_strings(p)
+        if s in format_only
+    ]
     assert {s for p, _, s in found if p == "larvseg/data/formats.py"} == format_only  # the scan sees the entries
     assert [(p, line, s) for p, line, s in found if (p, s) not in allowed] == []

@@ -27,7 +27,14 @@ def split_reference(total: int, weights: list[float]) -> list[int]:
 
 
 def test_split_counts_largest_remainder():
-    for total, weights in [(8, [1, 1]), (8, [1, 1, 1]), (7, [0.3, 0.7]), (5, [2, 1, 1]), (0, [1, 3]), (9, [0.1, 0.1, 5])]:
+    for total, weights in [
+        (8, [1, 1]),
+        (8, [1, 1, 1]),
+        (7, [0.3, 0.7]),
+        (5, [2, 1, 1]),
+        (0, [1, 3]),
+        (9, [0.1, 0.1, 5]),
+    ]:
         got = split_counts(total, weights)
         assert got == split_reference(total, weights) and sum(got) == total
     assert split_counts(8, [1, 1, 1]) == [3, 3, 2] and split_counts(3, [2, 1]) == [2, 1]
@@ -58,11 +65,15 @@ def mixed_cfg(root, seed=3, **data):
     defaults = dict(seg_batch_size=4, tag_batch_size=3, scale=[64, 32], num_workers=0)
     defaults.update(data)
     return T.make_config(
-        root, seed=seed,
+        root,
+        seed=seed,
         seg=[SourceConfig(name="C171", format="coco171", split="train2017", crop_size=32)],
-        tag=[SourceConfig(name="A847w", format="ade847", crop_size=32, share=2.0, loss_weight=0.2, cac_topk=40),
-             SourceConfig(name="IN", format="imagenet", classes=str(root / "w.txt"), crop_size=16, cac_topk=7,
-                          cac_weight=0.3)],
+        tag=[
+            SourceConfig(name="A847w", format="ade847", crop_size=32, share=2.0, loss_weight=0.2, cac_topk=40),
+            SourceConfig(
+                name="IN", format="imagenet", classes=str(root / "w.txt"), crop_size=16, cac_topk=7, cac_weight=0.3
+            ),
+        ],
         **defaults,
     )
 
@@ -83,7 +94,11 @@ def test_batch_contents(data_mixed_root):
     cfg = mixed_cfg(data_mixed_root)
     vocab = build_vocabulary(cfg)
     first = steps(cfg, vocab, 0, 1, n=1)[0]
-    assert first.step == 0 and [b.source for b in first.seg] == ["C171"] and [b.source for b in first.tag] == ["A847w", "IN"]
+    assert (
+        first.step == 0
+        and [b.source for b in first.seg] == ["C171"]
+        and [b.source for b in first.tag] == ["A847w", "IN"]
+    )
     seg, a847w, inet = first.seg[0], *first.tag
     assert seg.images.shape == (4, 3, 32, 32) and seg.images.dtype == torch.float32
     assert seg.labels.shape == (4, 32, 32) and seg.labels.dtype == torch.int64 and seg.global_size == 4
@@ -105,7 +120,7 @@ def test_batch_contents(data_mixed_root):
         assert row[row != TAG_PAD].tolist() == present.tolist() and len(present) > 0
         assert torch.equal(torch.from_numpy(item["image"]), a847w.images[j])
         # each row: its classes first, then TAG_PAD up to the widest row's number of classes
-        assert row[: len(present)].tolist() == present.tolist() and (row[len(present):] == TAG_PAD).all()
+        assert row[: len(present)].tolist() == present.tolist() and (row[len(present) :] == TAG_PAD).all()
         widths.append(len(present))
     assert a847w.tags.shape[1] == max(widths)
 

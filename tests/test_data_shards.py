@@ -58,8 +58,9 @@ def data(tmp_path_factory):
     }
     cfg = T.make_config(root)
     for name, (source, per_shard) in sources.items():
-        ShardWriter(source, cfg.data, root / f"{name}_shards", shard_bytes=10**9, shard_samples=per_shard,
-                    progress=False).run()
+        ShardWriter(
+            source, cfg.data, root / f"{name}_shards", shard_bytes=10**9, shard_samples=per_shard, progress=False
+        ).run()
     return root, sources
 
 
@@ -89,7 +90,9 @@ def test_every_sample_once_with_its_label_or_tag(data, name):
     paths = [json.loads(s["json"])["path"] for s in samples.values()]
     assert sorted(paths) == sorted(str(p.relative_to(src_root)) for p in images)  # each image exactly once
     assert index["complete"] and sum(s["samples"] for s in index["shards"]) == len(images) == index["samples"]
-    assert all(s["samples"] <= per_shard for s in index["shards"]) and len(index["shards"]) == -(-len(images) // per_shard)
+    assert all(s["samples"] <= per_shard for s in index["shards"]) and len(index["shards"]) == -(
+        -len(images) // per_shard
+    )
     names = index["class_names"]
     totals = np.zeros(len(names), dtype=np.int64)
     for entry in index["shards"]:  # per shard: its samples, and its class histogram in the .npz
@@ -144,8 +147,11 @@ def test_random_access_equals_folders(data):
         folder_src = sources[name][0]
         shard_src = SourceConfig(name=name + "s", format="webdataset", root=f"{name}_shards")
         role = "tag" if folder_src.format in ("imagenet", "custom_tags") else "seg"
-        cfg = T.make_config(root, seg=[folder_src, shard_src] if role == "seg" else [],
-                            tag=[folder_src, shard_src] if role == "tag" else [])
+        cfg = T.make_config(
+            root,
+            seg=[folder_src, shard_src] if role == "seg" else [],
+            tag=[folder_src, shard_src] if role == "tag" else [],
+        )
         vocab = build_vocabulary(cfg)
         folder = build_source(folder_src, cfg.data, vocab, role)
         sharded = build_source(shard_src, cfg.data, vocab, role)
@@ -191,13 +197,17 @@ def test_writer_resumes_after_interruption(data, monkeypatch, tmp_path):
         wds.resolve_shards(str(tmp_path), "", root)
     monkeypatch.setattr(ShardWriter, "_write_shard", original)
     written = []
-    monkeypatch.setattr(ShardWriter, "_write_shard", lambda self, k, first, bar: written.append(k) or original(self, k, first, bar))
+    monkeypatch.setattr(
+        ShardWriter, "_write_shard", lambda self, k, first, bar: written.append(k) or original(self, k, first, bar)
+    )
     ShardWriter(source, cfg.data, tmp_path, 10**9, shard_samples=5, progress=False).run()
     assert written == [2]  # only the missing shard was written
     assert not list(tmp_path.glob("*.tmp*"))
     for tar_path in (root / "IN_shards").glob("shard-*"):  # byte-identical to the uninterrupted run
         assert (tmp_path / tar_path.name).read_bytes() == tar_path.read_bytes(), tar_path.name
-    assert json.loads((tmp_path / "index.json").read_text()) == json.loads((root / "IN_shards" / "index.json").read_text())
+    assert json.loads((tmp_path / "index.json").read_text()) == json.loads(
+        (root / "IN_shards" / "index.json").read_text()
+    )
     # other settings into the same folder: refused, not mixed
     with pytest.raises(wds.ShardError, match="shard_samples"):
         ShardWriter(source, cfg.data, tmp_path, 10**9, shard_samples=4, progress=False).run()
@@ -206,15 +216,32 @@ def test_writer_resumes_after_interruption(data, monkeypatch, tmp_path):
 def test_shard_command(data, tmp_path, capsys):
     root, _ = data
     out = tmp_path / "cli"
-    code = cli_main(["data", "shard", str(root / "C171"), "--out", str(out), "--format", "coco171", "--split", "train2017",
-                     "--shard-size", "12kB"])
+    code = cli_main(
+        [
+            "data",
+            "shard",
+            str(root / "C171"),
+            "--out",
+            str(out),
+            "--format",
+            "coco171",
+            "--split",
+            "train2017",
+            "--shard-size",
+            "12kB",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "5 samples in" in captured.out
     assert "sharding C171" in captured.err and "5/5" in captured.err  # the progress bar
     index = json.loads((out / "index.json").read_text())
     assert len(index["shards"]) > 1 and sum(s["samples"] for s in index["shards"]) == 5
-    assert all((out / s["name"]).stat().st_size <= 12_000 + 10_240 for s in index["shards"])  # tar pads to 10 KiB records
-    assert cli_main(["data", "shard", str(root / "nowhere"), "--out", str(tmp_path / "x"), "--format", "custom_seg"]) == 1
+    assert all(
+        (out / s["name"]).stat().st_size <= 12_000 + 10_240 for s in index["shards"]
+    )  # tar pads to 10 KiB records
+    assert (
+        cli_main(["data", "shard", str(root / "nowhere"), "--out", str(tmp_path / "x"), "--format", "custom_seg"]) == 1
+    )
     assert "nowhere" in capsys.readouterr().err
 
 
@@ -226,7 +253,9 @@ def test_stream_plan_partitions_shards_per_epoch():
     plan = StreamPlan([f"s{k}" for k in range(11)], np.arange(1, 12), seed=1, source_index=0, streams=4)
     for epoch in range(3):
         parts = [plan.shards_of(g, epoch).tolist() for g in range(4)]
-        assert sorted(s for part in parts for s in part) == list(range(11))  # every shard once, no two streams share one
+        assert sorted(s for part in parts for s in part) == list(
+            range(11)
+        )  # every shard once, no two streams share one
     assert plan.shards_of(0, 0).tolist() != plan.shards_of(0, 1).tolist()
     # a position maps to (epoch, shard, sample) consistently with the per-epoch lengths
     n0 = int(plan.counts[plan.shards_of(2, 0)].sum())
@@ -239,9 +268,18 @@ def test_stream_plan_partitions_shards_per_epoch():
 def stream_cfg(root, workers=0, seed=5):
     pattern = f"pipe:cat {root}/IN_shards/shard-{{000000..000002}}.tar"  # 12 images in 3 shards
     return T.make_config(
-        root, seed=seed, num_workers=workers, seg_batch_size=3, tag_batch_size=3, scale=[64, 32],
+        root,
+        seed=seed,
+        num_workers=workers,
+        seg_batch_size=3,
+        tag_batch_size=3,
+        scale=[64, 32],
         seg=[SourceConfig(name="C", format="webdataset", root="C171_shards", crop_size=32)],
-        tag=[SourceConfig(name="IN", format="webdataset", root=pattern, index=f"{root}/IN_shards/index.json", crop_size=16)],
+        tag=[
+            SourceConfig(
+                name="IN", format="webdataset", root=pattern, index=f"{root}/IN_shards/index.json", crop_size=16
+            )
+        ],
     )
 
 
@@ -283,8 +321,11 @@ def test_streams_of_ranks_and_workers_read_disjoint_shards(data):
 def test_local_shards_can_stream(data):
     """``stream: true`` on local shards: read in sequence (no random access), every sample with its tag."""
     root, _ = data
-    cfg = T.make_config(root, tag_batch_size=4, tag=[SourceConfig(name="IN", format="webdataset", root="IN_shards",
-                                                                  stream=True, crop_size=16)])
+    cfg = T.make_config(
+        root,
+        tag_batch_size=4,
+        tag=[SourceConfig(name="IN", format="webdataset", root="IN_shards", stream=True, crop_size=16)],
+    )
     vocab = build_vocabulary(cfg)
     source = build_source(cfg.data.tag_sources[0], cfg.data, vocab, "tag")
     with pytest.raises(TypeError, match="streamed shards have no random access"):
@@ -345,12 +386,24 @@ def test_streamed_bad_image_is_replaced_without_shifting_positions(data, tmp_pat
     bad = folder / "b" / "1.jpg"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated JPEG: the writer copies it, decoding fails later
     cfg = T.make_config(tmp_path)
-    ShardWriter(SourceConfig(name="t", format="custom_tags", root=str(folder)), cfg.data, tmp_path / "s", 10**9,
-                shard_samples=3, progress=False).run()
+    ShardWriter(
+        SourceConfig(name="t", format="custom_tags", root=str(folder)),
+        cfg.data,
+        tmp_path / "s",
+        10**9,
+        shard_samples=3,
+        progress=False,
+    ).run()
 
     def loader(skip_bad):
-        c = T.make_config(tmp_path, seed=1, seg_batch_size=0, tag_batch_size=2, scale=[64, 32], tag=[
-            SourceConfig(name="t", format="webdataset", root="s", stream=True, crop_size=16, skip_bad=skip_bad)])
+        c = T.make_config(
+            tmp_path,
+            seed=1,
+            seg_batch_size=0,
+            tag_batch_size=2,
+            scale=[64, 32],
+            tag=[SourceConfig(name="t", format="webdataset", root="s", stream=True, crop_size=16, skip_bad=skip_bad)],
+        )
         return MixedLoader(c, build_vocabulary(c), 0, 1)
 
     with pytest.raises(DataError, match=r"s/shard-00000\d\.tar:\d+\.jpg: cannot decode image"):
@@ -399,6 +452,13 @@ def test_writer_bad_label_stops_or_is_skipped(tmp_path):
         ShardWriter(source, cfg.data, tmp_path / "out1", 10**9, progress=False).run()
     source.skip_bad = True
     index = ShardWriter(source, cfg.data, tmp_path / "out2", 10**9, progress=False).run()
-    assert sum(s["samples"] for s in index["shards"]) == 3 and len(index["skipped"]) == 1 and "img2.png" in index["skipped"][0]
-    assert sorted(json.loads(m["json"])["path"] for m in read_shards(tmp_path / "out2").values()) == \
-        ["images/img0.jpg", "images/img1.jpg", "images/img3.jpg"]
+    assert (
+        sum(s["samples"] for s in index["shards"]) == 3
+        and len(index["skipped"]) == 1
+        and "img2.png" in index["skipped"][0]
+    )
+    assert sorted(json.loads(m["json"])["path"] for m in read_shards(tmp_path / "out2").values()) == [
+        "images/img0.jpg",
+        "images/img1.jpg",
+        "images/img3.jpg",
+    ]

@@ -19,21 +19,29 @@ SMALL = dict(num_seg=6, per_class=2, num_eval=5)
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module", params=["habitat", "uniform"])
 def bench(request, tmp_path_factory) -> bm.BenchmarkLayout:
-    return bm.ensure_benchmark(tmp_path_factory.mktemp("bench") / "data",
-                               bm.BenchmarkSpec(seed=3, family=request.param, **SMALL))
+    return bm.ensure_benchmark(
+        tmp_path_factory.mktemp("bench") / "data", bm.BenchmarkSpec(seed=3, family=request.param, **SMALL)
+    )
 
 
 def test_class_ids_come_from_the_real_class_lists():
     ade = {c["short_name"]: c["train_id"] for c in json.loads((CLASSLISTS / "ade847.json").read_text())["classes"]}
     coco = json.loads((CLASSLISTS / "coco_stuff171.json").read_text())["classes"]
     merged = {c["merged_name"] for c in coco}
-    synsets = dict(line.split("\t", 1) for line in (CLASSLISTS / "imagenet21k_synsets.tsv").read_text().splitlines()
-                   if not line.startswith("#"))
+    synsets = dict(
+        line.split("\t", 1)
+        for line in (CLASSLISTS / "imagenet21k_synsets.tsv").read_text().splitlines()
+        if not line.startswith("#")
+    )
     for c in bm.DEMO_CLASSES:
         assert ade[c.name] == c.ade_train_id
         assert c.wnid in synsets  # every class has an ImageNet-style folder (as IN585 covers base classes)
@@ -89,7 +97,10 @@ def test_layout_and_formats(bench: bm.BenchmarkLayout):
             mask = np.array(Image.open(bench.object_masks / w / f"{f.stem}.png"))
             assert label.dtype == np.uint16 and mask.dtype == np.uint8
             assert label.shape == mask.shape == np.array(Image.open(f)).shape[:2]
-            assert np.array_equal(mask == 1, label == bm.DEMO_CLASSES[k].ade_train_id) and set(np.unique(mask)) <= {0, 1}
+            assert np.array_equal(mask == 1, label == bm.DEMO_CLASSES[k].ade_train_id) and set(np.unique(mask)) <= {
+                0,
+                1,
+            }
             assert scenes[f"{w}/{f.stem}"]["tag"] == k
 
     # A847: uint16 tif with ADE-847 train ids for all classes, 65535 unlabeled; every (uniform) image has a novel class

@@ -98,8 +98,9 @@ def test_tokens_per_image_and_whole_photos_in_the_crop(bench):
     # the demo's tag source at ratio 1: the whole photo (every object pixel) is inside the crop
     cfg = load_config("demo")
     source = cfg.data.tag_sources[0]
-    transform = TrainTransform(source.crop_size, source_scale(source, cfg.data), (1.0, 1.0), 1.0, flip_prob=0.0,
-                               photometric=False)
+    transform = TrainTransform(
+        source.crop_size, source_scale(source, cfg.data), (1.0, 1.0), 1.0, flip_prob=0.0, photometric=False
+    )
     rng = np.random.default_rng(0)
     for path in sorted(bench.imagenet.rglob("*.JPEG"))[::40]:
         image = np.array(Image.open(path).convert("RGB"))

@@ -11,6 +11,7 @@ from larvseg.config import IGNORE_INDEX, PIXEL_MEAN, ConfigError, SourceConfig, 
 from larvseg.data import testing as T
 from larvseg.data.io import read_image
 from larvseg.data.mixing import MixedLoader
+from larvseg.data.sources import build_vocabulary
 from larvseg.data.transforms import (
     Photometric,
     TrainTransform,
@@ -25,7 +26,6 @@ from larvseg.data.transforms import (
     source_scale,
     train_transform,
 )
-from larvseg.data.sources import build_vocabulary
 from larvseg.data.vocabulary import imagenet_subset
 from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.segmenter import Segmenter
@@ -159,9 +159,13 @@ def test_train_transform_end_to_end_keeps_16_bit_labels():
         assert np.array_equal(img, img2) and np.array_equal(lab, lab2)  # a function of the seed alone
     assert {300, 846, 40000} <= seen
     # an image smaller than the crop: padded with the pixel mean (image) and IGNORE_INDEX (label)
-    img, lab = TrainTransform(crop_size=64, scale=(32, 16), ratio_range=(1.0, 1.0))(image, label, np.random.default_rng(0))
+    img, lab = TrainTransform(crop_size=64, scale=(32, 16), ratio_range=(1.0, 1.0))(
+        image, label, np.random.default_rng(0)
+    )
     mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
-    assert (lab[16:, :] == IGNORE_INDEX).all() and (img[:, 16:, :] == mean).all() and (lab[:, 24:] == IGNORE_INDEX).all()
+    assert (
+        (lab[16:, :] == IGNORE_INDEX).all() and (img[:, 16:, :] == mean).all() and (lab[:, 24:] == IGNORE_INDEX).all()
+    )
     assert img.min() >= 0 and img.max() <= 255  # pixel values: the model standardises them
     # ImageNet-style: no label
     img, lab = TrainTransform(crop_size=32, scale=(64, 32))(image, None, np.random.default_rng(0))
@@ -187,12 +191,16 @@ def test_train_transform_without_photometric_keeps_the_colours():
     changed = 0
     for seed in range(8):
         kept, _ = TrainTransform(crop_size=32, scale=(48, 48), ratio_range=(1.0, 1.0), photometric=False)(
-            image, None, np.random.default_rng(seed))
-        patches = {np.ascontiguousarray(image[y:y + 32, x:x + 32]).tobytes() for y in range(17) for x in range(17)}
-        patches |= {np.ascontiguousarray(image[y:y + 32, x:x + 32][:, ::-1]).tobytes() for y in range(17) for x in range(17)}
+            image, None, np.random.default_rng(seed)
+        )
+        patches = {np.ascontiguousarray(image[y : y + 32, x : x + 32]).tobytes() for y in range(17) for x in range(17)}
+        patches |= {
+            np.ascontiguousarray(image[y : y + 32, x : x + 32][:, ::-1]).tobytes() for y in range(17) for x in range(17)
+        }
         assert kept.transpose(1, 2, 0).astype(np.uint8).tobytes() in patches
         jittered, _ = TrainTransform(crop_size=32, scale=(48, 48), ratio_range=(1.0, 1.0))(
-            image, None, np.random.default_rng(seed))
+            image, None, np.random.default_rng(seed)
+        )
         changed += not np.array_equal(jittered, kept)
     assert changed > 0
 
@@ -207,9 +215,18 @@ def test_per_source_scale_fits_a_whole_imagenet_photo_in_its_crop(tmp_path):
     mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
 
     def crop(scale):
-        source = SourceConfig(name="IN", format="imagenet", classes=str(tmp_path / "wnids.txt"), crop_size=320, scale=scale)
-        cfg = T.make_config(tmp_path, tag=[source], seg_batch_size=0, tag_batch_size=1, scale=[2048, 512],
-                            ratio_range=[1.0, 1.0], photometric=False)
+        source = SourceConfig(
+            name="IN", format="imagenet", classes=str(tmp_path / "wnids.txt"), crop_size=320, scale=scale
+        )
+        cfg = T.make_config(
+            tmp_path,
+            tag=[source],
+            seg_batch_size=0,
+            tag_batch_size=1,
+            scale=[2048, 512],
+            ratio_range=[1.0, 1.0],
+            photometric=False,
+        )
         batch = next(iter(MixedLoader(cfg, build_vocabulary(cfg), 0, 1)))
         assert batch.tag[0].paths == [str(photo_path)]
         return batch.tag[0].images[0].numpy()
@@ -226,9 +243,16 @@ def test_per_source_scale_fits_a_whole_imagenet_photo_in_its_crop(tmp_path):
     assert 0.28 < 320 * 320 / (683 * 512) < 0.30
     # the packaged configs: ImageNet sources (320, 320), segmentation sets data.scale
     cfg = load_config("c171_a150w_in124")
-    assert [source_scale(s, cfg.data) for s in cfg.data.seg_sources + cfg.data.tag_sources] == [(2048, 512), (2048, 512), (320, 320)]
+    assert [source_scale(s, cfg.data) for s in cfg.data.seg_sources + cfg.data.tag_sources] == [
+        (2048, 512),
+        (2048, 512),
+        (320, 320),
+    ]
     assert train_transform(cfg.data.tag_sources[1], cfg.data).scale == (320, 320)
-    assert load_config("c171_a150w_in124", ["data.tag_sources.1.scale=[640, 160]"]).data.tag_sources[1].scale == [640, 160]
+    assert load_config("c171_a150w_in124", ["data.tag_sources.1.scale=[640, 160]"]).data.tag_sources[1].scale == [
+        640,
+        160,
+    ]
 
 
 def test_per_source_scale_is_checked():

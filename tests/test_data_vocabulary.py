@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from larvseg.config import Config, DataConfig, SourceConfig
-from larvseg.data.testing import make_config
 from larvseg.data.sources import base_novel_split, build_vocabulary
+from larvseg.data.testing import make_config
 from larvseg.data.vocabulary import (
     CLASSLIST_DIR,
     Vocabulary,
@@ -52,8 +52,9 @@ def test_packaged_class_lists_follow_the_files():
 
 
 def test_c171_a847_union_and_base_novel_split(tmp_path):
-    cfg = make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
-                      tag=[SourceConfig(name="A847w", format="ade847")])
+    cfg = make_config(
+        tmp_path, seg=[SourceConfig(name="C171", format="coco171")], tag=[SourceConfig(name="A847w", format="ade847")]
+    )
     vocab = build_vocabulary(cfg)
     coco, a847 = load_class_names("coco171"), load_class_names("ade847")
     ref = reference_union(coco, a847)
@@ -68,15 +69,21 @@ def test_c171_a847_union_and_base_novel_split(tmp_path):
 
 
 def test_c171_a150_base_classes(tmp_path):
-    cfg = make_config(tmp_path, seg=[SourceConfig(name="C171", format="coco171")],
-                      eval_source=SourceConfig(name="A150", format="ade150", split="validation"))
+    cfg = make_config(
+        tmp_path,
+        seg=[SourceConfig(name="C171", format="coco171")],
+        eval_source=SourceConfig(name="A150", format="ade150", split="validation"),
+    )
     vocab = build_vocabulary(cfg)
     ids, base = base_novel_split(vocab, cfg)
     assert len(vocab) == len(reference_union(load_class_names("coco171"), load_class_names("ade150"))) == 247
     assert len(ids) == 150 and base.sum() == 63  # the 63 base classes of ADE-150
     # a class with masks only in a *tag* source is novel
-    cfg_w = make_config(tmp_path, tag=[SourceConfig(name="C171w", format="coco171")],
-                        eval_source=SourceConfig(name="A150", format="ade150"))
+    cfg_w = make_config(
+        tmp_path,
+        tag=[SourceConfig(name="C171w", format="coco171")],
+        eval_source=SourceConfig(name="A150", format="ade150"),
+    )
     assert base_novel_split(build_vocabulary(cfg_w), cfg_w)[1].sum() == 0
 
 
@@ -90,8 +97,12 @@ def test_imagenet_subsets_join_ade_by_their_matching():
     # n04217882 is matched to different names in the two lists: each subset uses its own
     assert imagenet_names("ade150")[in124.index("n04217882")] == "trade name"
     assert imagenet_names("ade847")[in585.index("n04217882")] == "signboard"
-    cfg = Config(data=DataConfig(tag_sources=[SourceConfig(name="IN124", format="imagenet", classes="ade150")],
-                                 eval=SourceConfig(format="ade150")))
+    cfg = Config(
+        data=DataConfig(
+            tag_sources=[SourceConfig(name="IN124", format="imagenet", classes="ade150")],
+            eval=SourceConfig(format="ade150"),
+        )
+    )
     assert len(build_vocabulary(cfg)) == 150  # every IN124 synset is an ADE-150 class
 
 
@@ -101,8 +112,11 @@ def test_imagenet_21k_names_never_merge_unrelated_synsets():
     assert names["n02662825"] == "windowpane (n02662825)"  # the fish, not ADE's windowpane (a window)
     assert normalize_name(names["n02113186"]) != normalize_name(names["n02963159"])  # Cardigan dog vs cardigan
     # names shared by several synsets only where they are matched to the same ADE class
-    matched = {c["wnid"] for f in ("imagenet_for_ade150.json", "imagenet_for_ade847.json")
-               for c in json.loads((CLASSLIST_DIR / f).read_text())["classes"]}
+    matched = {
+        c["wnid"]
+        for f in ("imagenet_for_ade150.json", "imagenet_for_ade847.json")
+        for c in json.loads((CLASSLIST_DIR / f).read_text())["classes"]
+    }
     by_name: dict[str, list[str]] = {}
     for w, n in names.items():
         by_name.setdefault(normalize_name(n), []).append(w)
@@ -155,6 +169,9 @@ def test_data_root_default_and_env(monkeypatch):
 def test_a_missing_imagenet_class_list_names_the_key_to_set():
     from larvseg.config import load_config
 
-    with pytest.raises(VocabularyError, match=r"^data\.tag_sources\.0 \(IN\): an imagenet source needs 'classes': set its "
-                                              r"classes key to ade150"):
+    with pytest.raises(
+        VocabularyError,
+        match=r"^data\.tag_sources\.0 \(IN\): an imagenet source needs 'classes': set its "
+        r"classes key to ade150",
+    ):
         build_vocabulary(load_config("tiny_cpu", ["data.tag_sources.0.classes="]))

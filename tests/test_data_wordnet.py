@@ -48,11 +48,17 @@ def test_every_imagenet21k_synset_and_its_ancestors_are_in_the_table():
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in head  # the licence travels with the data
 
 
-@pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
-                    reason="WordNet 3.0 is not installed (apt-get install wordnet-base); the packaged table is used as is")
+@pytest.mark.skipif(
+    not (WORDNET_DIR / "data.noun").is_file(),
+    reason="WordNet 3.0 is not installed (apt-get install wordnet-base); the packaged table is used as is",
+)
 def test_table_regenerates_bit_for_bit(tmp_path):
     out = tmp_path / "table.tsv.gz"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_wordnet_table.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_wordnet_table.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == WORDNET_TABLE.read_bytes()

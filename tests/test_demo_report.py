@@ -16,8 +16,9 @@ def _results(novel: dict[str, list[float]]) -> list[RunResult]:
     out = []
     for v, values in novel.items():
         for seed, x in enumerate(values):
-            out.append(RunResult(v, seed, miou=40.0 + seed, miou_base=60.0, miou_novel=x,
-                                 class_iou=[50.0, float("nan"), x]))
+            out.append(
+                RunResult(v, seed, miou=40.0 + seed, miou_base=60.0, miou_novel=x, class_iou=[50.0, float("nan"), x])
+            )
     return out
 
 
@@ -47,8 +48,15 @@ def test_findings_flag_a_win_within_noise():
 def test_write_report(tmp_path):
     res = _results({"seg": [0.0, 1.0], "base": [10.0, 12.0], "cac": [14.0, 15.0]})
     rng = np.random.default_rng(0)
-    rows = [PanelRow(f"img{i}", rng.integers(0, 255, (32, 40, 3), dtype=np.uint8), rng.integers(-1, 3, (32, 40)),
-                     {v: rng.integers(0, 3, (32, 40)) for v in VARIANTS}) for i in range(2)]
+    rows = [
+        PanelRow(
+            f"img{i}",
+            rng.integers(0, 255, (32, 40, 3), dtype=np.uint8),
+            rng.integers(-1, 3, (32, 40)),
+            {v: rng.integers(0, 3, (32, 40)) for v in VARIANTS},
+        )
+        for i in range(2)
+    ]
     path = write_report(tmp_path, res, ["a", "b", "c"], ["base", "base", "novel"], rows, {"model": "tiny"}, VARIANTS)
     text = path.read_text()
     assert "| base | 40.5 ± 0.7 | 60.0 ± 0.0 | 11.0 ± 1.4 |" in text  # mean ± sample std over 2 seeds
@@ -91,8 +99,9 @@ def _claim(p1_novel_right: int, habitat_counts: list[int], oracle: bool = False)
     diag = FeatureDiagnostics([0.5, 0.5], None, None, 0.0, [1.0, 1.0], seed_confusion=conf)
     probe = ImageLevelProbe(habitat_counts, [0.9, 0.6], None)
     cac_probe = ImageLevelProbe([0, 0, 0, 0], [0.9, 0.6], [0.9, 0.7])
-    return ClaimInputs({("seg", 0): diag}, {("base", 0): probe, ("cac", 0): cac_probe}, VARIANTS,
-                       "oracle" if oracle else None)
+    return ClaimInputs(
+        {("seg", 0): diag}, {("base", 0): probe, ("cac", 0): cac_probe}, VARIANTS, "oracle" if oracle else None
+    )
 
 
 def test_claim_section_states_the_rule_then_the_numbers():
@@ -135,9 +144,11 @@ def test_diagnostics_lines_report_leak_and_auc_gap():
     from larvseg.demo.diagnostics import FeatureDiagnostics
     from larvseg.demo.report import diagnostics_lines
 
-    d = {("cac", 0): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 12.5, [1.0, 2.0]),
-         ("cac", 1): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 7.5, [1.0, 4.0]),
-         ("seg", 0): FeatureDiagnostics([0.5, 0.6], None, None, 0.0, [1.0, 0.0])}
+    d = {
+        ("cac", 0): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 12.5, [1.0, 2.0]),
+        ("cac", 1): FeatureDiagnostics([0.5, 0.6], [0.5, 0.7], [0.4, 0.6], 7.5, [1.0, 4.0]),
+        ("seg", 0): FeatureDiagnostics([0.5, 0.6], None, None, 0.0, [1.0, 0.0]),
+    }
     text = "\n".join(diagnostics_lines(d, ["seg", "cac"], ["x", "y"], ["base", "novel"], "cac", {"cac": -4.5}))
     assert "| cac | 10.0 | 3.00 |" in text and "| seg | 0.0 | 0.00 |" in text  # means over seeds
     # a base drop beyond the tolerance is explained (with the leak); one within it is called kept

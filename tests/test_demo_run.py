@@ -24,7 +24,9 @@ CELL = r"(\d+\.\d) ± (\d+\.\d)"
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--quick", "--jobs", "2", "--out", str(out), "train.iters=60"]) == 0  # overrides reach every run
+    assert (
+        cli_main(["demo", "--quick", "--jobs", "2", "--out", str(out), "train.iters=60"]) == 0
+    )  # overrides reach every run
     printed = capsys.readouterr().out
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
@@ -44,12 +46,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         miou[variant.label] = tuple(values[0::2])
         assert (out / "runs" / "seed0" / variant.directory / "final.safetensors").is_file()
         # the "Every run" table: the same numbers for the one seed
-        assert re.search(rf"^\| {re.escape(variant.label)} \| 0 \| {miou[variant.label][0]:.1f} \| "
-                         rf"{miou[variant.label][1]:.1f} \| {miou[variant.label][2]:.1f} \| \d+ \| \d+ \|$", text, re.M)
+        assert re.search(
+            rf"^\| {re.escape(variant.label)} \| 0 \| {miou[variant.label][0]:.1f} \| "
+            rf"{miou[variant.label][1]:.1f} \| {miou[variant.label][2]:.1f} \| \d+ \| \d+ \|$",
+            text,
+            re.M,
+        )
     # the per-class IoU table averages to the mIoU columns (each cell rounded to 0.1: within 0.05 + 0.05)
-    per_class = {c.name: [float(x) for x in re.search(rf"^\| {c.name} \| {c.role} \| ([\d.]+) \| ([\d.]+) \| "
-                                                      rf"([\d.]+) \| ([\d.]+) \|$", text, re.M).groups()]
-                 for c in DEMO_CLASSES}
+    per_class = {
+        c.name: [
+            float(x)
+            for x in re.search(
+                rf"^\| {c.name} \| {c.role} \| ([\d.]+) \| ([\d.]+) \| "
+                rf"([\d.]+) \| ([\d.]+) \|$",
+                text,
+                re.M,
+            ).groups()
+        ]
+        for c in DEMO_CLASSES
+    }
     for k, variant in enumerate(VARIANTS):
         for col, role in ((0, None), (1, "base"), (2, "novel")):
             cells = [per_class[c.name][k] for c in DEMO_CLASSES if role in (None, c.role)]
@@ -58,8 +73,20 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # `larvseg eval` on the LarvSeg checkpoint, restricted to the benchmark's classes, gives the report's row
     larvseg_run = next(v for v in VARIANTS if v.directory == "larvseg")
     run_dir = out / "runs" / "seed0" / larvseg_run.directory
-    assert cli_main(["eval", str(run_dir / "config.yaml"), str(run_dir / "final.safetensors"),
-                     "--classes", ",".join(c.name for c in DEMO_CLASSES), "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(run_dir / "config.yaml"),
+                str(run_dir / "final.safetensors"),
+                "--classes",
+                ",".join(c.name for c in DEMO_CLASSES),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert evaluated["num_images"] == 16 and evaluated["skipped_images"] == 0
     assert tuple(round(evaluated[k], 1) for k in ("mIoU", "mIoU_base", "mIoU_novel")) == miou[larvseg_run.label]
@@ -71,7 +98,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert re.search(r"^\| Δ \|.*\*\*[+-]\d+\.\d\d \(n = 1: no interval\)\*\*", text, re.M)
     assert re.search(r"^\| U upper bound \|.*\*\*[+-]\d+\.\d\d \(n = 1: no interval\)\*\* \| n/a \|$", text, re.M)
     assert "**Verdict (habitat benchmark): inconclusive** (only 1 paired seed(s): no interval)." in text
-    assert re.search(r"^Base mIoU vs segmentation only: baseline \(CAC off\) [+-]\d+\.\d, LarvSeg \(CAC\) [+-]\d+\.\d", text, re.M)
+    assert re.search(
+        r"^Base mIoU vs segmentation only: baseline \(CAC off\) [+-]\d+\.\d, LarvSeg \(CAC\) [+-]\d+\.\d", text, re.M
+    )
     # the findings are derived from the numbers: one of the two verdicts on LarvSeg vs the baseline
     assert ("LarvSeg (CAC) beats the baseline" in text) != ("LarvSeg (CAC) does NOT beat the baseline" in text)
     for c in DEMO_CLASSES:  # per-class table names every class with its role
@@ -82,7 +111,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert m and 0.0 <= float(m.group(1)) <= 100.0
     assert "model.pretrained=backbone.npz" in text and "![pretraining curve](pretraining.png)" in text
     # paired differences: LarvSeg - baseline of the table's numbers (rounded there to 0.1), and the claim's Δ
-    delta_novel, delta_base = map(float, re.search(r"^\| 0 \| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \|$", text, re.M).groups())
+    delta_novel, delta_base = map(
+        float, re.search(r"^\| 0 \| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \|$", text, re.M).groups()
+    )
     baseline_label = next(v.label for v in VARIANTS if v.directory == "baseline")
     assert abs(delta_novel - (miou[larvseg_run.label][2] - miou[baseline_label][2])) <= 0.1
     assert abs(delta_base - (miou[larvseg_run.label][1] - miou[baseline_label][1])) <= 0.1
@@ -91,10 +122,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for variant in VARIANTS:
         assert re.search(rf"^\| {re.escape(variant.label)} \| \d+\.\d \|", text, re.M)
     for c in DEMO_CLASSES:
-        assert re.search(rf"^\| {c.name} \| {c.role} \| (0|1)\.\d\d \| (0|1)\.\d\d \| (0|1)\.\d\d \| [+-]\d\.\d\d \|$", text, re.M)
+        assert re.search(
+            rf"^\| {c.name} \| {c.role} \| (0|1)\.\d\d \| (0|1)\.\d\d \| (0|1)\.\d\d \| [+-]\d\.\d\d \|$", text, re.M
+        )
     # the model line describes the model actually trained: its size and the stage-0 backbone it started from
-    assert re.search(r"^- \*\*model\*\*: vit_mini \(ViT, 192-d, 4 blocks, patch 16\) with the cosine classifier, "
-                     r"initialised from `[^`]*backbone\.npz`", text, re.M)
+    assert re.search(
+        r"^- \*\*model\*\*: vit_mini \(ViT, 192-d, 4 blocks, patch 16\) with the cosine classifier, "
+        r"initialised from `[^`]*backbone\.npz`",
+        text,
+        re.M,
+    )
     assert "**training**: 60 iterations" in text
     # the report lists its checkpoints and the exact predict command for the LarvSeg model, which runs
     for variant in VARIANTS:
@@ -113,8 +150,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         label_map = np.asarray(Image.open(predicted / entry["labels"]))
         assert label_map.shape == np.asarray(Image.open(path)).shape[:2]
         values, counts = np.unique(label_map, return_counts=True)  # the areas are the label map's histogram
-        assert {names[v]: round(n / label_map.size, 4) for v, n in zip(values, counts)} == \
-            {k: round(v, 4) for k, v in entry["areas"].items()}
+        assert {names[v]: round(n / label_map.size, 4) for v, n in zip(values, counts)} == {
+            k: round(v, 4) for k, v in entry["areas"].items()
+        }
 
     for name, min_w in (("panel.png", 500), ("per_class_iou.png", 500), ("pretraining.png", 500)):
         with Image.open(out / name) as im:
@@ -128,8 +166,10 @@ def test_report_describes_the_model_trained(tmp_path):
     weights = tmp_path / "w.npz"
     for overrides, expected in (
         ([], "vit_mini (ViT, 192-d, 4 blocks, patch 16) with the cosine classifier, **random initialisation**"),
-        (["model.arch=vit_small", f"model.pretrained={weights}"],
-         f"vit_small (ViT, 384-d, 12 blocks, patch 16) with the cosine classifier, initialised from `{weights}`"),
+        (
+            ["model.arch=vit_small", f"model.pretrained={weights}"],
+            f"vit_small (ViT, 384-d, 12 blocks, patch 16) with the cosine classifier, initialised from `{weights}`",
+        ),
     ):
         cfg = load_config("demo", overrides)
         model_cfg = dataclasses.replace(cfg.model, pretrained="")  # nothing to load here

@@ -53,11 +53,16 @@ def _dataclasses(cls: type = Config):
 def test_every_config_field_declares_its_domain():
     for cls in set(_dataclasses()):
         fields = {f.name for f in dataclasses.fields(cls)}
-        sections = {f.name for f in dataclasses.fields(cls)
-                    if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None)}
+        sections = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        }
         declared = set(getattr(cls, "DOMAINS", {}))
         missing = fields - sections - declared
-        assert not missing, f"{cls.__name__}: give {sorted(missing)} a domain in {cls.__name__}.DOMAINS (larvseg.domains)"
+        assert not missing, (
+            f"{cls.__name__}: give {sorted(missing)} a domain in {cls.__name__}.DOMAINS (larvseg.domains)"
+        )
         assert declared <= fields, f"{cls.__name__}.DOMAINS names fields that do not exist: {sorted(declared - fields)}"
 
 
@@ -65,7 +70,7 @@ def test_packaged_names_match_the_builders():
     from larvseg.data.formats import FORMATS
     from larvseg.models.vit import VIT_BUILDERS
 
-    assert set(VIT_ARCHES) == set(VIT_BUILDERS) and DATASET_FORMATS == tuple(FORMATS)
+    assert set(VIT_ARCHES) == set(VIT_BUILDERS) and tuple(FORMATS) == DATASET_FORMATS
 
 
 def _wrong_values(domain: Domain, kind: type) -> list[str]:
@@ -105,7 +110,11 @@ def no_training(monkeypatch):
 def test_every_config_field_rejects_wrong_values_in_one_line(capsys, no_training):
     cases = list(_config_cases())
     keys = {key for key, _ in cases}
-    assert len(keys) == sum(1 for _ in config_leaves()) and "data.tag_sources.0.cac_topk" in keys and "train.device" in keys
+    assert (
+        len(keys) == sum(1 for _ in config_leaves())
+        and "data.tag_sources.0.cac_topk" in keys
+        and "train.device" in keys
+    )
     for key, value in cases:
         code, lines, err = _run(capsys, ["train", "tiny_cpu", f"{key}={value}"])
         assert code == 1, (key, value, err)
@@ -160,21 +169,32 @@ def test_every_option_rejects_wrong_values_in_one_line(capsys, no_training, tmp_
     assert tried > 60
 
 
-@pytest.mark.parametrize("override", [
-    "train.lr=-1", "model.arch=vit_hugee", "eval.stride=0", "eval.crop_size=-5", "train.iters=-3",
-    "data.seg_batch_size=0", "train.device=tpu",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=-1",
+        "model.arch=vit_hugee",
+        "eval.stride=0",
+        "eval.crop_size=-5",
+        "train.iters=-3",
+        "data.seg_batch_size=0",
+        "train.device=tpu",
+    ],
+)
 def test_the_reported_config_values_fail_at_load(override, capsys, no_training):
     code, lines, err = _run(capsys, ["train", "tiny_cpu", override])
     assert code == 1 and len(lines) == 1 and override.split("=")[0] in lines[0], err
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "x.pth", "--port", "70000"],
-    ["predict", "x.pth", "a.jpg", "--out", "o", "--device", "tpu"],
-    ["predict", "x.pth", "a.jpg", "--out", "o", "--amp", "fp8"],
-    ["predict", "x.pth", "a.jpg", "--out", "o", "--short-side", "-5"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "x.pth", "--port", "70000"],
+        ["predict", "x.pth", "a.jpg", "--out", "o", "--device", "tpu"],
+        ["predict", "x.pth", "a.jpg", "--out", "o", "--amp", "fp8"],
+        ["predict", "x.pth", "a.jpg", "--out", "o", "--short-side", "-5"],
+    ],
+)
 def test_the_reported_options_fail_at_parse(argv, capsys):
     code, lines, err = _run(capsys, argv)
     assert code == 1 and len(lines) == 1 and f"argument {argv[-2]}" in lines[0], err

@@ -21,10 +21,7 @@ def test_hand_computed_matrix_and_metrics_with_other_column():
     pred = torch.tensor([[5, 5, 2, 2], [7, 5, 5, 2]])
     acc = ConfusionAccumulator([5, 2, 9])
     acc.update(pred, label)
-    expected = torch.tensor([[2, 1, 0, 0],
-                             [0, 2, 0, 1],
-                             [1, 0, 0, 0],
-                             [0, 0, 0, 0]])
+    expected = torch.tensor([[2, 1, 0, 0], [0, 2, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
     assert torch.equal(acc.reduce(), expected)
 
     m = compute_metrics(acc.matrix, base_mask=[True, False, False])
@@ -61,7 +58,9 @@ def test_conventions_differ_on_predicted_but_absent_class():
         compute_metrics(acc.matrix, convention="cityscapes")
 
 
-def _loop_reference(pred: np.ndarray, label: np.ndarray, eval_ids: list[int], base: np.ndarray, convention: str) -> dict:
+def _loop_reference(
+    pred: np.ndarray, label: np.ndarray, eval_ids: list[int], base: np.ndarray, convention: str
+) -> dict:
     """Straight per-class loop over the definitions (independent of the bincount code)."""
     keep = label != IGN
     p, g = pred[keep], label[keep]

@@ -72,7 +72,9 @@ def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
     for key in ("mIoU", "mIoU_base", "mIoU_novel"):
         assert results[key] == pytest.approx(demo[key], abs=1e-9)
     by_name = {r["class"]: r["IoU"] for r in results["per_class"]}
-    np.testing.assert_allclose([by_name[vocab.names[vocab.index(c.name)]] for c in DEMO_CLASSES], demo["IoU"], atol=1e-9)
+    np.testing.assert_allclose(
+        [by_name[vocab.names[vocab.index(c.name)]] for c in DEMO_CLASSES], demo["IoU"], atol=1e-9
+    )
 
     # the command line: --classes (after the overrides), the checkpoint's own vocabulary
     config = tmp_path / "demo_eval.yaml"
@@ -80,8 +82,23 @@ def test_eval_classes_reproduces_the_demo_numbers(tmp_path, capsys):
     config.write_text(dump_config(cfg))
     ckpt = tmp_path / "model.pth"
     save_checkpoint(ckpt, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": list(vocab.names)})
-    assert cli_main(["eval", str(config), str(ckpt), "--eval", "mIoU", "eval.amp=off", "--classes", names,
-                     "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(config),
+                str(ckpt),
+                "--eval",
+                "mIoU",
+                "eval.amp=off",
+                "--classes",
+                names,
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "cli" / "eval_results.json").read_text())
     assert saved["mIoU"] == pytest.approx(demo["mIoU"], abs=1e-9) and len(saved["per_class"]) == len(DEMO_CLASSES)
     assert cli_main(["eval", str(config), str(ckpt), "--classes", "sky,unicorn", "--out", str(tmp_path / "x")]) == 1

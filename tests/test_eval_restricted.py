@@ -24,8 +24,11 @@ from larvseg.models.segmenter import build_segmenter
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     T.write_ade150(root / "A150", n=3, size=(32, 48), split="validation", values=[0, 1, 3, 13, 150])
-    cfg = T.make_config(root, seg=[SourceConfig(name="C171", format="coco171")],
-                        eval_source=SourceConfig(name="A150", format="ade150", split="validation"))
+    cfg = T.make_config(
+        root,
+        seg=[SourceConfig(name="C171", format="coco171")],
+        eval_source=SourceConfig(name="A150", format="ade150", split="validation"),
+    )
     cfg.eval = EvalConfig(mode="whole", short_side=32, amp="off")
     vocab = build_vocabulary(cfg)
     torch.manual_seed(0)
@@ -43,8 +46,13 @@ def by_hand(cfg, vocab, segmenter, names):
     for i in range(len(dataset)):
         item = dataset.load(i)
         label = item["label"].astype(np.int64)
-        pred = segment_image(segmenter, torch.from_numpy(item["image"].copy()).permute(2, 0, 1), cfg.eval,
-                             class_ids=torch.from_numpy(ids), out_size=label.shape).numpy()
+        pred = segment_image(
+            segmenter,
+            torch.from_numpy(item["image"].copy()).permute(2, 0, 1),
+            cfg.eval,
+            class_ids=torch.from_numpy(ids),
+            out_size=label.shape,
+        ).numpy()
         valid = np.isin(label, ids)
         for k, c in enumerate(ids):
             tp[k] += np.sum(valid & (label == c) & (pred == c))
@@ -77,11 +85,16 @@ def test_restricted_evaluation_matches_a_direct_computation(setup):
     # COCO's "motorcycle" is not an ADE-150 name, but a WordNet lemma of the synset ADE's "minibike" is matched to
     ade = [normalize_name(n) for n in load_class_names("ade150")]
     assert "motorcycle" not in ade
-    assert scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="motorcycle")),
-                          vocab)[0].tolist() == [vocab.index("minibike")]
+    assert scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="motorcycle")), vocab)[
+        0
+    ].tolist() == [vocab.index("minibike")]
     # a concept selects every evaluation class at or below it, each scored on its own
-    furniture, _ = scored_classes(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="furniture*")), vocab)
-    assert {"chair", "table", "bed", "sofa"} <= {vocab.names[i] for i in furniture} and "wall" not in {vocab.names[i] for i in furniture}
+    furniture, _ = scored_classes(
+        dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="furniture*")), vocab
+    )
+    assert {"chair", "table", "bed", "sofa"} <= {vocab.names[i] for i in furniture} and "wall" not in {
+        vocab.names[i] for i in furniture
+    }
     wrong = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes="wall,unicorn"))
     with pytest.raises(UnknownClassError, match=re.escape("not in the evaluation set's classes of 150: ['unicorn']")):
         evaluate(wrong, segmenter, vocab, verbose=False)

@@ -21,8 +21,8 @@ from larvseg.config import Config, EvalConfig, ModelConfig
 from larvseg.data.synthetic.appearance import DEMO_CLASSES, NOVEL_CLASSES, render_scene
 from larvseg.export import ExportableSegmenter
 from larvseg.models.inference import segment_image
-from larvseg.predict import LarvSegPredictor, read_image
 from larvseg.models.segmenter import build_segmenter
+from larvseg.predict import LarvSegPredictor, read_image
 from larvseg.train.checkpoint import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
@@ -40,15 +40,26 @@ def exported(tmp_path_factory):
     ckpt = tmp / "small.pth"
     save_checkpoint(ckpt, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": NAMES})
     # a textured scene as the benchmark draws them (background regions, objects, sensor noise), as a PNG file
-    scene = render_scene(np.random.default_rng(1), (50, 71), [DEMO_CLASSES.index(c) for c in NOVEL_CLASSES[:2]],
-                         [(0.1, 0.3)] * 2)
+    scene = render_scene(
+        np.random.default_rng(1), (50, 71), [DEMO_CLASSES.index(c) for c in NOVEL_CLASSES[:2]], [(0.1, 0.3)] * 2
+    )
     Image.fromarray(scene.image).save(tmp / "photo.png")
     photo = np.array(read_image(tmp / "photo.png"))  # decoded from the file, writable
     onnx_path = tmp / "out" / "model.onnx"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(["export", str(ckpt), "--classes", "road,Sky,person", "--onnx", str(onnx_path),
-                         "--check-images", str(tmp / "photo.png")])
+        code = cli_main(
+            [
+                "export",
+                str(ckpt),
+                "--classes",
+                "road,Sky,person",
+                "--onnx",
+                str(onnx_path),
+                "--check-images",
+                str(tmp / "photo.png"),
+            ]
+        )
     assert code == 0, out.getvalue() + err.getvalue()
     # a normal run: its threads, and no third-party warning (torch's exporter deprecates its own calls)
     assert "intra-op thread" in out.getvalue()
@@ -71,8 +82,13 @@ def test_export_matches_pytorch_at_any_size(exported):
         logits, labels = session.run(["logits", "labels"], {"image": image.astype(np.float32).transpose(2, 0, 1)[None]})
         assert logits.shape == (1, 3, -(-h // 16), -(-w // 16)) and labels.shape == (1, h, w)
         # the same prediction as larvseg's own whole-image inference over the same classes
-        expected = segment_image(segmenter, torch.from_numpy(image).permute(2, 0, 1), EvalConfig(mode="whole", amp="off"),
-                                 class_ids=ids, out_size=(h, w))
+        expected = segment_image(
+            segmenter,
+            torch.from_numpy(image).permute(2, 0, 1),
+            EvalConfig(mode="whole", amp="off"),
+            class_ids=ids,
+            out_size=(h, w),
+        )
         agreement = (ids[torch.from_numpy(labels[0])] == expected).float().mean().item()
         assert agreement > 0.999, (h, w, agreement)
         assert len(np.unique(labels)) > 1  # a non-trivial map, or the check above proves little
@@ -94,8 +110,9 @@ def test_exported_function_is_predicts_segmentation(exported):
         assert labels.shape == (1, *image.shape[:2])
         np.testing.assert_array_equal(ids[labels[0]].numpy(), expected)
         assert len(np.unique(expected)) > 1  # a non-trivial map, or the equality proves little
-        onnx_logits, onnx_labels = session.run(["logits", "labels"],
-                                               {"image": image.astype(np.float32).transpose(2, 0, 1)[None]})
+        onnx_logits, onnx_labels = session.run(
+            ["logits", "labels"], {"image": image.astype(np.float32).transpose(2, 0, 1)[None]}
+        )
         np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-3)
         assert (ids[torch.from_numpy(onnx_labels[0])].numpy() == expected).mean() > 0.999
 
@@ -107,8 +124,11 @@ def test_readme_snippet_runs_without_pytorch(exported, tmp_path):
     snippet = re.search(r"Without\s+PyTorch.*?```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "model.onnx").write_bytes(onnx_path.read_bytes())
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
-    script = "import sys\nsys.modules['torch'] = None  # any import of torch fails\n" + snippet + \
-             "\nprint(labels.shape, labels.dtype, set(labels.ravel().tolist()) <= {0, 1, 2}, classes)\n"
+    script = (
+        "import sys\nsys.modules['torch'] = None  # any import of torch fails\n"
+        + snippet
+        + "\nprint(labels.shape, labels.dtype, set(labels.ravel().tolist()) <= {0, 1, 2}, classes)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(45, 61) int64 True ['sky', 'road', 'person']"

@@ -26,8 +26,14 @@ BASE = torch.tensor([True, True, False, False, True, False])  # classes 0, 1, 4 
 TAGS = torch.tensor([[1, TAG_PAD], [3, TAG_PAD], [2, 0], [5, TAG_PAD]])
 
 
-def naive_loss(z: torch.Tensor, omega: torch.Tensor, tags: torch.Tensor, opt: ImageLossConfig,
-               base: torch.Tensor, pair_weights: torch.Tensor | None = None) -> torch.Tensor:
+def naive_loss(
+    z: torch.Tensor,
+    omega: torch.Tensor,
+    tags: torch.Tensor,
+    opt: ImageLossConfig,
+    base: torch.Tensor,
+    pair_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The options' formulas with loops over pairs, classes and pixels (module docstring of image_loss)."""
     b, n = z.shape[:2]
     zf = z.reshape(b, n, -1)
@@ -41,8 +47,11 @@ def naive_loss(z: torch.Tensor, omega: torch.Tensor, tags: torch.Tensor, opt: Im
                 continue
             tag = slot_tag
             single = len(image_tags) == 1
-            kept = [c for c in range(n) if c == tag or (
-                c not in image_tags and not (opt.drop_base_negatives and single and bool(base[c])))]
+            kept = [
+                c
+                for c in range(n)
+                if c == tag or (c not in image_tags and not (opt.drop_base_negatives and single and bool(base[c])))
+            ]
             pixels = list(range(hw))
             if opt.confident_base > 0:
                 pixels = []
@@ -107,9 +116,13 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: f"{o.pooling}-{o.topk_fraction}-{o.drop_base_negatives}-{o.confident_base}")
-@pytest.mark.parametrize("ties,uniform,shared", [(False, False, False), (True, True, False), (True, False, False),
-                                                 (False, False, True), (True, True, True)])
+@pytest.mark.parametrize(
+    "opt", OPTIONS, ids=lambda o: f"{o.pooling}-{o.topk_fraction}-{o.drop_base_negatives}-{o.confident_base}"
+)
+@pytest.mark.parametrize(
+    "ties,uniform,shared",
+    [(False, False, False), (True, True, False), (True, False, False), (False, False, True), (True, True, True)],
+)
 def test_options_match_naive_formula(opt, ties, uniform, shared):
     """``shared``: one weight row for every pair, as L_cls passes it (top-k then runs per image)."""
     z, omega = _inputs(7, ties, uniform)
@@ -191,26 +204,53 @@ def test_cac_uses_the_options_on_its_attention_weights():
     kw = dict(loss_hw=(6, 8), topk=2, warm_up=1, rule=BackgroundRule(2, 0.0, 0.5))
     ids = torch.arange(N)
     paper = cac_loss(logits, scores, feats, TAGS, TAG_PAD, ids, bank, **kw)
-    full = cac_loss(logits, scores, feats, TAGS, TAG_PAD, ids, bank, **kw,
-                    options=ImageLossConfig(pooling="topk", topk_fraction=1.0), base=BASE)
+    full = cac_loss(
+        logits,
+        scores,
+        feats,
+        TAGS,
+        TAG_PAD,
+        ids,
+        bank,
+        **kw,
+        options=ImageLossConfig(pooling="topk", topk_fraction=1.0),
+        base=BASE,
+    )
     assert paper.warmed.all()
     torch.testing.assert_close(full.loss_sum, paper.loss_sum, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(full.loss_sum, logits)[0],
-                               torch.autograd.grad(paper.loss_sum, logits)[0], rtol=1e-5, atol=1e-7)
-    region = cac_loss(logits, scores, feats, TAGS, TAG_PAD, ids, bank, **kw,
-                      options=ImageLossConfig(pooling="region"), base=BASE)
+    torch.testing.assert_close(
+        torch.autograd.grad(full.loss_sum, logits)[0],
+        torch.autograd.grad(paper.loss_sum, logits)[0],
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    region = cac_loss(
+        logits, scores, feats, TAGS, TAG_PAD, ids, bank, **kw, options=ImageLossConfig(pooling="region"), base=BASE
+    )
     assert abs(region.loss_sum.item() - paper.loss_sum.item()) > 1e-3
 
 
 def test_config_switches_and_their_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {arch: vit_mini}\n")
-    cfg = load_config(path, ["model.image_loss.pooling=topk", "model.image_loss.topk_fraction=0.05",
-                             "model.image_loss.drop_base_negatives=true", "model.image_loss.confident_base=0.9"])
+    cfg = load_config(
+        path,
+        [
+            "model.image_loss.pooling=topk",
+            "model.image_loss.topk_fraction=0.05",
+            "model.image_loss.drop_base_negatives=true",
+            "model.image_loss.confident_base=0.9",
+        ],
+    )
     assert cfg.model.image_loss == ImageLossConfig("topk", 0.05, True, 0.9)
     assert is_paper(load_config(path).model.image_loss)
-    for bad, key in (("pooling=max", "pooling"), ("topk_fraction=0", "topk_fraction"), ("topk_fraction=1.5", "topk_fraction"),
-                     ("confident_base=1", "confident_base"), ("confident_base=-0.1", "confident_base")):
+    for bad, key in (
+        ("pooling=max", "pooling"),
+        ("topk_fraction=0", "topk_fraction"),
+        ("topk_fraction=1.5", "topk_fraction"),
+        ("confident_base=1", "confident_base"),
+        ("confident_base=-0.1", "confident_base"),
+    ):
         with pytest.raises(ConfigError, match=f"model.image_loss.{key}"):
             load_config(path, [f"model.image_loss.{bad}"])
     with pytest.raises(ConfigError, match="did you mean 'topk_fraction'"):
@@ -238,8 +278,9 @@ def test_training_steps_run_with_each_option(opt):
         sgd = torch.optim.SGD(seg.parameters(), lr=0.05)
         sb = SegBatch("S", torch.randn(2, 3, 32, 32), torch.randint(0, 8, (2, 32, 32)), torch.arange(8), 2)
         # single-tag images (one of a base class, 5) and a multi-tag one
-        tb = TagBatch("T", torch.randn(3, 3, 32, 32), torch.tensor([[9, TAG_PAD], [5, TAG_PAD], [10, 11]]),
-                      torch.arange(4, 20), 3)
+        tb = TagBatch(
+            "T", torch.randn(3, 3, 32, 32), torch.tensor([[9, TAG_PAD], [5, TAG_PAD], [10, 11]]), torch.arange(4, 20), 3
+        )
         for step in range(3):
             sgd.zero_grad()
             out = obj(StepBatch(step, [sb], [tb]))
@@ -258,16 +299,21 @@ def test_training_steps_run_with_each_option(opt):
 def test_train_loop_runs_with_the_options(tmp_path):
     """`larvseg train`'s loop (tests/test_train_loop.py's tiny config, synthetic data) with the options
     switched on by key=value overrides only."""
-    from test_train_loop import TINY, synthetic_build
-
     from larvseg.train import loop
     from larvseg.train.checkpoint import list_checkpoints
+    from test_train_loop import TINY, synthetic_build
 
     (tmp_path / "tiny.yaml").write_text(TINY)
-    for i, overrides in enumerate([["model.image_loss.pooling=topk", "model.image_loss.drop_base_negatives=true"],
-                                   ["model.image_loss.pooling=region", "model.image_loss.confident_base=0.3"]]):
-        cfg = load_config(tmp_path / "tiny.yaml", [f"train.work_dir={tmp_path / str(i)}", "train.iters=3",
-                                                   "train.checkpoint_interval=3", *overrides])
+    for i, overrides in enumerate(
+        [
+            ["model.image_loss.pooling=topk", "model.image_loss.drop_base_negatives=true"],
+            ["model.image_loss.pooling=region", "model.image_loss.confident_base=0.3"],
+        ]
+    ):
+        cfg = load_config(
+            tmp_path / "tiny.yaml",
+            [f"train.work_dir={tmp_path / str(i)}", "train.iters=3", "train.checkpoint_interval=3", *overrides],
+        )
         assert not is_paper(cfg.model.image_loss)
         loop.train(cfg, *synthetic_build(cfg, "cpu"), resume="none")
         assert [s for s, _ in list_checkpoints(tmp_path / str(i))] == [3]
@@ -275,4 +321,8 @@ def test_train_loop_runs_with_the_options(tmp_path):
 
 def test_image_loss_config_is_plain_data():
     assert [f.name for f in dataclasses.fields(ImageLossConfig)] == [
-        "pooling", "topk_fraction", "drop_base_negatives", "confident_base"]
+        "pooling",
+        "topk_fraction",
+        "drop_base_negatives",
+        "confident_base",
+    ]

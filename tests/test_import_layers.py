@@ -38,6 +38,8 @@ LAYERS = {
     "larvseg.cli": 4,
     "larvseg.reproductions": 4,  # the original-configs table: reads configs through the data layer
 }
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -104,7 +106,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
             if nxt not in edges:
                 continue
             if state.get(nxt) == 1:
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2

@@ -80,23 +80,35 @@ def test_library_records_reach_caplog_and_the_application_without_a_console_hand
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0))
+    cfg = Config(
+        model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0)
+    )
     folder = tmp_path_factory.mktemp("log")
     path = folder / "small.pth"
-    save_checkpoint(path, {"model": build_segmenter(cfg.model, 3).state_dict(), "config": cfg.to_dict(),
-                           "vocab": ["sky", "tree", "road"], "supervised": [0, 1, 2]})
+    save_checkpoint(
+        path,
+        {
+            "model": build_segmenter(cfg.model, 3).state_dict(),
+            "config": cfg.to_dict(),
+            "vocab": ["sky", "tree", "road"],
+            "supervised": [0, 1, 2],
+        },
+    )
     image = folder / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
     return path, image
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_the_cli_sets_up_one_handler_and_rank_1_prints_no_status(restore_logger, small_checkpoint, tmp_path, capsys,
-                                                                monkeypatch, rank):
+def test_the_cli_sets_up_one_handler_and_rank_1_prints_no_status(
+    restore_logger, small_checkpoint, tmp_path, capsys, monkeypatch, rank
+):
     checkpoint, image = small_checkpoint
     monkeypatch.setenv("RANK", rank)
     for run in range(2):  # the CLI run twice in one process: still one handler, each line once
-        assert main(["predict", str(checkpoint), str(image), "--out", str(tmp_path / f"out{run}"), "--device", "cpu"]) == 0
+        assert (
+            main(["predict", str(checkpoint), str(image), "--out", str(tmp_path / f"out{run}"), "--device", "cpu"]) == 0
+        )
         assert len(_consoles(restore_logger)) == 1
         out = capsys.readouterr().out
         assert out.count("wrote label maps") == 1  # the command's product: printed on every rank

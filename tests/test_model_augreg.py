@@ -59,7 +59,10 @@ def direct_forward(a: dict[str, np.ndarray], img: np.ndarray) -> np.ndarray:
         p = f"Transformer/encoderblock_{i}/"
         m = p + "MultiHeadDotProductAttention_1/"
         y = ln(tok, p + "LayerNorm_0")
-        q, k, v = (torch.einsum("bnd,dhe->bnhe", y, t[m + n + "/kernel"]) + t[m + n + "/bias"] for n in ("query", "key", "value"))
+        q, k, v = (
+            torch.einsum("bnd,dhe->bnhe", y, t[m + n + "/kernel"]) + t[m + n + "/bias"]
+            for n in ("query", "key", "value")
+        )
         att = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(HD), -1)
         o = torch.einsum("bhqk,bkhe->bqhe", att, v)
         tok = tok + torch.einsum("bqhe,hed->bqd", o, t[m + "out/kernel"]) + t[m + "out/bias"]
@@ -97,9 +100,15 @@ def test_npz_mapping_tensor_by_tensor(npz_file):
     out_k = a[m + "out/kernel"]
     np.testing.assert_array_equal(sd["blocks.1.attn.proj.weight"][:, 2 * HD + 3].numpy(), out_k[2, 3, :])
     np.testing.assert_array_equal(sd["patch_embed.weight"][5, 1, 2, 7].numpy(), a["embedding/kernel"][2, 7, 1, 5])
-    np.testing.assert_array_equal(sd["blocks.0.mlp.fc1.weight"].numpy(), a["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].T)
-    np.testing.assert_array_equal(sd["blocks.0.mlp.fc2.bias"].numpy(), a["Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias"])
-    np.testing.assert_array_equal(sd["blocks.0.norm2.weight"].numpy(), a["Transformer/encoderblock_0/LayerNorm_2/scale"])
+    np.testing.assert_array_equal(
+        sd["blocks.0.mlp.fc1.weight"].numpy(), a["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].T
+    )
+    np.testing.assert_array_equal(
+        sd["blocks.0.mlp.fc2.bias"].numpy(), a["Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias"]
+    )
+    np.testing.assert_array_equal(
+        sd["blocks.0.norm2.weight"].numpy(), a["Transformer/encoderblock_0/LayerNorm_2/scale"]
+    )
     np.testing.assert_array_equal(sd["norm.bias"].numpy(), a["Transformer/encoder_norm/bias"])
     np.testing.assert_array_equal(sd["cls_token"].numpy(), a["cls"])
     np.testing.assert_array_equal(sd["pos_embed"].numpy(), a["Transformer/posembed_input/pos_embedding"])
@@ -186,8 +195,10 @@ def test_own_checkpoint_backbone(tmp_path, suffix):
 def test_builders_dims():
     # the published ViT shapes (width, depth, heads) of the built models (ViT-B/16 by its builder's
     # arguments: building it costs 344 MB and seconds)
-    shapes = {k: (m.embed_dim, len(m.blocks), m.num_heads) for k, m in
-              ((k, build_vit(k)) for k in ("vit_mini", "vit_tiny", "vit_small"))}
+    shapes = {
+        k: (m.embed_dim, len(m.blocks), m.num_heads)
+        for k, m in ((k, build_vit(k)) for k in ("vit_mini", "vit_tiny", "vit_small"))
+    }
     assert shapes == {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_mini": (192, 4, 3)}
     assert VIT_BUILDERS["vit_base"].args == (768, 12, 12)
     with pytest.raises(KeyError, match="vit_huge"):

@@ -38,7 +38,9 @@ class FullBank:
         q = self.all_features(c)
         if q is None:
             return None
-        return torch.tensor([sum(float(p[:, i] @ q[j]) for j in range(q.shape[0])) / q.shape[0] for i in range(p.shape[1])])
+        return torch.tensor(
+            [sum(float(p[:, i] @ q[j]) for j in range(q.shape[0])) / q.shape[0] for i in range(p.shape[1])]
+        )
 
 
 def test_fifo_wraps_and_warm_up_in_order():
@@ -122,8 +124,12 @@ def _candidates(s, tags, rule):
     for b in range(tags.shape[0]):
         image_tags = [t for t in tags[b].tolist() if t != TAG_PAD]
         if len(image_tags) == 1:
-            out[b] = sum(1 for c in range(s.shape[1]) if c != image_tags[0]
-                         and sum(sorted(s[b, c].tolist(), reverse=True)[: rule.bg_topk]) / rule.bg_topk > rule.score_thresh)
+            out[b] = sum(
+                1
+                for c in range(s.shape[1])
+                if c != image_tags[0]
+                and sum(sorted(s[b, c].tolist(), reverse=True)[: rule.bg_topk]) / rule.bg_topk > rule.score_thresh
+            )
     return out
 
 
@@ -196,7 +202,9 @@ def _naive_cac_loss(logits, s, p, tags, class_ids, ref: FullBank, rule, loss_hw,
     for (b, slot), (score, _) in scores.items():
         l = int(tags[b, slot])
         z = (score - score.mean()) / torch.sqrt(score.var(unbiased=False) + 1e-5)  # over the h x w pixels
-        a = torch.sigmoid(F.interpolate(z.reshape(1, 1, h, w), size=loss_hw, mode="bilinear", align_corners=False))[0, 0]
+        a = torch.sigmoid(F.interpolate(z.reshape(1, 1, h, w), size=loss_hw, mode="bilinear", align_corners=False))[
+            0, 0
+        ]
         pooled = torch.stack([(up[b, c] * a).mean() for c in range(n)])
         others = [t for t in tags[b].tolist() if t not in (TAG_PAD, l)]
         kept = [c for c in range(n) if c not in others]
@@ -217,7 +225,9 @@ def test_cac_loss_and_gradient_against_naive_on_a_mixed_batch(feat_hw, loss_hw):
     logits = torch.randn(b, N, *feat_hw, requires_grad=True)  # feature resolution
     s = torch.rand(b, N, *feat_hw) * 1.2 - 0.4
     p = F.normalize(torch.randn(b, D, *feat_hw), dim=1)
-    tags = torch.tensor([[1, 3, TAG_PAD], [2, TAG_PAD, TAG_PAD], [TAG_PAD, 5, TAG_PAD], [7, 6, 4], [6, TAG_PAD, TAG_PAD]])
+    tags = torch.tensor(
+        [[1, 3, TAG_PAD], [2, TAG_PAD, TAG_PAD], [TAG_PAD, 5, TAG_PAD], [7, 6, 4], [6, TAG_PAD, TAG_PAD]]
+    )
     rule = BackgroundRule()
     res = cac_loss(logits, s, p, tags, TAG_PAD, class_ids, bank, loss_hw=loss_hw, topk=K, warm_up=1, rule=rule)
     (grad,) = torch.autograd.grad(res.loss_sum, logits)

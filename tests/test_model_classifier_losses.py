@@ -13,9 +13,9 @@ from larvseg.data.batch import TAG_PAD, SegBatch, StepBatch, TagBatch
 from larvseg.models.class_sampling import global_presence, sample_classes, step_generator
 from larvseg.models.cosine_classifier import CosineClassifier
 from larvseg.models.losses import (
+    attended_mean_weights,
     image_level_ce_sum,
     pixel_ce_sum,
-    attended_mean_weights,
     upsampled_mean_weights,
 )
 from larvseg.models.memory_bank import MemoryBank
@@ -175,14 +175,16 @@ def test_build_segmenter_forward_is_the_cosine_formula_on_standardised_pixels():
         assert out.logits.shape == (1, 4, 2, 3) and out.features.shape == (1, 192, 2, 3)
         mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
         std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-        x = seg.backbone(((images - mean) / std))[0]  # (192, 2, 3)
+        x = seg.backbone((images - mean) / std)[0]  # (192, 2, 3)
         clf = seg.classifier
         for i in range(2):
             for j in range(3):
                 pv = x[:, i, j] @ clf.proj_patch
                 pv = pv / pv.norm()
-                s = [float(pv @ (clf.class_embed[c] @ clf.proj_class) / (clf.class_embed[c] @ clf.proj_class).norm())
-                     for c in ids.tolist()]
+                s = [
+                    float(pv @ (clf.class_embed[c] @ clf.proj_class) / (clf.class_embed[c] @ clf.proj_class).norm())
+                    for c in ids.tolist()
+                ]
                 m = sum(s) / len(s)
                 var = sum((v - m) ** 2 for v in s) / len(s)  # biased
                 for n, v in enumerate(s):
@@ -191,7 +193,10 @@ def test_build_segmenter_forward_is_the_cosine_formula_on_standardised_pixels():
                 torch.testing.assert_close(out.features[0, :, i, j], pv, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("feat_hw,loss_hw", [((4, 4), (8, 8)), ((5, 7), (13, 11)), ((20, 20), (160, 160)), ((6, 6), (6, 6)), ((8, 6), (4, 3))])
+@pytest.mark.parametrize(
+    "feat_hw,loss_hw",
+    [((4, 4), (8, 8)), ((5, 7), (13, 11)), ((20, 20), (160, 160)), ((6, 6), (6, 6)), ((8, 6), (4, 3))],
+)
 def test_pooling_at_feature_resolution_equals_upsampled_pooling(feat_hw, loss_hw):
     """mean over loss pixels of up(z) and of up(z) * sigmoid(up(s)) (the CAC's attention: sigmoid AFTER the
     upsampling), computed at feature resolution: same values, same grads."""
@@ -213,7 +218,9 @@ def test_pooling_at_feature_resolution_equals_upsampled_pooling(feat_hw, loss_hw
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("src,labels_hw,down", [((4, 4), (16, 16), 2), ((5, 7), (26, 22), 2), ((32, 32), (512, 512), 2), ((6, 6), (6, 6), 1)])
+@pytest.mark.parametrize(
+    "src,labels_hw,down", [((4, 4), (16, 16), 2), ((5, 7), (26, 22), 2), ((32, 32), (512, 512), 2), ((6, 6), (6, 6), 1)]
+)
 def test_pixel_ce_equals_interpolate_then_cross_entropy(src, labels_hw, down):
     """The chunked upsample + CE gives F.cross_entropy(F.interpolate(z)) and its gradient, ignore pixels included."""
     torch.manual_seed(3)

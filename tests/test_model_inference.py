@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from larvseg.config import EvalConfig
 from larvseg.models import bounded_argmax as bounded_argmax_module
-from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
+from larvseg.models import chunked_argmax as chunked_argmax_module
 from larvseg.models.bilinear import resize_matrix
 from larvseg.models.bounded_argmax import bounded_argmax
-from larvseg.models import chunked_argmax as chunked_argmax_module
 from larvseg.models.chunked_argmax import chunked_argmax
+from larvseg.models.cosine_classifier import CenteredClasses, CosineClassifier
 from larvseg.models.inference import (
     argmax_path,
     centered_classes,
@@ -48,7 +48,9 @@ def _reference_slide(seg, image, crop, stride, out_size, class_ids=None):
                 y2, x2 = min(i * stride + crop, hh), min(j * stride + crop, ww)
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 logits = seg(image[None, :, y1:y2, x1:x2], class_ids).logits
-                canvas[:, y1:y2, x1:x2] += F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+                canvas[:, y1:y2, x1:x2] += F.interpolate(
+                    logits, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+                )[0]
                 count[y1:y2, x1:x2] += 1
     canvas = F.interpolate((canvas / count)[None], size=out_size, mode="bilinear", align_corners=False)[0]
     return ids[canvas.argmax(0)]
@@ -69,8 +71,14 @@ def test_upsample_crop_matrix_is_interpolate_exactly_in_float32():
 
 
 def test_slide_windows_mmseg_grid():
-    assert slide_windows(48, 80, 32, 24) == [(0, 32, 0, 32), (0, 32, 24, 56), (0, 32, 48, 80),
-                                             (16, 48, 0, 32), (16, 48, 24, 56), (16, 48, 48, 80)]
+    assert slide_windows(48, 80, 32, 24) == [
+        (0, 32, 0, 32),
+        (0, 32, 24, 56),
+        (0, 32, 48, 80),
+        (16, 48, 0, 32),
+        (16, 48, 24, 56),
+        (16, 48, 48, 80),
+    ]
     assert slide_windows(20, 20, 32, 32) == [(0, 20, 0, 20)]
 
 
@@ -90,8 +98,10 @@ def test_slide_equals_reference_and_subset():
     logits = seg(image[None]).logits
     assert torch.equal(whole, F.interpolate(logits, size=(48, 80), mode="bilinear", align_corners=False)[0].argmax(0))
     # uint8 pixels give the same prediction as their float values
-    assert torch.equal(segment_image(seg, image.to(torch.uint8), slide, out_size=(40, 70)),
-                       segment_image(seg, image.to(torch.uint8).float(), slide, out_size=(40, 70)))
+    assert torch.equal(
+        segment_image(seg, image.to(torch.uint8), slide, out_size=(40, 70)),
+        segment_image(seg, image.to(torch.uint8).float(), slide, out_size=(40, 70)),
+    )
 
 
 def _trained_like(seg, image, clusters):
@@ -111,7 +121,9 @@ def _trained_like(seg, image, clusters):
 
 
 @pytest.mark.parametrize("kind", ["random", "trained", "ties"])
-@pytest.mark.parametrize("mode,out_size", [("whole", (24, 20)), ("whole", (70, 90)), ("slide", (40, 70)), ("slide", (13, 21))])
+@pytest.mark.parametrize(
+    "mode,out_size", [("whole", (24, 20)), ("whole", (70, 90)), ("slide", (40, 70)), ("slide", (13, 21))]
+)
 def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
     """The bounded and the chunked path (forced) give the naive dense argmax of the upsampled logits:
     random and trained-like classifiers, up- and down-sampled outputs, and exact ties between duplicated
@@ -130,12 +142,14 @@ def test_bounded_argmax_equals_dense_reference(kind, mode, out_size):
             up = F.interpolate(seg(image[None]).logits, size=(48, 80), mode="bilinear", align_corners=False)
             up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]  # two steps, as mmseg
         ref = up.argmax(0)
-    pred, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size,
-                                        dense_max_elems=0)
+    pred, info = segment_image_detailed(
+        seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size, dense_max_elems=0
+    )
     assert info["path"] == "bounded"
     assert torch.equal(pred, ref)
-    chunked, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size,
-                                           argmax="chunked")  # the GPU path, forced on the CPU
+    chunked, info = segment_image_detailed(
+        seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size, argmax="chunked"
+    )  # the GPU path, forced on the CPU
     assert info["path"] == "chunked" and torch.equal(chunked, ref)
     dense, info = segment_image_detailed(seg, image, mode=mode, crop_size=crop, stride=stride, out_size=out_size)
     assert info["path"] == "dense" and torch.equal(dense, ref)
@@ -228,8 +242,9 @@ def test_class_cache_follows_weights_and_class_sets():
     assert centered_classes(clf, all_ids) is not first
     assert torch.equal(segment_image(seg, image, whole), _reference_slide(seg, image, 512, 512, (32, 48)))
     clf.proj_class.data = torch.eye(8)  # a new tensor: another address
-    assert torch.equal(segment_image(seg, image, whole, class_ids=sub),
-                       _reference_slide(seg, image, 512, 512, (32, 48), class_ids=sub))
+    assert torch.equal(
+        segment_image(seg, image, whole, class_ids=sub), _reference_slide(seg, image, 512, 512, (32, 48), class_ids=sub)
+    )
 
 
 @pytest.mark.parametrize("dense_pixels", [1, 12, 1 << 20])
@@ -270,8 +285,9 @@ def test_chunked_argmax_rechecks_near_ties_exactly(monkeypatch, class_chunk, til
     assert torch.equal(pred, dense)
     assert (pred % 2 == 1).all() and int(pred.max()) < 250  # the better twin, never a later duplicate
     assert stats["near_ties"] > 0.5 * pred.numel()  # the near-ties are most pixels here: all re-checked
-    fp32, stats = chunked_argmax(logits, r, c, compute_dtype=torch.float32, class_chunk=class_chunk,
-                                 tile_elems=tile_elems)
+    fp32, stats = chunked_argmax(
+        logits, r, c, compute_dtype=torch.float32, class_chunk=class_chunk, tile_elems=tile_elems
+    )
     assert torch.equal(fp32, dense) and stats["near_ties"] == 0  # float32 tiles: the reference itself
     # the re-check decides those pixels: without it (class 0 instead) they are wrong
     monkeypatch.setattr(chunked_argmax_module, "exact_values_argmax", lambda logits, r, c, ys, xs: torch.zeros_like(ys))

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from larvseg.models.pretrained_weights import CheckpointLoadError, load_pretrained
 from larvseg.models.vit import VisionTransformer
-from test_model_augreg import D, DEPTH, GRID, HEADS, augreg_arrays
+from test_model_augreg import DEPTH, GRID, HEADS, D, augreg_arrays
 
 HUB_REPO = "timm/vit_base_patch16_384.augreg_in21k_ft_in1k"
 POS = "Transformer/posembed_input/pos_embedding"
@@ -42,7 +42,9 @@ def npz_to_timm(a: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
         m = p + "MultiHeadDotProductAttention_1/"
         t[b + "norm1.weight"], t[b + "norm1.bias"] = a[p + "LayerNorm_0/scale"], a[p + "LayerNorm_0/bias"]
         t[b + "norm2.weight"], t[b + "norm2.bias"] = a[p + "LayerNorm_2/scale"], a[p + "LayerNorm_2/bias"]
-        t[b + "attn.qkv.weight"] = np.concatenate([a[m + n + "/kernel"].reshape(d, -1).T for n in ("query", "key", "value")])
+        t[b + "attn.qkv.weight"] = np.concatenate(
+            [a[m + n + "/kernel"].reshape(d, -1).T for n in ("query", "key", "value")]
+        )
         t[b + "attn.qkv.bias"] = np.concatenate([a[m + n + "/bias"].reshape(-1) for n in ("query", "key", "value")])
         t[b + "attn.proj.weight"] = a[m + "out/kernel"].transpose(2, 0, 1).reshape(d, -1)
         t[b + "attn.proj.bias"] = a[m + "out/bias"]
@@ -80,17 +82,38 @@ def timm_to_npz(t: dict[str, np.ndarray], depth: int, heads: int) -> dict[str, n
     return {k: np.ascontiguousarray(v) for k, v in a.items()}
 
 
-def random_timm_state(rng: np.random.Generator, d: int, depth: int, grid: int, classes: int = 10) -> dict[str, np.ndarray]:
+def random_timm_state(
+    rng: np.random.Generator, d: int, depth: int, grid: int, classes: int = 10
+) -> dict[str, np.ndarray]:
     r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
-    t = {"patch_embed.proj.weight": r(d, 3, 16, 16), "patch_embed.proj.bias": r(d), "cls_token": r(1, 1, d),
-         "pos_embed": r(1, 1 + grid * grid, d), "norm.weight": 1 + r(d), "norm.bias": r(d),
-         "head.weight": r(classes, d), "head.bias": r(classes)}
+    t = {
+        "patch_embed.proj.weight": r(d, 3, 16, 16),
+        "patch_embed.proj.bias": r(d),
+        "cls_token": r(1, 1, d),
+        "pos_embed": r(1, 1 + grid * grid, d),
+        "norm.weight": 1 + r(d),
+        "norm.bias": r(d),
+        "head.weight": r(classes, d),
+        "head.bias": r(classes),
+    }
     for i in range(depth):
         b = f"blocks.{i}."
-        t.update({b + "norm1.weight": 1 + r(d), b + "norm1.bias": r(d), b + "norm2.weight": 1 + r(d),
-                  b + "norm2.bias": r(d), b + "attn.qkv.weight": r(3 * d, d), b + "attn.qkv.bias": r(3 * d),
-                  b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d),
-                  b + "mlp.fc1.bias": r(4 * d), b + "mlp.fc2.weight": r(d, 4 * d), b + "mlp.fc2.bias": r(d)})
+        t.update(
+            {
+                b + "norm1.weight": 1 + r(d),
+                b + "norm1.bias": r(d),
+                b + "norm2.weight": 1 + r(d),
+                b + "norm2.bias": r(d),
+                b + "attn.qkv.weight": r(3 * d, d),
+                b + "attn.qkv.bias": r(3 * d),
+                b + "attn.proj.weight": r(d, d),
+                b + "attn.proj.bias": r(d),
+                b + "mlp.fc1.weight": r(4 * d, d),
+                b + "mlp.fc1.bias": r(4 * d),
+                b + "mlp.fc2.weight": r(d, 4 * d),
+                b + "mlp.fc2.bias": r(d),
+            }
+        )
     return t
 
 
@@ -191,12 +214,21 @@ def test_hf_hub_name_resolved_from_an_offline_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "features.npy"
-    proc = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, json.dumps([D, DEPTH, HEADS, GRID]), HUB_REPO, str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, json.dumps([D, DEPTH, HEADS, GRID]), HUB_REPO, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.split("REPORT:", 1)[1])
     assert os.path.samefile(report["path"], cached)
-    assert report["missing"] == [] and report["unexpected"] == [] and sorted(report["unused"]) == ["head.bias", "head.weight"]
+    assert (
+        report["missing"] == []
+        and report["unexpected"] == []
+        and sorted(report["unused"]) == ["head.bias", "head.weight"]
+    )
     np.testing.assert_array_equal(np.load(out), reference.numpy())
     missing = proc.stdout.split("MISSING:", 1)[1].split("REPORT:")[0]
     assert "timm/not_in_the_cache" in missing and "HF_HUB_OFFLINE=1" in missing and "not in the cache" in missing

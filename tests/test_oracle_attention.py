@@ -14,8 +14,8 @@ from PIL import Image
 from larvseg.config import ConfigError, load_config
 from larvseg.data.io import AnnotationError, LabelValueError
 from larvseg.data.mixing import MixedLoader, build_training_sources
-from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
 from larvseg.data.sources import build_vocabulary
+from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
 from larvseg.models.oracle_attention import oracle_attention_loss
 
 
@@ -42,14 +42,19 @@ def test_oracle_loss_known_answer():
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    return write_benchmark(tmp_path_factory.mktemp("oracle") / "data",
-                           BenchmarkSpec(seed=2, num_seg=4, per_class=2, num_eval=1))
+    return write_benchmark(
+        tmp_path_factory.mktemp("oracle") / "data", BenchmarkSpec(seed=2, num_seg=4, per_class=2, num_eval=1)
+    )
 
 
 def _cfg(bench, masks: bool, extra=()):
-    overrides = [f"data.root={bench.root}", f"data.tag_sources.0.classes={bench.wnid_file}", "data.tag_batch_size=4",
-                 *(["data.tag_sources.0.object_masks=I22K/object_masks", "model.oracle_attention=true"] if masks else []),
-                 *extra]
+    overrides = [
+        f"data.root={bench.root}",
+        f"data.tag_sources.0.classes={bench.wnid_file}",
+        "data.tag_batch_size=4",
+        *(["data.tag_sources.0.object_masks=I22K/object_masks", "model.oracle_attention=true"] if masks else []),
+        *extra,
+    ]
     return load_config("tiny_cpu", overrides)
 
 

@@ -24,13 +24,17 @@ from larvseg.models.vit import VisionTransformer
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-TIMINGS = {"2x": precision.Timing(1.0, 0.5, 0.1, False), "1.05x": precision.Timing(1.0, 0.95, 0.1, False),
-           "0.2x": precision.Timing(1.0, 5.0, 0.1, True)}
+TIMINGS = {
+    "2x": precision.Timing(1.0, 0.5, 0.1, False),
+    "1.05x": precision.Timing(1.0, 0.95, 0.1, False),
+    "0.2x": precision.Timing(1.0, 5.0, 0.1, True),
+}
 
 
 def _workload(kind: str = "inference", shape: str = "vit block dim=32") -> precision.Workload:
     def build(device):
         raise AssertionError("measure is mocked: the workload must not be built")
+
     return precision.Workload(kind, shape, build)
 
 
@@ -145,6 +149,7 @@ def test_measure_times_the_real_block_and_stops_early(monkeypatch):
 
     timing = precision.measure(precision.Workload("training", "sleep", never, build_probe=build), CPU)
     assert timing.early_stop and not precision.decide(timing)
+
     def tiny_probe(device):  # bf16 10x slower, but in a probe too short to tell (fixed costs)
         return lambda bf16: time.sleep(0.01 if bf16 else 0.001)
 
@@ -158,7 +163,9 @@ def test_measure_times_the_real_block_and_stops_early(monkeypatch):
 
 def test_cpu_flags_parsing(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: X Y\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t: fpu\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: X Y\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t: fpu\n"
+    )
     assert precision.cpu_flags(info) == {"fpu", "avx2", "amx_bf16", "amx_tile"}
     assert precision.cpu_flags(tmp_path / "missing") == set()
     assert precision.cpu_model(info) == "X Y"

@@ -27,8 +27,10 @@ from larvseg.train.checkpoint import export_weights, save_checkpoint
 
 def _checkpoint(path, names, seed=0):
     torch.manual_seed(seed)
-    cfg = Config(model=ModelConfig(arch="vit_tiny", drop_path=0.0, memory_bank_size=2, cac=True),
-                 eval=EvalConfig(mode="slide", crop_size=48, stride=32, short_side=40))
+    cfg = Config(
+        model=ModelConfig(arch="vit_tiny", drop_path=0.0, memory_bank_size=2, cac=True),
+        eval=EvalConfig(mode="slide", crop_size=48, stride=32, short_side=40),
+    )
     segmenter = build_segmenter(cfg.model, len(names))
     save_checkpoint(path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": list(names)})
     return segmenter.eval(), cfg
@@ -61,8 +63,9 @@ def test_api_numpy_and_pil_match_direct_segmentation(small):
     resized = eval_resize(image, 40, 2048)
     assert resized.shape[:2] == (40, 56)
     chw = torch.from_numpy(resized).permute(2, 0, 1)
-    expected = segment_image(segmenter, chw, EvalConfig(mode="slide", crop_size=48, stride=32, amp="off"),
-                             out_size=(50, 70)).numpy()
+    expected = segment_image(
+        segmenter, chw, EvalConfig(mode="slide", crop_size=48, stride=32, amp="off"), out_size=(50, 70)
+    ).numpy()
     np.testing.assert_array_equal(result.label_map, expected)
     counts = np.bincount(expected.ravel(), minlength=len(names))
     assert result.areas == pytest.approx({names[i]: counts[i] / expected.size for i in np.flatnonzero(counts)})
@@ -73,8 +76,9 @@ def test_api_numpy_and_pil_match_direct_segmentation(small):
     np.testing.assert_array_equal(from_pil.label_map, result.label_map)
     # the safetensors export (no memory bank) predicts the same
     exported = export_weights(path.parent / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1)
-    np.testing.assert_array_equal(LarvSegPredictor.from_checkpoint(exported, device="cpu", amp="off")(image).label_map,
-                                  result.label_map)
+    np.testing.assert_array_equal(
+        LarvSegPredictor.from_checkpoint(exported, device="cpu", amp="off")(image).label_map, result.label_map
+    )
 
     restricted = LarvSegPredictor.from_checkpoint(path, classes="Road, person", device="cpu")(image)
     assert set(np.unique(restricted.label_map)) <= {2, 3}
@@ -95,8 +99,9 @@ def test_cli_writes_label_maps_overlays_and_areas(small, tmp_path):
     extra = tmp_path / "c.jpg"
     Image.fromarray(_image(36, 36, 3)).save(extra, quality=95)
     out = tmp_path / "out"
-    args = build_parser().parse_args(["predict", str(path), str(folder), str(extra), "--out", str(out), "--device", "cpu",
-                                      "--short-side", "40"])
+    args = build_parser().parse_args(
+        ["predict", str(path), str(folder), str(extra), "--out", str(out), "--device", "cpu", "--short-side", "40"]
+    )
     assert main(args) == 0
 
     predictor = LarvSegPredictor.from_checkpoint(path, device="cpu", short_side=40)
@@ -115,7 +120,7 @@ def test_cli_writes_label_maps_overlays_and_areas(small, tmp_path):
         overlay = cv2.imread(str(out / entry["overlay"]))
         assert overlay.shape[1] > image.shape[1] and overlay.shape[0] >= image.shape[0]
         # the legend panel is not blank: it names the classes present
-        assert (overlay[:, image.shape[1]:] < 128).any()
+        assert (overlay[:, image.shape[1] :] < 128).any()
 
 
 def test_cli_16bit_label_maps_for_large_vocabulary(tmp_path):
@@ -125,14 +130,28 @@ def test_cli_16bit_label_maps_for_large_vocabulary(tmp_path):
     src = tmp_path / "x.png"
     Image.fromarray(_image(40, 40, 4)).save(src)
     out = tmp_path / "out"
-    args = build_parser().parse_args(["predict", str(path), str(src), "--out", str(out), "--device", "cpu",
-                                      "--classes", "class 3,class_280,Class 299", "--short-side", "0"])
+    args = build_parser().parse_args(
+        [
+            "predict",
+            str(path),
+            str(src),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--classes",
+            "class 3,class_280,Class 299",
+            "--short-side",
+            "0",
+        ]
+    )
     assert main(args) == 0
     labels = cv2.imread(str(out / "x_labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.dtype == np.uint16
     assert set(np.unique(labels)) <= {3, 280, 299} and labels.max() >= 280  # ids > 255 survive
-    expected = LarvSegPredictor.from_checkpoint(path, classes=["class 3", "class 280", "class 299"], device="cpu",
-                                                short_side=0)
+    expected = LarvSegPredictor.from_checkpoint(
+        path, classes=["class 3", "class 280", "class 299"], device="cpu", short_side=0
+    )
     np.testing.assert_array_equal(labels, expected(np.asarray(Image.open(src).convert("RGB"))).label_map)
 
 
@@ -143,7 +162,9 @@ def test_cli_unreadable_image_names_the_file(small, tmp_path, capsys):
     args = build_parser().parse_args(["predict", str(path), str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert main(args) == 1  # reported and skipped, not a crash
     assert "broken.jpg: cannot decode image" in capsys.readouterr().err
-    args = build_parser().parse_args(["predict", str(path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
+    args = build_parser().parse_args(
+        ["predict", str(path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]
+    )
     with pytest.raises(ImageReadError, match="missing.png"):
         main(args)
 
@@ -184,15 +205,45 @@ def test_predict_defaults_to_the_eval_resize_and_gives_the_label_maps_eval_score
     assert cli_main(["eval", str(tmp_path / "cfg.yaml"), str(ckpt), "--out", str(tmp_path / "ev")]) == 0
     assert len(scored) == 3
     out = tmp_path / "pred"
-    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(out), "--device", "cpu",
-                     "--amp", "off"]) == 0  # as eval.amp here ("auto" is bf16 on CPUs with AMX)
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(ckpt),
+                str(tmp_path / "myseg" / "images"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+            ]
+        )
+        == 0
+    )  # as eval.amp here ("auto" is bf16 on CPUs with AMX)
     for i, expected in enumerate(scored):
         labels = cv2.imread(str(out / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED)
         assert labels.shape == (48, 70)
         np.testing.assert_array_equal(labels, expected.numpy())
     # the flag still overrides: another size gives other maps
-    assert cli_main(["predict", str(ckpt), str(tmp_path / "myseg" / "images"), "--out", str(tmp_path / "p64"),
-                     "--device", "cpu", "--amp", "off", "--short-side", "64"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(ckpt),
+                str(tmp_path / "myseg" / "images"),
+                "--out",
+                str(tmp_path / "p64"),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+                "--short-side",
+                "64",
+            ]
+        )
+        == 0
+    )
     other = [cv2.imread(str(tmp_path / "p64" / f"img{i}_labels.png"), cv2.IMREAD_UNCHANGED) for i in range(3)]
     assert any(not np.array_equal(o, e.numpy()) for o, e in zip(other, scored))
 
@@ -213,7 +264,9 @@ def test_folder_with_an_unreadable_image_writes_the_others_and_exits_1(small, tm
     out = tmp_path / "out"
     from larvseg.cli import main as cli_main
 
-    assert cli_main(["predict", str(path), str(folder), "--out", str(out), "--device", "cpu", "--short-side", "40"]) == 1
+    assert (
+        cli_main(["predict", str(path), str(folder), "--out", str(out), "--device", "cpu", "--short-side", "40"]) == 1
+    )
     err = capsys.readouterr().err
     assert f"1 of 3 image(s) could not be read and were skipped:\n  {folder / 'b.jpg'}: cannot decode image" in err
     areas = json.loads((out / "areas.json").read_text())
@@ -258,8 +311,9 @@ def test_16bit_grey_png_is_converted_by_range(small, tmp_path):
     grey16 = grey8.astype(np.uint16) * 257  # the same picture in 16 bits
     Image.fromarray(grey16).save(tmp_path / "g16.png")
     out = tmp_path / "out"
-    args = build_parser().parse_args(["predict", str(path), str(tmp_path / "g16.png"), "--out", str(out), "--device", "cpu",
-                                      "--short-side", "40"])
+    args = build_parser().parse_args(
+        ["predict", str(path), str(tmp_path / "g16.png"), "--out", str(out), "--device", "cpu", "--short-side", "40"]
+    )
     assert main(args) == 0
     labels = cv2.imread(str(out / "g16_labels.png"), cv2.IMREAD_UNCHANGED)
     expected = LarvSegPredictor.from_checkpoint(path, device="cpu")(np.repeat(grey8[:, :, None], 3, axis=2)).label_map
@@ -269,16 +323,18 @@ def test_16bit_grey_png_is_converted_by_range(small, tmp_path):
 def test_default_vocabulary_is_the_supervised_classes_and_untrained_names_warn(small, tmp_path):
     _, names, segmenter, cfg = small
     path = tmp_path / "trained.pth"
-    save_checkpoint(path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": names,
-                           "supervised": [0, 3, 4]})  # sky, person, car had masks or tags
+    save_checkpoint(
+        path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": names, "supervised": [0, 3, 4]}
+    )  # sky, person, car had masks or tags
     predictor = LarvSegPredictor.from_checkpoint(path, device="cpu")
     assert predictor.class_ids.tolist() == [0, 3, 4]
     assert set(np.unique(predictor(_image(50, 60, 7)).label_map)) <= {0, 3, 4}
     with pytest.warns(UserWarning, match=r"no training data in this checkpoint .*\['tree'\]"):
         named = LarvSegPredictor.from_checkpoint(path, classes="sky,tree", device="cpu")
     assert named.class_ids.tolist() == [0, 1]  # still what was asked for
-    exported = export_weights(tmp_path / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1,
-                              supervised=[2, 5])
+    exported = export_weights(
+        tmp_path / "final.safetensors", segmenter.state_dict(), cfg.to_dict(), names, 1, supervised=[2, 5]
+    )
     assert LarvSegPredictor.from_checkpoint(exported, device="cpu").class_ids.tolist() == [2, 5]
 
 
@@ -290,8 +346,20 @@ def test_progress_per_image_and_per_window(small, tmp_path, capsys, monkeypatch)
     big = tmp_path / "big.png"
     Image.fromarray(_image(64, 160, 8)).save(big)
     Image.fromarray(_image(40, 40, 9)).save(tmp_path / "small.png")
-    args = build_parser().parse_args(["predict", str(path), str(big), str(tmp_path / "small.png"), "--out",
-                                      str(tmp_path / "o"), "--device", "cpu", "--short-side", "0"])
+    args = build_parser().parse_args(
+        [
+            "predict",
+            str(path),
+            str(big),
+            str(tmp_path / "small.png"),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--short-side",
+            "0",
+        ]
+    )
     assert main(args) == 0
     err = capsys.readouterr().err
     predictor = LarvSegPredictor.from_checkpoint(path, device="cpu", short_side=0)
@@ -307,8 +375,9 @@ def test_progress_in_a_log_file_is_plain_lines(small, tmp_path, capsys):
     path = small[0]
     for k in range(3):
         Image.fromarray(_image(40, 40, k)).save(tmp_path / f"im{k}.png")
-    args = build_parser().parse_args(["predict", str(path), str(tmp_path), "--out", str(tmp_path / "o"),
-                                      "--device", "cpu"])
+    args = build_parser().parse_args(
+        ["predict", str(path), str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "predict: 3/3 (100%)" in err, err
@@ -317,10 +386,14 @@ def test_progress_in_a_log_file_is_plain_lines(small, tmp_path, capsys):
 def test_a_one_pixel_high_strip_is_segmented(tmp_path):
     names = ["sky", "tree", "road"]
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(arch="vit_tiny", drop_path=0.0, cac=False),
-                 eval=EvalConfig(mode="whole", short_side=64, max_long_side=128))  # 1 x 2000 -> 0 x 128 before
+    cfg = Config(
+        model=ModelConfig(arch="vit_tiny", drop_path=0.0, cac=False),
+        eval=EvalConfig(mode="whole", short_side=64, max_long_side=128),
+    )  # 1 x 2000 -> 0 x 128 before
     path = tmp_path / "m.pth"
-    save_checkpoint(path, {"model": build_segmenter(cfg.model, 3).state_dict(), "config": cfg.to_dict(), "vocab": names})
+    save_checkpoint(
+        path, {"model": build_segmenter(cfg.model, 3).state_dict(), "config": cfg.to_dict(), "vocab": names}
+    )
     Image.fromarray(np.full((1, 2000, 3), 90, np.uint8)).save(tmp_path / "strip.png")
     args = build_parser().parse_args(["predict", str(path), str(tmp_path / "strip.png"), "--out", str(tmp_path / "o")])
     assert main(args) == 0

@@ -26,10 +26,16 @@ D, DEPTH, HEADS, GRID = 192, 4, 3, 32  # vit_mini; the stored position grid is 3
 def augreg_layout(num_classes: int) -> dict[str, tuple[int, ...]]:
     """AugReg's ViT keys and shapes, as in Google's B_16 file (D=192, 3 heads of 64, 4 blocks here)."""
     hd = D // HEADS
-    keys = {"embedding/kernel": (16, 16, 3, D), "embedding/bias": (D,), "cls": (1, 1, D),
-            "Transformer/posembed_input/pos_embedding": (1, 1 + GRID * GRID, D),
-            "Transformer/encoder_norm/scale": (D,), "Transformer/encoder_norm/bias": (D,),
-            "head/kernel": (D, num_classes), "head/bias": (num_classes,)}
+    keys = {
+        "embedding/kernel": (16, 16, 3, D),
+        "embedding/bias": (D,),
+        "cls": (1, 1, D),
+        "Transformer/posembed_input/pos_embedding": (1, 1 + GRID * GRID, D),
+        "Transformer/encoder_norm/scale": (D,),
+        "Transformer/encoder_norm/bias": (D,),
+        "head/kernel": (D, num_classes),
+        "head/bias": (num_classes,),
+    }
     for i in range(DEPTH):
         b = f"Transformer/encoderblock_{i}/"
         m = b + "MultiHeadDotProductAttention_1/"
@@ -65,8 +71,18 @@ def test_pretrain_writes_augreg_layout_that_loads_with_nothing_missing(tmp_path,
     cfg_file, cfg = tiny_config(tmp_path, "run")
     threads_before = torch.get_num_threads()
     try:
-        assert cli_main(["pretrain", str(cfg_file), f"pretrain.work_dir={tmp_path / 'run'}", "pretrain.loss=sigmoid",
-                         "train.threads=1"]) == 0
+        assert (
+            cli_main(
+                [
+                    "pretrain",
+                    str(cfg_file),
+                    f"pretrain.work_dir={tmp_path / 'run'}",
+                    "pretrain.loss=sigmoid",
+                    "train.threads=1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads_before)
     printed = capsys.readouterr().out
@@ -118,8 +134,14 @@ def test_pretrain_resume_is_exact(tmp_path):
 def test_pretrain_multi_tag_source_and_losses(tmp_path):
     # a segmentation set used for tags gives several tags per image: softmax spreads the target over them
     write_coco171(tmp_path / "data" / "C171", n=3, size=(40, 48), rng=np.random.default_rng(2))
-    _, cfg = tiny_config(tmp_path, "multi", "data.tag_sources.0.format=coco171", "data.tag_sources.0.root=C171",
-                         "data.tag_sources.0.split=train2017", "pretrain.iters=2")
+    _, cfg = tiny_config(
+        tmp_path,
+        "multi",
+        "data.tag_sources.0.format=coco171",
+        "data.tag_sources.0.root=C171",
+        "data.tag_sources.0.split=train2017",
+        "pretrain.iters=2",
+    )
     out = pretrain(cfg, resume="none")
     with np.load(out) as f:
         assert f["head/kernel"].shape == (D, len(pretrain_vocabulary(cfg))) == (D, 160)  # COCO-Stuff merged names
@@ -152,8 +174,10 @@ def test_pretrain_stops_on_a_non_finite_loss_keeping_the_last_good_checkpoint(tm
 
     monkeypatch.setattr(pretrain_module, "step_terms", poisoned)
     cfg_file, cfg = tiny_config(tmp_path, "nan")
-    with pytest.raises(pretrain_module.NonFiniteLossError,
-                       match=r"non-finite loss at step 3 \(lr .*\): loss=nan, top1=.*iter_00000002\.pth"):
+    with pytest.raises(
+        pretrain_module.NonFiniteLossError,
+        match=r"non-finite loss at step 3 \(lr .*\): loss=nan, top1=.*iter_00000002\.pth",
+    ):
         pretrain(cfg, resume="none")
     assert [s for s, _ in list_checkpoints(tmp_path / "nan")] == [2]
     assert not (tmp_path / "nan" / BACKBONE_FILE).exists()

@@ -50,7 +50,7 @@ def test_readme_python_snippet_runs_verbatim_after_the_demo(fresh, monkeypatch):
     from larvseg.demo.run import LARVSEG, run_dir
 
     text = README.read_text()
-    section = text[text.index("### Python API"):]
+    section = text[text.index("### Python API") :]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     # what `larvseg demo` leaves in work_dirs/demo, in the paths the demo uses (a short run stands in
     # for the demo's LarvSeg model, the small benchmark for its data: same layout, same file names)

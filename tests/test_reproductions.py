@@ -30,8 +30,9 @@ def test_packaged_config_equals_its_row(rep):
 
 def test_a_config_that_drifts_from_the_table_is_named():
     rep = next(r for r in REPRODUCTIONS if r.config == "c171_a150w_in124")
-    cfg = load_config(rep.config, ["model.bg_score_thresh=0.2", "data.tag_sources.1.scale=[]",
-                                   "data.tag_sources.0.cac_topk=20"])
+    cfg = load_config(
+        rep.config, ["model.bg_score_thresh=0.2", "data.tag_sources.1.scale=[]", "data.tag_sources.0.cac_topk=20"]
+    )
     problems = "\n".join(mismatches(rep, cfg))
     assert "background rule: table 'top-5 score > 0.35, MSE > 2', config 'top-5 score > 0.2, MSE > 2'" in problems
     assert "IN124: rescale (long, short): table [320, 320], config [2048, 512]" in problems

@@ -35,8 +35,10 @@ NAMES = ["sky", "tree", "road", "person", "car", "building", "unicornfish"]  # t
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False),
-                 eval=EvalConfig(mode="slide", crop_size=48, stride=32, short_side=64))
+    cfg = Config(
+        model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False),
+        eval=EvalConfig(mode="slide", crop_size=48, stride=32, short_side=64),
+    )
     segmenter = build_segmenter(cfg.model, len(NAMES))
     path = tmp_path_factory.mktemp("serve") / "small.pth"
     save_checkpoint(path, {"model": segmenter.state_dict(), "config": cfg.to_dict(), "vocab": NAMES})
@@ -80,8 +82,11 @@ def test_api_segments_and_returns_label_map_and_areas(ckpt):
     assert client.get("/api/classes").json() == NAMES
 
     photo = _photo()
-    r = client.post("/api/segment", params={"preset": "custom", "classes": "Sky, road,PERSON", "name": "street.png"},
-                    content=_encode(Image.fromarray(photo)))
+    r = client.post(
+        "/api/segment",
+        params={"preset": "custom", "classes": "Sky, road,PERSON", "name": "street.png"},
+        content=_encode(Image.fromarray(photo)),
+    )
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     status = _wait(client, job)
@@ -103,12 +108,16 @@ def test_api_segments_and_returns_label_map_and_areas(ckpt):
         assert row["pixels"] == counts[row["id"]] and NAMES[row["id"]] == row["name"]
         assert row["fraction"] == pytest.approx(counts[row["id"]] / labels.size)
     assert result["num_scored_classes"] == 3
-    overlay = cv2.imdecode(np.frombuffer(client.get(f"/api/jobs/{job}/overlay.png").content, np.uint8), cv2.IMREAD_COLOR)
+    overlay = cv2.imdecode(
+        np.frombuffer(client.get(f"/api/jobs/{job}/overlay.png").content, np.uint8), cv2.IMREAD_COLOR
+    )
     assert overlay.shape == photo.shape
     assert json.loads(client.get(f"/api/jobs/{job}/classes.json").content) == NAMES
 
     # a preset: the names this model lacks are counted in a notice, the others scored
-    r = client.post("/api/segment", params={"preset": "ade150", "name": "street.png"}, content=_encode(Image.fromarray(photo)))
+    r = client.post(
+        "/api/segment", params={"preset": "ade150", "name": "street.png"}, content=_encode(Image.fromarray(photo))
+    )
     status = _wait(client, r.json()["job"])
     assert status["result"]["num_scored_classes"] == 6
     assert any("144 of its classes are not in this model's trained vocabulary" in n for n in status["notices"])
@@ -133,9 +142,27 @@ def _rgb16(h=40, w=50) -> bytes:
         ("empty.png", lambda: b"", {}, 400, "empty.png: the upload is empty"),
         ("cut.png", lambda: _encode(Image.fromarray(_photo()))[:300], {}, 415, "cut.png: the image cannot be decoded"),
         ("big.jpg", lambda: os.urandom(70_000), {}, 413, "big.jpg: the file is"),
-        ("wide.png", lambda: _encode(Image.new("L", (3000, 400))), {}, 413, "1.2 megapixels; the limit is 1 megapixels"),
-        ("a.png", lambda: _encode(Image.fromarray(_photo())), {"preset": "custom", "classes": "sky, unicorn"}, 400, "unicorn"),
-        ("a.png", lambda: _encode(Image.fromarray(_photo())), {"preset": "custom", "classes": " , "}, 400, "type at least one class"),
+        (
+            "wide.png",
+            lambda: _encode(Image.new("L", (3000, 400))),
+            {},
+            413,
+            "1.2 megapixels; the limit is 1 megapixels",
+        ),
+        (
+            "a.png",
+            lambda: _encode(Image.fromarray(_photo())),
+            {"preset": "custom", "classes": "sky, unicorn"},
+            400,
+            "unicorn",
+        ),
+        (
+            "a.png",
+            lambda: _encode(Image.fromarray(_photo())),
+            {"preset": "custom", "classes": " , "},
+            400,
+            "type at least one class",
+        ),
         ("a.png", lambda: _encode(Image.fromarray(_photo())), {"preset": "pascal"}, 400, "unknown vocabulary 'pascal'"),
     ],
 )
@@ -217,7 +244,9 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         assert not page.is_visible("#error")
         assert page.eval_on_selector("#progress", "p => p.value") == 1
         assert "done in" in page.inner_text("#status")
-        page.wait_for_function("document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
+        page.wait_for_function(
+            "document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0"
+        )
         assert page.eval_on_selector("#overlay", "img => [img.naturalWidth, img.naturalHeight]") == [128, 96]
         legend = page.locator("#legend .chip").all_inner_texts()
         rows = page.locator("#areas tbody tr").all_inner_texts()
@@ -254,10 +283,19 @@ def test_cli_serve_starts_uvicorn_with_the_app(ckpt, monkeypatch, capsys):
 def test_vocabularies_follow_the_trained_classes(tmp_path):
     """A checkpoint that records its supervised classes: the page offers those, and says so for others."""
     torch.manual_seed(1)
-    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0))
+    cfg = Config(
+        model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0)
+    )
     path = tmp_path / "trained.pth"
-    save_checkpoint(path, {"model": build_segmenter(cfg.model, len(NAMES)).state_dict(), "config": cfg.to_dict(),
-                           "vocab": NAMES, "supervised": [0, 2, 3]})  # sky, road, person had masks or tags
+    save_checkpoint(
+        path,
+        {
+            "model": build_segmenter(cfg.model, len(NAMES)).state_dict(),
+            "config": cfg.to_dict(),
+            "vocab": NAMES,
+            "supervised": [0, 2, 3],
+        },
+    )  # sky, road, person had masks or tags
     service = _service(path)
     client = TestClient(create_app(service))
     presets = {p["key"]: p for p in client.get("/api/info").json()["presets"]}
@@ -270,7 +308,9 @@ def test_vocabularies_follow_the_trained_classes(tmp_path):
     assert {c["name"] for c in status["result"]["classes"]} <= {"sky", "road", "person"}
     r = client.post("/api/segment", params={"preset": "custom", "classes": "sky, car"}, content=image)
     status = _wait(client, r.json()["job"])
-    assert any("1 of your classes had no training data in this checkpoint" in n and "car" in n for n in status["notices"])
+    assert any(
+        "1 of your classes had no training data in this checkpoint" in n and "car" in n for n in status["notices"]
+    )
     service.close()
 
 
@@ -337,7 +377,9 @@ def test_a_decompression_bomb_names_the_limit_and_its_flag(ckpt):
         decode_upload(data, "huge.png", 2**30, 25_000_000)
     message = str(info.value)
     assert info.value.status == 413
-    assert "huge.png: the image is 400 megapixels; the limit is 25 megapixels (larvseg serve --max-megapixels)" == message
+    assert (
+        message == "huge.png: the image is 400 megapixels; the limit is 25 megapixels (larvseg serve --max-megapixels)"
+    )
 
 
 def test_overlay_colours_of_one_image_are_perceptually_distinct():
@@ -388,8 +430,10 @@ def test_page_fits_the_window_and_clears_a_failed_upload(live_server, tmp_path, 
         page.set_input_files("#file", str(image_path))
         page.click("#run")
         page.wait_for_selector("#result", state="visible", timeout=60_000)
-        page.wait_for_function("['photo', 'overlay'].every((id) => document.getElementById(id).complete "
-                               "&& document.getElementById(id).naturalWidth > 0)")
+        page.wait_for_function(
+            "['photo', 'overlay'].every((id) => document.getElementById(id).complete "
+            "&& document.getElementById(id).naturalWidth > 0)"
+        )
         layout = page.evaluate(LAYOUT_JS)
         assert layout["scroll"] <= width and not layout["wide"], layout  # nothing wider than the window
         assert layout["result"][0] >= 0 and layout["result"][2] <= width and layout["layers"][2] <= width

@@ -28,10 +28,19 @@ NAMES = ["sky", "tree", "road", "person"]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0))
+    cfg = Config(
+        model=ModelConfig(arch="vit_mini", drop_path=0.0, cac=False), eval=EvalConfig(mode="whole", short_side=0)
+    )
     path = tmp_path_factory.mktemp("noops") / "small.pth"
-    save_checkpoint(path, {"model": build_segmenter(cfg.model, len(NAMES)).state_dict(), "config": cfg.to_dict(),
-                           "vocab": NAMES, "supervised": [0, 1, 2]})
+    save_checkpoint(
+        path,
+        {
+            "model": build_segmenter(cfg.model, len(NAMES)).state_dict(),
+            "config": cfg.to_dict(),
+            "vocab": NAMES,
+            "supervised": [0, 1, 2],
+        },
+    )
     return path
 
 
@@ -65,8 +74,10 @@ def test_the_same_image_twice_gets_two_areas_entries(ckpt, tmp_path, capsys):
 
 
 def test_a_missing_class_file_is_an_error_not_a_class_name(ckpt, tmp_path, capsys):
-    line = _one_line(capsys, ["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"),
-                              "--classes", "names.txt"])
+    line = _one_line(
+        capsys,
+        ["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), "--classes", "names.txt"],
+    )
     assert "argument --classes" in line and "no such file" in line
     with pytest.raises(Exception, match="names.txt.*no such file"):
         LarvSegPredictor.from_checkpoint(ckpt, classes="names.txt", device="cpu")
@@ -85,8 +96,22 @@ def test_per_call_classes_on_the_predictor(ckpt, tmp_path):
 
 def test_predict_warnings_are_one_line_without_a_source_line(ckpt, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(out), "--classes",
-                 "sky,person", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(ckpt),
+                str(_image(tmp_path / "a.png")),
+                "--out",
+                str(out),
+                "--classes",
+                "sky,person",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     warning_lines = [line for line in captured.err.splitlines() if "warning" in line]
     assert len(warning_lines) == 1 and warning_lines[0].startswith("larvseg predict: warning: 1 of the requested")
@@ -116,7 +141,9 @@ def test_eval_checks_its_output_folder_before_evaluating(ckpt, tmp_path, capsys,
 def test_train_checks_its_work_dir_before_building(tmp_path, capsys, monkeypatch):
     import larvseg.train.loop as loop
 
-    monkeypatch.setattr(loop.main, "__defaults__", (lambda *a: (_ for _ in ()).throw(AssertionError("built before the check")),))
+    monkeypatch.setattr(
+        loop.main, "__defaults__", (lambda *a: (_ for _ in ()).throw(AssertionError("built before the check")),)
+    )
     blocker = tmp_path / "file"
     blocker.write_text("x")
     line = _one_line(capsys, ["train", "tiny_cpu", f"train.work_dir={blocker}/run"])
@@ -223,6 +250,7 @@ data: {seg_sources: [{name: S, format: custom_seg, crop_size: 32}], seg_batch_si
 model: {arch: vit_mini, drop_path: 0.0, cac: false, num_sampled_classes: 2}
 train: {iters: 3, checkpoint_interval: 5, eval_interval: -1, amp: "off", device: cpu, tensorboard: false}
 """)
+
     def build(cfg, device):
         loop.seed_everything(0)
         return Vocabulary([f"c{i}" for i in range(6)]), build_segmenter(cfg.model, 6), FailingLoader(cfg, 0, 1, 6)
@@ -244,6 +272,7 @@ def test_an_unreadable_pretrained_file_is_one_line(tmp_path, capsys, monkeypatch
 
 def test_a_wrong_thread_count_in_the_environment_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LARVSEG_THREADS", "many")
-    line = _one_line(capsys, ["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"),
-                              "--device", "cpu"])
+    line = _one_line(
+        capsys, ["predict", str(ckpt), str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert "LARVSEG_THREADS='many'" in line

@@ -22,8 +22,15 @@ def _state(step=3):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    return {"format": 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "config": {"train": {"iters": 10}}, "vocab": ["sky", "tree"], "rng": ck.rng_state()}
+    return {
+        "format": 1,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": {"train": {"iters": 10}},
+        "vocab": ["sky", "tree"],
+        "rng": ck.rng_state(),
+    }
 
 
 def test_roundtrip_weights_only(tmp_path):
@@ -154,8 +161,10 @@ def orphan_temp(folder, name: str):
     import sys
     import time
 
-    code = ("import sys, time\nfrom larvseg.atomic import atomic_write\n"
-            "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 4096), f.flush(), time.sleep(120)))\n")
+    code = (
+        "import sys, time\nfrom larvseg.atomic import atomic_write\n"
+        "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 4096), f.flush(), time.sleep(120)))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder / name)], env=dict(os.environ, OMP_NUM_THREADS="1"))
     tmp = folder / f".{name}.tmp-{proc.pid}"
     deadline = time.monotonic() + 60
@@ -213,13 +222,16 @@ def test_full_disk_during_save_names_the_file(tmp_path, monkeypatch):
 
 def test_export_with_a_json_of_another_vocabulary_is_a_clear_error(tmp_path):
     weights = {"classifier.class_embed": torch.zeros(6, 8), "backbone.w": torch.zeros(3)}
-    path = ck.export_weights(tmp_path / "final.safetensors", weights, {}, [f"c{i}" for i in range(6)], 5,
-                             supervised=[1, 3])
+    path = ck.export_weights(
+        tmp_path / "final.safetensors", weights, {}, [f"c{i}" for i in range(6)], 5, supervised=[1, 3]
+    )
     assert ck.load_checkpoint(path)["supervised"] == [1, 3]
     meta = json.loads(path.with_suffix(".json").read_text())
     meta["vocab"] = [f"c{i}" for i in range(7)]  # the .json of another run
     path.with_suffix(".json").write_text(json.dumps(meta))
-    with pytest.raises(ck.CheckpointError, match=r"final\.safetensors: the weights hold 6 classes .* final\.json lists 7"):
+    with pytest.raises(
+        ck.CheckpointError, match=r"final\.safetensors: the weights hold 6 classes .* final\.json lists 7"
+    ):
         ck.load_checkpoint(path)
 
 
@@ -242,7 +254,9 @@ def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, caplog
     for step in (2, 4, 6):
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
-        assert checkpointer.save(step, model, opt, {"train": {"iters": 6}}, ["sky", "tree"], kind="test") == work / ck.checkpoint_name(step)
+        assert checkpointer.save(
+            step, model, opt, {"train": {"iters": 6}}, ["sky", "tree"], kind="test"
+        ) == work / ck.checkpoint_name(step)
     assert [s for s, _ in ck.list_checkpoints(work)] == [4, 6] and checkpointer.latest() == work / ck.checkpoint_name(6)
     assert os.readlink(work / ck.LATEST_LINK) == ck.checkpoint_name(6)
     expected_next = torch.rand(3)  # the torch RNG right after the step-6 save
@@ -255,7 +269,9 @@ def test_checkpointer_prepares_saves_prunes_and_resumes_exactly(tmp_path, caplog
     assert step == 6 and state["config"] == {"train": {"iters": 6}}
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
     assert torch.equal(torch.rand(3), expected_next)
     with pytest.raises(ck.CheckpointError, match="vocabulary"):
         checkpointer.restore(path, state, ["sky"], fresh, fresh_opt)

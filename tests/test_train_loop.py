@@ -118,8 +118,18 @@ def test_reference_run_outputs(setup):
 
 def test_two_processes_match_one(setup):
     work = setup / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(setup / "runner.py"), "train", str(setup / "tiny.yaml"), "--work-dir", str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(setup / "runner.py"),
+        "train",
+        str(setup / "tiny.yaml"),
+        "--work-dir",
+        str(work),
+    ]
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done:") == 1  # rank 0 reports
@@ -141,8 +151,11 @@ def test_killed_and_resumed_matches_uninterrupted(setup):
     ref = load_checkpoint(setup / "ref" / "iter_00000006.pth")
     got = load_checkpoint(work / "iter_00000006.pth")
     _assert_same(got["model"], ref["model"], 1e-6)
-    _assert_same({str(k): v["momentum_buffer"] for k, v in got["optimizer"]["state"].items()},
-                 {str(k): v["momentum_buffer"] for k, v in ref["optimizer"]["state"].items()}, 1e-6)
+    _assert_same(
+        {str(k): v["momentum_buffer"] for k, v in got["optimizer"]["state"].items()},
+        {str(k): v["momentum_buffer"] for k, v in ref["optimizer"]["state"].items()},
+        1e-6,
+    )
     steps = (work / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3  # one record per logged step, none duplicated by the restart
 
@@ -191,12 +204,24 @@ def test_ddp_wrapper_uses_the_argument_every_supported_torch_has(tmp_path, monke
     from larvseg.models.objective import TrainingObjective
     from larvseg.models.segmenter import build_segmenter
 
-    objective = TrainingObjective(build_segmenter(ModelConfig(arch="vit_mini", memory_bank_size=2), 4), ModelConfig(), 0)
+    objective = TrainingObjective(
+        build_segmenter(ModelConfig(arch="vit_mini", memory_bank_size=2), 4), ModelConfig(), 0
+    )
     calls = []
 
-    def ddp_2_1(module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, process_group=None,
-                bucket_cap_mb=25, find_unused_parameters=False, check_reduction=False, gradient_as_bucket_view=False,
-                static_graph=False):  # torch 2.1's DistributedDataParallel signature
+    def ddp_2_1(
+        module,
+        device_ids=None,
+        output_device=None,
+        dim=0,
+        broadcast_buffers=True,
+        process_group=None,
+        bucket_cap_mb=25,
+        find_unused_parameters=False,
+        check_reduction=False,
+        gradient_as_bucket_view=False,
+        static_graph=False,
+    ):  # torch 2.1's DistributedDataParallel signature
         calls.append(broadcast_buffers)
         return module
 

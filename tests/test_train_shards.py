@@ -61,10 +61,44 @@ def shards(tmp_path_factory):
     T.write_imagenet(root / "I22K", WNIDS, per_class=4, size=(40, 48), rng=rng)
     (root / "w.txt").write_text("\n".join(WNIDS))
     T.write_coco171(root / "C171", n=6, size=(40, 48), rng=rng, split="train2017")
-    assert cli_main(["data", "shard", str(root / "I22K"), "--out", str(root / "IN_shards"), "--format", "imagenet",
-                     "--classes", str(root / "w.txt"), "--shard-samples", "4", "--index-cache-dir", str(root / "cache")]) == 0
-    assert cli_main(["data", "shard", str(root / "C171"), "--out", str(root / "C171_shards"), "--format", "coco171",
-                     "--split", "train2017", "--shard-samples", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "shard",
+                str(root / "I22K"),
+                "--out",
+                str(root / "IN_shards"),
+                "--format",
+                "imagenet",
+                "--classes",
+                str(root / "w.txt"),
+                "--shard-samples",
+                "4",
+                "--index-cache-dir",
+                str(root / "cache"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "data",
+                "shard",
+                str(root / "C171"),
+                "--out",
+                str(root / "C171_shards"),
+                "--format",
+                "coco171",
+                "--split",
+                "train2017",
+                "--shard-samples",
+                "2",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -104,8 +138,11 @@ def test_every_folder_image_is_in_the_shards_once(shards):
 def _config(root: Path, name: str, streamed: bool, seg: int = 3, iters: int = 6) -> Path:
     tags = f"pipe:cat {root}/IN_shards/shard-{{000000..000002}}.tar" if streamed else "IN_shards"
     path = root / f"{name}.yaml"
-    path.write_text(CONFIG.format(root=root, tags=tags, index=f"{root}/IN_shards/index.json" if streamed else "",
-                                  seg=seg, iters=iters))
+    path.write_text(
+        CONFIG.format(
+            root=root, tags=tags, index=f"{root}/IN_shards/index.json" if streamed else "", seg=seg, iters=iters
+        )
+    )
     return path
 
 
@@ -149,14 +186,24 @@ def test_two_nodes_of_two_processes_match_one_process(shards):
     cfg = load_config(config, [f"train.work_dir={root / 'one'}"])
     loop.train(cfg, *loop.build(cfg, torch.device("cpu")), resume="none")
     env = dict(clean_env(), NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    nodes = [subprocess.Popen(["bash", str(REPO / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(root / "multi")],
-                              env=dict(env, NODE_RANK=str(node)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-             for node in range(2)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(root / "multi")],
+            env=dict(env, NODE_RANK=str(node)),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(2)
+    ]
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, out[-2000:] + err[-3000:]
     assert sum(out.count("done:") for out, _ in outputs) == 1  # global rank 0 (on node 0) reports
     assert outputs[1][0] == ""  # ranks 2 and 3 (node 1) log their status at INFO, which only rank 0 shows
-    _assert_same(load_checkpoint(root / "multi" / "iter_00000002.pth")["model"],
-                 load_checkpoint(root / "one" / "iter_00000002.pth")["model"], 1e-5)
+    _assert_same(
+        load_checkpoint(root / "multi" / "iter_00000002.pth")["model"],
+        load_checkpoint(root / "one" / "iter_00000002.pth")["model"],
+        1e-5,
+    )

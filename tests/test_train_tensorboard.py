@@ -15,9 +15,9 @@ from PIL import Image
 from larvseg.cli import main as cli_main
 from larvseg.config import dump_config, load_config
 from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
+from larvseg.distributed import select_device
 from larvseg.eval.evaluate import Evaluator
 from larvseg.train.logger import MetricLogger, read_metrics
-from larvseg.distributed import select_device
 from larvseg.train.loop import build, train
 
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="the [tensorboard] extra is not installed")
@@ -32,8 +32,8 @@ def read_events(work_dir) -> tuple[dict[str, dict[int, float]], dict[str, dict[i
     for path in files:
         data, pos = path.read_bytes(), 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 if value.HasField("image"):
@@ -44,11 +44,22 @@ def read_events(work_dir) -> tuple[dict[str, dict[int, float]], dict[str, dict[i
 
 
 def test_training_writes_scalars_curve_and_overlays(tmp_path):
-    data = write_benchmark(tmp_path / "data", BenchmarkSpec(seed=2, num_seg=4, per_class=1, num_eval=2, sizes=[[64, 80]]))
+    data = write_benchmark(
+        tmp_path / "data", BenchmarkSpec(seed=2, num_seg=4, per_class=1, num_eval=2, sizes=[[64, 80]])
+    )
     work = tmp_path / "work"
-    cfg = load_config("tiny_cpu", [f"data.root={data.root}", f"data.tag_sources.0.classes={data.wnid_file}",
-                                   f"train.work_dir={work}", "train.iters=4", "train.eval_interval=2",
-                                   "train.log_interval=1", "train.checkpoint_interval=2"])
+    cfg = load_config(
+        "tiny_cpu",
+        [
+            f"data.root={data.root}",
+            f"data.tag_sources.0.classes={data.wnid_file}",
+            f"train.work_dir={work}",
+            "train.iters=4",
+            "train.eval_interval=2",
+            "train.log_interval=1",
+            "train.checkpoint_interval=2",
+        ],
+    )
     vocab, segmenter, loader = build(cfg, select_device(cfg.train.device))
     train(cfg, vocab, segmenter, loader, resume="none", evaluator=Evaluator(cfg, vocab))
     records = read_metrics(work / "metrics.jsonl")
@@ -85,8 +96,9 @@ def test_training_writes_scalars_curve_and_overlays(tmp_path):
 
 
 def test_tensorboard_off(tmp_path):
-    logger = MetricLogger(tmp_path, total_iters=2, start_step=0, images_per_step=1, log_interval=1, enabled=True,
-                          tensorboard=False)
+    logger = MetricLogger(
+        tmp_path, total_iters=2, start_step=0, images_per_step=1, log_interval=1, enabled=True, tensorboard=False
+    )
     logger.update(1, 0.1, {"loss": 1.0})
     logger.close()
     assert logger.tb is None and not list(tmp_path.glob("events.out.tfevents.*"))

@@ -12,8 +12,8 @@ import pytest
 
 from larvseg.data.synthetic import BenchmarkSpec, write_benchmark
 from larvseg.train.checkpoint import list_checkpoints, load_checkpoint
-from subprocesses import clean_env
 from larvseg.train.logger import read_metrics
+from subprocesses import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,8 +37,14 @@ def experiment(tmp_path_factory):
 def test_dist_train_then_dist_test(experiment):
     root, config = experiment
     work = root / "work"
-    train = subprocess.run(["bash", str(REPO / "tools" / "dist_train.sh"), str(config)], cwd=root, env=clean_env(),
-                           capture_output=True, text=True, timeout=180)
+    train = subprocess.run(
+        ["bash", str(REPO / "tools" / "dist_train.sh"), str(config)],
+        cwd=root,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(work)] == [2]
     assert (work / "final.safetensors").is_file() and (work / "final.json").is_file()
@@ -51,18 +57,48 @@ def test_dist_train_then_dist_test(experiment):
     ckpt = work / "iter_00000002.pth"
     assert load_checkpoint(ckpt)["step"] == 2
     # overrides after --eval mIoU, the order of the script's own usage line ("unsupported --eval metric" before)
-    test = subprocess.run(["bash", str(REPO / "tools" / "dist_test.sh"), str(config), str(ckpt), "1", "--eval", "mIoU",
-                           "data.num_workers=0", "eval.max_images=0"],
-                          cwd=root, env=clean_env(), capture_output=True, text=True, timeout=180)
+    test = subprocess.run(
+        [
+            "bash",
+            str(REPO / "tools" / "dist_test.sh"),
+            str(config),
+            str(ckpt),
+            "1",
+            "--eval",
+            "mIoU",
+            "data.num_workers=0",
+            "eval.max_images=0",
+        ],
+        cwd=root,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-3000:]
     results = json.loads((work / "eval_iter_00000002" / "eval_results.json").read_text())
     # the checkpoint evaluated by the script scores exactly what the loop measured on the same weights
     assert results["mIoU"] == pytest.approx(in_loop[0]["mIoU"], abs=1e-9)
 
     # 2-process evaluation (gloo on CPU): each rank scores its shard, the matrices are summed across ranks
-    test2 = subprocess.run(["bash", str(REPO / "tools" / "dist_test.sh"), str(config), str(ckpt), "2", "--eval", "mIoU",
-                            "--out", str(root / "eval_2proc")], cwd=root, env=clean_env(), capture_output=True, text=True,
-                           timeout=180)
+    test2 = subprocess.run(
+        [
+            "bash",
+            str(REPO / "tools" / "dist_test.sh"),
+            str(config),
+            str(ckpt),
+            "2",
+            "--eval",
+            "mIoU",
+            "--out",
+            str(root / "eval_2proc"),
+        ],
+        cwd=root,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert test2.returncode == 0, test2.stdout[-2000:] + test2.stderr[-3000:]
     one = np.load(work / "eval_iter_00000002" / "confusion.npy")
     two = np.load(root / "eval_2proc" / "confusion.npy")

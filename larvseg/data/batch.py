@@ -21,8 +21,11 @@ _Batch = TypeVar("_Batch", "SegBatch", "TagBatch")
 
 def _tensors_to(batch: _Batch, device: torch.device, non_blocking: bool) -> _Batch:
     """A copy of the dataclass ``batch`` with every tensor field on ``device`` (None fields stay None)."""
-    moved = {f.name: getattr(batch, f.name).to(device, non_blocking=non_blocking) for f in fields(batch)
-             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    moved = {
+        f.name: getattr(batch, f.name).to(device, non_blocking=non_blocking)
+        for f in fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
     return replace(batch, **moved)
 
 
@@ -38,7 +41,7 @@ class SegBatch:
     loss_weight: float = 1.0
     paths: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "SegBatch":
+    def to(self, device: torch.device, non_blocking: bool = True) -> SegBatch:
         return _tensors_to(self, device, non_blocking)
 
 
@@ -58,7 +61,7 @@ class TagBatch:
     # (b, H, W) bool: each image's tagged object (a source with object_masks, for the oracle attention), or None
     object_masks: torch.Tensor | None = None
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "TagBatch":
+    def to(self, device: torch.device, non_blocking: bool = True) -> TagBatch:
         return _tensors_to(self, device, non_blocking)
 
 
@@ -70,7 +73,7 @@ class StepBatch:
     seg: list[SegBatch]
     tag: list[TagBatch]
 
-    def to(self, device: torch.device) -> "StepBatch":
+    def to(self, device: torch.device) -> StepBatch:
         return StepBatch(self.step, [b.to(device) for b in self.seg], [b.to(device) for b in self.tag])
 
 

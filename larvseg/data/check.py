@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from larvseg.progress import progress_bar
 
 from larvseg.config import Config, SourceConfig, load_config
 from larvseg.data.datasets import ImageTagFolder, ShardStream
 from larvseg.data.io import DataError
-from larvseg.data.transforms import source_scale
 from larvseg.data.sources import build_source_checked, build_vocabulary
+from larvseg.data.transforms import source_scale
 from larvseg.data.vocabulary import VocabularyError
+from larvseg.progress import progress_bar
 
 
 @dataclass
@@ -42,12 +42,18 @@ class SourceReport:
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        head = (f"[{self.role}] {self.name} ({self.format}): {self.images} images"
-                + (f", {self.checked} decoded" if self.checked != self.images else "")
-                + f", classes {self.classes_seen}/{self.classes_total}"
-                + (f", {len(self.problems)} problem(s)" if self.problems else ", ok"))
-        return ([head] + ([f"    split folder: {self.split}"] if self.split else [])
-                + ([f"    {self.pipeline}"] if self.pipeline else []) + [f"    - {p}" for p in self.problems])
+        head = (
+            f"[{self.role}] {self.name} ({self.format}): {self.images} images"
+            + (f", {self.checked} decoded" if self.checked != self.images else "")
+            + f", classes {self.classes_seen}/{self.classes_total}"
+            + (f", {len(self.problems)} problem(s)" if self.problems else ", ok")
+        )
+        return (
+            [head]
+            + ([f"    split folder: {self.split}"] if self.split else [])
+            + ([f"    {self.pipeline}"] if self.pipeline else [])
+            + [f"    - {p}" for p in self.problems]
+        )
 
 
 def pipeline_line(source: SourceConfig, role: str, cfg: Config, labelled: bool) -> str:
@@ -64,8 +70,10 @@ def pipeline_line(source: SourceConfig, role: str, cfg: Config, labelled: bool) 
         retry = f"retried while one class covers >= {d.cat_max_ratio:g}"
     else:
         retry = "not retried: data.cat_max_ratio >= 1"
-    return (f"training: rescale to fit ({long}, {short}) ({own}) x ratio {d.ratio_range[0]:g}-{d.ratio_range[1]:g}, "
-            f"crop {source.crop_size} ({retry}), pad to {source.crop_size}")
+    return (
+        f"training: rescale to fit ({long}, {short}) ({own}) x ratio {d.ratio_range[0]:g}-{d.ratio_range[1]:g}, "
+        f"crop {source.crop_size} ({retry}), pad to {source.crop_size}"
+    )
 
 
 def check_source(source: SourceConfig, role: str, cfg: Config, vocab, max_images: int = 0) -> SourceReport:
@@ -140,8 +148,10 @@ def main(args: argparse.Namespace) -> int:
         if cfg.data.demo_benchmark and not cfg.data.resolved_root().exists():
             # data.demo_benchmark (tiny_cpu): training would generate the data there; a check writes nothing,
             # so it checks what the generator writes, in a temporary folder that is removed afterwards
-            print(f"data root {cfg.data.resolved_root()} does not exist yet: `larvseg train` generates it "
-                  "(data.demo_benchmark); checking a generated copy in a temporary folder")
+            print(
+                f"data root {cfg.data.resolved_root()} does not exist yet: `larvseg train` generates it "
+                "(data.demo_benchmark); checking a generated copy in a temporary folder"
+            )
             ensure_benchmark(Path(scratch) / "data", SMOKE_SPEC)
             cfg = _moved_root(cfg, Path(scratch) / "data")
         return _check_and_report(cfg, args.max_images)

@@ -102,8 +102,13 @@ class ClassQuery:
 class ClassResolver:
     """Resolves query terms against one vocabulary (class names by position); build once per model."""
 
-    def __init__(self, names: Sequence[str], preferred: Sequence[int] | np.ndarray | None = None,
-                 what: str = "the checkpoint's vocabulary", wn: WordNet | None = None) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        preferred: Sequence[int] | np.ndarray | None = None,
+        what: str = "the checkpoint's vocabulary",
+        wn: WordNet | None = None,
+    ) -> None:
         self.names = list(names)
         self.what = what
         self.wn = wn or wordnet()
@@ -151,8 +156,10 @@ class ClassResolver:
         if others:
             listed = "; ".join(self.wn[w].describe() for w in others[:MAX_LISTED_SENSES])
             more = f"; and {len(others) - MAX_LISTED_SENSES} more" if len(others) > MAX_LISTED_SENSES else ""
-            notes.append(f"{term!r} is ambiguous: took {self.wn[chosen].describe()}. Other senses: {listed}{more}. "
-                         f"Ask for a wnid (e.g. {others[0]}) to pick another")
+            notes.append(
+                f"{term!r} is ambiguous: took {self.wn[chosen].describe()}. Other senses: {listed}{more}. "
+                f"Ask for a wnid (e.g. {others[0]}) to pick another"
+            )
         return chosen, notes
 
     def _unknown(self, term: str) -> UnknownClassError:
@@ -174,8 +181,10 @@ class ClassResolver:
             notes = []
             if others:
                 listed = "; ".join(self.wn[w].describe() for w in others[:MAX_LISTED_SENSES])
-                notes.append(f"{word!r} is the class {self.names[i]!r}; the word also names {listed}. "
-                             f"Ask for a wnid (e.g. {others[0]}) to pick another")
+                notes.append(
+                    f"{word!r} is the class {self.names[i]!r}; the word also names {listed}. "
+                    f"Ask for a wnid (e.g. {others[0]}) to pick another"
+                )
             return QueryClass(key, [i], False, next(iter(self.wnids_of.get(i) or []), None)), notes
         if is_wnid(key):
             if key not in self.by_wnid:
@@ -183,7 +192,9 @@ class ClassResolver:
                 raise UnknownClassError(f"wnid {key}{known} is not in {self.what} of {len(self.names)}")
             i = self.by_wnid[key]
             return QueryClass(normalize_name(self.names[i]), [i], False, key), []
-        chosen, notes = self._pick(word, self.wn.senses(word), lambda w: {self.by_wnid[w]} if w in self.by_wnid else set())
+        chosen, notes = self._pick(
+            word, self.wn.senses(word), lambda w: {self.by_wnid[w]} if w in self.by_wnid else set()
+        )
         if chosen is None:
             raise self._unknown(word)
         return QueryClass(key, [self.by_wnid[chosen]], False, chosen), notes
@@ -202,9 +213,12 @@ class ClassResolver:
         if chosen is None:
             if own:  # a class without a synset: the concept is the class itself
                 return QueryClass(normalize_name(name), sorted(own), True), [
-                    f"{word}*: the class {self.names[min(own)]!r} has no WordNet synset here, so no descendants"]
-            raise UnknownClassError(f"concept {word}*: no class of {self.what} of {len(self.names)} is "
-                                    f"{'a sense of ' + repr(word) if not is_wnid(key) else key} or below it")
+                    f"{word}*: the class {self.names[min(own)]!r} has no WordNet synset here, so no descendants"
+                ]
+            raise UnknownClassError(
+                f"concept {word}*: no class of {self.what} of {len(self.names)} is "
+                f"{'a sense of ' + repr(word) if not is_wnid(key) else key} or below it"
+            )
         members = self._subtree(chosen) | own
         if self.preferred is not None and members & self.preferred and members - self.preferred:
             left_out = len(members - self.preferred)
@@ -232,7 +246,9 @@ class ClassResolver:
         for qc in resolved:
             if not qc.concept:
                 if qc.members[0] in plain:
-                    notes.append(f"{qc.name!r} is the same class as {plain[qc.members[0]].name!r}; reported as the latter")
+                    notes.append(
+                        f"{qc.name!r} is the same class as {plain[qc.members[0]].name!r}; reported as the latter"
+                    )
                     continue
                 plain[qc.members[0]] = qc
         concepts = [qc for qc in resolved if qc.concept]
@@ -244,26 +260,34 @@ class ClassResolver:
         for k, qc in enumerate(concepts):
             qc.members = [i for i in qc.members if owner.get(i) == k]
             if not qc.members:
-                raise UnknownClassError(f"concept {qc.name}*: every class under it is asked for on its own or "
-                                        "under a smaller concept of the query; nothing is left to report as it")
+                raise UnknownClassError(
+                    f"concept {qc.name}*: every class under it is asked for on its own or "
+                    "under a smaller concept of the query; nothing is left to report as it"
+                )
         out = list(plain.values()) + concepts
         names = [qc.name for qc in out]
         clashes = sorted({n for n in names if names.count(n) > 1})
         if clashes:
-            raise UnknownClassError(f"the query reports two classes under the same name {clashes}: "
-                                    "ask for one of them by wnid, or drop one")
+            raise UnknownClassError(
+                f"the query reports two classes under the same name {clashes}: ask for one of them by wnid, or drop one"
+            )
         return ClassQuery(out, self.names, notes)
 
 
-def resolve_query(terms: Sequence[str], names: Sequence[str], what: str = "the checkpoint's vocabulary",
-                  preferred: Sequence[int] | np.ndarray | None = None) -> ClassQuery:
+def resolve_query(
+    terms: Sequence[str],
+    names: Sequence[str],
+    what: str = "the checkpoint's vocabulary",
+    preferred: Sequence[int] | np.ndarray | None = None,
+) -> ClassQuery:
     """Resolve query terms (see the module doc) over the class names ``names``; ``preferred``: the positions
     preferred when a word has several senses and the only members of concepts (the trained classes)."""
     return ClassResolver(names, preferred, what).resolve(terms)
 
 
-def resolve_classes(classes: str | Sequence[str] | None, names: Sequence[str],
-                    what: str = "the checkpoint's vocabulary") -> np.ndarray | None:
+def resolve_classes(
+    classes: str | Sequence[str] | None, names: Sequence[str], what: str = "the checkpoint's vocabulary"
+) -> np.ndarray | None:
     """Positions in ``names`` of the requested classes (sorted), concepts expanded to their members: None (all),
     a list of terms, a comma-separated string, or a file with one term per line (``class_terms``). An unknown
     term is an UnknownClassError that says it is not in ``what``."""
@@ -283,9 +307,16 @@ def suggest(prefix: str, resolver: ClassResolver, limit: int = 20) -> list[dict]
     out: dict[str, dict] = {}
 
     def add(text: str, qc: QueryClass) -> None:
-        out.setdefault(text, {"text": text, "class": None if qc.concept else resolver.names[qc.members[0]],
-                              "wnid": qc.wnid, "gloss": resolver.wn[qc.wnid].gloss if qc.wnid is not None and qc.wnid in resolver.wn else "",
-                              "classes": len(qc.members)})
+        out.setdefault(
+            text,
+            {
+                "text": text,
+                "class": None if qc.concept else resolver.names[qc.members[0]],
+                "wnid": qc.wnid,
+                "gloss": resolver.wn[qc.wnid].gloss if qc.wnid is not None and qc.wnid in resolver.wn else "",
+                "classes": len(qc.members),
+            },
+        )
 
     for word in sorted(words, key=lambda w: (len(w), w)):
         if len(out) >= limit:

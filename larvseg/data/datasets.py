@@ -91,7 +91,9 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | Path) -> np.ndarray:
     bad = mapped == INVALID
     if bad.any():
         values = np.unique(raw[bad])
-        raise LabelValueError(path, f"{int(bad.sum())} pixels with label values outside the source's classes: {values[:10].tolist()}")
+        raise LabelValueError(
+            path, f"{int(bad.sum())} pixels with label values outside the source's classes: {values[:10].tolist()}"
+        )
     return mapped.astype(np.uint16)
 
 
@@ -122,9 +124,16 @@ class SourceDataset(torch.utils.data.Dataset):
 class SegmentationFolder(SourceDataset):
     """Images with label maps, paired by file stem."""
 
-    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray,
-                 pairs: list[tuple[Path, Path]], lut: np.ndarray, label_bits: int | None = None,
-                 bits_note: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        class_names: list[str],
+        class_ids: np.ndarray,
+        pairs: list[tuple[Path, Path]],
+        lut: np.ndarray,
+        label_bits: int | None = None,
+        bits_note: str = "",
+    ) -> None:
         super().__init__(name, class_names, class_ids)
         if not pairs:
             raise EmptyDatasetError(name, "no image with an annotation")
@@ -145,11 +154,17 @@ class SegmentationFolder(SourceDataset):
         image = read_image(image_path)
         raw = read_label(label_path)
         if self.label_bits is not None and raw.dtype.itemsize * 8 != self.label_bits:
-            raise AnnotationError(label_path, f"{raw.dtype.itemsize * 8}-bit label map, but {self.name} annotations are "
-                                              f"{self.label_bits}-bit{self.bits_note}")
+            raise AnnotationError(
+                label_path,
+                f"{raw.dtype.itemsize * 8}-bit label map, but {self.name} annotations are "
+                f"{self.label_bits}-bit{self.bits_note}",
+            )
         if raw.shape != image.shape[:2]:
-            raise AnnotationError(label_path, f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
-                                              f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+            raise AnnotationError(
+                label_path,
+                f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
+                f"{image_path.name} is {image.shape[1]}x{image.shape[0]}",
+            )
         label = apply_lut(raw, self.lut_for(label_path), label_path)
         return {"image": image, "label": label, "tags": None, "path": str(image_path)}
 
@@ -158,12 +173,20 @@ class ImageTagFolder(SourceDataset):
     """Images tagged with one class each: the class folder they are in (``table.folders[k]`` is the
     folder of class k)."""
 
-    def __init__(self, name: str, class_names: list[str], class_ids: np.ndarray, table: FileTable,
-                 object_masks: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        class_names: list[str],
+        class_ids: np.ndarray,
+        table: FileTable,
+        object_masks: Path | None = None,
+    ) -> None:
         super().__init__(name, class_names, class_ids)
         self.object_masks = object_masks  # folder of <class folder>/<stem>.png masks of the tagged object, or None
         if len(table) == 0:
-            raise EmptyDatasetError(table.root, f"source {name}: no image in any of its {len(table.folders)} class folders")
+            raise EmptyDatasetError(
+                table.root, f"source {name}: no image in any of its {len(table.folders)} class folders"
+            )
         self.table = table
         self.file_class = table.folder  # class index of each file (int32, shared by DataLoader workers)
 
@@ -186,8 +209,9 @@ class ImageTagFolder(SourceDataset):
             raise AnnotationError(mask_path, f"no object mask for {image_path}")
         mask = read_label(mask_path)
         if mask.shape != tuple(hw):
-            raise AnnotationError(mask_path, f"object mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
-                                             f"{hw[1]}x{hw[0]}")
+            raise AnnotationError(
+                mask_path, f"object mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is {hw[1]}x{hw[0]}"
+            )
         if mask.max(initial=0) > 1:
             raise LabelValueError(mask_path, f"object mask holds value {int(mask.max())}; only 0 and 1 are allowed")
         return mask.astype(np.uint16)
@@ -210,15 +234,20 @@ class ShardSource(SourceDataset):
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def decode(self, image: tuple[str, bytes], label: tuple[str, bytes] | None, cls: int, coding: int) -> dict[str, Any]:
+    def decode(
+        self, image: tuple[str, bytes], label: tuple[str, bytes] | None, cls: int, coding: int
+    ) -> dict[str, Any]:
         """A sample from its members' (name, bytes); ``cls`` the class index (tag shards), ``coding`` the
         label coding (segmentation shards)."""
         item: dict[str, Any] = {"image": read_image(image[0], image[1]), "label": None, "tags": None, "path": image[0]}
         if label is not None:
             raw = read_label(label[0], label[1])
             if raw.shape != item["image"].shape[:2]:
-                raise AnnotationError(label[0], f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
-                                                f"{item['image'].shape[1]}x{item['image'].shape[0]}")
+                raise AnnotationError(
+                    label[0],
+                    f"label map is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
+                    f"{item['image'].shape[1]}x{item['image'].shape[0]}",
+                )
             item["label"] = apply_lut(raw, self.luts[coding], label[0])
         elif cls >= 0:
             item["tags"] = self.class_ids[cls : cls + 1]
@@ -238,11 +267,19 @@ class ShardFiles(ShardSource):
             path = wds.sidecar_path(url)
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    tables.append({k: z[k].astype(t, copy=False) for k, t in wds.SIDECAR_COLUMNS.items()
-                                   if self.kind == "seg" or k not in wds.LABEL_COLUMNS})
+                    tables.append(
+                        {
+                            k: z[k].astype(t, copy=False)
+                            for k, t in wds.SIDECAR_COLUMNS.items()
+                            if self.kind == "seg" or k not in wds.LABEL_COLUMNS
+                        }
+                    )
             except (OSError, KeyError, ValueError) as exc:
-                raise wds.ShardError(path, f"cannot read the shard's offsets file ({exc}); stream the shards instead "
-                                           "(stream: true) or write them again with `larvseg data shard`") from None
+                raise wds.ShardError(
+                    path,
+                    f"cannot read the shard's offsets file ({exc}); stream the shards instead "
+                    "(stream: true) or write them again with `larvseg data shard`",
+                ) from None
         self.table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
         if len(self.table["cls"]) != len(self):
             raise wds.ShardError(shards.urls[0], "offset files and index.json disagree on the number of samples")
@@ -268,12 +305,16 @@ class ShardFiles(ShardSource):
         k = int(np.searchsorted(self.starts, index, side="right") - 1)
         t = self.table
         where = f"{self.shards.urls[k]}:{int(t['key'][index]):09d}"
-        image = (f"{where}.{wds.IMAGE_EXTS[t['image_ext'][index]]}",
-                 self._read(k, int(t["image_offset"][index]), int(t["image_size"][index])))
+        image = (
+            f"{where}.{wds.IMAGE_EXTS[t['image_ext'][index]]}",
+            self._read(k, int(t["image_offset"][index]), int(t["image_size"][index])),
+        )
         label = None
         if self.kind == "seg":
-            label = (f"{where}.{wds.LABEL_EXTS[t['label_ext'][index]]}",
-                     self._read(k, int(t["label_offset"][index]), int(t["label_size"][index])))
+            label = (
+                f"{where}.{wds.LABEL_EXTS[t['label_ext'][index]]}",
+                self._read(k, int(t["label_offset"][index]), int(t["label_size"][index])),
+            )
         return self.decode(image, label, int(t["cls"][index]), int(t["coding"][index]) if label else 0)
 
 
@@ -302,8 +343,9 @@ class ShardStream(ShardSource):
 # Layout helpers
 
 
-def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool,
-                 problems: list[str]) -> list[tuple[Path, Path]]:
+def pair_by_stem(
+    image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...], skip_bad: bool, problems: list[str]
+) -> list[tuple[Path, Path]]:
     """(image, annotation) pairs; the first matching suffix wins. A missing annotation is an error, or a
     counted skip (reported in ``problems``) with skip_bad."""
     images = sorted(p for p in require_dir(image_dir, "image folder").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -315,7 +357,9 @@ def pair_by_stem(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ..
     for image in images:
         label = next((label_dir / f"{image.stem}{s}" for s in label_suffixes if f"{image.stem}{s}" in labels), None)
         if label is None:
-            problem = AnnotationError(label_dir / f"{image.stem}{label_suffixes[-1]}", f"annotation of {image.name} is missing")
+            problem = AnnotationError(
+                label_dir / f"{image.stem}{label_suffixes[-1]}", f"annotation of {image.name} is missing"
+            )
             if not skip_bad:
                 raise problem
             problems.append(str(problem))
@@ -333,21 +377,35 @@ def _ids(vocab: Vocabulary, names: list[str]) -> np.ndarray:
 # ``root``, or the format's default_root, under data.root); skipped files are appended to ``problems``
 
 
-def build_ade150(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_ade150(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     names = load_class_names("ade150")
     ids = _ids(vocab, names)
     lut = make_lut({v + 1: v for v in range(len(names))}, ids, ignore_values=(0,))
-    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split, (".png",), source.skip_bad, problems)
+    pairs = pair_by_stem(
+        root / "images" / source.split, root / "annotations" / source.split, (".png",), source.skip_bad, problems
+    )
     return SegmentationFolder(source.name or "A150", names, ids, pairs, lut)
 
 
-def build_ade847(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_ade847(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     names = load_class_names("ade847")
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
-    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split, (".tif", ".tiff"), source.skip_bad, problems)
-    note = (f" (65535 = unlabeled; 255 is class {names[255]!r}, the unlabeled value of 8-bit maps, so an 8-bit map "
-            "cannot be read unambiguously): re-save it as a 16-bit TIFF with 65535 for unlabeled pixels")
+    pairs = pair_by_stem(
+        root / "images" / source.split,
+        root / "annotations" / source.split,
+        (".tif", ".tiff"),
+        source.skip_bad,
+        problems,
+    )
+    note = (
+        f" (65535 = unlabeled; 255 is class {names[255]!r}, the unlabeled value of 8-bit maps, so an 8-bit map "
+        "cannot be read unambiguously): re-save it as a 16-bit TIFF with 65535 for unlabeled pixels"
+    )
     return SegmentationFolder(source.name or "A847", names, ids, pairs, lut, label_bits=16, bits_note=note)
 
 
@@ -362,7 +420,9 @@ class CocoStuffFolder(SegmentationFolder):
         return self.train_id_lut if label_path.name.endswith("_labelTrainIds.png") else self.lut
 
 
-def build_coco171(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_coco171(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     classes = coco_stuff_classes()
     names = [c["merged_name"] for c in classes]
     ids = _ids(vocab, names)
@@ -370,12 +430,19 @@ def build_coco171(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab:
     unlisted = tuple(v for v in range(182) if v not in raw_to_train)  # COCO ids without a class -> ignore
     raw_lut = make_lut(raw_to_train, ids, ignore_values=unlisted + (255,))
     train_lut = make_lut({t: t for t in range(len(classes))}, ids, ignore_values=(255,))
-    pairs = pair_by_stem(root / "images" / source.split, root / "annotations" / source.split,
-                         ("_labelTrainIds.png", ".png"), source.skip_bad, problems)
+    pairs = pair_by_stem(
+        root / "images" / source.split,
+        root / "annotations" / source.split,
+        ("_labelTrainIds.png", ".png"),
+        source.skip_bad,
+        problems,
+    )
     return CocoStuffFolder(source.name or "C171", names, ids, pairs, raw_lut, train_id_lut=train_lut)
 
 
-def build_custom_seg(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_custom_seg(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     names = custom_seg_names(source, root)
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(255, 65535) if len(names) < 255 else (65535,))
@@ -392,14 +459,19 @@ def check_class_folders(table: FileTable, skip_bad: bool, problems: list[str]) -
     for k, folder in enumerate(table.folders):
         if counts[k]:
             continue
-        error = (DatasetRootError(table.root / folder, "class folder not found") if folder in table.missing
-                 else EmptyDatasetError(table.root / folder, f"class folder holds no image ({'/'.join(IMAGE_SUFFIXES)})"))
+        error = (
+            DatasetRootError(table.root / folder, "class folder not found")
+            if folder in table.missing
+            else EmptyDatasetError(table.root / folder, f"class folder holds no image ({'/'.join(IMAGE_SUFFIXES)})")
+        )
         if not skip_bad:
             raise error
         problems.append(str(error))
 
 
-def imagenet_table(source: SourceConfig, root: Path, data_cfg: DataConfig, wnids: list[str], problems: list[str]) -> FileTable:
+def imagenet_table(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, wnids: list[str], problems: list[str]
+) -> FileTable:
     root = require_dir(root / "fall11_whole", "ImageNet folder fall11_whole")
     cache_dir = Path(data_cfg.index_cache_dir).expanduser() if data_cfg.index_cache_dir else None
     table = FolderIndex(root, cache_dir).table(wnids)
@@ -407,25 +479,36 @@ def imagenet_table(source: SourceConfig, root: Path, data_cfg: DataConfig, wnids
     return table
 
 
-def build_imagenet(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_imagenet(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     wnids = imagenet_subset(source.classes)
     names = imagenet_names(source.classes)
     table = imagenet_table(source, root, data_cfg, wnids, problems)
-    masks = (require_dir(data_cfg.resolved_root() / source.object_masks, "object_masks folder")
-             if source.object_masks else None)
+    masks = (
+        require_dir(data_cfg.resolved_root() / source.object_masks, "object_masks folder")
+        if source.object_masks
+        else None
+    )
     return ImageTagFolder(source.name or "I22K", names, _ids(vocab, names), table, masks)
 
 
-def build_custom_tags(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_custom_tags(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     require_dir(root, "image-level folder")
     names = custom_tag_names(source, root)
     # small user folders: listed directly, no cache
-    table = FileTable.from_listing(root, names, {n: list_folder(root / n) if (root / n).is_dir() else None for n in names})
+    table = FileTable.from_listing(
+        root, names, {n: list_folder(root / n) if (root / n).is_dir() else None for n in names}
+    )
     check_class_folders(table, source.skip_bad, problems)
     return ImageTagFolder(source.name or root.name, names, _ids(vocab, names), table)
 
 
-def build_webdataset(source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]) -> SourceDataset:
+def build_webdataset(
+    source: SourceConfig, root: Path, data_cfg: DataConfig, vocab: Vocabulary, problems: list[str]
+) -> SourceDataset:
     """``root`` is unused: a shard source's ``root`` is a folder, brace pattern, URL or pipe: command that
     larvseg.data.shards resolves."""
     shards = wds.resolve_shards(source.root, source.index, data_cfg.resolved_root())
@@ -437,6 +520,16 @@ def build_webdataset(source: SourceConfig, root: Path, data_cfg: DataConfig, voc
 
 
 __all__ = [
-    "SourceDataset", "SegmentationFolder", "ImageTagFolder", "ShardFiles", "ShardStream", "build_ade150", "build_ade847",
-    "build_coco171", "build_custom_seg", "build_imagenet", "build_custom_tags", "build_webdataset",
+    "SourceDataset",
+    "SegmentationFolder",
+    "ImageTagFolder",
+    "ShardFiles",
+    "ShardStream",
+    "build_ade150",
+    "build_ade847",
+    "build_coco171",
+    "build_custom_seg",
+    "build_imagenet",
+    "build_custom_tags",
+    "build_webdataset",
 ]

@@ -40,5 +40,7 @@ def build_eval_dataset(cfg: Config, vocab: Vocabulary) -> EvalDataset:
     the original resolution), path."""
     built = build_source_checked(cfg.data.eval, cfg.data, vocab, "eval")
     if built.problems:
-        log.warning("eval source %s: skipped %d files; first: %s", cfg.data.eval.name, len(built.problems), built.problems[0])
+        log.warning(
+            "eval source %s: skipped %d files; first: %s", cfg.data.eval.name, len(built.problems), built.problems[0]
+        )
     return EvalDataset(built.dataset, cfg.eval.short_side, cfg.eval.max_long_side)

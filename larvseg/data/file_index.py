@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from larvseg.progress import progress_bar
 
 from larvseg.cache_dir import default_cache_dir
 from larvseg.data.io import IMAGE_SUFFIXES
+from larvseg.progress import progress_bar
 
 INDEX_VERSION = 3  # 3: the suffixes of larvseg.data.io.IMAGE_SUFFIXES (was .jpeg .jpg .png)
 
@@ -68,14 +68,15 @@ class FileTable:
         return np.bincount(self.folder, minlength=len(self.folders))
 
     @classmethod
-    def from_listing(cls, root: Path, folders: Sequence[str], listing: dict[str, list[str] | None]) -> "FileTable":
+    def from_listing(cls, root: Path, folders: Sequence[str], listing: dict[str, list[str] | None]) -> FileTable:
         """From folder -> file names (None = folder missing)."""
         parts = [_encode(listing[f] or []) for f in folders]
         return cls._concat(root, folders, parts, [f for f in folders if listing[f] is None])
 
     @classmethod
-    def _concat(cls, root: Path, folders: Sequence[str], parts: list[tuple[np.ndarray, np.ndarray]],
-                missing: list[str]) -> "FileTable":
+    def _concat(
+        cls, root: Path, folders: Sequence[str], parts: list[tuple[np.ndarray, np.ndarray]], missing: list[str]
+    ) -> FileTable:
         """``parts``: per folder (blob, lengths)."""
         lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         counts = np.array([len(p[1]) for p in parts], dtype=np.int64)

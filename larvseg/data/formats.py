@@ -69,40 +69,82 @@ def _shard_class_names(source: SourceConfig, folder: Path, data_root: Path) -> l
 
 ADE_SPLITS = SplitFolders(("training",), ("validation",))
 
-FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (
-    DatasetFormat("ade150", "ADE20K, 150 classes: `images/<split>/*.jpg`, `annotations/<split>/*.png` "
-                  "(uint8; 0 = unlabeled, v = class v-1)",
-                  _packaged("ade150"), datasets.build_ade150, "A150", ADE_SPLITS),
-    DatasetFormat("ade847", "ADE20K, 847 classes: `images/<split>/*.jpg`, `annotations/<split>/*.tif` "
-                  "(uint16; 65535 = unlabeled)",
-                  _packaged("ade847"), datasets.build_ade847, "A847", ADE_SPLITS),
-    # COCO's own split names (our packaged configs) and the original project's README layout
-    DatasetFormat("coco171", "COCO-Stuff, 171 classes: `images/<split>/*.jpg`, `annotations/<split>/*.png` "
-                  "(raw COCO ids, or train ids in `*_labelTrainIds.png`)",
-                  _packaged("coco171"), datasets.build_coco171, "C171",
-                  SplitFolders(("train2017", "training"), ("val2017", "validation"))),
-    DatasetFormat("imagenet", "ImageNet-21K: `fall11_whole/<wnid>/*.JPEG`, one tag per image; `classes`: ade150, "
-                  "ade847, all or a file of wnids",
-                  lambda source, folder, data_root: imagenet_names(source.classes), datasets.build_imagenet, "I22K",
-                  image_level_only=True),
-    DatasetFormat("custom_seg", "your masks: `images[/<split>]/*.jpg`, `annotations[/<split>]/*.png` (value = line "
-                  "of `classes.txt`, 255 or 65535 = unlabeled)",
-                  lambda source, folder, data_root: custom_seg_names(source, folder), datasets.build_custom_seg, "",
-                  SplitFolders(("training",), ("validation",), optional=True)),
-    DatasetFormat("custom_tags", "your tags: `<class name>/*.jpg`, one tag per image (`classes`: a file that picks "
-                  "and orders the folders; default all)",
-                  lambda source, folder, data_root: custom_tag_names(source, folder), datasets.build_custom_tags, "",
-                  image_level_only=True),
-    DatasetFormat("webdataset", "tar shards written by `larvseg data shard` (docs/SHARDS.md), masks or tags as "
-                  "sharded; `root`: a folder, brace pattern, URLs or `pipe:` commands",
-                  _shard_class_names, datasets.build_webdataset, "", shardable=False),
-)}
+FORMATS: dict[str, DatasetFormat] = {
+    f.name: f
+    for f in (
+        DatasetFormat(
+            "ade150",
+            "ADE20K, 150 classes: `images/<split>/*.jpg`, `annotations/<split>/*.png` "
+            "(uint8; 0 = unlabeled, v = class v-1)",
+            _packaged("ade150"),
+            datasets.build_ade150,
+            "A150",
+            ADE_SPLITS,
+        ),
+        DatasetFormat(
+            "ade847",
+            "ADE20K, 847 classes: `images/<split>/*.jpg`, `annotations/<split>/*.tif` (uint16; 65535 = unlabeled)",
+            _packaged("ade847"),
+            datasets.build_ade847,
+            "A847",
+            ADE_SPLITS,
+        ),
+        # COCO's own split names (our packaged configs) and the original project's README layout
+        DatasetFormat(
+            "coco171",
+            "COCO-Stuff, 171 classes: `images/<split>/*.jpg`, `annotations/<split>/*.png` "
+            "(raw COCO ids, or train ids in `*_labelTrainIds.png`)",
+            _packaged("coco171"),
+            datasets.build_coco171,
+            "C171",
+            SplitFolders(("train2017", "training"), ("val2017", "validation")),
+        ),
+        DatasetFormat(
+            "imagenet",
+            "ImageNet-21K: `fall11_whole/<wnid>/*.JPEG`, one tag per image; `classes`: ade150, "
+            "ade847, all or a file of wnids",
+            lambda source, folder, data_root: imagenet_names(source.classes),
+            datasets.build_imagenet,
+            "I22K",
+            image_level_only=True,
+        ),
+        DatasetFormat(
+            "custom_seg",
+            "your masks: `images[/<split>]/*.jpg`, `annotations[/<split>]/*.png` (value = line "
+            "of `classes.txt`, 255 or 65535 = unlabeled)",
+            lambda source, folder, data_root: custom_seg_names(source, folder),
+            datasets.build_custom_seg,
+            "",
+            SplitFolders(("training",), ("validation",), optional=True),
+        ),
+        DatasetFormat(
+            "custom_tags",
+            "your tags: `<class name>/*.jpg`, one tag per image (`classes`: a file that picks "
+            "and orders the folders; default all)",
+            lambda source, folder, data_root: custom_tag_names(source, folder),
+            datasets.build_custom_tags,
+            "",
+            image_level_only=True,
+        ),
+        DatasetFormat(
+            "webdataset",
+            "tar shards written by `larvseg data shard` (docs/SHARDS.md), masks or tags as "
+            "sharded; `root`: a folder, brace pattern, URLs or `pipe:` commands",
+            _shard_class_names,
+            datasets.build_webdataset,
+            "",
+            shardable=False,
+        ),
+    )
+}
 
 
 def dataset_format(source: SourceConfig) -> DatasetFormat:
     """The format of ``source``; an unknown name is an error that lists the choices."""
     if source.format not in FORMATS:
-        raise ValueError(f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(FORMATS)}")
+        raise ValueError(
+            f"source {source.name or '?'}: unknown format {source.format!r}; choose one of {sorted(FORMATS)}"
+        )
     return FORMATS[source.format]
 
 
@@ -113,6 +155,7 @@ def shardable_formats() -> list[str]:
 
 def markdown_table() -> str:
     """FORMATS as the table of docs/DATASETS.md (tests/test_data_formats.py checks that the page shows it)."""
+
     def splits(fmt: DatasetFormat) -> str:
         if fmt.split_folders is None:
             return "none"
@@ -120,9 +163,14 @@ def markdown_table() -> str:
         text = f"{' or '.join(sf.training)} / {' or '.join(sf.validation)}"
         return text + " (optional)" if sf.optional else text
 
-    rows = ["| format | default folder | split folders (training / validation) | tag sources only | `data shard` | holds |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| `{f.name}` | {f'`{f.default_root}`' if f.default_root else '(set `root`)'} | {splits(f)} | "
-             f"{'yes' if f.image_level_only else 'no'} | {'yes' if f.shardable else 'no'} | "
-             f"{f.description} |" for f in FORMATS.values()]
+    rows = [
+        "| format | default folder | split folders (training / validation) | tag sources only | `data shard` | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{f.name}` | {f'`{f.default_root}`' if f.default_root else '(set `root`)'} | {splits(f)} | "
+        f"{'yes' if f.image_level_only else 'no'} | {'yes' if f.shardable else 'no'} | "
+        f"{f.description} |"
+        for f in FORMATS.values()
+    ]
     return "\n".join(rows)

@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 # folders of image-level data, and the folders given to ``larvseg predict``; ``read_image`` decodes all.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+
 class DataError(UserError, ValueError):
     """Bad input on disk. ``path`` names the file (or folder) at fault."""
 
-    hint = "fix or remove the file, or set skip_bad=true on its source (e.g. data.eval.skip_bad=true) to skip such files"
+    hint = (
+        "fix or remove the file, or set skip_bad=true on its source (e.g. data.eval.skip_bad=true) to skip such files"
+    )
 
     def __init__(self, path: str | Path, problem: str | None = None) -> None:
         # one-argument form: the full message (how DataLoader workers re-create an exception)
@@ -50,7 +53,7 @@ class DatasetRootError(DataError):
     """A dataset root or sub-folder that does not exist."""
 
 
-def source_root(source: "SourceConfig", data_root: Path, default: str) -> Path:
+def source_root(source: SourceConfig, data_root: Path, default: str) -> Path:
     """A source's folder: its ``root`` (or the format's ``default``), relative to ``data_root`` unless absolute."""
     root = Path(source.root or default).expanduser()
     return root if root.is_absolute() else data_root / root
@@ -109,7 +112,9 @@ def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
             with Image.open(source) as im:
                 im.load()
                 if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
-                    raise AnnotationError(path, f"label image has mode {im.mode}; expected a single-channel 8- or 16-bit map")
+                    raise AnnotationError(
+                        path, f"label image has mode {im.mode}; expected a single-channel 8- or 16-bit map"
+                    )
                 array = np.asarray(im)
     except FileNotFoundError:
         raise AnnotationError(path, "annotation file not found") from None

@@ -80,7 +80,9 @@ class SourceSchedule:
 class _StepSampler(torch.utils.data.Sampler):
     """Yields, per step, this rank's list of (sample index, augmentation seed)."""
 
-    def __init__(self, schedule: SourceSchedule, rank: int, world_size: int, start_step: int, stop_step: int | None) -> None:
+    def __init__(
+        self, schedule: SourceSchedule, rank: int, world_size: int, start_step: int, stop_step: int | None
+    ) -> None:
         self.schedule, self.start, self.stop = schedule, start_step, stop_step
         self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
 
@@ -150,13 +152,18 @@ class _Collate:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         crop = self.spec.config.crop_size
         out: dict[str, Any] = {
-            "images": torch.from_numpy(np.stack([it["image"] for it in items])) if items else torch.zeros(0, 3, crop, crop),
+            "images": torch.from_numpy(np.stack([it["image"] for it in items]))
+            if items
+            else torch.zeros(0, 3, crop, crop),
             "paths": [it["path"] for it in items],
             "skipped": [s for it in items for s in it["skipped"]],
         }
         if self.spec.role == "seg":
-            out["labels"] = (torch.from_numpy(np.stack([it["label"] for it in items]).astype(np.int64))
-                             if items else torch.zeros(0, crop, crop, dtype=torch.long))
+            out["labels"] = (
+                torch.from_numpy(np.stack([it["label"] for it in items]).astype(np.int64))
+                if items
+                else torch.zeros(0, crop, crop, dtype=torch.long)
+            )
         else:
             width = max([1] + [len(it["tags"]) for it in items])
             tags = np.full((len(items), width), TAG_PAD, dtype=np.int64)
@@ -164,8 +171,11 @@ class _Collate:
                 tags[row, : len(it["tags"])] = it["tags"]
             out["tags"] = torch.from_numpy(tags)
             if self.spec.config.object_masks:  # 1 = the tagged object; 0 and the padding (IGNORE_INDEX) = not
-                out["object_masks"] = (torch.from_numpy(np.stack([it["label"] for it in items]) == 1) if items
-                                       else torch.zeros(0, crop, crop, dtype=torch.bool))
+                out["object_masks"] = (
+                    torch.from_numpy(np.stack([it["label"] for it in items]) == 1)
+                    if items
+                    else torch.zeros(0, crop, crop, dtype=torch.bool)
+                )
         return out
 
 
@@ -176,8 +186,17 @@ class _StreamSteps(torch.utils.data.IterableDataset):
     ``start + w, start + w + W, ...``; their residue ``step mod W`` picks the stream, so a stream always
     feeds the same steps whatever step the run (re)starts at."""
 
-    def __init__(self, samples: _Samples, collate: _Collate, schedule: SourceSchedule, rank: int, world_size: int,
-                 workers: int, start_step: int, stop_step: int | None) -> None:
+    def __init__(
+        self,
+        samples: _Samples,
+        collate: _Collate,
+        schedule: SourceSchedule,
+        rank: int,
+        world_size: int,
+        workers: int,
+        start_step: int,
+        stop_step: int | None,
+    ) -> None:
         self.samples, self.collate, self.schedule = samples, collate, schedule
         self.rank, self.workers, self.start, self.stop = rank, max(1, workers), start_step, stop_step
         self.chunk = np.array_split(np.arange(schedule.per_step), world_size)[rank]
@@ -185,8 +204,9 @@ class _StreamSteps(torch.utils.data.IterableDataset):
         if not isinstance(dataset, ShardStream):
             raise TypeError(f"{dataset.name}: a streamed source must be a ShardStream, got {type(dataset).__name__}")
         self.dataset = dataset
-        self.plan = StreamPlan(dataset.shards.urls, dataset.counts, schedule.seed, schedule.source_index,
-                               world_size * self.workers)
+        self.plan = StreamPlan(
+            dataset.shards.urls, dataset.counts, schedule.seed, schedule.source_index, world_size * self.workers
+        )
 
     def _decoded(self, stream: int, position: int) -> Iterator[tuple[dict[str, Any], list[str]]]:
         """Decoded samples of a stream; with skip_bad an unreadable one is replaced by the previous good
@@ -202,8 +222,10 @@ class _StreamSteps(torch.utils.data.IterableDataset):
                 if last is None:
                     owed.append(str(exc))
                     if len(owed) > len(dataset):  # a whole epoch and more: nothing here decodes
-                        raise DataError(self.samples.spec.config.name,
-                                        f"every streamed sample failed to load; first problem: {owed[0]}") from None
+                        raise DataError(
+                            self.samples.spec.config.name,
+                            f"every streamed sample failed to load; first problem: {owed[0]}",
+                        ) from None
                     continue
                 yield last, [str(exc)]
                 continue
@@ -236,9 +258,21 @@ def _as_is(batch: Any) -> Any:  # the collate_fn of batch_size=None: one item, a
 def make_batch(spec: _SourceSpec, data: dict[str, Any]) -> SegBatch | TagBatch:
     cfg, class_ids = spec.config, torch.from_numpy(spec.dataset.class_ids)
     if spec.role == "seg":
-        return SegBatch(cfg.name, data["images"], data["labels"], class_ids, spec.per_step, cfg.loss_weight, data["paths"])
-    return TagBatch(cfg.name, data["images"], data["tags"], class_ids, spec.per_step, cfg.loss_weight,
-                    cfg.cac_weight, cfg.cac_topk, data["paths"], data.get("object_masks"))
+        return SegBatch(
+            cfg.name, data["images"], data["labels"], class_ids, spec.per_step, cfg.loss_weight, data["paths"]
+        )
+    return TagBatch(
+        cfg.name,
+        data["images"],
+        data["tags"],
+        class_ids,
+        spec.per_step,
+        cfg.loss_weight,
+        cfg.cac_weight,
+        cfg.cac_topk,
+        data["paths"],
+        data.get("object_masks"),
+    )
 
 
 def source_batches(d: DataConfig) -> list[tuple[SourceConfig, str, int]]:
@@ -247,7 +281,9 @@ def source_batches(d: DataConfig) -> list[tuple[SourceConfig, str, int]]:
     data.tag_batch_size over the image-level ones by their ``share``."""
     seg_counts = split_counts(d.seg_batch_size, [1.0] * len(d.seg_sources))
     tag_counts = split_counts(d.tag_batch_size, [s.share for s in d.tag_sources])
-    return [(s, "seg", n) for s, n in zip(d.seg_sources, seg_counts)] + [(s, "tag", n) for s, n in zip(d.tag_sources, tag_counts)]
+    return [(s, "seg", n) for s, n in zip(d.seg_sources, seg_counts)] + [
+        (s, "tag", n) for s, n in zip(d.tag_sources, tag_counts)
+    ]
 
 
 def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) -> list[_SourceSpec]:
@@ -259,8 +295,9 @@ def build_training_sources(cfg: Config, vocab: Vocabulary, report: bool = True) 
             continue
         built = build_source_checked(source, d, vocab, role)
         if built.problems and report:  # every rank finds the same problems: one of them says so
-            log.warning("source %s: skipped %d files (skip_bad); first: %s", source.name, len(built.problems),
-                        built.problems[0])
+            log.warning(
+                "source %s: skipped %d files (skip_bad); first: %s", source.name, len(built.problems), built.problems[0]
+            )
         specs.append(_SourceSpec(source, role, index, built.dataset, n))
     if not specs:
         raise ValueError("no training source: data.seg_sources and data.tag_sources give 0 images per step")
@@ -273,8 +310,16 @@ class MixedLoader:
     ``skipped``: source name -> problems of samples skipped while loading (only with skip_bad).
     """
 
-    def __init__(self, cfg: Config, vocab: Vocabulary, rank: int, world_size: int, start_step: int = 0,
-                 pin_memory: bool = False, stop_step: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        vocab: Vocabulary,
+        rank: int,
+        world_size: int,
+        start_step: int = 0,
+        pin_memory: bool = False,
+        stop_step: int | None = None,
+    ) -> None:
         self.cfg, self.start_step = cfg, start_step
         self.specs = build_training_sources(cfg, vocab, report=rank == 0)
         self.skipped: dict[str, list[str]] = {s.config.name: [] for s in self.specs}
@@ -285,23 +330,44 @@ class MixedLoader:
             schedule = SourceSchedule(len(spec.dataset), spec.per_step, cfg.train.seed, spec.index)
             if isinstance(spec.dataset, ShardStream):
                 if start_step:  # the interrupted run's layout is not recorded: say what exactness needs
-                    log.info("note: streamed source %s resumes at step %d exactly only if the interrupted run also had "
-                             "%d processes and data.num_workers=%d", spec.config.name, start_step, world_size, d.num_workers)
-                self.loaders.append(torch.utils.data.DataLoader(
-                    _StreamSteps(_Samples(spec, transform), _Collate(spec), schedule, rank, world_size, d.num_workers,
-                                 start_step, stop_step),
-                    batch_size=None, collate_fn=_as_is, num_workers=d.num_workers, pin_memory=pin_memory,
-                    persistent_workers=d.num_workers > 0,
-                ))
+                    log.info(
+                        "note: streamed source %s resumes at step %d exactly only if the interrupted run also had "
+                        "%d processes and data.num_workers=%d",
+                        spec.config.name,
+                        start_step,
+                        world_size,
+                        d.num_workers,
+                    )
+                self.loaders.append(
+                    torch.utils.data.DataLoader(
+                        _StreamSteps(
+                            _Samples(spec, transform),
+                            _Collate(spec),
+                            schedule,
+                            rank,
+                            world_size,
+                            d.num_workers,
+                            start_step,
+                            stop_step,
+                        ),
+                        batch_size=None,
+                        collate_fn=_as_is,
+                        num_workers=d.num_workers,
+                        pin_memory=pin_memory,
+                        persistent_workers=d.num_workers > 0,
+                    )
+                )
                 continue
-            self.loaders.append(torch.utils.data.DataLoader(
-                _Samples(spec, transform),
-                batch_sampler=_StepSampler(schedule, rank, world_size, start_step, stop_step),
-                collate_fn=_Collate(spec),
-                num_workers=d.num_workers,
-                pin_memory=pin_memory,
-                persistent_workers=d.num_workers > 0,
-            ))
+            self.loaders.append(
+                torch.utils.data.DataLoader(
+                    _Samples(spec, transform),
+                    batch_sampler=_StepSampler(schedule, rank, world_size, start_step, stop_step),
+                    collate_fn=_Collate(spec),
+                    num_workers=d.num_workers,
+                    pin_memory=pin_memory,
+                    persistent_workers=d.num_workers > 0,
+                )
+            )
 
     def start_at(self, step: int) -> None:
         """Iterate from ``step`` on (a resumed run); call before iterating. Batches are a function of the
@@ -311,8 +377,11 @@ class MixedLoader:
             if isinstance(loader.dataset, _StreamSteps):  # streamed shards: skips its streams' samples
                 loader.dataset.start = step
                 if step:  # the interrupted run's layout is not recorded
-                    log.info("note: a streamed source resumes at step %d exactly only if the interrupted run had "
-                             "the same number of processes and data.num_workers", step)
+                    log.info(
+                        "note: a streamed source resumes at step %d exactly only if the interrupted run had "
+                        "the same number of processes and data.num_workers",
+                        step,
+                    )
             else:
                 cast(_StepSampler, loader.batch_sampler).start = step  # every other loader has one
 
@@ -329,8 +398,13 @@ class MixedLoader:
                 batch, skipped = make_batch(spec, data), data["skipped"]
                 if skipped:
                     self.skipped[spec.config.name].extend(skipped)
-                    log.warning("step %d: skipped %d unreadable samples of %s: %s", step, len(skipped), spec.config.name,
-                                skipped[0])
+                    log.warning(
+                        "step %d: skipped %d unreadable samples of %s: %s",
+                        step,
+                        len(skipped),
+                        spec.config.name,
+                        skipped[0],
+                    )
                 if isinstance(batch, SegBatch):  # make_batch's type follows spec.role
                     seg.append(batch)
                 else:

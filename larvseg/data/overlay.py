@@ -5,8 +5,8 @@ NumPy and OpenCV only."""
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -45,12 +45,26 @@ def _srgb_to_oklab(rgb: np.ndarray) -> np.ndarray:
     """(N, 3) uint8 sRGB -> (N, 3) OKLab (Ottosson 2020), where distances follow perceived differences."""
     c = rgb.astype(np.float64) / 255.0
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    lms = linear @ np.array([[0.4122214708, 0.5363325363, 0.0514459929],
-                             [0.2119034982, 0.6806995451, 0.1073969566],
-                             [0.0883024619, 0.2817188376, 0.6299787005]]).T
-    return np.cbrt(lms) @ np.array([[0.2104542553, 0.7936177850, -0.0040720468],
-                                    [1.9779984951, -2.4285922050, 0.4505937099],
-                                    [0.0259040371, 0.7827717662, -0.8086757660]]).T
+    lms = (
+        linear
+        @ np.array(
+            [
+                [0.4122214708, 0.5363325363, 0.0514459929],
+                [0.2119034982, 0.6806995451, 0.1073969566],
+                [0.0883024619, 0.2817188376, 0.6299787005],
+            ]
+        ).T
+    )
+    return (
+        np.cbrt(lms)
+        @ np.array(
+            [
+                [0.2104542553, 0.7936177850, -0.0040720468],
+                [1.9779984951, -2.4285922050, 0.4505937099],
+                [0.0259040371, 0.7827717662, -0.8086757660],
+            ]
+        ).T
+    )
 
 
 _DISTINCT: np.ndarray | None = None
@@ -78,7 +92,7 @@ def distinct_colours() -> np.ndarray:
     return _DISTINCT
 
 
-def colours_by_area(pred: "Prediction") -> np.ndarray:
+def colours_by_area(pred: Prediction) -> np.ndarray:
     """(num_classes, 3) uint8 RGB for one image's overlay: the classes present get the distinct colours in
     order of area (largest first), so that the classes shown together differ as much as possible;
     absent classes keep ``palette``'s colour. The label map itself is not affected."""
@@ -98,11 +112,14 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or "?"
 
 
-def render_overlay(image: np.ndarray, pred: Prediction, colours: np.ndarray, alpha: float = 0.5,
-                   max_legend: int = 25) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray, pred: Prediction, colours: np.ndarray, alpha: float = 0.5, max_legend: int = 25
+) -> np.ndarray:
     """RGB image blended with the class colours, and a legend panel on the right (largest class first)."""
     h, w = image.shape[:2]
-    blend = (image.astype(np.float32) * (1 - alpha) + colours[pred.label_map].astype(np.float32) * alpha).astype(np.uint8)
+    blend = (image.astype(np.float32) * (1 - alpha) + colours[pred.label_map].astype(np.float32) * alpha).astype(
+        np.uint8
+    )
     entries = list(pred.areas.items())
     shown = entries[:max_legend]
     row, pad, swatch, panel_w = 18, 6, 12, 240
@@ -114,10 +131,26 @@ def render_overlay(image: np.ndarray, pred: Prediction, colours: np.ndarray, alp
     for k, (name, area) in enumerate(shown):
         y = pad + k * row
         x = w + pad
-        canvas[y + 2: y + 2 + swatch, x: x + swatch] = colours[index[name]]
-        cv2.putText(canvas, f"{_ascii(name)[:26]} {100 * area:.1f}%", (x + swatch + 5, y + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        canvas[y + 2 : y + 2 + swatch, x : x + swatch] = colours[index[name]]
+        cv2.putText(
+            canvas,
+            f"{_ascii(name)[:26]} {100 * area:.1f}%",
+            (x + swatch + 5, y + swatch),
+            font,
+            0.4,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
     if len(entries) > len(shown):
-        cv2.putText(canvas, f"... and {len(entries) - len(shown)} more", (w + pad, pad + len(shown) * row + swatch),
-                    font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            f"... and {len(entries) - len(shown)} more",
+            (w + pad, pad + len(shown) * row + swatch),
+            font,
+            0.4,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
     return canvas

@@ -40,9 +40,11 @@ class StreamPlan:
         self.urls, self.counts = urls, np.asarray(counts, dtype=np.int64)
         self.seed, self.source_index, self.streams = seed, source_index, streams
         if len(urls) < streams:
-            raise wds.ShardError(urls[0] if urls else "shards",
-                                 f"{len(urls)} shards cannot feed {streams} streams (ranks x data.num_workers): each "
-                                 "stream needs its own shards; write smaller shards or use fewer workers")
+            raise wds.ShardError(
+                urls[0] if urls else "shards",
+                f"{len(urls)} shards cannot feed {streams} streams (ranks x data.num_workers): each "
+                "stream needs its own shards; write smaller shards or use fewer workers",
+            )
         if (self.counts <= 0).any():
             raise wds.ShardError(urls[int(np.argmin(self.counts))], "an empty shard cannot be streamed")
 
@@ -79,7 +81,10 @@ class StreamPlan:
                             yield url, key, members
                 expected = int(self.counts[shard])
                 if n != expected:
-                    raise wds.ShardError(url, f"holds {n} samples but its index says {expected}: the shards changed "
-                                              "after index.json was written")
+                    raise wds.ShardError(
+                        url,
+                        f"holds {n} samples but its index says {expected}: the shards changed "
+                        "after index.json was written",
+                    )
                 within = 0
             epoch, first = epoch + 1, 0

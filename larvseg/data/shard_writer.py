@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from larvseg.progress import progress_bar
 
 from larvseg.config import IGNORE_INDEX, ConfigError, DataConfig, SourceConfig
 from larvseg.data import shards as wds
 from larvseg.data.datasets import INVALID, ImageTagFolder, SegmentationFolder, apply_lut
-from larvseg.data.io import DataError, read_label
 from larvseg.data.formats import dataset_format, shardable_formats
+from larvseg.data.io import DataError, read_label
 from larvseg.data.sources import build_source_checked, source_class_names
 from larvseg.domains import SIZE_PATTERN
+from larvseg.progress import progress_bar
 
 
 class _OwnClasses:
@@ -57,8 +57,11 @@ def parse_size(text: str) -> int:
 def _coding(lut: np.ndarray) -> dict[str, list[int]]:
     """A raw -> class-index table as the index stores it."""
     values = np.flatnonzero((lut != INVALID) & (lut != IGNORE_INDEX))
-    return {"values": values.tolist(), "classes": lut[values].astype(np.int64).tolist(),
-            "ignore": np.flatnonzero(lut == IGNORE_INDEX).tolist()}
+    return {
+        "values": values.tolist(),
+        "classes": lut[values].astype(np.int64).tolist(),
+        "ignore": np.flatnonzero(lut == IGNORE_INDEX).tolist(),
+    }
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -114,11 +117,21 @@ def _ext_code(suffix: str, exts: tuple[str, ...], path: Path) -> int:
 class ShardWriter:
     """Writes one source into ``out`` (see the module docstring)."""
 
-    def __init__(self, source: SourceConfig, data_cfg: DataConfig, out: Path, shard_bytes: int,
-                 shard_samples: int = 0, seed: int | None = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        source: SourceConfig,
+        data_cfg: DataConfig,
+        out: Path,
+        shard_bytes: int,
+        shard_samples: int = 0,
+        seed: int | None = 0,
+        progress: bool = True,
+    ) -> None:
         fmt = dataset_format(source)
         if not fmt.shardable:
-            raise ConfigError(f"--format {fmt.name}: cannot be written as shards; choose one of {', '.join(shardable_formats())}")
+            raise ConfigError(
+                f"--format {fmt.name}: cannot be written as shards; choose one of {', '.join(shardable_formats())}"
+            )
         role = "tag" if fmt.image_level_only else "seg"
         built = build_source_checked(source, data_cfg, _OwnClasses(), role)  # type: ignore[arg-type]
         self.build_problems, self.skip_bad = list(built.problems), source.skip_bad  # files left out by the listing
@@ -130,12 +143,23 @@ class ShardWriter:
         self.order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
         names = source_class_names(source, data_cfg.resolved_root())
         self.plan: dict[str, Any] = {
-            "format": wds.INDEX_FORMAT, "version": wds.INDEX_VERSION, "complete": False,
-            "name": built.dataset.name, "kind": self.records.kind,
-            "source": {"format": source.format, "root": str(self.root), "split": source.split, "classes": source.classes},
+            "format": wds.INDEX_FORMAT,
+            "version": wds.INDEX_VERSION,
+            "complete": False,
+            "name": built.dataset.name,
+            "kind": self.records.kind,
+            "source": {
+                "format": source.format,
+                "root": str(self.root),
+                "split": source.split,
+                "classes": source.classes,
+            },
             "class_names": names,
             "label_codings": [_coding(lut) for lut in self.records.luts],
-            "shard_size_bytes": shard_bytes, "shard_samples": shard_samples, "shuffle_seed": seed, "samples": n,
+            "shard_size_bytes": shard_bytes,
+            "shard_samples": shard_samples,
+            "shuffle_seed": seed,
+            "samples": n,
         }
 
     # -- resume ---------------------------------------------------------------------------------
@@ -148,8 +172,11 @@ class ShardWriter:
         old = json.loads(index_path.read_text())
         mismatched = [k for k in self.plan if k != "complete" and old.get(k) != self.plan[k]]
         if mismatched:
-            raise wds.ShardError(self.out, f"holds shards written with other settings or data ({', '.join(mismatched)} "
-                                           "differ); write to an empty folder")
+            raise wds.ShardError(
+                self.out,
+                f"holds shards written with other settings or data ({', '.join(mismatched)} "
+                "differ); write to an empty folder",
+            )
         done = []
         for entry in old.get("shards", []):
             if not (self.out / entry["name"]).is_file() or not wds.sidecar_path(self.out / entry["name"]).is_file():
@@ -225,8 +252,14 @@ class ShardWriter:
         arrays.update({c: np.asarray(v, dtype=wds.SIDECAR_COLUMNS[c]) for c, v in cols.items()})
         np.savez(tmp_npz, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a key as allow_pickle
         os.replace(tmp_npz, wds.sidecar_path(self.out / name))  # written last: the shard is finished
-        entry = {"name": name, "samples": len(cols["key"]), "bytes": (self.out / name).stat().st_size,
-                 "first": first, "end": pos, "skipped": self.problems[problems_before:]}
+        entry = {
+            "name": name,
+            "samples": len(cols["key"]),
+            "bytes": (self.out / name).stat().st_size,
+            "first": first,
+            "end": pos,
+            "skipped": self.problems[problems_before:],
+        }
         return entry, pos
 
     def _check(self, label_path: Path | None, label: bytes, coding: int, cls: int) -> np.ndarray | None:
@@ -250,8 +283,13 @@ class ShardWriter:
         shards = self._finished()
         pos = shards[-1]["end"] if shards else 0
         self._write_index(shards, complete=False)
-        with progress_bar(total=len(self.order), initial=pos, desc=f"sharding {self.plan['name']}", unit="img",
-                  disable=not self.progress) as bar:
+        with progress_bar(
+            total=len(self.order),
+            initial=pos,
+            desc=f"sharding {self.plan['name']}",
+            unit="img",
+            disable=not self.progress,
+        ) as bar:
             while pos < len(self.order):
                 entry, pos = self._write_shard(len(shards), pos, bar)
                 shards.append(entry)
@@ -262,13 +300,27 @@ class ShardWriter:
 def main(args: argparse.Namespace) -> int:
     """Errors (bad data, an out folder of other shards, a bad size) are user errors: the command line
     prints them as one line."""
-    source = SourceConfig(name=args.name or "", format=args.format, root=str(Path(args.source).resolve()),
-                          split=args.split, classes=args.classes or "", skip_bad=args.skip_bad)
+    source = SourceConfig(
+        name=args.name or "",
+        format=args.format,
+        root=str(Path(args.source).resolve()),
+        split=args.split,
+        classes=args.classes or "",
+        skip_bad=args.skip_bad,
+    )
     data_cfg = DataConfig(root=str(Path(args.source).resolve().parent), index_cache_dir=args.index_cache_dir or "")
-    writer = ShardWriter(source, data_cfg, Path(args.out), parse_size(args.shard_size), args.shard_samples,
-                         None if args.no_shuffle else args.seed)
+    writer = ShardWriter(
+        source,
+        data_cfg,
+        Path(args.out),
+        parse_size(args.shard_size),
+        args.shard_samples,
+        None if args.no_shuffle else args.seed,
+    )
     index = writer.run()
     total = sum(s["samples"] for s in index["shards"])
-    print(f"{total} samples in {len(index['shards'])} shards -> {Path(args.out) / wds.INDEX_NAME}"
-          + (f" ({len(index['skipped'])} skipped: see index.json)" if index["skipped"] else ""))
+    print(
+        f"{total} samples in {len(index['shards'])} shards -> {Path(args.out) / wds.INDEX_NAME}"
+        + (f" ({len(index['skipped'])} skipped: see index.json)" if index["skipped"] else "")
+    )
     return 0

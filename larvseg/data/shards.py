@@ -51,9 +51,17 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp")  # member exte
 LABEL_EXTS = ("label.png", "label.tif", "label.tiff")
 # per sample in a shard's .npz: its key, members' byte offset/size (label_size -1: none), extensions,
 # class index (-1: none) and label coding. Compact types: 21 bytes per image of a tag source in memory.
-SIDECAR_COLUMNS = {"key": np.int32, "image_offset": np.int64, "image_size": np.int32, "image_ext": np.int8,
-                   "label_offset": np.int64, "label_size": np.int32, "label_ext": np.int8, "cls": np.int32,
-                   "coding": np.int8}
+SIDECAR_COLUMNS = {
+    "key": np.int32,
+    "image_offset": np.int64,
+    "image_size": np.int32,
+    "image_ext": np.int8,
+    "label_offset": np.int64,
+    "label_size": np.int32,
+    "label_ext": np.int8,
+    "cls": np.int32,
+    "coding": np.int8,
+}
 LABEL_COLUMNS = ("label_offset", "label_size", "label_ext", "coding")  # not kept for tag sources
 INDEX_FORMAT = "larvseg-shards"
 INDEX_VERSION = 1
@@ -89,7 +97,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
         a, b = r.groups()
@@ -149,13 +157,13 @@ class PipeStream(io.RawIOBase):
 def open_url(url: str) -> IO[bytes]:
     """A readable byte stream of a local path, ``file:`` path, ``http(s)://`` URL or ``pipe:`` command."""
     if url.startswith("pipe:"):
-        return io.BufferedReader(PipeStream(url[len("pipe:"):]), buffer_size=1 << 20)
+        return io.BufferedReader(PipeStream(url[len("pipe:") :]), buffer_size=1 << 20)
     if url.startswith(("http://", "https://")):
         try:
             return urllib.request.urlopen(url, timeout=120)  # noqa: S310 (the user's own shard URL)
         except OSError as exc:
             raise ShardError(url, f"cannot open ({exc})") from None
-    path = url[len("file:"):] if url.startswith("file:") else url
+    path = url[len("file:") :] if url.startswith("file:") else url
     try:
         return open(path, "rb")
     except OSError as exc:
@@ -198,11 +206,16 @@ def read_json_url(url: str) -> dict[str, Any]:
 
 def check_index(index: dict[str, Any], where: str) -> dict[str, Any]:
     if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
-        raise ShardError(where, f"not a LarvSeg shard index (format {INDEX_FORMAT!r} version {INDEX_VERSION}); "
-                                "write shards with `larvseg data shard`")
+        raise ShardError(
+            where,
+            f"not a LarvSeg shard index (format {INDEX_FORMAT!r} version {INDEX_VERSION}); "
+            "write shards with `larvseg data shard`",
+        )
     if not index.get("complete"):
-        raise ShardError(where, "the shard set is incomplete (interrupted `larvseg data shard`?): run the same "
-                                "command again to finish it")
+        raise ShardError(
+            where,
+            "the shard set is incomplete (interrupted `larvseg data shard`?): run the same command again to finish it",
+        )
     return index
 
 
@@ -227,8 +240,10 @@ class ShardList:
 
 def default_index_url(first_shard: str) -> str:
     if first_shard.startswith("pipe:"):
-        raise ShardError(first_shard, "a pipe: shard list needs the source's 'index' (a path, URL or pipe: "
-                                      "command giving index.json)")
+        raise ShardError(
+            first_shard,
+            "a pipe: shard list needs the source's 'index' (a path, URL or pipe: command giving index.json)",
+        )
     return f"{first_shard.rsplit('/', 1)[0]}/{INDEX_NAME}" if "/" in first_shard else INDEX_NAME
 
 
@@ -237,7 +252,9 @@ def resolve_shards(spec: str, index_url: str, data_root: Path) -> ShardList:
     """The shard list of a ``format: webdataset`` source's ``root`` (folder, brace pattern, URLs, pipe:).
     Cached per process: the vocabulary and the dataset of a source read its index once."""
     if not spec:
-        raise ShardError("root", "a webdataset source needs 'root': a shard folder, a brace pattern, URLs or pipe: commands")
+        raise ShardError(
+            "root", "a webdataset source needs 'root': a shard folder, a brace pattern, URLs or pipe: commands"
+        )
 
     def local(p: str) -> str:
         path = Path(p).expanduser()

@@ -81,17 +81,23 @@ def resolve_split(source: SourceConfig, data_root: Path, role: str) -> ResolvedS
         if not layout.optional and images.is_dir() and not (images / source.split).is_dir():
             present = [f for f in layout.training + layout.validation if (images / f).is_dir()]
             if present:
-                raise DatasetRootError(images / source.split, f"split folder not found; {images} holds "
-                                       f"{', '.join(present)}: set the source's split to one of them, or leave "
-                                       "split empty to detect it")
+                raise DatasetRootError(
+                    images / source.split,
+                    f"split folder not found; {images} holds "
+                    f"{', '.join(present)}: set the source's split to one of them, or leave "
+                    "split empty to detect it",
+                )
         return ResolvedSplit(source.split, detected=False)
     accepted = layout.accepted(role)
     found = next((f for f in accepted if (images / f).is_dir()), None)
     if found is None and layout.optional:
         found = ""  # no split sub-folders: images/ and annotations/ hold the files
     if found is None and images.is_dir():
-        raise DatasetRootError(images, f"no {'validation' if role == 'eval' else 'training'} split folder: "
-                               f"looked for {', '.join(accepted)} (or set the source's split)")
+        raise DatasetRootError(
+            images,
+            f"no {'validation' if role == 'eval' else 'training'} split folder: "
+            f"looked for {', '.join(accepted)} (or set the source's split)",
+        )
     # (a missing images/ folder is reported by the builder, naming it)
     return ResolvedSplit(accepted[0] if found is None else found, detected=True, accepted=accepted)
 
@@ -118,7 +124,11 @@ def build_source_checked(source: SourceConfig, data_cfg: DataConfig, vocab: Voca
         source = replace(source, split=split.folder)
     dataset = fmt.build(source, fmt.folder(source, data_root), data_cfg, vocab, problems)
     if role != "tag" and getattr(dataset, "kind", "seg") == "tag":
-        raise ValueError(f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source")
+        raise ValueError(
+            f"source {source.name}: its shards hold image-level tags, no masks; it can only be a tag source"
+        )
     if role == "eval" and getattr(dataset, "streamed", False):
-        raise ValueError(f"source {source.name}: evaluation reads images by index; use local shards without stream: true")
+        raise ValueError(
+            f"source {source.name}: evaluation reads images by index; use local shards without stream: true"
+        )
     return BuiltSource(dataset, problems, split)

@@ -27,7 +27,9 @@ def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def blocky_labels(rng: np.random.Generator, h: int, w: int, values: Sequence[int], dtype=np.uint8, blocks: int = 4) -> np.ndarray:
+def blocky_labels(
+    rng: np.random.Generator, h: int, w: int, values: Sequence[int], dtype=np.uint8, blocks: int = 4
+) -> np.ndarray:
     """A (h, w) map of ``blocks`` x ``blocks`` rectangles, each a value drawn from ``values``."""
     grid = rng.choice(np.asarray(values), size=(blocks, blocks)).astype(dtype)
     ys = np.minimum(np.arange(h) * blocks // h, blocks - 1)
@@ -45,8 +47,17 @@ def write_png(path: Path, label: np.ndarray) -> None:
     Image.fromarray(label).save(path)
 
 
-def _write_seg(root: Path, split: str, n: int, size: tuple[int, int], rng: np.random.Generator, values,
-               dtype, suffix: str, stem_fmt: str) -> list[Path]:
+def _write_seg(
+    root: Path,
+    split: str,
+    n: int,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    values,
+    dtype,
+    suffix: str,
+    stem_fmt: str,
+) -> list[Path]:
     h, w = size
     paths = []
     for i in range(n):
@@ -66,25 +77,46 @@ def _write_seg(root: Path, split: str, n: int, size: tuple[int, int], rng: np.ra
 def write_ade150(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "training", values=None) -> list[Path]:
     """A150 layout: png values 0 (unlabeled) and v = class v-1. Returns the annotation paths."""
     rng = rng or np.random.default_rng(0)
-    return _write_seg(root, split, n, size, rng, values if values is not None else [0, 1, 3, 13, 150], np.uint8,
-                      ".png", "ADE_train_{i:08d}")
+    return _write_seg(
+        root,
+        split,
+        n,
+        size,
+        rng,
+        values if values is not None else [0, 1, 3, 13, 150],
+        np.uint8,
+        ".png",
+        "ADE_train_{i:08d}",
+    )
 
 
 def write_ade847(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "training", values=None) -> list[Path]:
     """A847 layout: uint16 tif, class ids including ids >= 256, and 65535 = unlabeled."""
     rng = rng or np.random.default_rng(0)
-    return _write_seg(root, split, n, size, rng, values if values is not None else [0, 5, 300, 846, 65535],
-                      np.uint16, ".tif", "ADE_frame_{i:08d}")
+    return _write_seg(
+        root,
+        split,
+        n,
+        size,
+        rng,
+        values if values is not None else [0, 5, 300, 846, 65535],
+        np.uint16,
+        ".tif",
+        "ADE_frame_{i:08d}",
+    )
 
 
-def write_coco171(root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "train2017", values=None,
-                  train_ids: bool = False) -> list[Path]:
+def write_coco171(
+    root: Path, n: int = 4, size=(64, 80), rng=None, split: str = "train2017", values=None, train_ids: bool = False
+) -> list[Path]:
     """C171 layout: raw COCO-Stuff ids (default includes 11, an unlisted id, and 255), or with
     ``train_ids`` the converted ``*_labelTrainIds.png``."""
     rng = rng or np.random.default_rng(0)
     default = [0, 168, 170, 255] if train_ids else [0, 2, 11, 181, 255]
     suffix = "_labelTrainIds.png" if train_ids else ".png"
-    return _write_seg(root, split, n, size, rng, values if values is not None else default, np.uint8, suffix, "{i:012d}")
+    return _write_seg(
+        root, split, n, size, rng, values if values is not None else default, np.uint8, suffix, "{i:012d}"
+    )
 
 
 def write_imagenet(root: Path, wnids: Sequence[str], per_class: int = 2, size=(48, 64), rng=None) -> list[Path]:
@@ -114,7 +146,9 @@ def write_custom_seg(root: Path, class_names: Sequence[str], n: int = 3, size=(4
     return paths
 
 
-def write_custom_tags(root: Path, class_names: Sequence[str], per_class: int = 2, size=(48, 64), rng=None) -> list[Path]:
+def write_custom_tags(
+    root: Path, class_names: Sequence[str], per_class: int = 2, size=(48, 64), rng=None
+) -> list[Path]:
     """Custom image-level data: ``root/<class name>/*.jpg``."""
     rng = rng or np.random.default_rng(0)
     paths = []
@@ -126,15 +160,26 @@ def write_custom_tags(root: Path, class_names: Sequence[str], per_class: int = 2
     return paths
 
 
-def make_config(root: Path, seg: Sequence[SourceConfig] = (), tag: Sequence[SourceConfig] = (),
-                eval_source: SourceConfig | None = None, seed: int = 0, **data) -> Config:
+def make_config(
+    root: Path,
+    seg: Sequence[SourceConfig] = (),
+    tag: Sequence[SourceConfig] = (),
+    eval_source: SourceConfig | None = None,
+    seed: int = 0,
+    **data,
+) -> Config:
     """A Config whose data root is ``root`` (index cache in ``root/cache``, 0 workers unless given);
     ``data`` sets other DataConfig fields. The eval source defaults to A847 validation."""
     data = {"num_workers": 0, "index_cache_dir": str(Path(root) / "cache"), **data}
     return Config(
         name="test",
-        data=DataConfig(root=str(root), seg_sources=list(seg), tag_sources=list(tag),
-                        eval=eval_source or SourceConfig(name="A847", format="ade847", split="validation"), **data),
+        data=DataConfig(
+            root=str(root),
+            seg_sources=list(seg),
+            tag_sources=list(tag),
+            eval=eval_source or SourceConfig(name="A847", format="ade847", split="validation"),
+            **data,
+        ),
         train=TrainConfig(seed=seed),
     )
 
@@ -169,6 +214,14 @@ class SyntheticLoader:
         mine_seg = torch.from_numpy(np.array_split(np.arange(n_seg), self.world)[self.rank])
         mine_tag = torch.from_numpy(np.array_split(np.arange(n_tag), self.world)[self.rank])
         seg = SegBatch("S", images[mine_seg], labels[mine_seg], torch.arange(4), n_seg)
-        tag = TagBatch("T", tag_images[mine_tag], tags[mine_tag], torch.arange(3, k), n_tag,
-                       loss_weight=0.2, cac_weight=0.1, cac_topk=2)
+        tag = TagBatch(
+            "T",
+            tag_images[mine_tag],
+            tags[mine_tag],
+            torch.arange(3, k),
+            n_tag,
+            loss_weight=0.2,
+            cac_weight=0.1,
+            cac_topk=2,
+        )
         return StepBatch(step, [seg], [tag])

@@ -57,7 +57,7 @@ def random_crop(image, label, crop: int, cat_max_ratio: float, rng: np.random.Ge
         for _ in range(10):
             y0, y1, x0, x1 = box
             counts = np.bincount(label[y0:y1, x0:x1].ravel())
-            if IGNORE_INDEX < counts.size:
+            if counts.size > IGNORE_INDEX:
                 counts[IGNORE_INDEX] = 0
             counts = counts[counts > 0]
             if counts.size > 1 and counts.max() / counts.sum() < cat_max_ratio:
@@ -85,8 +85,13 @@ class Photometric:
     hue: int | None  # added to the OpenCV hue (units of 2 degrees), modulo 180
 
 
-def draw_photometric(rng: np.random.Generator, brightness_delta: int = 32, contrast_range=(0.5, 1.5),
-                     saturation_range=(0.5, 1.5), hue_delta: int = 18) -> Photometric:
+def draw_photometric(
+    rng: np.random.Generator,
+    brightness_delta: int = 32,
+    contrast_range=(0.5, 1.5),
+    saturation_range=(0.5, 1.5),
+    hue_delta: int = 18,
+) -> Photometric:
     """mmseg's defaults; each step is applied with probability 1/2, the hue shift is in [-18, 18)
     (np.random.randint's exclusive upper bound, as mmseg)."""
     brightness = rng.uniform(-brightness_delta, brightness_delta) if rng.integers(2) else None
@@ -182,8 +187,9 @@ def train_transform(source: SourceConfig, data: DataConfig) -> TrainTransform:
     the crop: their transform skips the cat_max_ratio retries, so it draws the same crops as without them."""
     cat_max_ratio = 1.0 if source.object_masks else data.cat_max_ratio
     ratio_range = (data.ratio_range[0], data.ratio_range[1])
-    return TrainTransform(source.crop_size, source_scale(source, data), ratio_range, cat_max_ratio,
-                          photometric=data.photometric)
+    return TrainTransform(
+        source.crop_size, source_scale(source, data), ratio_range, cat_max_ratio, photometric=data.photometric
+    )
 
 
 def eval_resize(image: np.ndarray, short_side: int = 512, max_long_side: int = 2048) -> np.ndarray:

@@ -18,7 +18,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -46,7 +46,7 @@ def normalize_name(name: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[-_]", " ", str(name).lower())).strip()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _json(file_name: str) -> dict:
     return json.loads((CLASSLIST_DIR / file_name).read_text())
 
@@ -60,7 +60,9 @@ def load_class_names(fmt: str) -> list[str]:
     """Class names of a packaged dataset format, in train-id order (COCO-Stuff: merged names)."""
     readers = {
         "ade150": lambda: list(_json("ade150.json")["classes"]),
-        "ade847": lambda: [c["short_name"] for c in sorted(_json("ade847.json")["classes"], key=lambda c: c["train_id"])],
+        "ade847": lambda: [
+            c["short_name"] for c in sorted(_json("ade847.json")["classes"], key=lambda c: c["train_id"])
+        ],
         "coco171": lambda: [c["merged_name"] for c in coco_stuff_classes()],
     }
     if fmt not in readers:
@@ -68,7 +70,7 @@ def load_class_names(fmt: str) -> list[str]:
     return readers[fmt]()
 
 
-@lru_cache(maxsize=None)
+@cache
 def imagenet_synsets() -> dict[str, str]:
     """wnid -> first WordNet lemma, for all 21,843 ImageNet-21K synsets (canonical order)."""
     out: dict[str, str] = {}
@@ -79,7 +81,7 @@ def imagenet_synsets() -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def imagenet_class_names(preferred: str = "ade847") -> dict[str, str]:
     """wnid -> class name used in vocabularies.
 
@@ -90,8 +92,10 @@ def imagenet_class_names(preferred: str = "ade847") -> dict[str, str]:
     the dog, "cardigan" the sweater) or equals a matched ADE name (the fish "windowpane") gets its
     wnid appended, "cardigan (n02113186)", so that unrelated synsets never collapse into one class.
     """
-    order = {"ade150": ("imagenet_for_ade847.json", "imagenet_for_ade150.json"),
-             "ade847": ("imagenet_for_ade150.json", "imagenet_for_ade847.json")}[preferred]
+    order = {
+        "ade150": ("imagenet_for_ade847.json", "imagenet_for_ade150.json"),
+        "ade847": ("imagenet_for_ade150.json", "imagenet_for_ade847.json"),
+    }[preferred]
     matched: dict[str, str] = {}
     for file_name in order:  # the later file wins
         matched.update({c["wnid"]: c["name"] for c in _json(file_name)["classes"]})
@@ -124,8 +128,9 @@ def imagenet_subset(classes: str) -> list[str]:
         "all": lambda: list(imagenet_synsets()),
     }
     if not classes:
-        raise VocabularyError("an imagenet source needs 'classes': set its classes key to ade150, ade847, all, "
-                              "or a file of wnids")
+        raise VocabularyError(
+            "an imagenet source needs 'classes': set its classes key to ade150, ade847, all, or a file of wnids"
+        )
     wnids = presets[classes]() if classes in presets else read_wnid_file(Path(classes).expanduser())
     known = imagenet_synsets()
     unknown = [w for w in wnids if w not in known]
@@ -172,10 +177,12 @@ class Vocabulary:
                 self._index[key] = len(self.names)
                 self.names.append(key)
         if len(self.names) > MAX_CLASSES:
-            raise VocabularyError(f"{len(self.names)} classes: vocabularies are limited to {MAX_CLASSES} (uint16 labels)")
+            raise VocabularyError(
+                f"{len(self.names)} classes: vocabularies are limited to {MAX_CLASSES} (uint16 labels)"
+            )
 
     @classmethod
-    def union(cls, *name_lists: Sequence[str]) -> "Vocabulary":
+    def union(cls, *name_lists: Sequence[str]) -> Vocabulary:
         return cls(name for names in name_lists for name in names)
 
     def __len__(self) -> int:
@@ -231,12 +238,12 @@ def class_terms(classes: str | Sequence[str] | None) -> list[str] | None:
     return wanted
 
 
-def custom_seg_names(source: "SourceConfig", folder: Path) -> list[str]:
+def custom_seg_names(source: SourceConfig, folder: Path) -> list[str]:
     """The class file of a custom segmentation source: ``classes``, else ``<folder>/classes.txt``."""
     return read_class_file(Path(source.classes).expanduser() if source.classes else folder / "classes.txt")
 
 
-def custom_tag_names(source: "SourceConfig", folder: Path) -> list[str]:
+def custom_tag_names(source: SourceConfig, folder: Path) -> list[str]:
     """The classes of a custom image-level source: its ``classes`` file, else every sub-folder of ``folder``."""
     if source.classes:
         return read_class_file(Path(source.classes).expanduser())

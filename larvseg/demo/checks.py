@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 P1_MIN_RATIO = 0.8
 P2_MIN_RATIO = 1.5
 PAPER_GAIN = 6.0  # LarvSeg - baseline on ADE-150 in the paper (mIoU points)
@@ -115,14 +114,22 @@ def claim_verdict(delta: Interval, p1_holds: bool, p2_holds: bool) -> tuple[str,
         return "inconclusive", f"only {delta.n} paired seed(s): no interval"
     if delta.lo > 0:
         return "supported", f"lower bound {delta.lo:+.2f} > 0"
-    failed = [text for ok, text in (
-        (p1_holds, "P1 (premise) does not hold"),
-        (p2_holds, "P2 (target failure) does not hold"),
-        (delta.hi < PAPER_GAIN, f"upper bound {delta.hi:+.2f} >= +{PAPER_GAIN:.1f}: the paper's gain is not excluded"),
-    ) if not ok]
+    failed = [
+        text
+        for ok, text in (
+            (p1_holds, "P1 (premise) does not hold"),
+            (p2_holds, "P2 (target failure) does not hold"),
+            (
+                delta.hi < PAPER_GAIN,
+                f"upper bound {delta.hi:+.2f} >= +{PAPER_GAIN:.1f}: the paper's gain is not excluded",
+            ),
+        )
+        if not ok
+    ]
     if not failed:
-        return "not reproduced at this scale", (f"P1 and P2 hold, lower bound {delta.lo:+.2f} <= 0 and upper bound "
-                                                f"{delta.hi:+.2f} < +{PAPER_GAIN:.1f}")
+        return "not reproduced at this scale", (
+            f"P1 and P2 hold, lower bound {delta.lo:+.2f} <= 0 and upper bound {delta.hi:+.2f} < +{PAPER_GAIN:.1f}"
+        )
     return "inconclusive", f"lower bound {delta.lo:+.2f} <= 0, and " + "; ".join(failed)
 
 
@@ -197,7 +204,9 @@ def habitat_counts(pred: np.ndarray, labels: np.ndarray, tag: int, habitat: tupl
     in_habitat = background & np.isin(labels, habitat)
     other = background & ~in_habitat
     as_tag = pred == tag
-    return np.array([(in_habitat & as_tag).sum(), in_habitat.sum(), (other & as_tag).sum(), other.sum()], dtype=np.int64)
+    return np.array(
+        [(in_habitat & as_tag).sum(), in_habitat.sum(), (other & as_tag).sum(), other.sum()], dtype=np.int64
+    )
 
 
 @dataclass
@@ -250,7 +259,26 @@ def per_class_mean(values: list[float], classes: list[int], n: int) -> np.ndarra
 
 
 __all__ = [
-    "BASE_TOLERANCE", "CLAIM_RULE", "Interval", "P1_MIN_RATIO", "P2_MIN_RATIO", "PAPER_GAIN", "PremiseResult",
-    "TargetFailure", "claim_verdict", "class_iou", "confusion", "habitat_counts", "per_class_mean", "premise",
-    "propagate_seeds", "roc_auc", "segments", "t_cdf", "t_interval", "t_quantile", "target_failure", "within_image_auc",
+    "BASE_TOLERANCE",
+    "CLAIM_RULE",
+    "Interval",
+    "P1_MIN_RATIO",
+    "P2_MIN_RATIO",
+    "PAPER_GAIN",
+    "PremiseResult",
+    "TargetFailure",
+    "claim_verdict",
+    "class_iou",
+    "confusion",
+    "habitat_counts",
+    "per_class_mean",
+    "premise",
+    "propagate_seeds",
+    "roc_auc",
+    "segments",
+    "t_cdf",
+    "t_interval",
+    "t_quantile",
+    "target_failure",
+    "within_image_auc",
 ]

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from larvseg.config import IGNORE_INDEX
+from larvseg.data.transforms import to_chw
+from larvseg.demo.checks import confusion, propagate_seeds, roc_auc
 from larvseg.models.attentive_classifier import BackgroundRule, attention_scores
 from larvseg.models.cosine_classifier import standardize
 from larvseg.models.memory_bank import MemoryBank
 from larvseg.models.segmenter import Segmenter
-from larvseg.data.transforms import to_chw
-from larvseg.demo.checks import confusion, propagate_seeds, roc_auc
 
 
 @dataclass
@@ -60,8 +60,14 @@ def _patch_labels(label: np.ndarray, image_hw: tuple[int, int], grid_hw: tuple[i
 
 
 @torch.no_grad()
-def feature_diagnostics(segmenter: Segmenter, dataset, union_ids: np.ndarray, base_mask: np.ndarray,
-                        bank: MemoryBank | None, rule: BackgroundRule) -> FeatureDiagnostics:
+def feature_diagnostics(
+    segmenter: Segmenter,
+    dataset,
+    union_ids: np.ndarray,
+    base_mask: np.ndarray,
+    bank: MemoryBank | None,
+    rule: BackgroundRule,
+) -> FeatureDiagnostics:
     """The diagnostics above over every item of ``dataset`` (items: image uint8 RGB resized for eval,
     label uint16 union ids). ``union_ids``: the evaluated classes; ``bank``: the CAC bank or None."""
     segmenter.eval()

@@ -47,8 +47,14 @@ def _patch_grid(label: np.ndarray, patch: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def probe_image_level(segmenter: Segmenter, cfg: Config, layout: BenchmarkLayout, union_ids: np.ndarray,
-                      bank: MemoryBank | None, rule: BackgroundRule) -> ImageLevelProbe:
+def probe_image_level(
+    segmenter: Segmenter,
+    cfg: Config,
+    layout: BenchmarkLayout,
+    union_ids: np.ndarray,
+    bank: MemoryBank | None,
+    rule: BackgroundRule,
+) -> ImageLevelProbe:
     """P2 counts and M AUCs of one trained model over every I22K image of the benchmark (one batch per class)."""
     segmenter.eval()
     source = cfg.data.tag_sources[0]

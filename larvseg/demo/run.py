@@ -56,8 +56,8 @@ import torch
 
 from larvseg import distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
-from larvseg.data.vocabulary import Vocabulary
 from larvseg.data.synthetic import DEMO_CLASSES, BenchmarkLayout, BenchmarkSpec, ensure_benchmark
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.demo.diagnostics import FeatureDiagnostics
 from larvseg.demo.image_level_probe import ImageLevelProbe, probe_image_level
 from larvseg.demo.report import ClaimInputs, PanelRow, PretrainSummary, RunResult, write_report
@@ -82,12 +82,17 @@ class Variant:
     overrides: tuple[str, ...]  # on top of the ``demo`` config
 
 
-SEG_ONLY = Variant("segmentation only", "segmentation", ("data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false"))
+SEG_ONLY = Variant(
+    "segmentation only", "segmentation", ("data.tag_sources=[]", "data.tag_batch_size=0", "model.cac=false")
+)
 BASELINE = Variant("baseline (CAC off)", "baseline", ("model.cac=false",))
 LARVSEG = Variant("LarvSeg (CAC)", "larvseg", ("model.cac=true",))
 # the CAC with the generator's object mask of each image-level photo as its attention (larvseg.models.oracle_attention)
-ORACLE = Variant("oracle attention (U)", "oracle",
-                 ("model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"))
+ORACLE = Variant(
+    "oracle attention (U)",
+    "oracle",
+    ("model.cac=true", "model.oracle_attention=true", "data.tag_sources.0.object_masks=I22K/object_masks"),
+)
 VARIANTS: tuple[Variant, ...] = (SEG_ONLY, BASELINE, LARVSEG, ORACLE)
 BENCHMARKS = {"habitat": BenchmarkSpec(), "uniform": BenchmarkSpec(family="uniform")}
 
@@ -124,8 +129,9 @@ def _say(msg: str) -> None:
     log.info("[demo] %s", msg)
 
 
-def variant_config(layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int,
-                   extra: list[str] | None = None) -> Config:
+def variant_config(
+    layout: BenchmarkLayout, work_dir: Path, variant: Variant, seed: int, iters: int, extra: list[str] | None = None
+) -> Config:
     """The ``demo`` config pointed at the generated benchmark, for one variant and seed."""
     overrides = [
         f"data.root={layout.root.resolve()}",
@@ -189,9 +195,16 @@ def run_pretraining(cfg: Config) -> tuple[Path, PretrainSummary]:
     npz = pretrain(cfg, resume="auto")
     records = [r for r in read_metrics(Path(cfg.pretrain.work_dir) / "metrics.jsonl") if r["kind"] == "train"]
     return npz, PretrainSummary(
-        path=str(npz), iters=cfg.pretrain.iters, batch_size=cfg.pretrain.batch_size, loss=cfg.pretrain.loss,
-        lr=cfg.pretrain.lr, steps=[r["step"] for r in records], losses=[r["loss"] for r in records],
-        top1=[100.0 * r["top1"] for r in records], seconds=time.perf_counter() - t0, photometric=cfg.data.photometric,
+        path=str(npz),
+        iters=cfg.pretrain.iters,
+        batch_size=cfg.pretrain.batch_size,
+        loss=cfg.pretrain.loss,
+        lr=cfg.pretrain.lr,
+        steps=[r["step"] for r in records],
+        losses=[r["loss"] for r in records],
+        top1=[100.0 * r["top1"] for r in records],
+        seconds=time.perf_counter() - t0,
+        photometric=cfg.data.photometric,
     )
 
 
@@ -206,11 +219,15 @@ def train_variant(cfg: Config) -> tuple[Segmenter, Vocabulary]:
 
 def demo_evaluator(cfg: Config, vocab: Vocabulary) -> Evaluator:
     """``larvseg eval``'s evaluation of ``cfg``'s evaluation set, restricted to the benchmark's classes."""
-    restricted = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES)))
+    restricted = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, classes=",".join(c.name for c in DEMO_CLASSES))
+    )
     return Evaluator(restricted, vocab)
 
 
-def evaluate_variant(evaluator: Evaluator, segmenter: torch.nn.Module, panel_images: int) -> tuple[dict, list[PanelRow]]:
+def evaluate_variant(
+    evaluator: Evaluator, segmenter: torch.nn.Module, panel_images: int
+) -> tuple[dict, list[PanelRow]]:
     """mIoU (all / base / novel) over the benchmark's classes, per-class IoU in DEMO_CLASSES order, and
     the panel rows of the first images (labels and predictions as indices into DEMO_CLASSES)."""
     vocab = evaluator.vocab
@@ -235,12 +252,17 @@ def evaluate_variant(evaluator: Evaluator, segmenter: torch.nn.Module, panel_ima
 def describe_model(cfg: Config, segmenter: Segmenter) -> str:
     """The report's model line, from the config and the model actually trained."""
     backbone: VisionTransformer = segmenter.backbone
-    init = (f"initialised from `{cfg.model.pretrained}` (`model.pretrained={Path(cfg.model.pretrained).name}`, "
-            "loaded by the AugReg loader)" if cfg.model.pretrained else
-            "**random initialisation**: no pretrained weights are used, so absolute numbers are far below "
-            "what a pretrained backbone gives")
-    return (f"{cfg.model.arch} (ViT, {backbone.embed_dim}-d, {len(backbone.blocks)} blocks, patch "
-            f"{backbone.patch_size}) with the cosine classifier, {init}")
+    init = (
+        f"initialised from `{cfg.model.pretrained}` (`model.pretrained={Path(cfg.model.pretrained).name}`, "
+        "loaded by the AugReg loader)"
+        if cfg.model.pretrained
+        else "**random initialisation**: no pretrained weights are used, so absolute numbers are far below "
+        "what a pretrained backbone gives"
+    )
+    return (
+        f"{cfg.model.arch} (ViT, {backbone.embed_dim}-d, {len(backbone.blocks)} blocks, patch "
+        f"{backbone.patch_size}) with the cosine classifier, {init}"
+    )
 
 
 def trained_bank(cfg: Config) -> MemoryBank | None:
@@ -303,13 +325,25 @@ def run_job(job: Job) -> JobOutput:
     diag = feature_diagnostics(segmenter, evaluator.dataset, union_ids, base_mask, bank, rule)
     probe = probe_image_level(segmenter, cfg, job.layout, union_ids, bank, rule) if cfg.data.tag_sources else None
     t2 = time.perf_counter()
-    result = RunResult(job.variant.label, job.seed, metrics["mIoU"], metrics["mIoU_base"], metrics["mIoU_novel"],
-                       [float(x) for x in metrics["IoU"]], t1 - t0, t2 - t1)
+    result = RunResult(
+        job.variant.label,
+        job.seed,
+        metrics["mIoU"],
+        metrics["mIoU_base"],
+        metrics["mIoU_novel"],
+        [float(x) for x in metrics["IoU"]],
+        t1 - t0,
+        t2 - t1,
+    )
     return JobOutput(result, rows, diag, probe)
 
 
-def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job,
-             done: Callable[[int, int, Any], None] | None = None) -> list[Any]:
+def run_jobs(
+    jobs: list[Any],
+    workers: int,
+    work: Callable[[Any], Any] = run_job,
+    done: Callable[[int, int, Any], None] | None = None,
+) -> list[Any]:
     """``work(job)`` for every job (default: :func:`run_job`) in its own single-threaded worker, ``workers`` at
     a time; ``done(i, total, output)`` reports each as it finishes (default: the demo's per-run line);
     outputs in job order. ``work`` must be a module-level function (the workers are spawned)."""
@@ -331,8 +365,9 @@ def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job
         return outputs
     # spawn: a fresh interpreter per worker (no forked torch thread pools), each set to one thread
     logs = (has_console(), log.isEnabledFor(logging.DEBUG))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker_process,
-                             initargs=(THREADS_PER_RUN, *logs)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker_process, initargs=(THREADS_PER_RUN, *logs)
+    ) as pool:
         futures = {pool.submit(work, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
@@ -343,16 +378,19 @@ def run_jobs(jobs: list[Any], workers: int, work: Callable[[Any], Any] = run_job
 
 def _say_done(i: int, total: int, out: JobOutput) -> None:
     r = out.result
-    _say(f"[{i + 1}/{total}] {r.variant}, seed {r.seed}: mIoU {r.miou:.1f}, base {r.miou_base:.1f}, "
-         f"novel {r.miou_novel:.1f} (train {r.train_seconds:.0f} s, eval {r.eval_seconds:.0f} s)")
+    _say(
+        f"[{i + 1}/{total}] {r.variant}, seed {r.seed}: mIoU {r.miou:.1f}, base {r.miou_base:.1f}, "
+        f"novel {r.miou_novel:.1f} (train {r.train_seconds:.0f} s, eval {r.eval_seconds:.0f} s)"
+    )
 
 
 def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] | None,
-                     benchmark: str) -> tuple[BenchmarkLayout, Path, PretrainSummary]:
+def prepare_backbone(
+    out: Path, data: Path, profile: Profile, extra: list[str] | None, benchmark: str
+) -> tuple[BenchmarkLayout, Path, PretrainSummary]:
     """Stages 1-2: the mini benchmark under ``data`` (generated unless there) and the stage-0 backbone under
     ``<out>/pretrain`` (reused when finished); returns the layout, the backbone's ``.npz`` and its summary."""
     _say(f"mini benchmark ({benchmark} family): {data}")
@@ -366,8 +404,10 @@ def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] |
     torch.set_num_threads(THREADS_PER_RUN)
     try:
         pcfg = pretrain_config(layout, out, profile.pretrain_iters, extra)
-        _say(f"stage 0: pretraining {pcfg.model.arch} on every synset of {layout.imagenet} "
-             f"({pcfg.pretrain.iters} iterations) -> {pcfg.pretrain.work_dir}")
+        _say(
+            f"stage 0: pretraining {pcfg.model.arch} on every synset of {layout.imagenet} "
+            f"({pcfg.pretrain.iters} iterations) -> {pcfg.pretrain.work_dir}"
+        )
         npz, pre = run_pretraining(pcfg)
     finally:
         torch.set_num_threads(threads_before)
@@ -375,8 +415,15 @@ def prepare_backbone(out: Path, data: Path, profile: Profile, extra: list[str] |
     return layout, npz, pre
 
 
-def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[str] | None = None,
-             jobs: int | None = None, benchmark: str = "habitat") -> Path:
+def run_demo(
+    out: Path,
+    data: Path,
+    profile: Profile,
+    seeds: int,
+    extra: list[str] | None = None,
+    jobs: int | None = None,
+    benchmark: str = "habitat",
+) -> Path:
     start = time.perf_counter()
     layout, npz, pre = prepare_backbone(out, data, profile, extra, benchmark)
 
@@ -388,12 +435,15 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
             if variant == SEG_ONLY and seed >= seg_seeds:
                 continue
             work_dir = run_dir(out, seed, variant)
-            cfg = variant_config(layout, work_dir, variant, seed, profile.iters,
-                                 [f"model.pretrained={npz.resolve()}", *(extra or [])])
+            cfg = variant_config(
+                layout, work_dir, variant, seed, profile.iters, [f"model.pretrained={npz.resolve()}", *(extra or [])]
+            )
             job_list.append(Job(variant, seed, cfg, profile.panel_images if seed == 0 else 0, layout))
     workers = max(1, min(jobs or default_jobs(), len(job_list)))
-    _say(f"training {len(job_list)} runs ({', '.join(f'{v.label} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
-         f"{job_list[0].cfg.train.iters} iterations each) in {workers} parallel single-threaded process(es)")
+    _say(
+        f"training {len(job_list)} runs ({', '.join(f'{v.label} x {sum(j.variant == v for j in job_list)}' for v in variants)}; "
+        f"{job_list[0].cfg.train.iters} iterations each) in {workers} parallel single-threaded process(es)"
+    )
     outputs = run_jobs(job_list, workers)
 
     results = [o.result for o in outputs]
@@ -408,35 +458,58 @@ def run_demo(out: Path, data: Path, profile: Profile, seeds: int, extra: list[st
     cfg = job_list[-1].cfg
     elapsed = time.perf_counter() - start
     setup = {
-        "benchmark": (f"{layout.root}, the **{benchmark}** family (C171-style masks for {sum(c.role == 'base' for c in DEMO_CLASSES)} base classes, "
-                      f"I22K-style folders for all {len(DEMO_CLASSES)} synsets, the only data of the "
-                      f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
-                      "A847-style 16-bit masks for all classes)"),
+        "benchmark": (
+            f"{layout.root}, the **{benchmark}** family (C171-style masks for {sum(c.role == 'base' for c in DEMO_CLASSES)} base classes, "
+            f"I22K-style folders for all {len(DEMO_CLASSES)} synsets, the only data of the "
+            f"{sum(c.role == 'novel' for c in DEMO_CLASSES)} novel classes, "
+            "A847-style 16-bit masks for all classes)"
+        ),
         # the model line from the config and the model actually trained (the last run's exported weights)
         "model": describe_model(cfg, load_segmenter(Path(cfg.work_dir()) / FINAL_WEIGHTS).segmenter),
-        "training": (f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
-                     f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"),
-        "evaluation": (f"`larvseg eval`'s code, {cfg.eval.mode} inference, restricted to the benchmark's "
-                       f"{len(DEMO_CLASSES)} classes (the other classes of the {cfg.data.eval.name}-style set have no "
-                       "training data in the demo); mIoU in the MMSegmentation convention"),
-        "seeds": (f"{seeds} paired (segmentation only: {seg_seeds}; profile {profile_name(profile)}); std is the sample std "
-                  "over seeds"),
-        "wall time": (f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
-                      f"parallel process(es) of {THREADS_PER_RUN} thread each"),
+        "training": (
+            f"{cfg.train.iters} iterations, {cfg.data.seg_batch_size} + {cfg.data.tag_batch_size} images per "
+            f"step at {cfg.data.seg_sources[0].crop_size} px, SGD lr {cfg.train.lr}, poly; CPU"
+        ),
+        "evaluation": (
+            f"`larvseg eval`'s code, {cfg.eval.mode} inference, restricted to the benchmark's "
+            f"{len(DEMO_CLASSES)} classes (the other classes of the {cfg.data.eval.name}-style set have no "
+            "training data in the demo); mIoU in the MMSegmentation convention"
+        ),
+        "seeds": (
+            f"{seeds} paired (segmentation only: {seg_seeds}; profile {profile_name(profile)}); std is the sample std "
+            "over seeds"
+        ),
+        "wall time": (
+            f"{elapsed / 60:.1f} min: stage 0 single-threaded, then {len(job_list)} runs in {workers} "
+            f"parallel process(es) of {THREADS_PER_RUN} thread each"
+        ),
         "checkpoints": "; ".join(
-            f"{variant.label}: " + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
-            for variant in variants),
+            f"{variant.label}: "
+            + ", ".join(f"`{run_dir(out, j.seed, variant) / FINAL_WEIGHTS}`" for j in job_list if j.variant == variant)
+            for variant in variants
+        ),
         # predict defaults to the classes with training data (the benchmark's 14)
         "predict with LarvSeg (from the folder the demo ran in)": (
             f"`larvseg predict {run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS} {layout.eval_images} "
-            f"--out {out / 'predictions'}`"),
+            f"--out {out / 'predictions'}`"
+        ),
     }
     diagnostics = {(o.result.variant, o.result.seed): o.diagnostics for o in outputs}
     probes = {(o.result.variant, o.result.seed): o.image_level for o in outputs if o.image_level is not None}
     compared = (SEG_ONLY.label, BASELINE.label, LARVSEG.label)
     claim = ClaimInputs(diagnostics, probes, compared, ORACLE.label if profile.oracle else None, benchmark)
-    return write_report(out, results, [c.name for c in DEMO_CLASSES], [c.role for c in DEMO_CLASSES], panel,
-                        setup, compared, pretraining=pre, diagnostics=diagnostics, claim=claim)
+    return write_report(
+        out,
+        results,
+        [c.name for c in DEMO_CLASSES],
+        [c.role for c in DEMO_CLASSES],
+        panel,
+        setup,
+        compared,
+        pretraining=pre,
+        diagnostics=diagnostics,
+        claim=claim,
+    )
 
 
 def profile_name(profile: Profile) -> str:
@@ -459,9 +532,9 @@ def demo_arguments(args: argparse.Namespace) -> tuple[Profile, int, Path, Path, 
 
 def main(args: argparse.Namespace) -> int:
     profile, seeds, out, data, jobs = demo_arguments(args)
-    report = run_demo(out, data, profile, seeds, getattr(args, "overrides", None), jobs,
-                      getattr(args, "benchmark", "habitat"))
+    report = run_demo(
+        out, data, profile, seeds, getattr(args, "overrides", None), jobs, getattr(args, "benchmark", "habitat")
+    )
     _say(f"report: {report.resolve()}")
     _say(f"try the LarvSeg model in a browser: larvseg serve {(run_dir(out, 0, LARVSEG) / FINAL_WEIGHTS).resolve()}")
     return 0
-

@@ -35,7 +35,9 @@ from larvseg.config import IGNORE_INDEX
 from larvseg.distributed import all_reduce_sum
 
 
-def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, ``[label, pred]``, of the pixels whose label is not ``ignore_index``.
 
     ``pred`` and ``label`` are integer tensors of the same shape on any device; every non-ignored pixel
@@ -66,8 +68,12 @@ class ConfusionAccumulator:
     -> the "other" index E). ``reduce()`` sums the matrix over ranks.
     """
 
-    def __init__(self, eval_class_ids: Sequence[int] | np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
-                 ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self,
+        eval_class_ids: Sequence[int] | np.ndarray | torch.Tensor,
+        device: torch.device | str = "cpu",
+        ignore_index: int = IGNORE_INDEX,
+    ):
         ids = torch.as_tensor(np.asarray(eval_class_ids), dtype=torch.long)
         if ids.ndim != 1 or ids.numel() == 0:
             raise ValueError("eval_class_ids must be a non-empty 1-D list of union ids")
@@ -94,8 +100,9 @@ class ConfusionAccumulator:
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """Add one image (or a batch): ``pred`` and ``label`` are union ids of the same shape."""
-        self.matrix += confusion_matrix(self.to_eval_index(pred), self.to_eval_index(label),
-                                        self.num_classes + 1, self.ignore_index)
+        self.matrix += confusion_matrix(
+            self.to_eval_index(pred), self.to_eval_index(label), self.num_classes + 1, self.ignore_index
+        )
 
     def reduce(self) -> torch.Tensor:
         """Sum over ranks (in place; a no-op in one process); returns the matrix."""
@@ -132,8 +139,9 @@ def _nanmean(values: np.ndarray) -> float:
     return float(kept.mean()) if kept.size else float("nan")
 
 
-def compute_metrics(matrix: torch.Tensor | np.ndarray, base_mask: Sequence[bool] | np.ndarray | None = None,
-                    convention: str = "mmseg") -> dict:
+def compute_metrics(
+    matrix: torch.Tensor | np.ndarray, base_mask: Sequence[bool] | np.ndarray | None = None, convention: str = "mmseg"
+) -> dict:
     """Metrics of an (E+1, E+1) matrix from :class:`ConfusionAccumulator` (last row/column: "other").
 
     Returns percentages: ``IoU`` and ``Acc`` (per class, length E, NaN = left out), ``mIoU``, ``mAcc``,

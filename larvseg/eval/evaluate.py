@@ -40,23 +40,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from larvseg.progress import progress_bar
 
 from larvseg import atomic, distributed
 from larvseg.config import IGNORE_INDEX, Config, load_config
-from larvseg.data.io import DataError
-from larvseg.data.eval_dataset import build_eval_dataset
-from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
-from larvseg.data.transforms import to_chw
 from larvseg.data.class_query import ClassQuery, resolve_query
+from larvseg.data.eval_dataset import build_eval_dataset
+from larvseg.data.io import DataError
+from larvseg.data.overlay import Prediction, class_areas, palette, render_overlay
 from larvseg.data.sources import base_novel_split, build_vocabulary
+from larvseg.data.transforms import to_chw
 from larvseg.data.vocabulary import Vocabulary, class_terms
 from larvseg.domains import require_writable
 from larvseg.eval.confusion import ConfusionAccumulator, compute_metrics
 from larvseg.models.inference import segment_image
 from larvseg.models.io import load_segmenter
-from larvseg.models.model_repo import EVAL_RESULTS  # written last by save_results: its presence means the evaluation finished
+from larvseg.models.model_repo import (
+    EVAL_RESULTS,  # written last by save_results: its presence means the evaluation finished
+)
 from larvseg.models.segmenter import Segmenter
+from larvseg.progress import progress_bar
 from larvseg.tensorboard import OVERLAY_IMAGES, log_evaluation
 from larvseg.threads import configure_threads
 
@@ -114,7 +116,9 @@ def scored_classes(cfg: Config, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
 def _class_query(cfg: Config, vocab: Any, eval_ids: np.ndarray) -> ClassQuery:
     """``eval.classes`` over the evaluation set's classes: names, WordNet lemmas, wnids; a concept ``word*``
     selects every evaluation class at or below it, each scored on its own (ground-truth classes are not merged)."""
-    return resolve_query(class_terms(cfg.eval.classes), [vocab.names[i] for i in eval_ids], "the evaluation set's classes")
+    return resolve_query(
+        class_terms(cfg.eval.classes), [vocab.names[i] for i in eval_ids], "the evaluation set's classes"
+    )
 
 
 class Evaluator:
@@ -141,8 +145,15 @@ class Evaluator:
         return scored_classes(self.cfg, self.vocab)
 
     @torch.no_grad()
-    def run(self, segmenter: torch.nn.Module, *, out_dir: str | Path | None = None, max_images: int = 0,
-            keep_predictions: int = 0, verbose: bool = True) -> dict[str, Any]:
+    def run(
+        self,
+        segmenter: torch.nn.Module,
+        *,
+        out_dir: str | Path | None = None,
+        max_images: int = 0,
+        keep_predictions: int = 0,
+        verbose: bool = True,
+    ) -> dict[str, Any]:
         """Evaluate ``segmenter`` (on its device); call on every rank.
 
         Returns, on every rank, the scalar metrics in percent (``mIoU``, ``mAcc``, ``aAcc``, each also with
@@ -178,21 +189,38 @@ class Evaluator:
         segmenter.eval()
         start = time.perf_counter()
         skipped: list[str] = []
-        for image, label, path in progress_bar(loader, total=len(items), desc="eval", unit="img", dynamic_ncols=True,
-                                               disable=not (verbose and distributed.is_main_process())):
+        for image, label, path in progress_bar(
+            loader,
+            total=len(items),
+            desc="eval",
+            unit="img",
+            dynamic_ncols=True,
+            disable=not (verbose and distributed.is_main_process()),
+        ):
             if image is None:  # unreadable, data.eval.skip_bad
                 skipped.append(path)
                 log.warning("skipped an evaluation image (data.eval.skip_bad): %s", path)
                 continue
-            pred = segment_image(segmenter, image.to(device, non_blocking=True), cfg.eval, class_ids=class_ids,
-                                 out_size=tuple(label.shape[-2:]))
+            pred = segment_image(
+                segmenter,
+                image.to(device, non_blocking=True),
+                cfg.eval,
+                class_ids=class_ids,
+                out_size=tuple(label.shape[-2:]),
+            )
             label = label.to(device, non_blocking=True)
             if restrict is not None:  # pixels of the classes left out count as unlabeled
                 label = torch.where(torch.isin(label, restrict), label, IGNORE_INDEX)
             acc.update(pred, label)
             if len(kept) < keep_predictions:
-                kept.append({"path": path, "image": image.permute(1, 2, 0).numpy(), "label": label.cpu().numpy(),
-                             "prediction": pred.cpu().numpy()})
+                kept.append(
+                    {
+                        "path": path,
+                        "image": image.permute(1, 2, 0).numpy(),
+                        "label": label.cpu().numpy(),
+                        "prediction": pred.cpu().numpy(),
+                    }
+                )
         segmenter.train(was_training)
         matrix = acc.reduce().cpu()
         num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)).item())
@@ -225,8 +253,11 @@ class Evaluator:
         drawn = []
         for i in range(min(count, len(dataset))):
             image = np.asarray(dataset.load(i)["image"])
-            labels = segment_image(segmenter, torch.from_numpy(to_chw(image)), self.cfg.eval,
-                                   class_ids=class_ids).cpu().numpy()
+            labels = (
+                segment_image(segmenter, torch.from_numpy(to_chw(image)), self.cfg.eval, class_ids=class_ids)
+                .cpu()
+                .numpy()
+            )
             drawn.append(render_overlay(image, Prediction(labels, names, class_areas(labels, names)), colours))
         segmenter.train(was_training)
         return drawn
@@ -253,9 +284,16 @@ def summarise(matrix: torch.Tensor, eval_ids: np.ndarray, base_mask: np.ndarray,
     e = len(eval_ids)
     gt, pred = m[:e].sum(1), m[:, :e].sum(0)
     out["per_class"] = [
-        {"class": names[k], "union_id": int(eval_ids[k]), "base": bool(base_mask[k]), "IoU": float(mm["IoU"][k]),
-         "Acc": float(mm["Acc"][k]), "detectron2_IoU": float(d2["IoU"][k]), "gt_pixels": int(gt[k]),
-         "pred_pixels": int(pred[k])}
+        {
+            "class": names[k],
+            "union_id": int(eval_ids[k]),
+            "base": bool(base_mask[k]),
+            "IoU": float(mm["IoU"][k]),
+            "Acc": float(mm["Acc"][k]),
+            "detectron2_IoU": float(d2["IoU"][k]),
+            "gt_pixels": int(gt[k]),
+            "pred_pixels": int(pred[k]),
+        }
         for k in range(e)
     ]
     out["other_pixels"] = int(m[:e, e].sum())  # predictions outside the eval vocabulary
@@ -274,18 +312,26 @@ def format_table(results: dict[str, Any], max_names: int = 8) -> str:
     width = min(32, max([5] + [len(r["class"]) for r in rows]))
     lines = [f"{'class':<{width}}  split   IoU    Acc", "-" * (width + 22)]
     for r in rows:
-        lines.append(f"{r['class'][:width]:<{width}}  {'base ' if r['base'] else 'novel'} {_fmt(r['IoU'])} {_fmt(r['Acc'])}")
+        lines.append(
+            f"{r['class'][:width]:<{width}}  {'base ' if r['base'] else 'novel'} {_fmt(r['IoU'])} {_fmt(r['Acc'])}"
+        )
     if idle:
         names = ", ".join(r["class"] for r in idle[:max_names]) + (", ..." if len(idle) > max_names else "")
-        lines.append(f"({len(idle)} classes absent from the ground truth and never predicted, left out of the means: {names})")
+        lines.append(
+            f"({len(idle)} classes absent from the ground truth and never predicted, left out of the means: {names})"
+        )
     lines.append("-" * (width + 22))
     for key in SUMMARY_KEYS:
-        lines.append(f"{key:<5} all {_fmt(results[key])}  base {_fmt(results[key + '_base'])}  "
-                     f"novel {_fmt(results[key + '_novel'])}   (detectron2: {_fmt(results['detectron2/' + key])})")
+        lines.append(
+            f"{key:<5} all {_fmt(results[key])}  base {_fmt(results[key + '_base'])}  "
+            f"novel {_fmt(results[key + '_novel'])}   (detectron2: {_fmt(results['detectron2/' + key])})"
+        )
     skipped = results.get("skipped_images", 0)
-    lines.append(f"{results['num_images']} images{f' ({skipped} unreadable, skipped)' if skipped else ''}, "
-                 f"mmseg convention (union 0 left out); "
-                 f"{results['other_pixels']} pixels predicted outside the eval vocabulary")
+    lines.append(
+        f"{results['num_images']} images{f' ({skipped} unreadable, skipped)' if skipped else ''}, "
+        f"mmseg convention (union 0 left out); "
+        f"{results['other_pixels']} pixels predicted outside the eval vocabulary"
+    )
     return "\n".join(lines)
 
 
@@ -312,12 +358,16 @@ def save_results(results: dict[str, Any], matrix: torch.Tensor, out_dir: Path) -
 def main(args: argparse.Namespace) -> int:
     unsupported = [m for m in args.metrics if m not in SUPPORTED_METRICS]
     if unsupported:
-        raise SystemExit(f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}")
+        raise SystemExit(
+            f"larvseg eval: unsupported --eval metric(s) {unsupported}; supported: {list(SUPPORTED_METRICS)}"
+        )
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "classes", None):
         cfg.eval.classes = args.classes
     device = distributed.init_from_env(cfg.train.device)
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
+    out_dir = (
+        Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}"
+    )
     require_writable(out_dir, "output folder (--out)")  # before the evaluation, not after it
     try:
         # The checkpoint's architecture and vocabulary order define the model; the command's config

@@ -44,6 +44,7 @@ def vit_workload(backbone: VisionTransformer, kind: str) -> Workload:
                 def run(bf16: bool) -> None:
                     with bf16_autocast(bf16, device):
                         blk(x)
+
                 return run
 
             blk.train()
@@ -57,7 +58,9 @@ def vit_workload(backbone: VisionTransformer, kind: str) -> Workload:
                     y.float().square().mean().backward()
                 blk.zero_grad(set_to_none=True)
                 x.grad = None
+
             return run_train
+
         return build
 
     return Workload(kind, shape, builder(CALIBRATION_TOKENS), builder(PROBE_TOKENS))

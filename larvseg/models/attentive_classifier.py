@@ -111,8 +111,11 @@ def attention_scores(
         cand_union = class_ids[cand_idx]
         maps = torch.einsum("cd,bdx->bcx", bank.class_means(cand_union), features[lone])  # (b', C, hw)
         zf, zc = zscore_unbiased(f[lone]), zscore_unbiased(maps)
-        mse = (zf.pow(2).mean(-1)[:, :, None] + zc.pow(2).mean(-1)[:, None, :]
-               - 2.0 / hw * torch.bmm(zf, zc.transpose(1, 2)))  # (b', T, C) = mean_i (zf_i - zc_i)^2
+        mse = (
+            zf.pow(2).mean(-1)[:, :, None]
+            + zc.pow(2).mean(-1)[:, None, :]
+            - 2.0 / hw * torch.bmm(zf, zc.transpose(1, 2))
+        )  # (b', T, C) = mean_i (zf_i - zc_i)^2
         keep_cand = (
             cand[:, cand_idx][:, None, :]  # candidate in this image
             & (bank.num_filled(cand_union) > 0)[None, None, :]
@@ -175,7 +178,9 @@ def cac_loss(
     score = attention_scores(feats, s, tags, pad, class_ids, bank, rule)
     img, slot = tag_pairs(tags, pad)
     z = standardize(score[img, slot], dim=-1).view(-1, h, w)  # (P, h, w), feature resolution
-    weights = feats.new_zeros(b, tags.shape[1], h * w)  # float32 (score may be bf16 under autocast); padded slots pool nothing
+    weights = feats.new_zeros(
+        b, tags.shape[1], h * w
+    )  # float32 (score may be bf16 under autocast); padded slots pool nothing
     weights[img, slot] = attended_mean_weights(z, tuple(loss_hw))  # U^T sigmoid(U z) / L
     pooled = torch.bmm(logits.float().flatten(2), weights.transpose(1, 2))  # (b, N, T)
     tag_sub = tags[img, slot]

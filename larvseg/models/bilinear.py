@@ -23,6 +23,8 @@ def _resize_matrix_f64(n_in: int, n_out: int) -> Tensor:
     return out[:, 0, :, 0].T.contiguous()
 
 
-def resize_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+def resize_matrix(
+    n_in: int, n_out: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Tensor:
     """(n_out, n_in) matrix of 1-D bilinear resizing along one axis, as F.interpolate(align_corners=False)."""
     return _resize_matrix_f64(int(n_in), int(n_out)).to(device=device, dtype=dtype)

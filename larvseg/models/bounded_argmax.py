@@ -149,8 +149,12 @@ def build_axis(matrix: Tensor) -> Axis:
 
 
 def _axis_to(ax: Axis, device: torch.device) -> Axis:
-    return Axis(*(getattr(ax, f).to(device) if isinstance(getattr(ax, f), Tensor) else getattr(ax, f)
-                  for f in Axis.__dataclass_fields__))
+    return Axis(
+        *(
+            getattr(ax, f).to(device) if isinstance(getattr(ax, f), Tensor) else getattr(ax, f)
+            for f in Axis.__dataclass_fields__
+        )
+    )
 
 
 def _corner_grid(logits: Tensor, rows: Axis, cols: Axis, ry: Tensor, cx: Tensor, cls: Tensor) -> Tensor:
@@ -188,8 +192,15 @@ def _groups(key: Tensor, key_space: int) -> tuple[Tensor, int]:
     return slot, keys.numel()
 
 
-def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor, Tensor, Tensor],
-            painter: _Painter | None, depth: int | None, stats: dict[str, float]):
+def _refine(
+    logits: Tensor,
+    rows: Axis,
+    cols: Axis,
+    pairs: tuple[Tensor, Tensor, Tensor, Tensor],
+    painter: _Painter | None,
+    depth: int | None,
+    stats: dict[str, float],
+):
     """Quadtree over (row node, column node, class, cell) pairs. With a painter it runs until every pixel
     is decided; without one it stops after ``depth`` levels and returns (cell, t) of the last level's
     sub-cells, t a lower bound of the best value over the sub-cell."""
@@ -206,16 +217,29 @@ def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor,
                     break
         parts: list[tuple[Tensor, ...]] = []
         for s in range(0, cls.numel(), PAIR_CHUNK):  # bounded memory per block of pairs
-            r_, c_, k_, e_ = rn[s : s + PAIR_CHUNK], cn[s : s + PAIR_CHUNK], cls[s : s + PAIR_CHUNK], cell[s : s + PAIR_CHUNK]
+            r_, c_, k_, e_ = (
+                rn[s : s + PAIR_CHUNK],
+                cn[s : s + PAIR_CHUNK],
+                cls[s : s + PAIR_CHUNK],
+                cell[s : s + PAIR_CHUNK],
+            )
             grid = _corner_grid(logits, rows, cols, rows.corners[r_], cols.corners[c_], k_).flatten(1)  # (n, 9)
             # the 2 x 2 kids at once: kid (i, j) has corners kid_corner[r, i] x kid_corner[c, j] of the 3 x 3 grid
-            pos = (rows.kid_corner[r_][:, :, None, :, None] * 3 + cols.kid_corner[c_][:, None, :, None, :])  # (n,2,2,2,2)
+            pos = rows.kid_corner[r_][:, :, None, :, None] * 3 + cols.kid_corner[c_][:, None, :, None, :]  # (n,2,2,2,2)
             vals = grid.gather(1, pos.flatten(1)).view(-1, 2, 2, 4)
             rk = rows.kid[r_][:, :, None].expand(-1, 2, 2)
             ck = cols.kid[c_][:, None, :].expand(-1, 2, 2)
             ok = (rk >= 0) & (ck >= 0)
-            parts.append((rk[ok], ck[ok], k_[:, None, None].expand(-1, 2, 2)[ok], e_[:, None, None].expand(-1, 2, 2)[ok],
-                          vals.amin(-1)[ok], vals.amax(-1)[ok]))
+            parts.append(
+                (
+                    rk[ok],
+                    ck[ok],
+                    k_[:, None, None].expand(-1, 2, 2)[ok],
+                    e_[:, None, None].expand(-1, 2, 2)[ok],
+                    vals.amin(-1)[ok],
+                    vals.amax(-1)[ok],
+                )
+            )
         rn, cn, cls, cell, lb, ub = (torch.cat(x) for x in zip(*parts))
         slot, n_slots = _groups(rn * n_cnodes + cn, rows.a.numel() * n_cnodes)
         t = torch.full((n_slots,), float("-inf"), device=lb.device).scatter_reduce(0, slot, lb, "amax")[slot]
@@ -234,8 +258,16 @@ def _refine(logits: Tensor, rows: Axis, cols: Axis, pairs: tuple[Tensor, Tensor,
     return None
 
 
-def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor, cls: Tensor, painter: _Painter,
-                 stats: dict[str, float]) -> None:
+def _paint_dense(
+    logits: Tensor,
+    rows: Axis,
+    cols: Axis,
+    rn: Tensor,
+    cn: Tensor,
+    cls: Tensor,
+    painter: _Painter,
+    stats: dict[str, float],
+) -> None:
     """Paint sub-cells (row node rn x column node cn) with the argmax over their candidate classes
     ``cls`` (one (rn, cn, cls) triple per candidate), every pixel evaluated. Candidates are sorted by
     class inside each sub-cell and the first maximum is taken: ties go to the lowest class position.
@@ -286,7 +318,9 @@ def _paint_dense(logits: Tensor, rows: Axis, cols: Axis, rn: Tensor, cn: Tensor,
         for i in range(1, p_r):
             val += wr[:, :, i, None, None] * t[:, None, i]
         best = kcls.gather(1, val.argmax(-1).flatten(1)).view(val.shape[:3])  # first maximum: lowest class
-        inside = ((r_a[:, None] + ar_h[None]) <= r_b[:, None])[:, :, None] & ((c_a[:, None] + ar_w[None]) <= c_b[:, None])[:, None, :]
+        inside = ((r_a[:, None] + ar_h[None]) <= r_b[:, None])[:, :, None] & (
+            (c_a[:, None] + ar_w[None]) <= c_b[:, None]
+        )[:, None, :]
         yy, xx = ry[:, :, None].expand_as(best), cx[:, None, :].expand_as(best)
         painter.label[yy[inside], xx[inside]] = best[inside]
 
@@ -342,11 +376,13 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     # 2. thresholds: seeds are these and the top classes of every support feature pixel
     seeds = torch.cat([top_px[sup_r[cell_r][:, :, None], sup_c[cell_c][:, None, :]].flatten(1), top_cell], 1)
     seeds = seeds.sort(1).values
-    seeds = torch.where(torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1),
-                        seeds, -1)  # duplicates of a cell marked -1
+    seeds = torch.where(
+        torch.cat([torch.ones_like(seeds[:, :1], dtype=torch.bool), seeds[:, 1:] != seeds[:, :-1]], 1), seeds, -1
+    )  # duplicates of a cell marked -1
     cell_id, which = (seeds >= 0).nonzero(as_tuple=True)
-    leaf_cell, leaf_t = _refine(logits, rows, cols, (cell_r[cell_id], cell_c[cell_id], seeds[cell_id, which], cell_id),
-                                None, SEED_DEPTH, stats)
+    leaf_cell, leaf_t = _refine(
+        logits, rows, cols, (cell_r[cell_id], cell_c[cell_id], seeds[cell_id, which], cell_id), None, SEED_DEPTH, stats
+    )
     t_cell = torch.full((gr * gc,), float("inf"), device=device).scatter_reduce(0, leaf_cell, leaf_t, "amin")
     t_cell = t_cell - MARGIN * (1 + t_cell.abs())
 
@@ -361,6 +397,7 @@ def bounded_argmax(logits: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, dict[s
     found = torch.cat(hits)  # (cell, class)
     stats["level0_pairs"] = float(found.shape[0])
     # 4. refinement down to decided rectangles, small sub-cells evaluated at every pixel
-    _refine(logits, rows, cols, (cell_r[found[:, 0]], cell_c[found[:, 0]], found[:, 1], found[:, 0]), painter, None, stats)
+    _refine(
+        logits, rows, cols, (cell_r[found[:, 0]], cell_c[found[:, 0]], found[:, 1], found[:, 0]), painter, None, stats
+    )
     return painter.label, stats
-

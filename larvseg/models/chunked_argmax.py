@@ -136,8 +136,14 @@ def error_bound(logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def chunked_argmax(logits: Tensor, r: Tensor, c: Tensor, compute_dtype: torch.dtype = torch.bfloat16,
-                   class_chunk: int = CLASS_CHUNK, tile_elems: int = TILE_ELEMS) -> tuple[Tensor, dict[str, float]]:
+def chunked_argmax(
+    logits: Tensor,
+    r: Tensor,
+    c: Tensor,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    class_chunk: int = CLASS_CHUNK,
+    tile_elems: int = TILE_ELEMS,
+) -> tuple[Tensor, dict[str, float]]:
     """argmax over classes of R L_c C^T at every output pixel: (H_out, W_out) int64 class positions.
 
     ``logits`` (N, H_f, W_f) float32; ``r`` (H_out, H_f), ``c`` (W_out, W_f) non-negative with rows

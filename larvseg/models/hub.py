@@ -20,8 +20,10 @@ class CheckpointLoadError(CheckpointError):
     """A pretrained file that cannot be read or does not fit the backbone; the message names the file
     (a user-facing error: one line, as every unreadable checkpoint)."""
 
-    hint = ("check model.pretrained: an AugReg .npz, a timm .safetensors/.pth, hf-hub:<owner>/<repo>, a LarvSeg "
-            "checkpoint, or empty for random initialisation")
+    hint = (
+        "check model.pretrained: an AugReg .npz, a timm .safetensors/.pth, hf-hub:<owner>/<repo>, a LarvSeg "
+        "checkpoint, or empty for random initialisation"
+    )
 
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -36,12 +38,12 @@ def resolve_hf_hub(spec: str) -> Path:
     repository or revision does not exist, or no weight file is cached while offline."""
     if not spec.startswith(HF_HUB_PREFIX):
         raise CheckpointLoadError(f"{spec}: not an {HF_HUB_PREFIX}<owner>/<repo> name")
-    repo_id, _, revision = spec[len(HF_HUB_PREFIX):].partition("@")
+    repo_id, _, revision = spec[len(HF_HUB_PREFIX) :].partition("@")
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:
-        raise CheckpointLoadError(f"{spec}: needs huggingface_hub: pip install \"larvseg[hub]\" ({exc})") from None
+        raise CheckpointLoadError(f'{spec}: needs huggingface_hub: pip install "larvseg[hub]" ({exc})') from None
     problems = []
     for filename in WEIGHT_FILES:
         try:

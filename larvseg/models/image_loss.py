@@ -57,8 +57,9 @@ POOLINGS = ("mean", "topk", "region")
 
 def is_paper(options: ImageLossConfig | None) -> bool:
     """Whether ``options`` select the paper's loss (every option off)."""
-    return options is None or (options.pooling == "mean" and not options.drop_base_negatives
-                               and options.confident_base == 0)
+    return options is None or (
+        options.pooling == "mean" and not options.drop_base_negatives and options.confident_base == 0
+    )
 
 
 def needs_base(options: ImageLossConfig | None) -> bool:
@@ -87,8 +88,9 @@ def topk_mask(x: Tensor, k: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def pool_pixels(z: Tensor, img: Tensor, target: Tensor, kept: Tensor, options: ImageLossConfig,
-                base: Tensor | None) -> tuple[Tensor, Tensor]:
+def pool_pixels(
+    z: Tensor, img: Tensor, target: Tensor, kept: Tensor, options: ImageLossConfig, base: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """(P, hw) bool pixels each pair may pool over (A, or the region S within A) and (P,) bool: the
     pair has such pixels. z (b, N, hw) feature-resolution logits; kept (P, N) the softmax's classes.
     Per-image work where pairs share it: no (P, N, hw) tensor is built here."""
@@ -120,8 +122,15 @@ def pool_pixels(z: Tensor, img: Tensor, target: Tensor, kept: Tensor, options: I
     return allowed, has_pixels
 
 
-def pooled_pairs_ce(logits: Tensor, omega: Tensor, tags: Tensor, pad: int, options: ImageLossConfig,
-                    base: Tensor | None = None, pair_weights: Tensor | None = None) -> Tensor:
+def pooled_pairs_ce(
+    logits: Tensor,
+    omega: Tensor,
+    tags: Tensor,
+    pad: int,
+    options: ImageLossConfig,
+    base: Tensor | None = None,
+    pair_weights: Tensor | None = None,
+) -> Tensor:
     """Sum over pairs of the image-level CE under ``options`` (module docstring).
 
     logits (b, N, h, w) at feature resolution (with grad); omega the pixel weights (Σ_i ω_i z_i = the
@@ -167,8 +176,15 @@ def pooled_pairs_ce(logits: Tensor, omega: Tensor, tags: Tensor, pad: int, optio
     return (loss * weight).sum()
 
 
-def image_level_loss(logits: Tensor, tags: Tensor, pad: int, downsample: int, crop_hw: tuple[int, int],
-                     options: ImageLossConfig | None = None, base: Tensor | None = None) -> Tensor:
+def image_level_loss(
+    logits: Tensor,
+    tags: Tensor,
+    pad: int,
+    downsample: int,
+    crop_hw: tuple[int, int],
+    options: ImageLossConfig | None = None,
+    base: Tensor | None = None,
+) -> Tensor:
     """L_cls's sum over pairs: the paper's (losses.image_level_ce_sum) when every option is off, else
     pooled_pairs_ce with the paper's pixel weights ω = U^T 1 / L."""
     if options is None or is_paper(options):
@@ -177,4 +193,13 @@ def image_level_loss(logits: Tensor, tags: Tensor, pad: int, downsample: int, cr
     return pooled_pairs_ce(logits, weights, tags, pad, options, base)
 
 
-__all__ = ["POOLINGS", "image_level_loss", "is_paper", "needs_base", "pool_pixels", "pooled_pairs_ce", "topk_count", "topk_mask"]
+__all__ = [
+    "POOLINGS",
+    "image_level_loss",
+    "is_paper",
+    "needs_base",
+    "pool_pixels",
+    "pooled_pairs_ce",
+    "topk_count",
+    "topk_mask",
+]

@@ -126,8 +126,13 @@ def centered_classes(clf: CosineClassifier, classes: Tensor) -> CenteredClasses:
     """``CenteredClasses`` of the classifier's current weights for ``classes`` (union ids), cached
     until the weights change (in-place updates bump the tensors' version counters, a new tensor has
     another address)."""
-    weights = (clf.class_embed._version, clf.class_embed.data_ptr(), clf.proj_class._version,
-               clf.proj_class.data_ptr(), str(classes.device))
+    weights = (
+        clf.class_embed._version,
+        clf.class_embed.data_ptr(),
+        clf.proj_class._version,
+        clf.proj_class.data_ptr(),
+        str(classes.device),
+    )
     entries = [e for e in _CLASS_CACHE.get(clf, []) if e[0] == weights]  # stale weights: dropped
     for i, e in enumerate(entries):
         if e[1].shape == classes.shape and torch.equal(e[1], classes):
@@ -151,8 +156,14 @@ def window_logits(segmenter, window: Tensor, classes: CenteredClasses, bf16: boo
     return segmenter.classifier.logits_one_gemm(p, classes).view(-1, x.shape[2], x.shape[3])
 
 
-def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, bf16: bool,
-                    progress: Callable[[int, int], object] | None = None) -> Tensor:
+def _feature_logits(
+    segmenter,
+    image: Tensor,
+    boxes,
+    classes: CenteredClasses,
+    bf16: bool,
+    progress: Callable[[int, int], object] | None = None,
+) -> Tensor:
     """(N, H_f, W_f) float32 logits of every window on the global feature grid (classifier in float32)."""
     row_boxes, col_boxes = _boxes_grid(boxes)
     row_at = {b: i for i, b in enumerate(row_boxes)}
@@ -176,8 +187,9 @@ def _feature_logits(segmenter, image: Tensor, boxes, classes: CenteredClasses, b
     return out
 
 
-def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_ELEMS,
-                 class_chunk: int | None = None) -> Tensor:
+def dense_argmax(
+    logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_ELEMS, class_chunk: int | None = None
+) -> Tensor:
     """argmax over classes of R L_c C^T for (N, H_f, W_f) logits, all classes at all pixels, in class
     chunks (two batched matmuls per chunk, one per class: identical classes get identical values).
     Ties: the lowest class position. Classes per chunk: ``class_chunk``, else as many as keep a chunk's
@@ -197,8 +209,9 @@ def dense_argmax(logits: Tensor, r: Tensor, c: Tensor, chunk_elems: int = CHUNK_
     return best_idx
 
 
-def whole_image_segmentation(segmenter, image: Tensor, classes: CenteredClasses, *, bf16: bool = False,
-                             class_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+def whole_image_segmentation(
+    segmenter, image: Tensor, classes: CenteredClasses, *, bf16: bool = False, class_chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Whole-image segmentation of a (3, H, W) RGB image (0..255) at its own size: (N, ceil(H/16),
     ceil(W/16)) logits and (H, W) positions into ``classes`` from the dense argmax. ``segment_image``
     runs it in whole mode when the output has the image's size and the problem is small enough for the
@@ -216,7 +229,7 @@ ARGMAX_PATHS = {"bounded": bounded_argmax, "chunked": chunked_argmax}
 
 
 def argmax_path(device: torch.device, elems: int, dense_max_elems: int = DENSE_MAX_ELEMS) -> str:
-    """"dense" for small problems (output pixels x classes <= dense_max_elems), else "chunked" on a GPU
+    """ "dense" for small problems (output pixels x classes <= dense_max_elems), else "chunked" on a GPU
     (its tensor cores evaluate every class faster than the bounded path's small kernels and host
     bookkeeping) and "bounded" on a CPU (cost about cells x classes instead of pixels x classes)."""
     if elems <= dense_max_elems:
@@ -254,9 +267,7 @@ def segment_image_detailed(
     image = image.to(device)
     hh, ww = image.shape[-2:]
     out_hw = (out_size[0], out_size[1]) if out_size is not None else (hh, ww)
-    classes = (
-        torch.arange(segmenter.num_classes, device=device) if class_ids is None else class_ids.to(device).long()
-    )
+    classes = torch.arange(segmenter.num_classes, device=device) if class_ids is None else class_ids.to(device).long()
     if classes.numel() == 0:
         raise ValueError("class_ids is empty")
     boxes = modes[mode](hh, ww)
@@ -301,7 +312,14 @@ def segment_image(
     """
     e = eval_cfg or EvalConfig()
     pred, _ = segment_image_detailed(
-        segmenter, image, class_ids=class_ids, mode=e.mode, crop_size=e.crop_size, stride=e.stride,
-        out_size=out_size, amp=e.amp, progress=progress,
+        segmenter,
+        image,
+        class_ids=class_ids,
+        mode=e.mode,
+        crop_size=e.crop_size,
+        stride=e.stride,
+        out_size=out_size,
+        amp=e.amp,
+        progress=progress,
     )
     return pred

@@ -89,9 +89,9 @@ class _UpsampledPixelCE(torch.autograd.Function):
         rows = max(1, (1 << 21) // max(1, b * n * big_w))  # ~8 MB of fp32 per chunk
         total = z.new_zeros(())
         for r0 in range(0, big_h, rows):
-            uh_r = uh[r0:r0 + rows]  # (R, h)
+            uh_r = uh[r0 : r0 + rows]  # (R, h)
             x = torch.matmul(uh_r, zw)  # (b, N, R, Wl)
-            lab = labels[:, r0:r0 + rows]
+            lab = labels[:, r0 : r0 + rows]
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))[:, None]
             lse = torch.logsumexp(x, dim=1)
@@ -131,8 +131,9 @@ def tag_pairs(tags: Tensor, pad: int) -> tuple[Tensor, Tensor]:
     return img, slot
 
 
-def softmax_classes(tags: Tensor, pad: int, num_classes: int, img: Tensor, target: Tensor,
-                    base: Tensor | None = None) -> Tensor:
+def softmax_classes(
+    tags: Tensor, pad: int, num_classes: int, img: Tensor, target: Tensor, base: Tensor | None = None
+) -> Tensor:
     """(P, N) bool: the classes in the softmax of each pair (image ``img``, tag ``target``): every class
     but the image's *other* tags. With ``base`` ((N,) bool, the classes that have pixel masks), a pair
     of a single-tag image also leaves out the base classes (docs/METHOD.md section 6); the pair's own

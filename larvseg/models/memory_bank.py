@@ -36,7 +36,9 @@ class MemoryBank(nn.Module):
 
     def num_filled(self, class_ids: Tensor) -> Tensor:
         """Number of slots holding an entry, per class."""
-        return torch.where(self.wraps[class_ids] > 0, torch.full_like(self.ptr[class_ids], self.size), self.ptr[class_ids])
+        return torch.where(
+            self.wraps[class_ids] > 0, torch.full_like(self.ptr[class_ids], self.size), self.ptr[class_ids]
+        )
 
     def warmed_up(self, class_ids: Tensor, warm_up: int) -> Tensor:
         """True where the class's ring has wrapped at least ``warm_up`` times."""

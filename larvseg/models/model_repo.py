@@ -29,7 +29,13 @@ from larvseg.errors import CheckpointError
 from larvseg.models.hub import HF_HUB_PREFIX
 
 WEIGHTS, CONFIG, CLASSES, SUPERVISED, EVAL_RESULTS, CARD = (
-    "model.safetensors", "config.json", "classes.json", "supervised.json", "eval_results.json", "README.md")
+    "model.safetensors",
+    "config.json",
+    "classes.json",
+    "supervised.json",
+    "eval_results.json",
+    "README.md",
+)
 REPO_FILES = (WEIGHTS, CONFIG, CLASSES, SUPERVISED, EVAL_RESULTS, CARD)
 LIBRARY = "larvseg"
 
@@ -49,19 +55,21 @@ def repo_folder(spec: str | os.PathLike[str]) -> Path:
     text = str(spec)
     if not text.startswith(HF_HUB_PREFIX):
         return Path(text)
-    repo_id, _, revision = text[len(HF_HUB_PREFIX):].partition("@")
+    repo_id, _, revision = text[len(HF_HUB_PREFIX) :].partition("@")
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:
-        raise CheckpointError(f"{text}: needs huggingface_hub: pip install \"larvseg[hub]\" ({exc})") from None
+        raise CheckpointError(f'{text}: needs huggingface_hub: pip install "larvseg[hub]" ({exc})') from None
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(REPO_FILES)))
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE=1: cache only)" if constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(f"{text}: not in the Hugging Face cache {constants.HF_HUB_CACHE}{offline} and it "
-                              "could not be downloaded; run once with network access, or set HF_HOME to a cache "
-                              "that holds it") from None
+        raise CheckpointError(
+            f"{text}: not in the Hugging Face cache {constants.HF_HUB_CACHE}{offline} and it "
+            "could not be downloaded; run once with network access, or set HF_HOME to a cache "
+            "that holds it"
+        ) from None
     except (HfHubHTTPError, ValueError, OSError) as exc:  # unknown repo/revision, invalid name, network
         raise CheckpointError(f"{text}: cannot fetch {repo_id}: {exc}") from None
 
@@ -72,11 +80,15 @@ def load_model_repo(spec: str | os.PathLike[str]) -> dict[str, Any]:
     folder = repo_folder(spec)
     missing = [f for f in (WEIGHTS, CONFIG, CLASSES) if not (folder / f).is_file()]
     if missing:
-        raise CheckpointError(f"{spec}: not a saved LarvSeg model: {folder} lacks {missing} (larvseg hub save writes them)")
+        raise CheckpointError(
+            f"{spec}: not a saved LarvSeg model: {folder} lacks {missing} (larvseg hub save writes them)"
+        )
     try:
         config = json.loads((folder / CONFIG).read_text())
         names = json.loads((folder / CLASSES).read_text())
-        supervised = json.loads((folder / SUPERVISED).read_text())["union_ids"] if (folder / SUPERVISED).is_file() else None
+        supervised = (
+            json.loads((folder / SUPERVISED).read_text())["union_ids"] if (folder / SUPERVISED).is_file() else None
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{spec}: unreadable JSON in {folder}: {exc}") from None
     if config.get("library_name") != LIBRARY or "config" not in config:
@@ -84,7 +96,9 @@ def load_model_repo(spec: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         model = safetensors.torch.load_file(str(folder / WEIGHTS), device="cpu")
     except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{folder / WEIGHTS}: cannot read safetensors weights - truncated or corrupt? ({exc})") from None
+        raise CheckpointError(
+            f"{folder / WEIGHTS}: cannot read safetensors weights - truncated or corrupt? ({exc})"
+        ) from None
     rows = model.get("classifier.class_embed")
     if rows is not None and rows.shape[0] != len(names):
         raise CheckpointError(f"{spec}: the weights hold {rows.shape[0]} classes but {CLASSES} lists {len(names)}")

@@ -79,8 +79,9 @@ class TrainingObjective(nn.Module):
         loss = pixel_ce_sum(out.logits, labels, self.cfg.loss_downsample)
         return loss / norm * distributed.world_size() * batch.loss_weight
 
-    def _tag_terms(self, batch: TagBatch, step: int, index: int, entries: list,
-                   mask_classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _tag_terms(
+        self, batch: TagBatch, step: int, index: int, entries: list, mask_classes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         device = batch.images.device
         subset = self._subset(present_in_tags(batch.tags, TAG_PAD).to(device), batch.class_ids, step, index)
         # model.image_loss options that need them: which scored classes have pixel masks (union ids of the
@@ -107,13 +108,24 @@ class TrainingObjective(nn.Module):
         if self.cfg.oracle_attention:
             if batch.object_masks is None:
                 raise ValueError(f"model.oracle_attention: tag source {batch.source} has no object_masks")
-            oracle = oracle_attention_loss(out.logits, batch.object_masks, tags, TAG_PAD,
-                                           loss_size(crop_hw, self.cfg.loss_downsample))
+            oracle = oracle_attention_loss(
+                out.logits, batch.object_masks, tags, TAG_PAD, loss_size(crop_hw, self.cfg.loss_downsample)
+            )
             return cls, oracle * scale * batch.cac_weight
         res = cac_loss(
-            out.logits, out.scores, out.features, tags, TAG_PAD, subset.class_ids, self._bank,
-            loss_hw=loss_size(crop_hw, self.cfg.loss_downsample), topk=batch.cac_topk,
-            warm_up=self.cfg.warm_up, rule=self.rule, options=self.cfg.image_loss, base=base,
+            out.logits,
+            out.scores,
+            out.features,
+            tags,
+            TAG_PAD,
+            subset.class_ids,
+            self._bank,
+            loss_hw=loss_size(crop_hw, self.cfg.loss_downsample),
+            topk=batch.cac_topk,
+            warm_up=self.cfg.warm_up,
+            rule=self.rule,
+            options=self.cfg.image_loss,
+            base=base,
         )
         entries.append((res.pair_classes, res.pair_features))
         return cls, res.loss_sum * scale * batch.cac_weight
@@ -121,14 +133,17 @@ class TrainingObjective(nn.Module):
     def forward(self, batch: StepBatch) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         entries: list[tuple[Tensor, Tensor]] = []
-        every_class = torch.cat([b.class_ids for b in batch.seg] + [b.class_ids for b in batch.tag]).unique()  # sorted: same on every rank
+        every_class = torch.cat(
+            [b.class_ids for b in batch.seg] + [b.class_ids for b in batch.tag]
+        ).unique()  # sorted: same on every rank
         for index, seg in enumerate(batch.seg):
             pool = seg.class_ids if self.cfg.seg_class_pool == "source" else every_class
             terms[f"seg/{seg.source}"] = self._seg_term(seg, batch.step, index, pool)
         mask_classes = None
         if needs_base(self.cfg.image_loss):
-            mask_classes = torch.cat([torch.zeros(0, dtype=torch.long, device=every_class.device),
-                                      *[s.class_ids for s in batch.seg]])
+            mask_classes = torch.cat(
+                [torch.zeros(0, dtype=torch.long, device=every_class.device), *[s.class_ids for s in batch.seg]]
+            )
         for j, tag in enumerate(batch.tag):
             cls, cac = self._tag_terms(tag, batch.step, len(batch.seg) + j, entries, mask_classes)
             terms[f"cls/{tag.source}"] = cls
@@ -149,4 +164,3 @@ class TrainingObjective(nn.Module):
             raise ValueError(f"step {batch.step}: the StepBatch holds no source")
         terms = {"loss": cast(Tensor, sum(terms.values())), **terms}  # cast: terms is not empty (checked above)
         return terms
-

@@ -15,8 +15,9 @@ from torch import Tensor
 from larvseg.models.losses import attention_mean_weights, pooled_tag_ce, tag_pairs
 
 
-def oracle_attention_loss(logits: Tensor, object_masks: Tensor, tags: Tensor, pad: int,
-                          loss_hw: tuple[int, int]) -> Tensor:
+def oracle_attention_loss(
+    logits: Tensor, object_masks: Tensor, tags: Tensor, pad: int, loss_hw: tuple[int, int]
+) -> Tensor:
     """Sum over pairs of the attended pooled CE with the object masks as the attention.
 
     logits (b, N, h, w) at feature resolution; object_masks (b, H, W) bool at the crop resolution;
@@ -31,4 +32,3 @@ def oracle_attention_loss(logits: Tensor, object_masks: Tensor, tags: Tensor, pa
     weights[img, slot] = attention_mean_weights(att[img], (h, w))
     pooled = logits.float().flatten(2) @ weights.transpose(1, 2)  # (b, N, T)
     return pooled_tag_ce(pooled, tags, pad)
-

@@ -78,7 +78,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointLoadError(f"{path}: not a readable .npz (truncated or corrupt?): {exc}") from exc
 
 
-def _augreg_mapping(model: VisionTransformer, arrays: dict[str, np.ndarray], path: Path) -> dict[str, tuple[str, Tensor]]:
+def _augreg_mapping(
+    model: VisionTransformer, arrays: dict[str, np.ndarray], path: Path
+) -> dict[str, tuple[str, Tensor]]:
     """Backbone parameter name -> (source key, tensor already in PyTorch layout)."""
     d = model.embed_dim
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
@@ -141,8 +143,9 @@ def load_augreg_npz(model: VisionTransformer, path: str | Path) -> LoadReport:
     return _copy_checked(model, _augreg_mapping(model, arrays, path), list(arrays), path)
 
 
-def _copy_checked(model: VisionTransformer, mapping: dict[str, tuple[str, Tensor]], file_keys: list[str],
-                  path: str | Path) -> LoadReport:
+def _copy_checked(
+    model: VisionTransformer, mapping: dict[str, tuple[str, Tensor]], file_keys: list[str], path: str | Path
+) -> LoadReport:
     """Copy ``mapping`` (backbone name -> (source key(s) joined by '+', tensor)) into ``model``, every tensor
     shape-checked; the position grid is resized to the model's when only its token count differs.
     Names that are not backbone parameters and file keys that map to nothing are reported as unexpected
@@ -154,7 +157,12 @@ def _copy_checked(model: VisionTransformer, mapping: dict[str, tuple[str, Tensor
         for name, (key, value) in mapping.items():
             if name not in params:
                 continue  # reported below through its file key
-            if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == model.embed_dim and value.shape != params[name].shape:
+            if (
+                name == "pos_embed"
+                and value.ndim == 3
+                and value.shape[-1] == model.embed_dim
+                and value.shape != params[name].shape
+            ):
                 try:  # e.g. timm's 24x24 grid -> the model's
                     grid = resize_pos_grid(value[:, 1:], (model.pos_grid,) * 2)
                 except ValueError as exc:
@@ -216,7 +224,7 @@ def load_torch_state_dict(model: VisionTransformer, path: str | Path) -> LoadRep
 def _timm_to_ours(name: str) -> str:
     for prefix, ours in TIMM_RENAMES.items():
         if name.startswith(prefix):
-            return ours + name[len(prefix):]
+            return ours + name[len(prefix) :]
     return name
 
 
@@ -227,8 +235,13 @@ def load_hf_hub(model: VisionTransformer, name: str) -> LoadReport:
 
 
 # the loader of each file suffix of ``model.pretrained`` (``hf-hub:`` names go to load_hf_hub)
-LOADERS_BY_SUFFIX = {".npz": load_augreg_npz, ".pth": load_torch_state_dict, ".pt": load_torch_state_dict,
-                     ".bin": load_torch_state_dict, ".safetensors": load_torch_state_dict}
+LOADERS_BY_SUFFIX = {
+    ".npz": load_augreg_npz,
+    ".pth": load_torch_state_dict,
+    ".pt": load_torch_state_dict,
+    ".bin": load_torch_state_dict,
+    ".safetensors": load_torch_state_dict,
+}
 
 
 def load_pretrained(model: VisionTransformer, path: str | Path) -> LoadReport:
@@ -274,8 +287,8 @@ def augreg_state(model: VisionTransformer, head_weight: Tensor, head_bias: Tenso
         out[src + "LayerNorm_2/scale"], out[src + "LayerNorm_2/bias"] = a(block.norm2.weight), a(block.norm2.bias)
         w, b = block.attn.qkv.weight, block.attn.qkv.bias  # rows [q; k; v], head-major; (out, in)
         for j, name in enumerate(("query", "key", "value")):
-            out[attn + f"{name}/kernel"] = a(w[j * d:(j + 1) * d].T.reshape(d, heads, hd))
-            out[attn + f"{name}/bias"] = a(b[j * d:(j + 1) * d].reshape(heads, hd))
+            out[attn + f"{name}/kernel"] = a(w[j * d : (j + 1) * d].T.reshape(d, heads, hd))
+            out[attn + f"{name}/bias"] = a(b[j * d : (j + 1) * d].reshape(heads, hd))
         out[attn + "out/kernel"] = a(block.attn.proj.weight.T.reshape(heads, hd, d))
         out[attn + "out/bias"] = a(block.attn.proj.bias)
         for j, fc in ((0, block.mlp.fc1), (1, block.mlp.fc2)):

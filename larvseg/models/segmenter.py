@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from larvseg.config import PIXEL_MEAN, PIXEL_STD, Config, ModelConfig, config_from_dict
 from larvseg.errors import CheckpointError
-from larvseg.models.pretrained_weights import load_pretrained
 from larvseg.models.cosine_classifier import ClassifierOutput, CosineClassifier
 from larvseg.models.memory_bank import MemoryBank
+from larvseg.models.pretrained_weights import load_pretrained
 from larvseg.models.vit import VisionTransformer, build_vit
 
 BANK_PREFIX = "bank."  # state-dict keys of the CAC memory bank (Segmenter.bank): training state, left out of exports
@@ -41,7 +41,9 @@ class Segmenter(nn.Module):
     pixel_mean: Tensor  # buffers of register_pixel_stats, declared for the type checker
     pixel_std: Tensor
 
-    def __init__(self, backbone: VisionTransformer, classifier: CosineClassifier, bank: MemoryBank | None = None) -> None:
+    def __init__(
+        self, backbone: VisionTransformer, classifier: CosineClassifier, bank: MemoryBank | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
@@ -82,23 +84,28 @@ def segmenter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """
     for prefix in ("module.", "segmenter."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(BANK_PREFIX)}
 
 
 def memory_bank_from_weights(state: dict[str, torch.Tensor]) -> MemoryBank:
     """The CAC memory bank in a training checkpoint's 'model' entry (exports leave it out)."""
-    entries = {k[len(BANK_PREFIX):]: v for k, v in state.items() if k.startswith(BANK_PREFIX)}
+    entries = {k[len(BANK_PREFIX) :]: v for k, v in state.items() if k.startswith(BANK_PREFIX)}
     if "slots" not in entries:
-        raise CheckpointError(f"no memory bank in these weights (no {BANK_PREFIX}slots entry): trained without the CAC?")
+        raise CheckpointError(
+            f"no memory bank in these weights (no {BANK_PREFIX}slots entry): trained without the CAC?"
+        )
     bank = MemoryBank(*entries["slots"].shape[:3])
     bank.load_state_dict(entries)
     return bank
 
 
-def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
-                              model_cfg: ModelConfig | None = None,
-                              source: str = "checkpoint") -> tuple[Segmenter, list[str], Config]:
+def segmenter_from_checkpoint(
+    ckpt: dict[str, Any],
+    device: torch.device | str = "cpu",
+    model_cfg: ModelConfig | None = None,
+    source: str = "checkpoint",
+) -> tuple[Segmenter, list[str], Config]:
     """Build the segmenter of a loaded checkpoint (``larvseg.models.io.load_checkpoint``) for inference.
 
     Returns (segmenter in eval mode on ``device``, class names by union id, the checkpoint's Config).
@@ -109,7 +116,9 @@ def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str =
     """
     for key in ("model", "vocab"):
         if key not in ckpt:
-            raise CheckpointError(f"{source}: no {key!r} entry (entries: {sorted(ckpt)}); not a larvseg train checkpoint")
+            raise CheckpointError(
+                f"{source}: no {key!r} entry (entries: {sorted(ckpt)}); not a larvseg train checkpoint"
+            )
     names = [str(n) for n in ckpt["vocab"]]
     cfg = config_from_dict(ckpt["config"]) if "config" in ckpt else Config()
     model_cfg = dataclasses.replace(model_cfg or cfg.model, pretrained="", cac=False)
@@ -118,8 +127,11 @@ def segmenter_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str =
     own = segmenter.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or reshaped:
         raise CheckpointError(
             f"{source}: weights do not fit model.arch={model_cfg.arch!r} with {len(names)} classes: "

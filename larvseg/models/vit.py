@@ -12,8 +12,8 @@ MMSegmentation's ``resize_pos_embed``) to the input's grid whenever the two diff
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

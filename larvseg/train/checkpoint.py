@@ -36,8 +36,9 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -134,8 +135,9 @@ def load_resumable(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_resume(resume: str | None, work_dir: str | os.PathLike,
-                say: Callable[[str], None] = log.warning) -> tuple[Path | None, dict[str, Any] | None]:
+def load_resume(
+    resume: str | None, work_dir: str | os.PathLike, say: Callable[[str], None] = log.warning
+) -> tuple[Path | None, dict[str, Any] | None]:
     """(path, state) to resume from, as ``resolve_resume`` picks it, loaded; (None, None) to start fresh.
 
     Auto-resume falls back: an unreadable newest checkpoint (a kill or a full disk while it was written
@@ -184,24 +186,45 @@ class Checkpointer:
         ("auto" = the newest readable one, an unreadable newer one skipped with a warning)."""
         return load_resume(resume, self.work_dir)
 
-    def restore(self, path: Path, state: dict[str, Any] | None, class_names: list[str], model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+    def restore(
+        self,
+        path: Path,
+        state: dict[str, Any] | None,
+        class_names: list[str],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[int, dict[str, Any]]:
         """Load the checkpoint at ``path`` (``state``: read already, or None) into ``model`` and ``optimizer``
         and restore the RNG states; returns (the step to continue from, the state)."""
         if state is None:
             state = load_checkpoint(path)
         return restore_training_state(state, path, class_names, model, optimizer), state
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
-             class_names: list[str], **extra: Any) -> Path:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: dict[str, Any],
+        class_names: list[str],
+        **extra: Any,
+    ) -> Path:
         """Write ``iter_<step>.pth`` atomically (format, step, model, optimizer, config, vocabulary, RNG
         states and ``extra`` entries), point ``latest.pth`` at it, keep the newest ``keep_last``."""
         path = self.path(step)
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "config": config, "vocab": list(class_names), "rng": rng_state(),
-            **extra,
-        })
+        save_checkpoint(
+            path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "config": config,
+                "vocab": list(class_names),
+                "rng": rng_state(),
+                **extra,
+            },
+        )
         update_latest_link(path)
         prune_checkpoints(self.work_dir, self.keep_last)
         return path
@@ -217,8 +240,13 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
@@ -228,19 +256,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def restore_training_state(state: dict[str, Any], path: str | os.PathLike, class_names: list[str],
-                           model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def restore_training_state(
+    state: dict[str, Any],
+    path: str | os.PathLike,
+    class_names: list[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> int:
     """Resume from a loaded checkpoint: check that it was trained on ``class_names`` (else a
     CheckpointError naming ``path``), load model, optimizer and RNG states; returns its step."""
     if list(state["vocab"]) != list(class_names):
-        raise CheckpointError(f"{path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
-                              f"({len(class_names)}): resume with the config it was trained with, or start fresh "
-                              "with --resume none")
+        raise CheckpointError(
+            f"{path}: its vocabulary ({len(state['vocab'])} classes) differs from the config's "
+            f"({len(class_names)}): resume with the config it was trained with, or start fresh "
+            "with --resume none"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
@@ -251,8 +288,14 @@ def restore_training_state(state: dict[str, Any], path: str | os.PathLike, class
 # Export for predict / eval: safetensors weights + a JSON of config and vocabulary
 
 
-def export_weights(path: str | os.PathLike, model_state: dict[str, torch.Tensor], config: dict[str, Any],
-                   vocab: list[str], step: int, supervised: list[int] | None = None) -> Path:
+def export_weights(
+    path: str | os.PathLike,
+    model_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    vocab: list[str],
+    step: int,
+    supervised: list[int] | None = None,
+) -> Path:
     """Write ``path`` (.safetensors: the segmenter weights, memory bank left out) and ``path`` with suffix
     .json ({"config", "vocab", "step"} and, when given, "supervised": the union ids of the classes that
     had masks or tags in training), both atomically. Returns the .safetensors path."""

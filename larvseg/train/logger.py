@@ -16,12 +16,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-from larvseg.progress import progress_bar
 
+from larvseg.progress import progress_bar
 from larvseg.tensorboard import TensorBoardLog, log_images, tensorboard_available
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,8 +49,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricLogger:
-    def __init__(self, work_dir: str | Path, total_iters: int, start_step: int, images_per_step: int,
-                 log_interval: int, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        work_dir: str | Path,
+        total_iters: int,
+        start_step: int,
+        images_per_step: int,
+        log_interval: int,
+        enabled: bool,
+        tensorboard: bool = True,
+    ) -> None:
         self.path = Path(work_dir) / METRICS_FILE
         self.curve_path = Path(work_dir) / CURVE_FILE
         self.total_iters, self.images_per_step = total_iters, images_per_step
@@ -66,8 +75,9 @@ class MetricLogger:
             # recomputed), so the file reads as one uninterrupted run.
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.bar = progress_bar(total=total_iters, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
-                        disable=not enabled)
+        self.bar = progress_bar(
+            total=total_iters, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not enabled
+        )
 
     def update(self, step: int, lr: float, terms: dict[str, float]) -> None:
         """Record completed step ``step`` (1-based count) with its rank-averaged loss terms."""
@@ -92,14 +102,24 @@ class MetricLogger:
         self._write(record)
         if self.tb is not None:
             self.tb.scalars("train/", step, {k: v for k, v in record.items() if k not in ("kind", "step", "eta_s")})
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step", "lr", "images_per_s", "eta_s"))
-        log.info("[%d/%d] lr %.3e  %s  %.1f img/s  eta %s", step, self.total_iters, lr, terms, record["images_per_s"],
-                 format_eta(record["eta_s"]))
+        terms = "  ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step", "lr", "images_per_s", "eta_s")
+        )
+        log.info(
+            "[%d/%d] lr %.3e  %s  %.1f img/s  eta %s",
+            step,
+            self.total_iters,
+            lr,
+            terms,
+            record["images_per_s"],
+            format_eta(record["eta_s"]),
+        )
         self._sums, self._count = {}, 0
         self._window_start = time.perf_counter()
 
-    def log_eval(self, step: int, results: dict[str, Any],
-                 images: Callable[[], Sequence[np.ndarray]] | None = None) -> None:
+    def log_eval(
+        self, step: int, results: dict[str, Any], images: Callable[[], Sequence[np.ndarray]] | None = None
+    ) -> None:
         """An eval record; ``images`` (called only when TensorBoard is on) gives prediction overlays."""
         if not self.enabled:
             return

@@ -48,13 +48,13 @@ from larvseg.config import Config, dump_config, load_config
 from larvseg.data.batch import StepBatch
 from larvseg.data.mixing import MixedLoader
 from larvseg.data.sources import build_vocabulary
-from larvseg.data.vocabulary import Vocabulary
 from larvseg.data.synthetic import ensure_smoke_data
+from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
+from larvseg.models.amp_workload import vit_workload
 from larvseg.models.model_repo import EVAL_RESULTS
 from larvseg.models.objective import TrainingObjective
 from larvseg.models.segmenter import Segmenter, build_segmenter
-from larvseg.models.amp_workload import vit_workload
 from larvseg.precision import bf16_autocast, choose
 from larvseg.tensorboard import OVERLAY_IMAGES
 from larvseg.threads import configure_threads
@@ -82,8 +82,16 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the run stops, the last good checkpoint stays on disk."""
 
 
-def optimizer_step_or_stop(optimizer: torch.optim.Optimizer, loss: torch.Tensor, values: dict[str, float], step: int,
-                           lr: float, last_good: Path | str | None, work_dir: Path, close: Callable[[], None]) -> None:
+def optimizer_step_or_stop(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    values: dict[str, float],
+    step: int,
+    lr: float,
+    last_good: Path | str | None,
+    work_dir: Path,
+    close: Callable[[], None],
+) -> None:
     """Backward ``loss`` and one optimizer step, unless a term of ``values`` is NaN or inf: then
     ``close()`` (the metric logger, the process group) and raise NonFiniteLossError naming the terms and
     the last good checkpoint. The check comes before backward, so the weights in memory and the last
@@ -91,7 +99,8 @@ def optimizer_step_or_stop(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
     if not all(math.isfinite(v) for v in values.values()):
         close()
         raise NonFiniteLossError(
-            f"non-finite loss at step {step} (lr {lr:.3e}): " + ", ".join(f"{k}={v}" for k, v in values.items())
+            f"non-finite loss at step {step} (lr {lr:.3e}): "
+            + ", ".join(f"{k}={v}" for k, v in values.items())
             + f". Stopped; last good checkpoint: {last_good or 'none'} (work dir {work_dir})"
         )
     optimizer.zero_grad(set_to_none=True)
@@ -160,8 +169,14 @@ def mark_supervised(seen: torch.Tensor, batch: StepBatch) -> None:
         seen[tags[(tags >= 0) & (tags < n)]] = True  # TAG_PAD = -1
 
 
-def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoader, resume: str | None = None,
-          evaluator: Evaluation | None = None) -> Path:
+def train(
+    cfg: Config,
+    vocab: Vocabulary,
+    segmenter: Segmenter,
+    loader: MixedLoader,
+    resume: str | None = None,
+    evaluator: Evaluation | None = None,
+) -> Path:
     """Train ``segmenter`` on the batches of ``loader`` (in this process, or as one rank under torchrun);
     returns the work dir.
 
@@ -172,9 +187,11 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     segmenter every ``train.eval_interval`` steps (e.g. ``larvseg.eval.evaluate.Evaluator(cfg, vocab)``);
     required unless ``train.eval_interval`` < 0."""
     if cfg.train.eval_interval >= 0 and evaluator is None:
-        raise ValueError(f"train.eval_interval={cfg.train.eval_interval} evaluates during training, but train() was "
-                         "handed no evaluator: pass evaluator=larvseg.eval.evaluate.Evaluator(cfg, vocab), or set "
-                         "train.eval_interval=-1")
+        raise ValueError(
+            f"train.eval_interval={cfg.train.eval_interval} evaluates during training, but train() was "
+            "handed no evaluator: pass evaluator=larvseg.eval.evaluate.Evaluator(cfg, vocab), or set "
+            "train.eval_interval=-1"
+        )
     device = distributed.init_from_env(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
@@ -201,8 +218,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     else:
         model = objective
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on a GPU
-    optimizer = torch.optim.SGD(segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                **fused)
+    optimizer = torch.optim.SGD(
+        segmenter.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused
+    )
 
     # Resume: rank 0 picks the file (auto-resume must not race with a save; an unreadable newest one is
     # skipped with a message), every rank loads it.
@@ -222,8 +240,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
 
     loader.start_at(start_step)
     images_per_step = cfg.data.seg_batch_size + cfg.data.tag_batch_size
-    logger = MetricLogger(work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main,
-                          tensorboard=t.tensorboard)
+    logger = MetricLogger(
+        work_dir, t.iters, start_step, images_per_step, t.log_interval, enabled=is_main, tensorboard=t.tensorboard
+    )
     last_good = resume_path
 
     def close_run() -> None:  # before a non-finite stop: the metric files, then the process group
@@ -264,8 +283,7 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
                 terms = model(batch.to(device))
             values = reduce_terms(terms)
             # every rank sees the same reduced values, so on a non-finite one all stop here together
-            optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, last_good, work_dir,
-                                   close=close_run)
+            optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, last_good, work_dir, close=close_run)
 
             steps_done = step + 1
             logger.update(steps_done, lr, values)
@@ -279,7 +297,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         final_eval_missing = not (work_dir / f"eval_iter_{t.iters}" / EVAL_RESULTS).is_file()
         if t.eval_interval >= 0 and (start_step < t.iters or final_eval_missing):
             if start_step >= t.iters:
-                log.info("resumed at step %d >= train.iters %d: running the missing final evaluation", start_step, t.iters)
+                log.info(
+                    "resumed at step %d >= train.iters %d: running the missing final evaluation", start_step, t.iters
+                )
             run_eval(t.iters)
         elif start_step >= t.iters:
             log.info("nothing to do: resumed at step %d >= train.iters %d", start_step, t.iters)
@@ -288,8 +308,9 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
         raise
     seen = supervised_ids()
     if is_main:
-        export_weights(work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters,
-                       supervised=seen)
+        export_weights(
+            work_dir / FINAL_WEIGHTS, segmenter.state_dict(), cfg.to_dict(), list(vocab.names), t.iters, supervised=seen
+        )
         logger.plot()
     logger.close()
     log.info("done: %s", work_dir)
@@ -298,8 +319,12 @@ def train(cfg: Config, vocab: Vocabulary, segmenter: Segmenter, loader: MixedLoa
     return work_dir
 
 
-def main(args: argparse.Namespace, build: Callable[[Config, torch.device], tuple] = build, *,
-         make_evaluator: Callable[[Config, Vocabulary], Evaluation] | None = None) -> int:
+def main(
+    args: argparse.Namespace,
+    build: Callable[[Config, torch.device], tuple] = build,
+    *,
+    make_evaluator: Callable[[Config, Vocabulary], Evaluation] | None = None,
+) -> int:
     """``larvseg train``; ``build`` makes what ``train`` is handed (tests hand in synthetic data this way),
     ``make_evaluator(cfg, vocab)`` its evaluator (the command line hands in larvseg.eval.evaluate.Evaluator)."""
     cfg = load_config(args.config, args.overrides)

@@ -47,13 +47,13 @@ from larvseg.data.mixing import MixedLoader
 from larvseg.data.sources import source_class_names
 from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
-from larvseg.models.pretrained_weights import augreg_state, load_pretrained, save_augreg_npz
 from larvseg.models.amp_workload import vit_workload
-from larvseg.precision import bf16_autocast, choose
+from larvseg.models.pretrained_weights import augreg_state, load_pretrained, save_augreg_npz
 from larvseg.models.segmenter import register_pixel_stats, standardize_pixels
 from larvseg.models.vit import VisionTransformer, build_vit
+from larvseg.precision import bf16_autocast, choose
 from larvseg.threads import configure_threads
-from larvseg.train.checkpoint import CheckpointError, Checkpointer
+from larvseg.train.checkpoint import Checkpointer, CheckpointError
 from larvseg.train.logger import MetricLogger
 from larvseg.train.loop import NonFiniteLossError, optimizer_step_or_stop, seed_everything, step_seed
 from larvseg.train.schedule import poly_lr, set_lr
@@ -192,8 +192,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         with bf16_autocast(amp.bf16, device):
             terms = step_terms(model, batch.to(device).tag, len(vocab), p.loss)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        optimizer_step_or_stop(optimizer, terms["loss"], values, step, lr, checkpointer.latest(), work_dir,
-                               close=logger.close)
+        optimizer_step_or_stop(
+            optimizer, terms["loss"], values, step, lr, checkpointer.latest(), work_dir, close=logger.close
+        )
         steps_done = step + 1
         logger.update(steps_done, lr, values)
         if steps_done % t.checkpoint_interval == 0 or steps_done == p.iters:
@@ -211,8 +212,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.work_dir:
         cfg.pretrain.work_dir = args.work_dir
-    require_writable(cfg.pretrain.work_dir or f"work_dirs/{cfg.name or 'default'}_pretrain",
-                     "work dir (pretrain.work_dir / --work-dir)")  # before any data is read
+    require_writable(
+        cfg.pretrain.work_dir or f"work_dirs/{cfg.name or 'default'}_pretrain",
+        "work dir (pretrain.work_dir / --work-dir)",
+    )  # before any data is read
     try:
         pretrain(cfg, resume=args.resume)
     except NonFiniteLossError as exc:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -73,7 +74,9 @@ def _load_classes() -> tuple[DemoClass, ...]:
         # Prefer the raw id whose own name is the merged name (e.g. plain "wall" over "wall-brick").
         if c["merged_name"] not in coco or c["name"] == c["merged_name"]:
             coco[c["merged_name"]] = c["raw_id"]
-    wnids = {c["name"]: c["wnid"] for c in json.loads((CLASSLIST_DIR / "imagenet_for_ade847.json").read_text())["classes"]}
+    wnids = {
+        c["name"]: c["wnid"] for c in json.loads((CLASSLIST_DIR / "imagenet_for_ade847.json").read_text())["classes"]
+    }
     classes = []
     for name, (role, color, pattern) in _APPEARANCE.items():
         if name not in ade:
@@ -86,8 +89,13 @@ def _load_classes() -> tuple[DemoClass, ...]:
             raise BenchmarkError(f"novel demo class {name!r} must not be a COCO-Stuff class (it would have masks)")
         classes.append(
             DemoClass(
-                name, role, color, pattern, ade_train_id=ade[name],
-                coco_raw_id=coco[name] if role == "base" else -1, wnid=wnids[name],
+                name,
+                role,
+                color,
+                pattern,
+                ade_train_id=ade[name],
+                coco_raw_id=coco[name] if role == "base" else -1,
+                wnid=wnids[name],
             )
         )
     return tuple(classes)
@@ -122,7 +130,9 @@ def _checker(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     u, v = _coords(h, w, rng, 10.0)
     period = rng.uniform(8.0, 12.0)
     phase = rng.uniform(0, period, size=2)
-    return (((np.floor((u + phase[0]) / period) + np.floor((v + phase[1]) / period)) % 2) * 0.8 + 0.1).astype(np.float32)
+    return (((np.floor((u + phase[0]) / period) + np.floor((v + phase[1]) / period)) % 2) * 0.8 + 0.1).astype(
+        np.float32
+    )
 
 
 def _dots(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,8 +202,9 @@ def _polygon(h: int, w: int, rng: np.random.Generator, cy: float, cx: float, r: 
 SHAPES: dict[str, Callable[..., np.ndarray]] = {"blob": _blob, "ellipse": _ellipse, "polygon": _polygon}
 
 
-def object_mask(h: int, w: int, rng: np.random.Generator, area_frac: tuple[float, float],
-                centre: tuple[float, float] | None = None) -> np.ndarray:
+def object_mask(
+    h: int, w: int, rng: np.random.Generator, area_frac: tuple[float, float], centre: tuple[float, float] | None = None
+) -> np.ndarray:
     """A random shape covering roughly ``area_frac`` of the image, centred at ``centre`` (y, x) or, by
     default, somewhere in the middle half of the image (then fully or mostly inside it)."""
     r = math.sqrt(rng.uniform(*area_frac) * h * w / math.pi)
@@ -206,7 +217,11 @@ def background_split(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """A wavy 'horizon': True above it. Roughly horizontal, as in outdoor photos."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     tilt = math.tan(math.radians(rng.uniform(-20, 20)))
-    line = rng.uniform(0.3, 0.7) * h + tilt * (xx - w / 2) + rng.uniform(0, 0.06 * h) * np.sin(xx / rng.uniform(6, 20) + rng.uniform(0, 6.3))
+    line = (
+        rng.uniform(0.3, 0.7) * h
+        + tilt * (xx - w / 2)
+        + rng.uniform(0, 0.06 * h) * np.sin(xx / rng.uniform(6, 20) + rng.uniform(0, 6.3))
+    )
     return yy < line
 
 
@@ -249,8 +264,13 @@ def render_scene(
     return paint(rng, (h, w), regions, 2, boundary_unlabeled)
 
 
-def paint(rng: np.random.Generator, size: tuple[int, int], regions: list[tuple[int, np.ndarray]], num_background: int,
-          boundary_unlabeled: float = 0.0) -> Scene:
+def paint(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    regions: list[tuple[int, np.ndarray]],
+    num_background: int,
+    boundary_unlabeled: float = 0.0,
+) -> Scene:
     """Paint ``regions`` (class index into DEMO_CLASSES, boolean mask) in order, later ones over earlier ones;
     the first ``num_background`` are the background, the rest objects (which may get an unlabeled outline
     band with probability ``boundary_unlabeled``), then add sensor noise."""
@@ -264,7 +284,9 @@ def paint(rng: np.random.Generator, size: tuple[int, int], regions: list[tuple[i
         unlabeled &= ~mask
         is_object = k >= num_background
         if is_object and rng.uniform() < boundary_unlabeled and mask.any():
-            outline = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
+            outline = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(
+                bool
+            )
             unlabeled |= outline
     labels[unlabeled] = -1
     image += rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)  # sensor noise

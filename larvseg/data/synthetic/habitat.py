@@ -76,8 +76,14 @@ class HabitatFamily:
         self.spec = spec
         self.habitats = draw_habitats(spec.habitat_seed, spec.habitats_per_class)
 
-    def _place(self, rng: np.random.Generator, size: tuple[int, int], background: list[tuple[int, np.ndarray]],
-               pool: tuple[int, ...], area: tuple[float, float]) -> tuple[int, np.ndarray, bool]:
+    def _place(
+        self,
+        rng: np.random.Generator,
+        size: tuple[int, int],
+        background: list[tuple[int, np.ndarray]],
+        pool: tuple[int, ...],
+        area: tuple[float, float],
+    ) -> tuple[int, np.ndarray, bool]:
         """One object by the habitat rule: (class, mask, placed in its habitat). Never a class of the background."""
         h, w = size
         allowed = [c for c in pool if c not in {b for b, _ in background}]
@@ -96,7 +102,9 @@ class HabitatFamily:
         first, second = (int(x) for x in rng.choice(BASE_IDS, size=2, replace=False))
         upper = background_split(h, w, rng)
         background = [(first, upper), (second, ~upper)]
-        objects = [self._place(rng, size, background, BASE_IDS, SEG_OBJECT_AREA)[:2] for _ in range(int(rng.integers(1, 4)))]
+        objects = [
+            self._place(rng, size, background, BASE_IDS, SEG_OBJECT_AREA)[:2] for _ in range(int(rng.integers(1, 4)))
+        ]
         return paint(rng, size, background + objects, len(background), BOUNDARY_UNLABELED)
 
     def imagenet_scene(self, rng: np.random.Generator, cls: DemoClass) -> Scene:
@@ -118,8 +126,12 @@ class HabitatFamily:
             background = [(classes[0], upper), (classes[1], ~upper)]
         else:
             background = [(classes[0], np.ones(size, bool))]
-        clutter = [int(c) for c in rng.choice([c for c in ALL_IDS if c != k], size=int(rng.integers(0, self.spec.max_clutter + 1)),
-                                              replace=False)]
+        clutter = [
+            int(c)
+            for c in rng.choice(
+                [c for c in ALL_IDS if c != k], size=int(rng.integers(0, self.spec.max_clutter + 1)), replace=False
+            )
+        ]
         objects = [(c, object_mask(h, w, rng, CLUTTER_AREA, _anywhere(rng, h, w))) for c in clutter]
         objects.append((k, object_mask(h, w, rng, DOMINANT_AREA)))
         scene = paint(rng, size, background + objects, len(background))
@@ -146,9 +158,13 @@ class HabitatFamily:
             objects.append((c, mask))
             placed.append(in_habitat)
         scene = paint(rng, size, background + objects, len(background), BOUNDARY_UNLABELED)
-        scene.info = {"background": [b for b, _ in background], "objects": [c for c, _ in objects], "in_habitat": placed,
-                      # share of the image where each object is visible (occlusion and the image border cut it)
-                      "visible_area": [round(float(((scene.labels == c) & m).mean()), 5) for c, m in objects]}
+        scene.info = {
+            "background": [b for b, _ in background],
+            "objects": [c for c, _ in objects],
+            "in_habitat": placed,
+            # share of the image where each object is visible (occlusion and the image border cut it)
+            "visible_area": [round(float(((scene.labels == c) & m).mean()), 5) for c, m in objects],
+        }
         return scene
 
 

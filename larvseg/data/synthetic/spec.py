@@ -26,7 +26,9 @@ class BenchmarkSpec:
     habitats_per_class: int = 2
     p_habitat: float = 0.7  # an image-level photo (an object) is in its tag's habitat with this probability
     max_clutter: int = 2  # untagged objects per image-level photo: 0..max_clutter
-    eval_sizes: list[list[int]] = field(default_factory=lambda: [[192, 256], [208, 240], [224, 224]])  # >= 12 x 12 tokens
+    eval_sizes: list[list[int]] = field(
+        default_factory=lambda: [[192, 256], [208, 240], [224, 224]]
+    )  # >= 12 x 12 tokens
     eval_objects: list[int] = field(default_factory=lambda: [3, 6])  # objects per evaluation image (inclusive)
     eval_object_area: list[float] = field(default_factory=lambda: [0.02, 0.08])  # area fraction of each
     version: int = FORMAT_VERSION

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from larvseg.data.synthetic.appearance import BASE_CLASSES, DEMO_CLASSES, NOVEL_CLASSES, DemoClass, Scene, draw_size, render_scene
+from larvseg.data.synthetic.appearance import (
+    BASE_CLASSES,
+    DEMO_CLASSES,
+    NOVEL_CLASSES,
+    DemoClass,
+    Scene,
+    draw_size,
+    render_scene,
+)
 from larvseg.data.synthetic.spec import BenchmarkSpec
 
 

@@ -31,9 +31,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -123,8 +124,9 @@ def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
     Image.fromarray(image).save(path, quality=quality)
 
 
-def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
-                    progress: Callable[[str], None] | None = None) -> BenchmarkLayout:
+def write_benchmark(
+    root: str | os.PathLike, spec: BenchmarkSpec | None = None, progress: Callable[[str], None] | None = None
+) -> BenchmarkLayout:
     """Generate the benchmark into ``root`` (which must not exist yet or be empty)."""
     spec = spec or BenchmarkSpec()
     lay = BenchmarkLayout(Path(root))
@@ -167,9 +169,14 @@ def write_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
         tifffile.imwrite(lay.eval_annotations / f"{stem}.tif", _ADE_OF[scene.labels].astype(np.uint16))
 
     lay.eval_scenes.write_text(json.dumps(eval_scenes))
-    meta = {"spec": asdict(spec), "classes": [asdict(c) for c in DEMO_CLASSES],
-            # class name -> its habitat (base class names); empty for the uniform family
-            "habitats": {DEMO_CLASSES[k].name: [DEMO_CLASSES[b].name for b in hab] for k, hab in enumerate(family.habitats)}}
+    meta = {
+        "spec": asdict(spec),
+        "classes": [asdict(c) for c in DEMO_CLASSES],
+        # class name -> its habitat (base class names); empty for the uniform family
+        "habitats": {
+            DEMO_CLASSES[k].name: [DEMO_CLASSES[b].name for b in hab] for k, hab in enumerate(family.habitats)
+        },
+    }
     lay.meta.write_text(json.dumps(meta, indent=1))  # written last: its presence marks a complete benchmark
     return lay
 
@@ -184,7 +191,7 @@ def read_habitats(layout: BenchmarkLayout) -> list[tuple[int, ...]]:
     return [tuple(index[b] for b in table.get(c.name, [])) for c in DEMO_CLASSES]
 
 
-def ensure_smoke_data(data_cfg: "DataConfig") -> BenchmarkLayout | None:
+def ensure_smoke_data(data_cfg: DataConfig) -> BenchmarkLayout | None:
     """With ``data.demo_benchmark`` set and ``data.root`` missing, write the small benchmark there (so
     the packaged smoke config ``tiny_cpu`` runs as is); an existing folder is never touched."""
     root = data_cfg.resolved_root()
@@ -194,8 +201,9 @@ def ensure_smoke_data(data_cfg: "DataConfig") -> BenchmarkLayout | None:
     return ensure_benchmark(root, SMOKE_SPEC)
 
 
-def ensure_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
-                     progress: Callable[[str], None] | None = None) -> BenchmarkLayout:
+def ensure_benchmark(
+    root: str | os.PathLike, spec: BenchmarkSpec | None = None, progress: Callable[[str], None] | None = None
+) -> BenchmarkLayout:
     """Reuse the benchmark in ``root`` if it was generated with ``spec``; otherwise (re)generate it.
 
     Generation goes to a sibling temp folder that is renamed into place, so an interrupted run never
@@ -222,6 +230,15 @@ def ensure_benchmark(root: str | os.PathLike, spec: BenchmarkSpec | None = None,
 
 
 __all__ = [
-    "A847_UNLABELED", "COCO_UNLABELED", "FAMILIES", "FORMAT_VERSION", "SMOKE_SPEC", "BenchmarkLayout", "BenchmarkSpec",
-    "ensure_benchmark", "ensure_smoke_data", "read_habitats", "write_benchmark",
+    "A847_UNLABELED",
+    "COCO_UNLABELED",
+    "FAMILIES",
+    "FORMAT_VERSION",
+    "SMOKE_SPEC",
+    "BenchmarkLayout",
+    "BenchmarkSpec",
+    "ensure_benchmark",
+    "ensure_smoke_data",
+    "read_habitats",
+    "write_benchmark",
 ]
