@@ -368,6 +368,14 @@ def pair_by_stem(
     return pairs
 
 
+def split_pairs(
+    root: Path, split: str, label_suffixes: tuple[str, ...], skip_bad: bool, problems: list[str]
+) -> list[tuple[Path, Path]]:
+    """pair_by_stem over the mask layouts' ``images/<split>`` and ``annotations/<split>`` under ``root``
+    (``split`` "": ``images/`` and ``annotations/`` themselves)."""
+    return pair_by_stem(root / "images" / split, root / "annotations" / split, label_suffixes, skip_bad, problems)
+
+
 def _ids(vocab: Vocabulary, names: list[str]) -> np.ndarray:
     return vocab.ids(names)
 
@@ -383,9 +391,7 @@ def build_ade150(
     names = load_class_names("ade150")
     ids = _ids(vocab, names)
     lut = make_lut({v + 1: v for v in range(len(names))}, ids, ignore_values=(0,))
-    pairs = pair_by_stem(
-        root / "images" / source.split, root / "annotations" / source.split, (".png",), source.skip_bad, problems
-    )
+    pairs = split_pairs(root, source.split, (".png",), source.skip_bad, problems)
     return SegmentationFolder(source.name or "A150", names, ids, pairs, lut)
 
 
@@ -395,13 +401,7 @@ def build_ade847(
     names = load_class_names("ade847")
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(65535,))
-    pairs = pair_by_stem(
-        root / "images" / source.split,
-        root / "annotations" / source.split,
-        (".tif", ".tiff"),
-        source.skip_bad,
-        problems,
-    )
+    pairs = split_pairs(root, source.split, (".tif", ".tiff"), source.skip_bad, problems)
     note = (
         f" (65535 = unlabeled; 255 is class {names[255]!r}, the unlabeled value of 8-bit maps, so an 8-bit map "
         "cannot be read unambiguously): re-save it as a 16-bit TIFF with 65535 for unlabeled pixels"
@@ -430,13 +430,7 @@ def build_coco171(
     unlisted = tuple(v for v in range(182) if v not in raw_to_train)  # COCO ids without a class -> ignore
     raw_lut = make_lut(raw_to_train, ids, ignore_values=unlisted + (255,))
     train_lut = make_lut({t: t for t in range(len(classes))}, ids, ignore_values=(255,))
-    pairs = pair_by_stem(
-        root / "images" / source.split,
-        root / "annotations" / source.split,
-        ("_labelTrainIds.png", ".png"),
-        source.skip_bad,
-        problems,
-    )
+    pairs = split_pairs(root, source.split, ("_labelTrainIds.png", ".png"), source.skip_bad, problems)
     return CocoStuffFolder(source.name or "C171", names, ids, pairs, raw_lut, train_id_lut=train_lut)
 
 
@@ -446,10 +440,8 @@ def build_custom_seg(
     names = custom_seg_names(source, root)
     ids = _ids(vocab, names)
     lut = make_lut({v: v for v in range(len(names))}, ids, ignore_values=(255, 65535) if len(names) < 255 else (65535,))
-    image_dir, label_dir = root / "images", root / "annotations"
-    if source.split and (image_dir / source.split).is_dir():
-        image_dir, label_dir = image_dir / source.split, label_dir / source.split
-    pairs = pair_by_stem(image_dir, label_dir, (".png",), source.skip_bad, problems)
+    split = source.split if source.split and (root / "images" / source.split).is_dir() else ""  # split folders optional
+    pairs = split_pairs(root, split, (".png",), source.skip_bad, problems)
     return SegmentationFolder(source.name or root.name, names, ids, pairs, lut)
 
 
