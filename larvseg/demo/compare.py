@@ -410,7 +410,7 @@ def compare_jobs(
     key_hashes: tuple[str, str],
 ) -> list[CompareJob]:
     """Every run of the comparison, segmentation only first, then per seed the paper's loss and each option."""
-    seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
+    seg_seeds = profile.seg_seed_count(seeds)
     common = [f"model.pretrained={npz.resolve()}", *(extra or [])]
 
     def job(loss: str, variant: Variant, seed: int, work_dir: Path, overrides: tuple[str, ...] = ()) -> CompareJob:

@@ -107,6 +107,10 @@ class Profile:
     panel_images: int = 4
     benchmark_size: tuple[int, int, int] | None = None  # (num_seg, per_class, num_eval) of a smaller benchmark
 
+    def seg_seed_count(self, seeds: int) -> int:
+        """How many of ``seeds`` paired seeds also train segmentation only (the first ones)."""
+        return seeds if self.seg_seeds is None else min(seeds, self.seg_seeds)
+
 
 # The default fits the 10-minute budget on 2 quiet cores: 5 paired seeds, segmentation only on 2 of them
 # (P1 and the base tolerance need it, the paired Delta does not), 270 iterations instead of 360 (the step is
@@ -427,7 +431,7 @@ def run_demo(
     start = time.perf_counter()
     layout, npz, pre = prepare_backbone(out, data, profile, extra, benchmark)
 
-    seg_seeds = seeds if profile.seg_seeds is None else min(seeds, profile.seg_seeds)
+    seg_seeds = profile.seg_seed_count(seeds)
     variants = [v for v in VARIANTS if v != ORACLE or profile.oracle]
     job_list = []
     for seed in range(seeds):

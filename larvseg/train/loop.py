@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import random
 import sys
 import warnings
@@ -51,6 +50,7 @@ from larvseg.data.sources import build_vocabulary
 from larvseg.data.synthetic import ensure_smoke_data
 from larvseg.data.vocabulary import Vocabulary
 from larvseg.domains import require_writable
+from larvseg.log import env_rank
 from larvseg.models.amp_workload import vit_workload
 from larvseg.models.model_repo import EVAL_RESULTS
 from larvseg.models.objective import TrainingObjective
@@ -337,7 +337,7 @@ def main(
     try:
         train(cfg, vocab, segmenter, loader, resume=args.resume, evaluator=evaluator)
     except NonFiniteLossError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone; every rank raised the same
+        if env_rank() == 0:  # the process group is gone; every rank raised the same
             print(f"larvseg train: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
